@@ -1,0 +1,72 @@
+"""Tensor roles inferred from Hugging Face tensor names, instead of one definition file per architecture.
+
+A tensor is a *layer* tensor when its name has a numbered block (`model.layers.7.mlp.up_proj.weight`); every other
+tensor is *pre* (embeddings, which come before the first layer) or *post* (final norm, lm_head).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from .io.model_source import ModelSource
+
+_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
+_PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings")
+TIED_HEAD = "lm_head.weight"
+EMBED_CANDIDATES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight", "embed_tokens.weight")
+
+
+@dataclass(frozen=True)
+class LayerName:
+    prefix: str
+    index: int
+    rest: str
+
+    def at(self, index: int) -> str:
+        return f"{self.prefix}.{index}.{self.rest}"
+
+
+def parse_layer_name(name: str) -> LayerName | None:
+    m = _LAYER.match(name)
+    return LayerName(m["prefix"], int(m["index"]), m["rest"]) if m else None
+
+
+def is_pre_weight(name: str) -> bool:
+    return any(h in name for h in _PRE_HINTS)
+
+
+def layer_count(model: ModelSource) -> int:
+    """Number of numbered blocks, from the tensor names (the config may disagree after a bad export; names win)."""
+    indices = {p.index for p in map(parse_layer_name, model.tensors) if p}
+    return max(indices) + 1 if indices else 0
+
+
+def layer_tensors(model: ModelSource, index: int) -> list[LayerName]:
+    """The tensors of block `index`, in file order."""
+    return [p for p in map(parse_layer_name, model.tensors) if p and p.index == index]
+
+
+def split_roles(model: ModelSource) -> tuple[list[str], list[str]]:
+    """Non-layer tensor names split into (pre, post)."""
+    others = [n for n in model.tensors if parse_layer_name(n) is None]
+    return [n for n in others if is_pre_weight(n)], [n for n in others if not is_pre_weight(n)]
+
+
+def tied_embedding_name(model: ModelSource) -> str | None:
+    """The embedding a model without `lm_head.weight` ties its head to."""
+    return next((n for n in EMBED_CANDIDATES if n in model.tensors), None)
+
+
+def guess_architecture(model: ModelSource) -> str:
+    archs = (model.config or {}).get("architectures")
+    if archs:
+        return str(archs[0])
+    names = list(model.tensors)
+    rests = Counter(p.rest for p in map(parse_layer_name, names) if p)
+    if any("gate_proj" in r for r in rests):
+        return "Llama-like (gate/up/down MLP, inferred from names)"
+    if any(r.startswith("attn.c_attn") for r in rests):
+        return "GPT-2-like (inferred from names)"
+    return "unknown (no config.json architectures)"

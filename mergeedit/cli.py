@@ -1,0 +1,152 @@
+"""The `mergeedit` command line: parses arguments, calls the library, prints with rich. No merge logic lives here."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from .errors import MergeEditError
+from .units import format_size, parse_size
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge editing by R-SFT + model merging, and a streaming merge engine.")
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def merge(
+    config: Path = typer.Argument(..., help="mergekit-style YAML merge config."),
+    out_dir: Path = typer.Argument(..., help="Output model folder (created atomically)."),
+    out_shard_size: str = typer.Option("5G", "--out-shard-size", help="Max bytes per output shard (K/M/G decimal, Ki/Mi/Gi binary)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Max bytes in flight (default: 2G or a quarter of RAM, whichever is less)."),
+    random_seed: int = typer.Option(0, "--random-seed", help="Seed for randomized methods (DARE); same seed, same bytes."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (float32, bfloat16, float16); overrides out_dtype in the config."),
+    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer", help="Copy tokenizer files from the base or tokenizer_source."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new merge is complete)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and resource estimate without reading tensor data."),
+) -> None:
+    """Merge models as CONFIG says and write a Hugging Face model folder to OUT_DIR."""
+    from .memory import current_rss, default_budget
+    from .merge import MergeOptions, estimate, load_plan, write_merge
+
+    options = MergeOptions(
+        out_shard_size=parse_size(out_shard_size, "--out-shard-size"),
+        memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else default_budget(),
+        random_seed=random_seed,
+        out_dtype=dtype,
+        copy_tokenizer=copy_tokenizer,
+        overwrite=overwrite,
+    )
+    plan = load_plan(config, options)
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    est = estimate(plan, options)
+    if dry_run:
+        table = Table(title=f"{plan.method.name} merge of {len(plan.models)} models -> {out_dir}", show_lines=False)
+        for col in ("output tensor", "shape", "dtype", "inputs", "chunks"):
+            table.add_column(col)
+        from .executor import schedule_tensor
+
+        for i, t in enumerate(plan.tensors):
+            s = schedule_tensor(i, t, options.memory_budget)
+            inputs = ", ".join(plan.models[src.model].ref + ("*" if k == t.base else "") for k, src in enumerate(t.sources))
+            table.add_row(t.name, "x".join(map(str, t.shape)), str(t.out_dtype).removeprefix("torch."), inputs, str(len(s.chunks)))
+        out.print(table)
+        out.print(f"* base model. {est.tensors} tensors in {est.shards} shard(s); layers out: {plan.layers_out}")
+        out.print(f"read {format_size(est.bytes_read)}, write {format_size(est.bytes_written)} (disk needed: {format_size(est.bytes_written)})")
+        out.print(
+            f"memory: budget {format_size(options.memory_budget)}, estimated peak {format_size(current_rss() + est.peak_in_flight)} "
+            f"(process {format_size(current_rss())} + in flight {format_size(est.peak_in_flight)}); {est.chunked_tensors} tensor(s) in row chunks"
+        )
+        return
+    with Progress(
+        TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=console, transient=False, disable=not console.is_terminal,
+    ) as bar:
+        tensors_task = bar.add_task("merge", total=est.tensors)
+        bytes_task = bar.add_task("bytes", total=est.bytes_written, visible=False)
+
+        def on_tensor(t, nbytes):
+            bar.update(tensors_task, advance=1)
+            bar.update(bytes_task, advance=nbytes)
+
+        report = write_merge(plan, out_dir, options, progress=on_tensor)
+    summary = Table(show_header=False, box=None)
+    summary.add_row("output", str(out_dir))
+    summary.add_row("tensors", f"{est.tensors} in {est.shards} shard(s)")
+    summary.add_row("time", f"{report.seconds:.2f} s")
+    summary.add_row("read", f"{format_size(report.bytes_read)} ({format_size(report.bytes_read / max(report.seconds, 1e-9))}/s)")
+    summary.add_row("written", f"{format_size(report.bytes_written)} ({format_size(report.bytes_written / max(report.seconds, 1e-9))}/s)")
+    summary.add_row("peak memory", f"{format_size(report.peak_rss)} RSS (budget {format_size(report.budget)}, in flight at most {format_size(report.budget_high_water)})")
+    out.print(summary)
+
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help="Model folder, .safetensors file or hub id.")) -> None:
+    """Summarise a model from its safetensors headers alone (no tensor data is read)."""
+    from .model_summary import summarize
+
+    s = summarize(model)
+    table = Table(show_header=False, box=None)
+    for key, value in s.rows():
+        table.add_row(f"[bold]{key}", value)
+    out.print(table)
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Where the demo's models and merges go."),
+) -> None:
+    """Build three tiny Llama-style models (no download), TIES-merge them, and check the result loads."""
+    from .demo import run_demo
+
+    run_demo(out_dir, out)
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the interrupt test in a subprocess
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Entry point: one clear line and exit status 2 for bad input, never a traceback."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except MergeEditError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] nothing was written to the output folder", highlight=False)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if os.environ.get("MERGEEDIT_DEBUG"):
+            raise
+        console.print(f"[bold red]internal error:[/] {exc.__class__.__name__}: {exc} (set MERGEEDIT_DEBUG=1 for the traceback and please report it)", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

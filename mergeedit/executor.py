@@ -1,0 +1,272 @@
+"""Stream a merge plan to disk under a memory budget.
+
+Three threads share the work: a reader prefetches the next chunk's inputs (pread releases the GIL), the caller's
+thread runs the merge method (torch uses every core for the math), and a writer appends finished bytes to the
+shards. A byte budget gates everything in flight: a chunk's read waits until its bytes fit, and the bytes are
+returned only after its output is on disk. Tensors too large for the budget are cut into row chunks; methods that
+need whole-tensor statistics see every chunk in extra streaming passes first.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .io.shard_writer import ShardWriter
+from .io.tensor_reader import TensorReader
+from .memory import peak_rss
+from .methods.spec import MergeInputs, TensorStatistics
+from .plan import MergePlan, PlannedTensor
+
+ProgressCallback = Callable[[PlannedTensor, int], None]  # (tensor finished, bytes written for it)
+
+
+class MemoryBudget:
+    """Counts bytes in flight; a request larger than the whole budget waits until nothing else is held."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self.high_water = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, cancelled: threading.Event) -> None:
+        with self._cond:
+            while self.in_use and self.in_use + n > self.limit:
+                if cancelled.is_set():
+                    raise _Cancelled
+                self._cond.wait(0.1)
+            self.in_use += n
+            self.high_water = max(self.high_water, self.in_use)
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.in_use -= n
+            self._cond.notify_all()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Job:
+    tensor: int  # index into plan.tensors
+    rows: Optional[tuple[int, int]]  # None = whole tensor
+    nbytes: int  # budget charge
+
+
+@dataclass
+class _Schedule:
+    tensor: int
+    chunks: list[Optional[tuple[int, int]]]
+    stat_passes: int
+    charge: int  # budget bytes per chunk
+
+
+@dataclass
+class ExecutionReport:
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    peak_rss: int
+    budget: int
+    budget_high_water: int
+    chunked_tensors: int
+
+
+def _probe(t: PlannedTensor) -> MergeInputs:
+    """MergeInputs carrying parameters but no data: enough for a method to say which statistics it needs."""
+    return MergeInputs(t.name, [None] * len(t.sources), t.base, t.shared, t.per_input, 0, t.numel, t.seed)
+
+
+def build_statistics(t: PlannedTensor) -> Optional[TensorStatistics]:
+    return t.method.statistics(_probe(t)) if t.method.statistics else None
+
+
+def schedule_tensor(index: int, t: PlannedTensor, budget: int) -> _Schedule:
+    """Whole if its footprint fits a third of the budget (so read, merge and write can overlap), else row chunks."""
+    stats = build_statistics(t)
+    passes = stats.passes if stats else 0
+    per_element = t.bytes_per_element_in_flight()
+    whole = int(per_element * t.numel)
+    target = max(1, budget // 3)
+    if whole <= target or t.rows <= 1:
+        return _Schedule(index, [None], passes, whole)
+    row_elems = t.numel // t.rows
+    rows_per_chunk = max(1, int(target // (per_element * row_elems)))
+    chunks = [(a, min(a + rows_per_chunk, t.rows)) for a in range(0, t.rows, rows_per_chunk)]
+    return _Schedule(index, chunks, passes, int(per_element * row_elems * rows_per_chunk))
+
+
+def _jobs(schedules: list[_Schedule]):
+    """Every read in execution order: statistics passes over the chunks, then the merge pass."""
+    for s in schedules:
+        if len(s.chunks) == 1:
+            yield _Job(s.tensor, s.chunks[0], s.charge)
+            continue
+        for _ in range(s.stat_passes + 1):
+            for rows in s.chunks:
+                yield _Job(s.tensor, rows, s.charge)
+
+
+class Executor:
+    def __init__(self, plan: MergePlan, writer: ShardWriter, budget: int, progress: Optional[ProgressCallback] = None, lookahead: int = 2) -> None:
+        self.plan = plan
+        self.writer = writer
+        self.budget = MemoryBudget(budget)
+        self.progress = progress
+        self.lookahead = lookahead
+        self.reader = TensorReader()
+        self._cancel = threading.Event()
+        self._errors: list[BaseException] = []
+
+    # -- threads ------------------------------------------------------------------------------------------------
+    def _load(self, job: _Job) -> list[torch.Tensor]:
+        t = self.plan.tensors[job.tensor]
+        out = []
+        for src in t.sources:
+            x = self.reader.read(src.info, job.rows)
+            if t.load_dtype is not None and x.dtype != t.load_dtype:
+                x = x.to(t.load_dtype)
+            if x.dtype != t.compute_dtype:
+                x = x.to(t.compute_dtype)
+            out.append(x)
+        return out
+
+    def _reader_loop(self, jobs, inbox: queue.Queue) -> None:
+        try:
+            for job in jobs:
+                self.budget.acquire(job.nbytes, self._cancel)
+                if self._cancel.is_set():
+                    return
+                inbox.put((job, self._load(job)))
+        except _Cancelled:
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self._errors.append(exc)
+            self._cancel.set()
+        finally:
+            inbox.put(None)
+
+    def _writer_loop(self, outbox: queue.Queue) -> None:
+        while True:
+            item = outbox.get()
+            if item is None:
+                return
+            name, tensor, charge, finished = item
+            try:
+                if not self._cancel.is_set():
+                    self.writer.write(name, tensor)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self._errors.append(exc)
+                self._cancel.set()
+            finally:
+                self.budget.release(charge)
+            if finished is not None and self.progress and not self._cancel.is_set():
+                self.progress(*finished)
+
+    # -- main ---------------------------------------------------------------------------------------------------
+    def _next(self, inbox: queue.Queue):
+        while True:
+            try:
+                item = inbox.get(timeout=0.1)
+            except queue.Empty:
+                if self._errors:
+                    raise self._errors[0]
+                continue
+            if item is None:
+                raise self._errors[0] if self._errors else RuntimeError("reader stopped early")
+            return item
+
+    def _inputs(self, t: PlannedTensor, job: _Job, tensors: list[torch.Tensor]) -> MergeInputs:
+        row_elems = t.numel // t.rows if t.rows else 0
+        offset = job.rows[0] * row_elems if job.rows else 0
+        return MergeInputs(t.name, tensors, t.base, t.shared, t.per_input, offset, t.numel, t.seed)
+
+    def run(self) -> ExecutionReport:
+        torch.set_num_threads(os.cpu_count() or 1)
+        started = time.perf_counter()
+        budget = self.budget.limit
+        schedules = [schedule_tensor(i, t, budget) for i, t in enumerate(self.plan.tensors)]
+        inbox: queue.Queue = queue.Queue(maxsize=self.lookahead)
+        outbox: queue.Queue = queue.Queue(maxsize=self.lookahead)
+        reader = threading.Thread(target=self._reader_loop, args=(_jobs(schedules), inbox), name="mergeedit-reader", daemon=True)
+        writer = threading.Thread(target=self._writer_loop, args=(outbox,), name="mergeedit-writer", daemon=True)
+        reader.start()
+        writer.start()
+        try:
+            for s in schedules:
+                self._run_tensor(s, inbox, outbox)
+        except BaseException:
+            self._cancel.set()
+            raise
+        finally:
+            outbox.put(None)
+            writer.join()
+            self._cancel.set()
+            while reader.is_alive():  # unblock a reader waiting on a full inbox
+                try:
+                    inbox.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self.reader.close()
+        if self._errors:
+            raise self._errors[0]
+        self.writer.finish()
+        return ExecutionReport(
+            seconds=time.perf_counter() - started,
+            bytes_read=self.reader.bytes_read,
+            bytes_written=self.writer.bytes_written,
+            peak_rss=peak_rss(),
+            budget=budget,
+            budget_high_water=self.budget.high_water,
+            chunked_tensors=sum(len(s.chunks) > 1 for s in schedules),
+        )
+
+    def _run_tensor(self, s: _Schedule, inbox: queue.Queue, outbox: queue.Queue) -> None:
+        t = self.plan.tensors[s.tensor]
+        stats = build_statistics(t)
+        if len(s.chunks) == 1:
+            job, tensors = self._next(inbox)
+            chunk = self._inputs(t, job, tensors)
+            if stats:
+                for p in range(stats.passes):
+                    stats.observe(p, chunk)
+                    stats.end_pass(p)
+                chunk.stats = stats.result()
+            self._emit(t, chunk, job, outbox, last=True)
+            return
+        if stats:
+            for p in range(stats.passes):
+                for _ in s.chunks:
+                    job, tensors = self._next(inbox)
+                    stats.observe(p, self._inputs(t, job, tensors))
+                    del tensors
+                    self.budget.release(job.nbytes)
+                stats.end_pass(p)
+        result = stats.result() if stats else None
+        for k in range(len(s.chunks)):
+            job, tensors = self._next(inbox)
+            chunk = self._inputs(t, job, tensors)
+            chunk.stats = result
+            self._emit(t, chunk, job, outbox, last=k == len(s.chunks) - 1)
+
+    def _emit(self, t: PlannedTensor, chunk: MergeInputs, job: _Job, outbox: queue.Queue, last: bool) -> None:
+        merged = t.method.merge(chunk)
+        if merged.dtype != t.out_dtype:
+            merged = merged.to(t.out_dtype)
+        if job.rows is not None:
+            expected = (job.rows[1] - job.rows[0],) + tuple(t.shape[1:])
+        else:
+            expected = tuple(t.shape)
+        if tuple(merged.shape) != expected:
+            raise RuntimeError(f"method {t.method.name} returned shape {tuple(merged.shape)} for '{t.name}', expected {expected}")
+        del chunk
+        outbox.put((t.name, merged, job.nbytes, (t, t.bytes_out) if last else None))

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: safetensors headers, model folders, hub resolution, sharded streaming output."""

@@ -1,0 +1,145 @@
+"""Stream tensors into Hugging Face-style safetensors shards without holding a shard in memory.
+
+The plan knows every output name, dtype and shape before any data exists, so each shard's header (and the index) is
+fixed up front: a shard file is its header followed by tensor bytes appended in order as they are computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dtypes import TORCH_TO_SAFETENSORS, itemsize
+from .model_source import INDEX_NAME, SINGLE_NAME
+
+
+@dataclass(frozen=True)
+class OutputEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Shard:
+    filename: str
+    entries: list[OutputEntry]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def header_bytes(self) -> bytes:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for e in self.entries:
+            header[e.name] = {"dtype": TORCH_TO_SAFETENSORS[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # align the data buffer to 8 bytes, as the reference writer does
+        return len(raw).to_bytes(8, "little") + raw
+
+
+def layout_shards(entries: list[OutputEntry], max_shard_bytes: int) -> list[Shard]:
+    """Split entries in order into shards of at most `max_shard_bytes` (a larger tensor gets a shard of its own)."""
+    groups: list[list[OutputEntry]] = [[]]
+    size = 0
+    for e in entries:
+        if groups[-1] and size + e.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += e.nbytes
+    if len(groups) == 1:
+        return [Shard(SINGLE_NAME, groups[0])]
+    n = len(groups)
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def write_index(folder: Path, shards: list[Shard]) -> None:
+    """model.safetensors.index.json, only when there is more than one shard (as transformers does)."""
+    if len(shards) < 2:
+        return
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in shards)},
+        "weight_map": {e.name: s.filename for s in shards for e in s.entries},
+    }
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class ShardWriter:
+    """Accepts tensor bytes in plan order (whole tensors or consecutive row chunks) and appends them to shard files.
+
+    Every planned tensor must be written, zero-size ones included (with an empty tensor).
+    """
+
+    def __init__(self, folder: Path, shards: list[Shard], fsync: bool = True) -> None:
+        self.folder = Path(folder)
+        self.shards = shards
+        self.fsync = fsync
+        self._order = [(si, e) for si, s in enumerate(shards) for e in s.entries]
+        self._pos = 0  # index into _order of the tensor being written
+        self._written_in_tensor = 0
+        self._file = None
+        self._shard_index = -1
+        self.bytes_written = 0
+
+    def _open_shard(self, si: int) -> None:
+        self._close_file()
+        self._shard_index = si
+        self._file = open(self.folder / self.shards[si].filename, "wb", buffering=0)
+        header = self.shards[si].header_bytes()
+        self._file.write(header)
+        self.bytes_written += len(header)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            if self.fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append `tensor` (all of the next tensor, or its next rows) to the current shard."""
+        if self._pos >= len(self._order):
+            raise RuntimeError(f"writer got tensor '{name}' after the last planned tensor")
+        si, entry = self._order[self._pos]
+        if name != entry.name or tensor.dtype != entry.dtype:
+            raise RuntimeError(f"writer expected '{entry.name}' ({entry.dtype}) but got '{name}' ({tensor.dtype})")
+        if si != self._shard_index:
+            self._open_shard(si)
+        data = tensor.contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+        view = memoryview(data.numpy())
+        while view:
+            view = view[self._file.write(view):]
+        self._written_in_tensor += data.numel()
+        self.bytes_written += data.numel()
+        if self._written_in_tensor > entry.nbytes:
+            raise RuntimeError(f"writer got {self._written_in_tensor} bytes for '{name}', planned {entry.nbytes}")
+        if self._written_in_tensor == entry.nbytes:
+            self._pos += 1
+            self._written_in_tensor = 0
+
+    def finish(self) -> None:
+        """Close the last shard and write the index; every planned byte must have arrived."""
+        if self._pos != len(self._order):
+            missing = self._order[self._pos][1].name
+            raise RuntimeError(f"merge ended before tensor '{missing}' was written")
+        self._close_file()
+        write_index(self.folder, self.shards)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,81 @@
+"""`mergeedit merge`: config -> plan -> streamed shards + config + tokenizer, atomically in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .executor import ExecutionReport, Executor, ProgressCallback, schedule_tensor
+from .io.output_dir import GENERATION_FILES, TOKENIZER_FILES, AtomicOutputDir, check_output_location, copy_files, write_json
+from .io.shard_writer import OutputEntry, ShardWriter, layout_shards
+from .memory import default_budget
+from .merge_config import load_merge_config
+from .plan import MergePlan, build_plan
+
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+
+@dataclass
+class MergeOptions:
+    out_shard_size: int = DEFAULT_SHARD_SIZE
+    memory_budget: int = field(default_factory=default_budget)
+    random_seed: int = 0
+    out_dtype: Optional[str] = None
+    copy_tokenizer: bool = True
+    overwrite: bool = False
+    fsync: bool = True
+
+
+@dataclass
+class PlanEstimate:
+    """What --dry-run reports: work and resources, from headers alone."""
+
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    shards: int
+    peak_in_flight: int
+    chunked_tensors: int
+
+
+def load_plan(config_path: Path, options: MergeOptions) -> MergePlan:
+    config, doc = load_merge_config(config_path)
+    return build_plan(config, doc, random_seed=options.random_seed, out_dtype=options.out_dtype)
+
+
+def estimate(plan: MergePlan, options: MergeOptions) -> PlanEstimate:
+    schedules = [schedule_tensor(i, t, options.memory_budget) for i, t in enumerate(plan.tensors)]
+    reads = sum(t.bytes_in * (1 + (s.stat_passes if len(s.chunks) > 1 else 0)) for t, s in zip(plan.tensors, schedules))
+    largest = max((s.charge for s in schedules), default=0)
+    return PlanEstimate(
+        tensors=len(plan.tensors),
+        bytes_read=reads,
+        bytes_written=plan.bytes_out,
+        shards=len(layout_shards(output_entries(plan), options.out_shard_size)),
+        peak_in_flight=min(options.memory_budget, max(largest, 1)) if largest <= options.memory_budget else largest,
+        chunked_tensors=sum(len(s.chunks) > 1 for s in schedules),
+    )
+
+
+def output_entries(plan: MergePlan) -> list[OutputEntry]:
+    return [OutputEntry(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+
+
+def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress: Optional[ProgressCallback] = None) -> ExecutionReport:
+    check_output_location(out_dir, [m.folder for m in plan.models], options.overwrite)
+    shards = layout_shards(output_entries(plan), options.out_shard_size)
+    with AtomicOutputDir(out_dir) as tmp:
+        writer = ShardWriter(tmp, shards, fsync=options.fsync)
+        try:
+            report = Executor(plan, writer, options.memory_budget, progress).run()
+        finally:
+            writer.abort()
+        if plan.out_config is not None:
+            write_json(tmp / "config.json", plan.out_config)
+        config_folder = (plan.base_model or plan.models[0]).folder
+        copy_files(config_folder, tmp, GENERATION_FILES)
+        if options.copy_tokenizer and plan.tokenizer_model is not None:
+            copy_files(plan.tokenizer_model.folder, tmp, TOKENIZER_FILES)
+        (tmp / "mergekit_config.yml").write_text(plan.doc.path.read_text())
+    return report

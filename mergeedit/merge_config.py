@@ -1,0 +1,160 @@
+"""The merge configuration: mergekit's YAML schema, validated with pydantic, errors pointing at file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from .errors import MergeEditError
+from .yaml_source import YamlDocument, did_you_mean, load_yaml
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConditionalParameter(_Strict):
+    """One entry of a filter list: the first entry whose `filter` occurs in the tensor name wins."""
+
+    value: ScalarOrGradient
+    filter: Optional[str] = None
+
+
+ParameterSetting = Union[ScalarOrGradient, ConditionalParameter, list[ConditionalParameter]]
+Parameters = Optional[dict[str, ParameterSetting]]
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Parameters = None
+
+
+class InputSlice(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice]
+    base_model: Optional[str] = None
+    residual_weight: Optional[float] = None
+    parameters: Parameters = None
+
+    @field_validator("sources")
+    @classmethod
+    def _nonempty(cls, v: list[InputSlice]) -> list[InputSlice]:
+        if not v:
+            raise ValueError("a slice needs at least one source")
+        return v
+
+
+class TokenizerBlock(_Strict):
+    source: Union[Literal["union", "base"], str, None] = None
+    tokens: Optional[dict[str, Any]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+
+class MergeConfig(_Strict):
+    """mergekit's MergeConfiguration, field for field."""
+
+    merge_method: str
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    modules: Optional[dict[str, Any]] = None
+    base_model: Optional[str] = None
+    parameters: Parameters = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerBlock] = None
+    chat_template: Optional[str] = None
+    name: Optional[str] = None  # mergekit-mega documents use it; harmless label
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "MergeConfig":
+        given = [k for k in ("models", "slices", "modules") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("exactly one of 'models', 'slices' or 'modules' must be given" + (f" (found {', '.join(given)})" if given else ""))
+        if self.tokenizer_source and self.tokenizer:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
+        return self
+
+    def referenced_models(self) -> list[str]:
+        refs: list[str] = []
+        if self.models:
+            refs += [m.model for m in self.models]
+        for s in self.slices or []:
+            refs += [src.model for src in s.sources]
+            if s.base_model:
+                refs.append(s.base_model)
+        if self.base_model:
+            refs.append(self.base_model)
+        return list(dict.fromkeys(refs))
+
+
+def _first_error_line(doc: YamlDocument, exc: ValidationError, model: type[BaseModel]) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("list", "dict", "str", "int", "float", "bool"))))
+    where = doc.where(loc)
+    if err["type"] == "extra_forbidden":
+        key = loc[-1]
+        parent = _model_at(model, loc[:-1])
+        hint = did_you_mean(key, parent.model_fields) if parent else ""
+        return f"{where}: unknown key '{key}'{hint}; remove it or fix its spelling"
+    if err["type"] == "missing":
+        return f"{where}: required key '{loc[-1]}' is missing; add it"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns keys at `loc` (for did-you-mean suggestions)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        current = _inner_model(field.annotation)
+        if current is None:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_merge_config(doc: YamlDocument) -> MergeConfig:
+    try:
+        config = MergeConfig.model_validate(doc.data)
+    except ValidationError as exc:
+        raise MergeEditError(_first_error_line(doc, exc, MergeConfig)) from None
+    if config.modules:
+        raise MergeEditError(f"{doc.where(('modules',))}: 'modules' configs are not supported yet; use 'models' or 'slices'")
+    return config
+
+
+def load_merge_config(path: Path | str) -> tuple[MergeConfig, YamlDocument]:
+    doc = load_yaml(path, "merge config")
+    return parse_merge_config(doc), doc

@@ -1,0 +1,102 @@
+"""What a merge method is: a pure function over tensors plus the parameters it reads.
+
+The executor knows methods only through this interface: it resolves the declared parameters per tensor, hands each
+chunk of rows to `merge`, and, for methods that need whole-tensor statistics (a TIES threshold, a DARE rescale),
+streams the chunks through a `TensorStatistics` first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional, Protocol
+
+import torch
+
+REQUIRED = object()
+
+Scope = Literal["shared", "input", "non_base"]
+"""shared: one value per tensor (global/slice); input: one per input model, base included; non_base: one per
+input model except the base (mergekit's NON_BASE)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type  # float or bool
+    scope: Scope
+    default: Any = REQUIRED
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def coerce(self, value: Any) -> Any:
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+        elif self.kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        raise ValueError(f"expected a {self.kind.__name__}, got {value!r}")
+
+
+@dataclass
+class MergeInputs:
+    """One chunk of one output tensor: the same rows of every input, in model order."""
+
+    name: str  # output tensor name
+    tensors: list[torch.Tensor]  # compute dtype, identical shapes
+    base: Optional[int]  # index of the base model's tensor in `tensors`
+    shared: dict[str, Any]
+    per_input: list[dict[str, Any]]  # parallel to tensors; non_base params absent for the base
+    offset: int = 0  # element offset of this chunk in the flattened tensor
+    numel: int = 0  # elements in the whole tensor
+    seed: int = 0  # derived from --random-seed and the tensor name
+    stats: Any = None  # TensorStatistics.result(), when the method has statistics
+    cache: dict = field(default_factory=dict)  # per-chunk scratch shared by statistics passes and merge
+
+    @property
+    def non_base(self) -> list[int]:
+        return [i for i in range(len(self.tensors)) if i != self.base]
+
+
+class TensorStatistics(Protocol):
+    """Whole-tensor statistics gathered over row chunks in `passes` streaming passes before merging."""
+
+    passes: int
+
+    def observe(self, pass_index: int, chunk: MergeInputs) -> None: ...
+
+    def end_pass(self, pass_index: int) -> None: ...
+
+    def result(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    params: tuple[Param, ...]
+    merge: Callable[[MergeInputs], torch.Tensor]
+    base_model: Literal["required", "optional"] = "optional"
+    min_inputs: int = 1
+    max_inputs: Optional[int] = None
+    # Build the statistics a tensor needs before its chunks can merge independently; None when not needed.
+    statistics: Optional[Callable[[MergeInputs], Optional[TensorStatistics]]] = None
+    # Working memory as a multiple of one input's bytes, to plan chunk sizes under the memory budget.
+    scratch_factor: float = 1.0
+    randomized: bool = False
+    description: str = ""
+    # Plan-time check of one tensor's resolved parameters; raises ValueError with a user-facing reason.
+    check: Optional[Callable[[dict, list[dict]], None]] = None
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)

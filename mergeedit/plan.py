@@ -1,0 +1,399 @@
+"""Turn a merge config into a plan: every output tensor, its inputs, its parameters and its dtypes.
+
+Planning reads safetensors headers only. Every problem a user can fix (a missing model or tensor, a shape mismatch,
+a missing parameter) is found here, before a byte is written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import architecture as arch
+from .errors import MergeEditError
+from .io.dtypes import compute_dtype_for, dtype_name, itemsize, parse_user_dtype
+from .io.model_source import ModelSource, open_model
+from .io.safetensors_header import TensorInfo
+from .merge_config import InputSlice, MergeConfig, OutputSlice
+from .methods import all_parameter_names, get_method
+from .methods.passthrough import COPY
+from .methods.seeded_random import derive_seed
+from .methods.spec import MergeMethod, Param
+from .parameters import resolve
+from .yaml_source import YamlDocument, did_you_mean
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    model: int  # index into MergePlan.models
+    info: TensorInfo
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    sources: list[TensorSource]
+    base: Optional[int]  # index into sources
+    method: MergeMethod
+    shared: dict[str, Any]
+    per_input: list[dict[str, Any]]
+    load_dtype: Optional[torch.dtype]  # inputs are cast to this on load (the config's `dtype`), else kept
+    compute_dtype: torch.dtype
+    out_dtype: torch.dtype
+    seed: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(s.info.nbytes for s in self.sources)
+
+    @property
+    def bytes_out(self) -> int:
+        return self.numel * itemsize(self.out_dtype)
+
+    def bytes_per_element_in_flight(self) -> float:
+        """Peak bytes held per output element while one chunk is read, converted, merged and written."""
+        compute = itemsize(self.compute_dtype)
+        stored = sum(itemsize(s.info.torch_dtype) for s in self.sources)
+        n = len(self.sources)
+        return stored + n * compute + self.method.scratch_factor * n * compute + itemsize(self.out_dtype)
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    doc: YamlDocument
+    method: MergeMethod
+    models: list[ModelSource]
+    tensors: list[PlannedTensor]
+    layers_out: int
+    base_model: Optional[ModelSource]
+    out_config: Optional[dict]
+    tokenizer_model: Optional[ModelSource]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(t.bytes_in for t in self.tensors)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(t.bytes_out for t in self.tensors)
+
+
+@dataclass
+class _Slice:
+    """A normalized output slice: sources with layer ranges and where each came from in the YAML."""
+
+    sources: list[InputSlice]
+    source_paths: list[tuple]
+    parameters: Optional[dict]
+    base_ref: Optional[str]
+    where: tuple
+
+
+class Planner:
+    def __init__(
+        self,
+        config: MergeConfig,
+        doc: YamlDocument,
+        *,
+        random_seed: int = 0,
+        out_dtype: Optional[str] = None,
+        opener: Callable[[str], ModelSource] = open_model,
+    ) -> None:
+        self.config = config
+        self.doc = doc
+        self.random_seed = random_seed
+        self.out_dtype_override = out_dtype
+        self.opener = opener
+        self.method = get_method(config.merge_method, doc.where(("merge_method",)))
+        self.models: list[ModelSource] = []
+        self._model_index: dict[str, int] = {}
+        self.warnings: list[str] = []
+
+    # -- models -------------------------------------------------------------------------------------------------
+    def _ref_paths(self) -> dict[str, tuple]:
+        paths: dict[str, tuple] = {}
+        c = self.config
+        if c.base_model:
+            paths.setdefault(c.base_model, ("base_model",))
+        for i, m in enumerate(c.models or []):
+            paths.setdefault(m.model, ("models", i, "model"))
+        for i, s in enumerate(c.slices or []):
+            for j, src in enumerate(s.sources):
+                paths.setdefault(src.model, ("slices", i, "sources", j, "model"))
+            if s.base_model:
+                paths.setdefault(s.base_model, ("slices", i, "base_model"))
+        if c.tokenizer_source and c.tokenizer_source not in ("base", "union"):
+            paths.setdefault(c.tokenizer_source, ("tokenizer_source",))
+        return paths
+
+    def _resolve_ref(self, ref: str) -> str:
+        """Relative paths are taken from the working directory, then from the config's folder."""
+        if Path(ref).expanduser().exists() or Path(ref).is_absolute():
+            return ref
+        beside = self.doc.path.parent / ref
+        return str(beside) if beside.exists() else ref
+
+    def open_models(self) -> None:
+        for ref, path in self._ref_paths().items():
+            try:
+                model = self.opener(self._resolve_ref(ref))
+            except MergeEditError as exc:
+                raise MergeEditError(f"{self.doc.where(path)}: {exc}") from None
+            model.ref = ref
+            self._model_index[ref] = len(self.models)
+            self.models.append(model)
+
+    def model(self, ref: str) -> ModelSource:
+        return self.models[self._model_index[ref]]
+
+    # -- slices -------------------------------------------------------------------------------------------------
+    def _normalized_slices(self) -> list[_Slice]:
+        c = self.config
+        if c.models:
+            refs = [m.model for m in c.models]
+            paths = [("models", i) for i in range(len(refs))]
+            params = [m.parameters for m in c.models]
+            if c.base_model and c.base_model not in refs:
+                refs.append(c.base_model)
+                paths.append(("base_model",))
+                params.append(None)
+            counts = {r: arch.layer_count(self.model(r)) for r in refs}
+            if len(set(counts.values())) > 1:
+                detail = ", ".join(f"{r}: {n}" for r, n in counts.items())
+                raise MergeEditError(f"{self.doc.where(('models',))}: models have different layer counts ({detail}); use 'slices' with matching layer_range for each")
+            n = next(iter(counts.values()))
+            sources = [InputSlice.model_construct(model=r, layer_range=(0, n), parameters=p) for r, p in zip(refs, params)]
+            return [_Slice(sources, paths, None, c.base_model, ("models",))]
+        out = []
+        for i, s in enumerate(c.slices):
+            out.append(_Slice(list(s.sources), [("slices", i, "sources", j) for j in range(len(s.sources))], s.parameters, s.base_model or c.base_model, ("slices", i)))
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
+            if len(lengths) > 1:
+                raise MergeEditError(f"{self.doc.where(('slices', i, 'sources'))}: every source of a slice needs the same number of layers, got {sorted(lengths)}; fix the layer_range values")
+            for j, src in enumerate(s.sources):
+                have = arch.layer_count(self.model(src.model))
+                if src.layer_range[1] > have:
+                    raise MergeEditError(f"{self.doc.where(('slices', i, 'sources', j, 'layer_range'))}: layer_range {list(src.layer_range)} exceeds the {have} layers of '{src.model}'")
+        return out
+
+    # -- parameters ---------------------------------------------------------------------------------------------
+    def _check_parameter_names(self) -> None:
+        known = {p.name for p in self.method.params}
+        everywhere = all_parameter_names()
+        c = self.config
+        scopes: list[tuple[tuple, Optional[dict]]] = [(("parameters",), c.parameters)]
+        scopes += [(("models", i, "parameters"), m.parameters) for i, m in enumerate(c.models or [])]
+        for i, s in enumerate(c.slices or []):
+            scopes.append((("slices", i, "parameters"), s.parameters))
+            scopes += [(("slices", i, "sources", j, "parameters"), src.parameters) for j, src in enumerate(s.sources)]
+        for path, params in scopes:
+            for key in params or {}:
+                if key in known:
+                    continue
+                where = self.doc.where(path + (key,))
+                if key in everywhere:
+                    self.warnings.append(f"{where}: parameter '{key}' is not used by {self.method.name}; it is ignored")
+                else:
+                    raise MergeEditError(
+                        f"{where}: unknown parameter '{key}' for {self.method.name}{did_you_mean(key, known)}; "
+                        f"its parameters are: {', '.join(sorted(known)) or 'none'}"
+                    )
+
+    def _resolve(self, param: Param, scopes: list, tensor_name: str, t: float, who: str, scope_path: tuple) -> Any:
+        try:
+            return resolve(param, scopes, tensor_name, t)
+        except KeyError:
+            raise MergeEditError(
+                f"{self.doc.where(scope_path)}: {self.method.name} needs parameter '{param.name}' for {who} (tensor {tensor_name}); "
+                f"set it under that model's parameters or the global parameters"
+            ) from None
+        except ValueError as exc:
+            raise MergeEditError(f"{self.doc.where(scope_path)}: parameter '{param.name}' for {who}: {exc}") from None
+
+    # -- tensors ------------------------------------------------------------------------------------------------
+    def _input_info(self, ref: str, name: str, out_name: str, path: tuple) -> TensorInfo:
+        model = self.model(ref)
+        info = model.tensors.get(name)
+        if info is None and name == arch.TIED_HEAD:
+            tied = arch.tied_embedding_name(model)
+            info = model.tensors.get(tied) if tied else None
+        if info is None:
+            raise MergeEditError(
+                f"{self.doc.where(path)}: model '{ref}' has no tensor '{name}' (needed for output '{out_name}'); "
+                "the models must share an architecture, or use slices to pick matching layers"
+            )
+        return info
+
+    def _plan_tensor(self, out_name: str, in_names: list[str], sl: _Slice, t: float) -> PlannedTensor:
+        srcs = sl.sources
+        infos = [self._input_info(s.model, n, out_name, p) for s, n, p in zip(srcs, in_names, sl.source_paths)]
+        refs = [s.model for s in srcs]
+        shapes = {i.shape for i in infos}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{r}: {list(i.shape)}" for r, i in zip(refs, infos))
+            raise MergeEditError(f"{self.doc.path}: tensor '{out_name}' has different shapes across models ({detail}); these models cannot be merged tensor by tensor")
+        dtypes = {i.torch_dtype for i in infos}
+        floats = {d.is_floating_point for d in dtypes}
+        if len(floats) > 1 or (len(dtypes) > 1 and self.config.dtype is None):
+            detail = ", ".join(f"{r}: {dtype_name(i.torch_dtype)}" for r, i in zip(refs, infos))
+            raise MergeEditError(
+                f"{self.doc.path}: tensor '{out_name}' has different dtypes across models ({detail}); "
+                "set 'dtype: float32' (or bfloat16) in the config to choose the dtype they are merged in"
+            )
+        base = refs.index(sl.base_ref) if sl.base_ref in refs else None
+        method = self.method
+        if not all(floats):
+            method = COPY  # integer/bool buffers: no arithmetic applies; keep the base's (or first) tensor
+            keep = base if base is not None else 0
+            infos, srcs, refs, paths, base = [infos[keep]], [srcs[keep]], [refs[keep]], [sl.source_paths[keep]], 0
+        else:
+            paths = sl.source_paths
+            if method.base_model == "required" and base is None:
+                raise MergeEditError(
+                    f"{self.doc.where(sl.where)}: {method.name} needs a base model among the inputs; "
+                    "set base_model (and list it as a source of every slice)"
+                )
+            if method.max_inputs is not None and len(srcs) > method.max_inputs:
+                raise MergeEditError(
+                    f"{self.doc.where(sl.where)}: {method.name} takes at most {method.max_inputs} input per tensor but gets {len(srcs)} "
+                    f"({', '.join(refs)}); give one source per slice" + (" and drop base_model" if sl.base_ref else "")
+                )
+        shared = {
+            p.name: self._resolve(p, [sl.parameters, self.config.parameters], out_name, t, "the merge", sl.where + ("parameters",))
+            for p in method.params
+            if p.scope == "shared"
+        }
+        per_input = []
+        for k, (src, info, path) in enumerate(zip(srcs, infos, paths)):
+            scopes = [src.parameters, sl.parameters, self.config.parameters]
+            per_input.append({
+                p.name: self._resolve(p, scopes, info.name, t, f"model '{src.model}'", path)
+                for p in method.params
+                if p.scope == "input" or (p.scope == "non_base" and k != base)
+            })
+        if method.check is not None:
+            try:
+                method.check(shared, per_input)
+            except ValueError as exc:
+                raise MergeEditError(f"{self.doc.where(sl.where)}: {method.name} on tensor '{out_name}': {exc}") from None
+        stored = infos[base if base is not None else 0].torch_dtype
+        if method is COPY:
+            load = None
+            compute = out = stored
+        else:
+            load = parse_user_dtype(self.config.dtype, self.doc.where(("dtype",))) if self.config.dtype else None
+            compute = compute_dtype_for({load} if load else dtypes)
+            out = self._out_dtype() or load or stored
+        return PlannedTensor(
+            name=out_name,
+            shape=infos[0].shape,
+            sources=[TensorSource(self._model_index[r], i) for r, i in zip(refs, infos)],
+            base=base,
+            method=method,
+            shared=shared,
+            per_input=per_input,
+            load_dtype=load,
+            compute_dtype=compute,
+            out_dtype=out,
+            seed=derive_seed(self.random_seed, out_name),
+        )
+
+    def _out_dtype(self) -> Optional[torch.dtype]:
+        if self.out_dtype_override:
+            return parse_user_dtype(self.out_dtype_override, "--dtype")
+        if self.config.out_dtype:
+            return parse_user_dtype(self.config.out_dtype, self.doc.where(("out_dtype",)))
+        return None
+
+    def plan(self) -> MergePlan:
+        self._check_parameter_names()
+        self.open_models()
+        slices = self._normalized_slices()
+        first, last = slices[0], slices[-1]
+        template_ref = first.base_ref if first.base_ref in [s.model for s in first.sources] else first.sources[0].model
+        pre, post = arch.split_roles(self.model(template_ref))
+        tensors: list[PlannedTensor] = []
+        for name in pre:
+            tensors.append(self._plan_tensor(name, [name] * len(first.sources), first, 0.0))
+        layer_out = 0
+        for sl in slices:
+            start0 = sl.sources[0].layer_range[0]
+            n = sl.sources[0].layer_range[1] - start0
+            lead = self.model(sl.sources[0].model)
+            for i in range(n):
+                t = i / (n - 1) if n > 1 else 1.0
+                for lname in arch.layer_tensors(lead, start0 + i):
+                    in_names = [lname.at(src.layer_range[0] + i) for src in sl.sources]
+                    tensors.append(self._plan_tensor(lname.at(layer_out), in_names, sl, t))
+                layer_out += 1
+        for name in post:
+            tensors.append(self._plan_tensor(name, [name] * len(last.sources), last, 0.0))
+        base = self.model(self.config.base_model) if self.config.base_model else None
+        config_source = base or self.model(template_ref)
+        return MergePlan(
+            config=self.config,
+            doc=self.doc,
+            method=self.method,
+            models=self.models,
+            tensors=tensors,
+            layers_out=layer_out,
+            base_model=base,
+            out_config=self._out_config(config_source, tensors, layer_out),
+            tokenizer_model=self._tokenizer_model(base or self.model(template_ref)),
+            warnings=self.warnings,
+        )
+
+    def _out_config(self, source: ModelSource, tensors: list[PlannedTensor], layers: int) -> Optional[dict]:
+        if source.config is None:
+            return None
+        cfg = dict(source.config)
+        dtypes = [t.out_dtype for t in tensors if t.out_dtype.is_floating_point]
+        if dtypes:
+            name = dtype_name(max(set(dtypes), key=dtypes.count))
+            cfg["dtype"] = name
+            if "torch_dtype" in cfg:
+                cfg["torch_dtype"] = name
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in cfg and layers:
+                cfg[key] = layers
+        return cfg
+
+    def _tokenizer_model(self, default: ModelSource) -> Optional[ModelSource]:
+        c = self.config
+        source = c.tokenizer.source if c.tokenizer else c.tokenizer_source
+        if source == "union":
+            where = ("tokenizer", "source") if c.tokenizer else ("tokenizer_source",)
+            raise MergeEditError(f"{self.doc.where(where)}: tokenizer_source 'union' is not supported yet; use 'base' or a model path")
+        if source in (None, "base"):
+            return default
+        if source not in self._model_index:
+            self.open_models_extra(source)
+        return self.model(source)
+
+    def open_models_extra(self, ref: str) -> None:
+        try:
+            model = self.opener(self._resolve_ref(ref))
+        except MergeEditError as exc:
+            raise MergeEditError(f"{self.doc.where(('tokenizer', 'source'))}: {exc}") from None
+        model.ref = ref
+        self._model_index[ref] = len(self.models)
+        self.models.append(model)
+
+
+def build_plan(config: MergeConfig, doc: YamlDocument, **options: Any) -> MergePlan:
+    return Planner(config, doc, **options).plan()

@@ -1,0 +1,82 @@
+"""YAML documents that remember where each key came from, so errors can name the file and line."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .errors import MergeEditError
+
+KeyPath = tuple[Any, ...]
+
+
+@dataclass
+class YamlDocument:
+    path: Path
+    data: Any
+    lines: dict[KeyPath, int] = field(default_factory=dict)
+
+    def where(self, key_path: Iterable[Any]) -> str:
+        """`file:line (a.b[0].c)` for the deepest part of `key_path` we have a line for."""
+        key_path = tuple(key_path)
+        line = None
+        for n in range(len(key_path), -1, -1):
+            line = self.lines.get(key_path[:n])
+            if line is not None:
+                break
+        dotted = format_key_path(key_path)
+        loc = f"{self.path}:{line}" if line else str(self.path)
+        return f"{loc} ({dotted})" if dotted else loc
+
+
+def format_key_path(key_path: Iterable[Any]) -> str:
+    out = ""
+    for k in key_path:
+        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+    return out
+
+
+def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> None:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            _walk(value_node, path + (key,), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, path + (i,), lines)
+
+
+def load_yaml(path: Path | str, what: str = "config") -> YamlDocument:
+    """Parse a YAML file, turning every failure into one clear line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise MergeEditError(f"{path}: {what} file not found; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeEditError(f"{path}: cannot read the {what} file ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MergeEditError(f"{loc}: invalid YAML: {problem}; fix the syntax at that line") from None
+    if not isinstance(data, dict):
+        raise MergeEditError(f"{path}: the {what} must be a YAML mapping of keys to values, got {type(data).__name__}")
+    lines: dict[KeyPath, int] = {}
+    if node is not None:
+        _walk(node, (), lines)
+    return YamlDocument(path, data, lines)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
