@@ -9,6 +9,7 @@ need whole-tensor statistics see every chunk in extra streaming passes first.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -23,6 +24,8 @@ from .io.tensor_reader import TensorReader
 from .memory import peak_rss
 from .methods.spec import MergeInputs, TensorStatistics
 from .plan import MergePlan, PlannedTensor
+
+DEFAULT_BLOCK = 1 << 18  # elements per in-cache block: big enough to amortise op overhead, small enough for L2
 
 ProgressCallback = Callable[[PlannedTensor, int], None]  # (tensor finished, bytes written for it)
 
@@ -53,6 +56,32 @@ class MemoryBudget:
 
 class _Cancelled(Exception):
     pass
+
+
+class BufferPool:
+    """Reuses read and output buffers by size: a fresh multi-megabyte buffer costs a page fault per 4 KiB."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.free_bytes = 0
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            bucket = self._free.get(nbytes)
+            if bucket:
+                self.free_bytes -= nbytes
+                return bucket.pop()
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, buffers: list[torch.Tensor]) -> None:
+        with self._lock:
+            for b in buffers:
+                n = b.numel()
+                if n and self.free_bytes + n <= self.cap:
+                    self._free.setdefault(n, []).append(b)
+                    self.free_bytes += n
 
 
 @dataclass(frozen=True)
@@ -117,10 +146,21 @@ def _jobs(schedules: list[_Schedule]):
 
 
 class Executor:
-    def __init__(self, plan: MergePlan, writer: ShardWriter, budget: int, progress: Optional[ProgressCallback] = None, lookahead: int = 2) -> None:
+    def __init__(
+        self,
+        plan: MergePlan,
+        writer: ShardWriter,
+        budget: int,
+        progress: Optional[ProgressCallback] = None,
+        lookahead: int = 2,
+        block: int = DEFAULT_BLOCK,
+    ) -> None:
         self.plan = plan
+        self.block = block
         self.writer = writer
-        self.budget = MemoryBudget(budget)
+        # Bytes in flight get most of the budget; buffers kept for reuse get the rest.
+        self.budget = MemoryBudget(budget - budget // 5)
+        self.pool = BufferPool(budget // 5)
         self.progress = progress
         self.lookahead = lookahead
         self.reader = TensorReader()
@@ -130,15 +170,12 @@ class Executor:
     # -- threads ------------------------------------------------------------------------------------------------
     def _load(self, job: _Job) -> list[torch.Tensor]:
         t = self.plan.tensors[job.tensor]
-        out = []
-        for src in t.sources:
-            x = self.reader.read(src.info, job.rows)
-            if t.load_dtype is not None and x.dtype != t.load_dtype:
-                x = x.to(t.load_dtype)
-            if x.dtype != t.compute_dtype:
-                x = x.to(t.compute_dtype)
-            out.append(x)
-        return out
+        return [self.reader.read(src.info, job.rows, alloc=self.pool.take) for src in t.sources]
+
+    @staticmethod
+    def _raw(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The uint8 buffers behind tensors, to hand back to the pool."""
+        return [x.view(-1).view(torch.uint8) if x.numel() else x for x in tensors]
 
     def _reader_loop(self, jobs, inbox: queue.Queue) -> None:
         try:
@@ -160,7 +197,7 @@ class Executor:
             item = outbox.get()
             if item is None:
                 return
-            name, tensor, charge, finished = item
+            name, tensor, charge, finished, buffers = item
             try:
                 if not self._cancel.is_set():
                     self.writer.write(name, tensor)
@@ -168,6 +205,8 @@ class Executor:
                 self._errors.append(exc)
                 self._cancel.set()
             finally:
+                del tensor
+                self.pool.give(buffers)
                 self.budget.release(charge)
             if finished is not None and self.progress and not self._cancel.is_set():
                 self.progress(*finished)
@@ -185,10 +224,28 @@ class Executor:
                 raise self._errors[0] if self._errors else RuntimeError("reader stopped early")
             return item
 
-    def _inputs(self, t: PlannedTensor, job: _Job, tensors: list[torch.Tensor]) -> MergeInputs:
+    def _blocks(self, t: PlannedTensor, job: _Job, stored: list[torch.Tensor]):
+        """MergeInputs for each cache-sized block of a chunk (or the whole chunk for non-elementwise methods)."""
         row_elems = t.numel // t.rows if t.rows else 0
-        offset = job.rows[0] * row_elems if job.rows else 0
-        return MergeInputs(t.name, tensors, t.base, t.shared, t.per_input, offset, t.numel, t.seed)
+        chunk_offset = job.rows[0] * row_elems if job.rows else 0
+
+        def cast(x: torch.Tensor) -> torch.Tensor:
+            if t.load_dtype is not None:
+                x = x.to(t.load_dtype)
+            return x.to(t.compute_dtype)
+
+        if not t.method.elementwise:
+            yield 0, MergeInputs(t.name, [cast(x) for x in stored], t.base, t.shared, t.per_input, chunk_offset, t.numel, t.seed)
+            return
+        flat = [x.reshape(-1) for x in stored]
+        n = flat[0].numel() if flat else 0
+        for start in range(0, max(n, 1), self.block):
+            end = min(start + self.block, n)
+            yield start, MergeInputs(t.name, [cast(x[start:end]) for x in flat], t.base, t.shared, t.per_input, chunk_offset + start, t.numel, t.seed)
+
+    def _observe(self, t: PlannedTensor, stats: TensorStatistics, p: int, job: _Job, stored: list[torch.Tensor]) -> None:
+        for _, block in self._blocks(t, job, stored):
+            stats.observe(p, block)
 
     def run(self) -> ExecutionReport:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -234,39 +291,41 @@ class Executor:
         t = self.plan.tensors[s.tensor]
         stats = build_statistics(t)
         if len(s.chunks) == 1:
-            job, tensors = self._next(inbox)
-            chunk = self._inputs(t, job, tensors)
+            job, stored = self._next(inbox)
             if stats:
                 for p in range(stats.passes):
-                    stats.observe(p, chunk)
+                    self._observe(t, stats, p, job, stored)
                     stats.end_pass(p)
-                chunk.stats = stats.result()
-            self._emit(t, chunk, job, outbox, last=True)
+            self._emit(t, stats.result() if stats else None, job, stored, outbox, last=True)
             return
         if stats:
             for p in range(stats.passes):
                 for _ in s.chunks:
-                    job, tensors = self._next(inbox)
-                    stats.observe(p, self._inputs(t, job, tensors))
-                    del tensors
+                    job, stored = self._next(inbox)
+                    self._observe(t, stats, p, job, stored)
+                    self.pool.give(self._raw(stored))
+                    del stored
                     self.budget.release(job.nbytes)
                 stats.end_pass(p)
         result = stats.result() if stats else None
         for k in range(len(s.chunks)):
-            job, tensors = self._next(inbox)
-            chunk = self._inputs(t, job, tensors)
-            chunk.stats = result
-            self._emit(t, chunk, job, outbox, last=k == len(s.chunks) - 1)
+            job, stored = self._next(inbox)
+            self._emit(t, result, job, stored, outbox, last=k == len(s.chunks) - 1)
 
-    def _emit(self, t: PlannedTensor, chunk: MergeInputs, job: _Job, outbox: queue.Queue, last: bool) -> None:
-        merged = t.method.merge(chunk)
-        if merged.dtype != t.out_dtype:
-            merged = merged.to(t.out_dtype)
-        if job.rows is not None:
-            expected = (job.rows[1] - job.rows[0],) + tuple(t.shape[1:])
-        else:
-            expected = tuple(t.shape)
-        if tuple(merged.shape) != expected:
-            raise RuntimeError(f"method {t.method.name} returned shape {tuple(merged.shape)} for '{t.name}', expected {expected}")
-        del chunk
-        outbox.put((t.name, merged, job.nbytes, (t, t.bytes_out) if last else None))
+    def _emit(self, t: PlannedTensor, stats, job: _Job, stored: list[torch.Tensor], outbox: queue.Queue, last: bool) -> None:
+        shape = ((job.rows[1] - job.rows[0],) + tuple(t.shape[1:])) if job.rows is not None else tuple(t.shape)
+        out_bytes = math.prod(shape) * t.out_dtype.itemsize
+        out = self.pool.take(out_bytes).view(t.out_dtype).view(shape) if out_bytes else torch.empty(shape, dtype=t.out_dtype)
+        flat_out = out.view(-1)
+        for start, block in self._blocks(t, job, stored):
+            block.stats = stats
+            merged = t.method.merge(block)
+            if merged.numel() != block.tensors[0].numel():
+                raise RuntimeError(f"method {t.method.name} returned {merged.numel()} elements for a block of '{t.name}', expected {block.tensors[0].numel()}")
+            if t.method.elementwise:
+                flat_out[start : start + merged.numel()].copy_(merged.reshape(-1))
+            else:
+                out.copy_(merged.reshape(shape))
+        buffers = self._raw(stored) + self._raw([out])
+        del stored
+        outbox.put((t.name, out, job.nbytes, (t, t.bytes_out) if last else None, buffers))

@@ -63,12 +63,9 @@ class PlannedTensor:
     def bytes_out(self) -> int:
         return self.numel * itemsize(self.out_dtype)
 
-    def bytes_per_element_in_flight(self) -> float:
-        """Peak bytes held per output element while one chunk is read, converted, merged and written."""
-        compute = itemsize(self.compute_dtype)
-        stored = sum(itemsize(s.info.torch_dtype) for s in self.sources)
-        n = len(self.sources)
-        return stored + n * compute + self.method.scratch_factor * n * compute + itemsize(self.out_dtype)
+    def bytes_per_element_in_flight(self) -> int:
+        """Bytes held per output element while a chunk is read, merged (in cache-sized blocks) and written."""
+        return sum(itemsize(s.info.torch_dtype) for s in self.sources) + itemsize(self.out_dtype)
 
 
 @dataclass

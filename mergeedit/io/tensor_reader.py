@@ -32,8 +32,11 @@ class TensorReader:
                 self._fds[key] = fd
             return fd
 
-    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor (or rows [a, b) of its first dimension) in its stored dtype."""
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None, alloc=None) -> torch.Tensor:
+        """The tensor (or rows [a, b) of its first dimension) in its stored dtype.
+
+        `alloc(nbytes)` may supply a reusable uint8 buffer (freshly mapped pages cost a fault each).
+        """
         shape = list(info.shape)
         start, end = info.start, info.end
         if rows is not None:
@@ -42,7 +45,7 @@ class TensorReader:
             start, end = info.start + a * row_bytes, info.start + b * row_bytes
             shape[0] = b - a
         nbytes = end - start
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = alloc(nbytes) if alloc is not None else torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = memoryview(buf.numpy())
             fd = self._fd(info.path)

@@ -14,7 +14,7 @@ def _check(shared: dict, per_input: list[dict]) -> None:
 
 def _merge(inputs: MergeInputs) -> torch.Tensor:
     weights = [p["weight"] for p in inputs.per_input]
-    result = inputs.tensors[0].mul_(weights[0])
+    result = inputs.tensors[0] * weights[0]
     for x, w in zip(inputs.tensors[1:], weights[1:]):
         result.add_(x, alpha=w)
     if inputs.shared["normalize"]:
@@ -27,7 +27,6 @@ LINEAR = MergeMethod(
     params=(Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
     merge=_merge,
     base_model="optional",
-    scratch_factor=0.0,
     description="weighted average of the models",
     check=_check,
 )

@@ -10,7 +10,7 @@ from .spec import MergeInputs, MergeMethod, Param
 def _merge(inputs: MergeInputs) -> torch.Tensor:
     scale = inputs.per_input[0].get("scale")
     x = inputs.tensors[0]
-    return x if scale is None or scale == 1 else x.mul_(scale)
+    return x if scale is None or scale == 1 else x * scale
 
 
 PASSTHROUGH = MergeMethod(
@@ -19,9 +19,8 @@ PASSTHROUGH = MergeMethod(
     merge=_merge,
     base_model="optional",
     max_inputs=1,
-    scratch_factor=0.0,
     description="copy the single input (optionally scaled)",
 )
 
 # Used by the planner for tensors no arithmetic applies to (integer or boolean buffers): the first input, as stored.
-COPY = MergeMethod(name="copy", params=(), merge=lambda inputs: inputs.tensors[0], scratch_factor=0.0, description="copy")
+COPY = MergeMethod(name="copy", params=(), merge=lambda inputs: inputs.tensors[0], description="copy")

@@ -1,13 +1,15 @@
 """What a merge method is: a pure function over tensors plus the parameters it reads.
 
 The executor knows methods only through this interface: it resolves the declared parameters per tensor, hands each
-chunk of rows to `merge`, and, for methods that need whole-tensor statistics (a TIES threshold, a DARE rescale),
-streams the chunks through a `TensorStatistics` first.
+block of elements to `merge`, and, for methods that need whole-tensor statistics (a TIES threshold, a DARE rescale),
+streams the blocks through a `TensorStatistics` first. An elementwise method sees cache-sized 1-D blocks of the
+flattened tensor (many small passes in cache beat a few passes through memory); `offset` says where a block starts,
+so position-addressed randomness gives the same answer however the tensor is cut. A method must not modify its inputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Protocol
 
 import torch
@@ -51,18 +53,17 @@ class Param:
 
 @dataclass
 class MergeInputs:
-    """One chunk of one output tensor: the same rows of every input, in model order."""
+    """One block of one output tensor: the same elements of every input, in model order."""
 
     name: str  # output tensor name
-    tensors: list[torch.Tensor]  # compute dtype, identical shapes
+    tensors: list[torch.Tensor]  # compute dtype, identical shapes (1-D blocks for elementwise methods)
     base: Optional[int]  # index of the base model's tensor in `tensors`
     shared: dict[str, Any]
     per_input: list[dict[str, Any]]  # parallel to tensors; non_base params absent for the base
-    offset: int = 0  # element offset of this chunk in the flattened tensor
+    offset: int = 0  # element offset of this block in the flattened tensor
     numel: int = 0  # elements in the whole tensor
     seed: int = 0  # derived from --random-seed and the tensor name
     stats: Any = None  # TensorStatistics.result(), when the method has statistics
-    cache: dict = field(default_factory=dict)  # per-chunk scratch shared by statistics passes and merge
 
     @property
     def non_base(self) -> list[int]:
@@ -70,11 +71,11 @@ class MergeInputs:
 
 
 class TensorStatistics(Protocol):
-    """Whole-tensor statistics gathered over row chunks in `passes` streaming passes before merging."""
+    """Whole-tensor statistics gathered over every block in `passes` streaming passes before merging."""
 
     passes: int
 
-    def observe(self, pass_index: int, chunk: MergeInputs) -> None: ...
+    def observe(self, pass_index: int, block: MergeInputs) -> None: ...
 
     def end_pass(self, pass_index: int) -> None: ...
 
@@ -91,8 +92,8 @@ class MergeMethod:
     max_inputs: Optional[int] = None
     # Build the statistics a tensor needs before its chunks can merge independently; None when not needed.
     statistics: Optional[Callable[[MergeInputs], Optional[TensorStatistics]]] = None
-    # Working memory as a multiple of one input's bytes, to plan chunk sizes under the memory budget.
-    scratch_factor: float = 1.0
+    # False for methods that need a whole tensor (or whole rows) at once: they get row chunks, never 1-D blocks.
+    elementwise: bool = True
     randomized: bool = False
     description: str = ""
     # Plan-time check of one tensor's resolved parameters; raises ValueError with a user-facing reason.

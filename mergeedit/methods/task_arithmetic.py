@@ -4,12 +4,12 @@ One algorithm (as in mergekit): delta_i = x_i - base; sparsify each delta (top-k
 mask), optionally rescale it to its original L1 norm; weight it; optionally keep only entries agreeing with the
 elected sign (sign of the weighted sum); sum; optionally normalize by the weights that contributed; times lambda;
 add the base. Sparsification needs whole-tensor numbers (the k-th magnitude, the L1 norms), gathered by
-`DeltaStatistics` so the merge itself is elementwise and can run on row chunks.
+`DeltaStatistics` in streaming passes, so the merge itself is elementwise and runs block by block.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -22,80 +22,67 @@ Sparsify = Optional[Literal["magnitude", "random"]]
 RESCALE_EPS = 1e-7  # below this L1 norm mergekit leaves a masked delta unscaled
 
 
-def deltas_of(inputs: MergeInputs) -> list[torch.Tensor]:
-    """Task vectors of the non-base inputs, computed once per chunk, in place (the executor owns the buffers)."""
-    if "deltas" not in inputs.cache:
-        base = inputs.tensors[inputs.base]
-        inputs.cache["deltas"] = [inputs.tensors[i].sub_(base) for i in inputs.non_base]
-    return inputs.cache["deltas"]
-
-
 def _density(inputs: MergeInputs, j: int) -> float:
     return inputs.per_input[inputs.non_base[j]]["density"]
 
 
-def _keep_count(density: float, numel: int) -> int:
+def keep_count(density: float, numel: int) -> int:
+    """How many entries top-k magnitude keeps: at least one in a non-empty tensor, as mergekit does."""
     return max(1, int(density * numel))
 
 
-def _needs_sparsify(density: float) -> bool:
-    return density < 1
+def _delta(inputs: MergeInputs, j: int) -> torch.Tensor:
+    return inputs.tensors[inputs.non_base[j]] - inputs.tensors[inputs.base]
 
 
-def _random_keep(inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
-    key = ("keep", j)
-    if key not in inputs.cache:
-        noise = seeded_uniform(derive_seed(inputs.seed, inputs.non_base[j]), inputs.offset, delta.numel())
-        inputs.cache[key] = (noise < _density(inputs, j)).view(delta.shape)
-    return inputs.cache[key]
-
-
-def _magnitude_bits(inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
-    key = ("bits", j)
-    if key not in inputs.cache:
-        inputs.cache[key] = magnitude_bits(delta)
-    return inputs.cache[key]
+def random_keep(inputs: MergeInputs, j: int) -> torch.Tensor:
+    """DARE's Bernoulli(density) keep mask for non-base input j, addressed by element position."""
+    n = inputs.tensors[inputs.base].numel()
+    noise = seeded_uniform(derive_seed(inputs.seed, inputs.non_base[j]), inputs.offset, n)
+    return (noise < _density(inputs, j)).view(inputs.tensors[inputs.base].shape)
 
 
 @dataclass
 class DeltaStatistics:
-    """Per non-base input: the exact magnitude threshold (magnitude) and the L1 norms before/after masking (rescale)."""
+    """Per sparsified non-base input j: the exact magnitude threshold and, for rescale, the L1 norms before/after."""
 
     sparsify: Sparsify
     rescale: bool
-    selectors: dict[int, KthLargest]
-    sparse: list[int]  # indices j (into non_base) that are sparsified
-    passes: int = 1
+    sparse: list[int]
+    passes: int
+    selectors: dict[int, KthLargest] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.before = {j: 0.0 for j in self.sparse}
         self.after = {j: 0.0 for j in self.sparse}
 
-    def observe(self, pass_index: int, chunk: MergeInputs) -> None:
-        deltas = deltas_of(chunk)
+    def observe(self, pass_index: int, block: MergeInputs) -> None:
         for j in self.sparse:
-            d = deltas[j]
-            if self.sparsify == "magnitude":
-                bits = _magnitude_bits(chunk, j, d)
-                if pass_index == 0:
-                    self.selectors[j].observe_high(bits)
-                elif pass_index == 1:
-                    self.selectors[j].observe_low(bits)
-                    if self.rescale:
-                        self.before[j] += float(d.abs().sum(dtype=torch.float64))
-                else:
-                    keep = bits >= self.selectors[j].threshold_bits
-                    self.after[j] += float((d.abs() * keep).sum(dtype=torch.float64))
-            else:
-                keep = _random_keep(chunk, j, d)
+            d = _delta(block, j)
+            if self.sparsify == "random":
                 a = d.abs()
                 self.before[j] += float(a.sum(dtype=torch.float64))
-                self.after[j] += float((a * keep).sum(dtype=torch.float64))
+                self.after[j] += float((a * random_keep(block, j)).sum(dtype=torch.float64))
+                continue
+            bits = magnitude_bits(d)
+            if pass_index == 0:
+                self.selectors[j].observe_high(bits)
+            elif pass_index == 1:
+                self.selectors[j].observe_low(bits)
+                if self.rescale:
+                    self.before[j] += float(d.abs().sum(dtype=torch.float64))
+            else:
+                keep = bits >= self.selectors[j].threshold_bits
+                self.after[j] += float((d.abs() * keep).sum(dtype=torch.float64))
 
     def end_pass(self, pass_index: int) -> None:
-        if self.sparsify == "magnitude":
-            for sel in self.selectors.values():
-                sel.end_high() if pass_index == 0 else sel.end_low() if pass_index == 1 else None
+        if self.sparsify != "magnitude":
+            return
+        for sel in self.selectors.values():
+            if pass_index == 0:
+                sel.end_high()
+            elif pass_index == 1:
+                sel.end_low()
 
     def result(self) -> "DeltaStatistics":
         return self
@@ -115,77 +102,78 @@ def _statistics_for(sparsify: Sparsify):
         if not sparse:
             return None
         if sparsify == "magnitude":
-            selectors = {j: KthLargest(_keep_count(_density(inputs, j), inputs.numel)) for j in sparse}
-            return DeltaStatistics(sparsify, rescale, selectors, sparse, passes=3 if rescale else 2)
+            selectors = {j: KthLargest(keep_count(_density(inputs, j), inputs.numel)) for j in sparse}
+            return DeltaStatistics(sparsify, rescale, sparse, 3 if rescale else 2, selectors)
         if not rescale:
             return None  # a random mask needs no whole-tensor numbers
-        return DeltaStatistics(sparsify, rescale, {}, sparse, passes=1)
+        return DeltaStatistics(sparsify, rescale, sparse, 1)
 
     return build
 
 
-def _sparsified(inputs: MergeInputs, sparsify: Sparsify) -> list[torch.Tensor]:
-    deltas = deltas_of(inputs)
-    stats: Optional[DeltaStatistics] = inputs.stats
-    for j, d in enumerate(deltas):
-        density = _density(inputs, j)
-        if sparsify is None or density >= 1:
-            continue
-        if density <= 0:
-            d.zero_()
-            continue
-        if sparsify == "magnitude":
-            keep = _magnitude_bits(inputs, j, d) >= stats.selectors[j].threshold_bits
-        else:
-            keep = _random_keep(inputs, j, d)
-        d.mul_(keep)
-        if stats is not None and stats.rescale:
-            factor = stats.scale(j)
-            if factor != 1.0:
-                d.mul_(factor)
-    return deltas
+def _sparsified_delta(inputs: MergeInputs, j: int, sparsify: Sparsify) -> torch.Tensor:
+    d = _delta(inputs, j)
+    density = _density(inputs, j)
+    if sparsify is None or density >= 1:
+        return d
+    if density <= 0:
+        return d.zero_()
+    stats: DeltaStatistics = inputs.stats
+    if sparsify == "magnitude":
+        d.mul_(magnitude_bits(d) >= stats.selectors[j].threshold_bits)
+    else:
+        d.mul_(random_keep(inputs, j))
+    if stats is not None and stats.rescale:
+        factor = stats.scale(j)
+        if factor != 1.0:
+            d.mul_(factor)
+    return d
 
 
 def _merge_for(sparsify: Sparsify, consensus: bool):
     def merge(inputs: MergeInputs) -> torch.Tensor:
         base = inputs.tensors[inputs.base]
         if not inputs.non_base:
-            return base
+            return base.clone()
         weights = [inputs.per_input[i]["weight"] for i in inputs.non_base]
-        deltas = _sparsified(inputs, sparsify)
-        for d, w in zip(deltas, weights):
-            d.mul_(w)
+        deltas = [_sparsified_delta(inputs, j, sparsify).mul_(w) for j, w in enumerate(weights)]
         if consensus:
+            # Entries agreeing with the elected sign: for a positive election, exactly the positive ones.
             total = deltas[0].clone()
             for d in deltas[1:]:
                 total.add_(d)
             elect_positive = total >= 0
-            mixed = torch.zeros_like(base)
-            divisor = torch.zeros_like(base)
-            for d, w in zip(deltas, weights):
-                agree = torch.where(elect_positive, d > 0, d < 0)
-                mixed.add_(d * agree)
-                divisor.add_(agree, alpha=w)
+            positive = deltas[0].clamp_min(0)
+            negative = deltas[0].clamp_max(0)
+            pos_weight = (deltas[0] > 0) * weights[0]
+            neg_weight = (deltas[0] < 0) * weights[0]
+            for d, w in zip(deltas[1:], weights[1:]):
+                positive.add_(d.clamp_min(0))
+                negative.add_(d.clamp_max(0))
+                pos_weight.add_((d > 0) * w)
+                neg_weight.add_((d < 0) * w)
+            mixed = torch.where(elect_positive, positive, negative)
+            divisor = torch.where(elect_positive, pos_weight, neg_weight)
             divisor[divisor == 0] = 1
         else:
-            mixed = deltas[0].clone()
+            mixed = deltas[0]
             for d in deltas[1:]:
                 mixed.add_(d)
             total_weight = sum(weights)
             divisor = total_weight if abs(total_weight) >= 1e-8 else 1.0
         if inputs.shared["normalize"]:
-            mixed.div_(divisor)
+            mixed = mixed / divisor
         lam = inputs.shared["lambda"]
         if lam != 1:
-            mixed.mul_(lam)
-        return base.add_(mixed)
+            mixed = mixed * lam
+        return base + mixed
 
     return merge
 
 
 def _family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, rescale: bool, description: str) -> MergeMethod:
     params = (
-        Param("int8_mask", bool, "shared", False),
+        Param("int8_mask", bool, "shared", False),  # accepted for mergekit configs; masks here are always compact
         Param("normalize", bool, "shared", normalize),
         Param("rescale", bool, "shared", rescale),
         Param("lambda", float, "shared", 1.0),
@@ -198,7 +186,6 @@ def _family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, res
         merge=_merge_for(sparsify, consensus),
         base_model="required",
         statistics=_statistics_for(sparsify),
-        scratch_factor=3.0 if consensus else 1.5,
         randomized=sparsify == "random",
         description=description,
     )
