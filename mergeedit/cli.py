@@ -19,6 +19,8 @@ from .units import format_size, parse_size
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge editing by R-SFT + model merging, and a streaming merge engine.")
 console = Console(stderr=True)
 out = Console()
+if not out.is_terminal:  # piped tables should not squash tensor names into 80 columns
+    out = Console(width=200)
 
 
 def _fail(message: str, code: int = 2) -> None:

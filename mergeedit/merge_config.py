@@ -106,7 +106,9 @@ class MergeConfig(_Strict):
 
 
 def _first_error_line(doc: YamlDocument, exc: ValidationError, model: type[BaseModel]) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # A misspelt key shows up twice: as an unknown key and as a missing one; the unknown key is the useful line.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("list", "dict", "str", "int", "float", "bool"))))
     where = doc.where(loc)
     if err["type"] == "extra_forbidden":

@@ -1,0 +1,135 @@
+"""Bad input: one line naming the file, key or tensor and the fix; exit status 2; no traceback; nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import write_config
+
+
+def _assert_clean_failure(result, out: Path, *needles: str) -> None:
+    assert result.code == 2, (result.code, result.stderr)
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    message = " ".join(result.stderr.split())  # rich may wrap; the message itself is one line
+    assert message.startswith("error:"), message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if ".mergeedit-tmp-" in p.name]
+
+
+def _copy_model(src: Path, dst: Path, edit) -> Path:
+    """A copy of a model folder with its tensors changed by `edit(name, tensor) -> tensor | None`."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            tensors = {k: v for k, v in ((k, edit(k, v)) for k, v in load_file(f).items()) if v is not None}
+            save_file(tensors, dst / f.name)
+        else:
+            (dst / f.name).write_bytes(f.read_bytes())
+    index = dst / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if edit(k, torch.zeros(1)) is not None}
+        index.write_text(json.dumps(data))
+    return dst
+
+
+CASES = {
+    "yaml_syntax": ("merge_method: linear\nmodels: [\n", ["merge.yaml:", "invalid YAML"]),
+    "not_a_mapping": ("- just\n- a list\n", ["merge.yaml", "mapping"]),
+    "unknown_top_key": ("merge_methd: linear\nmodels:\n  - model: {a}\n", ["merge.yaml:1", "merge_methd", "did you mean 'merge_method'"]),
+    "unknown_method": ("merge_method: tiez\nbase_model: {base}\nmodels:\n  - model: {a}\n", ["merge.yaml:1", "tiez", "did you mean 'ties'"]),
+    "mergekit_method_not_yet": ("merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\n", ["slerp", "does not implement yet"]),
+    "missing_model": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: /nonexistent/model\n    parameters: {{weight: 1}}\n", ["merge.yaml:5", "models[1].model", "/nonexistent/model", "no such file"]),
+    "missing_weight": ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{density: 0.5}}\n", ["needs parameter 'weight'", "model '{a}'"]),
+    "unknown_parameter": ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1, densty: 0.5}}\n", ["merge.yaml:5", "densty", "did you mean 'density'"]),
+    "wrong_type": ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: lots}}\n", ["weight", "expected a float"]),
+    "no_base_for_ties": ("merge_method: ties\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n", ["needs a base model", "base_model"]),
+    "two_layouts": ("merge_method: linear\nmodels:\n  - model: {a}\nslices:\n  - sources: [{{model: {a}, layer_range: [0, 1]}}]\n", ["exactly one of 'models', 'slices'"]),
+    "passthrough_two_inputs": ("merge_method: passthrough\nmodels:\n  - model: {a}\n  - model: {b}\n", ["at most 1 input"]),
+    "slice_lengths_differ": ("merge_method: linear\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2]}}\n      - {{model: {b}, layer_range: [0, 3]}}\n", ["same number of layers", "slices[0].sources"]),
+    "layer_range_too_far": ("merge_method: passthrough\nslices:\n  - sources: [{{model: {a}, layer_range: [0, 9]}}]\n", ["exceeds the 3 layers"]),
+    "zero_weights": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0}}\n  - model: {b}\n    parameters: {{weight: 0}}\n", ["weights sum to zero"]),
+    "bad_dtype": ("merge_method: linear\ndtype: float13\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n", ["merge.yaml:2", "float13"]),
+    "union_tokenizer": ("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n", ["union", "not supported yet"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_configs(case, tmp_path, models, run_cli):
+    text, needles = CASES[case]
+    fmt = {k: str(v) for k, v in models.items()}
+    cfg = write_config(tmp_path, text.format(**fmt))
+    out = tmp_path / "out"
+    result = run_cli("merge", cfg, out)
+    _assert_clean_failure(result, out, *[n.format(**fmt) for n in needles])
+
+
+def test_missing_config_file(tmp_path, run_cli):
+    out = tmp_path / "out"
+    _assert_clean_failure(run_cli("merge", tmp_path / "nope.yaml", out), out, "nope.yaml", "not found")
+
+
+def test_tensor_missing_from_one_model(tmp_path, models, run_cli):
+    holed = _copy_model(models["b"], tmp_path / "holed", lambda k, v: None if k == "model.layers.1.mlp.up_proj.weight" else v)
+    cfg = write_config(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1}}\n  - model: {holed}\n    parameters: {{weight: 1}}\n")
+    out = tmp_path / "out"
+    _assert_clean_failure(run_cli("merge", cfg, out), out, "merge.yaml:5", "has no tensor 'model.layers.1.mlp.up_proj.weight'", str(holed))
+
+
+def test_shape_mismatch(tmp_path, models, run_cli):
+    wide = _copy_model(models["b"], tmp_path / "wide", lambda k, v: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k == "model.norm.weight" else v)
+    cfg = write_config(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1}}\n  - model: {wide}\n    parameters: {{weight: 1}}\n")
+    out = tmp_path / "out"
+    _assert_clean_failure(run_cli("merge", cfg, out), out, "model.norm.weight", "different shapes", "[33]")
+
+
+def test_dtype_mismatch_asks_for_a_dtype(tmp_path, models, run_cli):
+    cfg = write_config(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1}}\n  - model: {models['bf16']}\n    parameters: {{weight: 1}}\n")
+    out = tmp_path / "out"
+    _assert_clean_failure(run_cli("merge", cfg, out), out, "different dtypes", "float32", "bfloat16", "dtype: float32")
+
+
+def test_corrupt_shard_is_named(tmp_path, models, run_cli):
+    broken = _copy_model(models["b"], tmp_path / "broken", lambda k, v: v)
+    shard = broken / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    cfg = write_config(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1}}\n  - model: {broken}\n    parameters: {{weight: 1}}\n")
+    out = tmp_path / "out"
+    _assert_clean_failure(run_cli("merge", cfg, out), out, str(shard), "does not fit")
+
+
+def test_output_inside_an_input_folder(tmp_path, models, run_cli):
+    cfg = write_config(tmp_path, f"merge_method: passthrough\nmodels:\n  - model: {models['a']}\n")
+    out = models["a"] / "merged"
+    _assert_clean_failure(run_cli("merge", cfg, out), out, "overlaps the input model folder")
+
+
+def test_bad_cli_values(tmp_path, models, run_cli):
+    cfg = write_config(tmp_path, f"merge_method: passthrough\nmodels:\n  - model: {models['a']}\n")
+    out = tmp_path / "out"
+    _assert_clean_failure(run_cli("merge", cfg, out, "--out-shard-size", "huge"), out, "--out-shard-size", "huge")
+    _assert_clean_failure(run_cli("merge", cfg, out, "--dtype", "int4"), out, "--dtype", "int4")
+
+
+def test_dry_run_and_inspect_read_no_tensor_data(tmp_path, models, run_cli, monkeypatch):
+    from mergeedit.io import tensor_reader
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("tensor data was read")
+
+    monkeypatch.setattr(tensor_reader.TensorReader, "read", forbidden)
+    cfg = write_config(tmp_path, f"merge_method: ties\nbase_model: {models['base']}\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1, density: 0.5}}\n")
+    result = run_cli("merge", cfg, tmp_path / "out", "--dry-run")
+    assert result.code == 0 and "model.layers.2.mlp.down_proj.weight" in result.stdout and "read " in result.stdout
+    assert not (tmp_path / "out").exists()
+    result = run_cli("inspect", models["a"])
+    assert result.code == 0
+    for needle in ("LlamaForCausalLM", "layers", "3", "F32 x", "model-00001-of-00003.safetensors"):
+        assert needle in result.stdout

@@ -1,0 +1,265 @@
+"""Whole merges through the library and the CLI: outputs load in transformers and equal in-memory reference merges."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeedit.merge import MergeOptions, load_plan, write_merge
+from mergeedit.toy_models import load_state_dict
+
+from conftest import SHAPE, write_config
+
+
+def ties_reference(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], densities: list[float], normalize=True, lam=1.0):
+    """TIES as the paper/mergekit define it, written plainly: argsort top-k, weighted sign vote, disjoint mean."""
+    deltas = []
+    for x, w, dens in zip(xs, weights, densities):
+        d = (x - base).flatten()
+        if dens < 1:
+            k = max(1, int(dens * d.numel()))
+            mask = torch.zeros_like(d)
+            mask[torch.argsort(d.abs(), descending=True)[:k]] = 1
+            d = d * mask
+        deltas.append(d.reshape(base.shape) * w)
+    stacked = torch.stack(deltas)
+    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(stacked) == elected).float()
+    mixed = (stacked * agree).sum(0)
+    divisor = (torch.tensor(weights).view(-1, *[1] * base.dim()) * agree).sum(0)
+    divisor[divisor == 0] = 1
+    if normalize:
+        mixed = mixed / divisor
+    return base + lam * mixed
+
+
+def _logits(folder_or_state, reference_folder: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    tokens = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    if isinstance(folder_or_state, Path):
+        model = AutoModelForCausalLM.from_pretrained(folder_or_state)
+    else:
+        model = LlamaForCausalLM(LlamaConfig.from_pretrained(reference_folder))
+        model.load_state_dict(folder_or_state, strict=False)
+        model.tie_weights()
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def test_ties_merge_loads_in_transformers_with_reference_logits(tmp_path, models):
+    cfg = write_config(tmp_path, textwrap.dedent(f"""
+        merge_method: ties
+        base_model: {models['base']}
+        models:
+          - model: {models['a']}
+            parameters: {{weight: 0.7, density: 0.4}}
+          - model: {models['b']}
+            parameters: {{weight: 0.3, density: 0.8}}
+    """))
+    out = tmp_path / "merged"
+    options = MergeOptions(out_shard_size=40_000)
+    report = write_merge(load_plan(cfg, options), out, options)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert report.bytes_written == sum(p.stat().st_size for p in out.glob("*.safetensors"))
+
+    base, a, b = (load_state_dict(models[k]) for k in ("base", "a", "b"))
+    expected = {k: ties_reference(base[k], [a[k], b[k]], [0.7, 0.3], [0.4, 0.8]) for k in base}
+    merged = load_state_dict(out)
+    assert set(merged) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(merged[k], expected[k], atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(out, out), _logits(expected, models["base"]), atol=1e-5, rtol=0)
+
+
+def test_output_folder_contents(tmp_path, models, run_cli):
+    cfg = write_config(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models['base']}\n    parameters: {{weight: 1}}\n  - model: {models['a']}\n    parameters: {{weight: 3}}\n")
+    out = tmp_path / "lin"
+    result = run_cli("merge", cfg, out, "--dtype", "bfloat16")
+    assert result.code == 0, result.stderr
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json", "mergekit_config.yml"} <= files
+    assert "model.safetensors.index.json" not in files  # one shard: no index, as transformers writes it
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["num_hidden_layers"] == SHAPE.layers
+    base, a = load_state_dict(models["base"]), load_state_dict(models["a"])
+    merged = load_state_dict(out)
+    for k in base:
+        assert merged[k].dtype == torch.bfloat16
+        torch.testing.assert_close(merged[k], ((base[k] + 3 * a[k]) / 4).to(torch.bfloat16), atol=0, rtol=0)
+    assert not [p for p in tmp_path.iterdir() if ".mergeedit-tmp-" in p.name]
+
+
+def _dare_config(tmp_path, models) -> Path:
+    return write_config(tmp_path, f"""
+merge_method: dare_ties
+base_model: {models['base']}
+models:
+  - model: {models['a']}
+    parameters: {{weight: 0.5, density: 0.3}}
+  - model: {models['b']}
+    parameters: {{weight: 0.5, density: 0.6}}
+""")
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors*"))}
+
+
+def test_same_seed_same_bytes_and_budget_does_not_change_results(tmp_path, models, run_cli):
+    cfg = _dare_config(tmp_path, models)
+    assert run_cli("merge", cfg, tmp_path / "s1", "--random-seed", "7").code == 0
+    assert run_cli("merge", cfg, tmp_path / "s2", "--random-seed", "7").code == 0
+    assert run_cli("merge", cfg, tmp_path / "s3", "--random-seed", "8").code == 0
+    # a 20 KB budget cuts every matrix into row chunks: statistics passes + chunked merge must give the same bytes
+    assert run_cli("merge", cfg, tmp_path / "s4", "--random-seed", "7", "--memory-budget", "20K").code == 0
+    assert _bytes(tmp_path / "s1") == _bytes(tmp_path / "s2") == _bytes(tmp_path / "s4")
+    assert _bytes(tmp_path / "s1") != _bytes(tmp_path / "s3")
+
+
+def test_chunked_ties_equals_whole_ties(tmp_path, models, run_cli):
+    cfg = write_config(tmp_path, f"""
+merge_method: ties
+base_model: {models['base']}
+models:
+  - model: {models['a']}
+    parameters: {{weight: [0.2, 0.9], density: 0.3}}
+  - model: {models['b']}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {models['c']}
+    parameters: {{weight: 0.5, density: 0.9}}
+parameters: {{rescale: true}}
+""")
+    assert run_cli("merge", cfg, tmp_path / "whole").code == 0
+    result = run_cli("merge", cfg, tmp_path / "chunked", "--memory-budget", "10K", "--dry-run")
+    assert "row chunks" in result.stdout and not (tmp_path / "chunked").exists()
+    assert run_cli("merge", cfg, tmp_path / "chunked", "--memory-budget", "10K").code == 0
+    assert _bytes(tmp_path / "whole") == _bytes(tmp_path / "chunked")
+
+
+def test_passthrough_slices_stack_layers(tmp_path, models, run_cli):
+    cfg = write_config(tmp_path, f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {models['a']}, layer_range: [0, 2]}}]
+  - sources: [{{model: {models['b']}, layer_range: [1, 3]}}]
+""")
+    out = tmp_path / "stack"
+    assert run_cli("merge", cfg, out).code == 0
+    a, b, merged = load_state_dict(models["a"]), load_state_dict(models["b"]), load_state_dict(out)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+    assert torch.equal(merged["model.layers.1.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(merged["model.layers.2.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(merged["model.layers.3.self_attn.q_proj.weight"], b["model.layers.2.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(merged["lm_head.weight"], b["lm_head.weight"])
+
+
+def test_tied_embeddings_and_mixed_dtypes_with_explicit_dtype(tmp_path, models, run_cli):
+    cfg = write_config(tmp_path, f"""
+merge_method: task_arithmetic
+base_model: {models['tied_base']}
+models:
+  - model: {models['tied_a']}
+    parameters: {{weight: 0.5}}
+parameters: {{lambda: 2.0}}
+""")
+    out = tmp_path / "tied"
+    assert run_cli("merge", cfg, out).code == 0
+    base, a, merged = load_state_dict(models["tied_base"]), load_state_dict(models["tied_a"]), load_state_dict(out)
+    assert "lm_head.weight" not in merged
+    for k in base:
+        torch.testing.assert_close(merged[k], base[k] + 2.0 * 0.5 * (a[k] - base[k]), atol=1e-6, rtol=0)
+    mixed = write_config(tmp_path, f"""
+merge_method: linear
+dtype: float32
+models:
+  - model: {models['a']}
+    parameters: {{weight: 1}}
+  - model: {models['bf16']}
+    parameters: {{weight: 1}}
+""", "mixed.yaml")
+    assert run_cli("merge", mixed, tmp_path / "mixed").code == 0
+    a, h, merged = load_state_dict(models["a"]), load_state_dict(models["bf16"]), load_state_dict(tmp_path / "mixed")
+    k = "model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(merged[k], (a[k] + h[k].float()) / 2, atol=1e-7, rtol=0)
+
+
+def test_overwrite_replaces_only_when_asked(tmp_path, models, run_cli):
+    cfg = write_config(tmp_path, f"merge_method: passthrough\nmodels:\n  - model: {models['a']}\n")
+    out = tmp_path / "o"
+    assert run_cli("merge", cfg, out).code == 0
+    (out / "marker").write_text("old")
+    refused = run_cli("merge", cfg, out)
+    assert refused.code == 2 and "--overwrite" in refused.stderr and (out / "marker").exists()
+    assert run_cli("merge", cfg, out, "--overwrite").code == 0
+    assert not (out / "marker").exists() and (out / "model.safetensors").exists()
+
+
+def test_interrupted_merge_leaves_nothing(tmp_path, models, monkeypatch):
+    cfg = write_config(tmp_path, f"merge_method: ties\nbase_model: {models['base']}\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1, density: 0.5}}\n")
+    from mergeedit.io import shard_writer
+
+    original = shard_writer.ShardWriter.write
+    calls = {"n": 0}
+
+    def flaky(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(shard_writer.ShardWriter, "write", flaky)
+    out = tmp_path / "never"
+    options = MergeOptions()
+    with pytest.raises(KeyboardInterrupt):
+        write_merge(load_plan(cfg, options), out, options)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["merge.yaml"]
+
+
+_SLOW_MERGE = """
+import sys, time
+from pathlib import Path
+from mergeedit.io import shard_writer
+original = shard_writer.ShardWriter.write
+def slow(self, name, tensor):
+    time.sleep(0.05)
+    return original(self, name, tensor)
+shard_writer.ShardWriter.write = slow
+sys.argv = ["mergeedit", "merge", sys.argv[1], sys.argv[2]]
+from mergeedit.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_killed_merge_never_leaves_a_partial_output(tmp_path, models, signal_name):
+    import signal
+
+    cfg = write_config(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1}}\n  - model: {models['b']}\n    parameters: {{weight: 1}}\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_MERGE, str(cfg), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not [p for p in tmp_path.iterdir() if ".mergeedit-tmp-" in p.name] and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    os.kill(proc.pid, getattr(signal, signal_name))
+    proc.wait(timeout=60)
+    assert not out.exists()
+    leftovers = [p for p in tmp_path.iterdir() if ".mergeedit-tmp-" in p.name]
+    if signal_name == "SIGTERM":  # a catchable signal cleans up its temporary folder too
+        assert proc.returncode == 130 and not leftovers

@@ -1,0 +1,190 @@
+"""Reading headers and tensors, writing shards: against the reference safetensors library."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mergeedit.errors import MergeEditError
+from mergeedit.io.model_source import open_model
+from mergeedit.io.safetensors_header import read_header
+from mergeedit.io.shard_writer import OutputEntry, ShardWriter, layout_shards
+from mergeedit.io.tensor_reader import TensorReader
+from mergeedit.units import format_size, parse_size
+
+ALL_DTYPES = [
+    torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+]
+
+
+def _sample(dtype: torch.dtype, shape=(5, 3)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g) * 3).to(dtype)
+    return torch.randint(0, 100, shape, generator=g).to(dtype)
+
+
+def test_header_and_reads_match_reference_for_every_dtype(tmp_path):
+    tensors = {f"t_{str(d).split('.')[-1]}": _sample(d) for d in ALL_DTYPES}
+    tensors["scalar"] = torch.tensor(2.5)
+    tensors["empty"] = torch.zeros(0, 4)
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, path)
+    infos, metadata = read_header(path)
+    assert set(infos) == set(tensors)
+    with safe_open(path, "pt") as f, TensorReader() as reader:
+        for name, expected in tensors.items():
+            info = infos[name]
+            assert info.shape == tuple(expected.shape)
+            assert info.torch_dtype == expected.dtype
+            got = reader.read(info)
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            ref = f.get_tensor(name)
+            assert torch.equal(got.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8))  # bit-exact, NaN-safe
+
+
+def test_row_ranges_read_exactly_those_rows(tmp_path):
+    x = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    info = read_header(tmp_path / "x.safetensors")[0]["x"]
+    with TensorReader() as reader:
+        assert torch.equal(reader.read(info, (3, 7)), x[3:7])
+        assert reader.bytes_read == 4 * 4 * 4
+
+
+def _write_raw(path, header: dict, data: bytes = b"") -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize(
+    "header,data,reason",
+    [
+        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "truncated"),
+        ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "needs 12"),
+        ({"x": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "dtype"),
+        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
+        ({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape"),
+    ],
+)
+def test_bad_headers_are_named_with_the_reason(tmp_path, header, data, reason):
+    path = tmp_path / "bad.safetensors"
+    _write_raw(path, header, data)
+    with pytest.raises(MergeEditError, match=reason) as err:
+        read_header(path)
+    assert str(path) in str(err.value)
+
+
+def test_garbage_and_short_files_are_refused(tmp_path):
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"abc")
+    with pytest.raises(MergeEditError, match="fewer than the 8-byte"):
+        read_header(short)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(struct.pack("<Q", 5) + b"{nope")
+    with pytest.raises(MergeEditError, match="not JSON"):
+        read_header(garbage)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(MergeEditError, match="does not fit"):
+        read_header(huge)
+
+
+def test_shard_layout_follows_hugging_face_names():
+    entries = [OutputEntry(f"t{i}", torch.float32, (10,)) for i in range(5)]  # 40 bytes each
+    single = layout_shards(entries, 10**6)
+    assert [s.filename for s in single] == ["model.safetensors"]
+    multi = layout_shards(entries, 100)
+    assert [s.filename for s in multi] == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    assert [len(s.entries) for s in multi] == [2, 2, 1]
+    big = layout_shards([OutputEntry("huge", torch.float32, (100,))] + entries[:1], 100)
+    assert [len(s.entries) for s in big] == [1, 1]  # a tensor larger than the shard size gets its own shard
+
+
+def test_streamed_shards_load_with_reference_library(tmp_path):
+    tensors = {"a": torch.randn(6, 4), "b": torch.randn(3).to(torch.bfloat16), "c": torch.arange(8, dtype=torch.int64), "d": torch.randn(0, 2)}
+    entries = [OutputEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    shards = layout_shards(entries, 100)
+    writer = ShardWriter(tmp_path, shards)
+    writer.write("a", tensors["a"][:2])  # row chunks arrive in order
+    writer.write("a", tensors["a"][2:])
+    for name in ("b", "c", "d"):
+        writer.write(name, tensors[name])
+    writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert set(index["weight_map"]) == set(tensors)
+    loaded = {}
+    for shard in shards:
+        with safe_open(tmp_path / shard.filename, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+        loaded.update(load_file(tmp_path / shard.filename))
+    for name, t in tensors.items():
+        assert torch.equal(loaded[name], t)
+
+
+def test_writer_refuses_out_of_order_tensors(tmp_path):
+    shards = layout_shards([OutputEntry("a", torch.float32, (2,)), OutputEntry("b", torch.float32, (2,))], 10**6)
+    writer = ShardWriter(tmp_path, shards)
+    with pytest.raises(RuntimeError, match="expected 'a'"):
+        writer.write("b", torch.zeros(2))
+
+
+def test_model_folder_index_single_file_and_pickle_refusal(tmp_path, models):
+    model = open_model(str(models["a"]))
+    assert len(model.files) == 3 and "lm_head.weight" in model.tensors
+    assert model.config["num_hidden_layers"] == 3
+    single = tmp_path / "one.safetensors"
+    save_file({"w": torch.ones(2)}, single)
+    assert list(open_model(str(single)).tensors) == ["w"]
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"w": torch.ones(2)}, pickled / "pytorch_model.bin")
+    with pytest.raises(MergeEditError, match="pickled"):
+        open_model(str(pickled))
+
+
+def test_hub_id_offline_and_absent_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(MergeEditError, match="not in the Hugging Face cache") as err:
+        open_model("some-org/some-model@main")
+    assert "some-org/some-model@main" in str(err.value)
+
+
+def test_hub_id_resolves_from_the_cache(tmp_path, monkeypatch, models):
+    """A cached snapshot (the layout huggingface_hub writes) resolves offline, with no network."""
+    hf_home = tmp_path / "hf"
+    repo = hf_home / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for f in models["a"].iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    model = open_model("org/tiny")
+    assert model.path == snapshot and len(model.tensors) == len(open_model(str(models["a"])).tensors)
+
+
+def test_sizes_parse_like_hugging_face():
+    assert parse_size("5G") == 5 * 10**9
+    assert parse_size("512M") == 512 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("100") == 100
+    with pytest.raises(MergeEditError, match="--out-shard-size"):
+        parse_size("lots", "--out-shard-size")
+    assert format_size(1536) == "1.5 KiB"
