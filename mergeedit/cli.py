@@ -28,52 +28,10 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-@app.command()
-def merge(
-    config: Path = typer.Argument(..., help="mergekit-style YAML merge config."),
-    out_dir: Path = typer.Argument(..., help="Output model folder (created atomically)."),
-    out_shard_size: str = typer.Option("5G", "--out-shard-size", help="Max bytes per output shard (K/M/G decimal, Ki/Mi/Gi binary)."),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Max bytes in flight (default: 2G or a quarter of RAM, whichever is less)."),
-    random_seed: int = typer.Option(0, "--random-seed", help="Seed for randomized methods (DARE); same seed, same bytes."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (float32, bfloat16, float16); overrides out_dtype in the config."),
-    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer", help="Copy tokenizer files from the base or tokenizer_source."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new merge is complete)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and resource estimate without reading tensor data."),
-) -> None:
-    """Merge models as CONFIG says and write a Hugging Face model folder to OUT_DIR."""
-    from .memory import current_rss, default_budget
-    from .merge import MergeOptions, estimate, load_plan, write_merge
+def _merge_with_progress(plan, out_dir: Path, options, est) -> None:
+    """Run the merge with a live progress bar, then print the closing summary."""
+    from .merge import write_merge
 
-    options = MergeOptions(
-        out_shard_size=parse_size(out_shard_size, "--out-shard-size"),
-        memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else default_budget(),
-        random_seed=random_seed,
-        out_dtype=dtype,
-        copy_tokenizer=copy_tokenizer,
-        overwrite=overwrite,
-    )
-    plan = load_plan(config, options)
-    for w in plan.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    est = estimate(plan, options)
-    if dry_run:
-        table = Table(title=f"{plan.method.name} merge of {len(plan.models)} models -> {out_dir}", show_lines=False)
-        for col in ("output tensor", "shape", "dtype", "inputs", "chunks"):
-            table.add_column(col)
-        from .executor import schedule_tensor
-
-        for i, t in enumerate(plan.tensors):
-            s = schedule_tensor(i, t, options.memory_budget)
-            inputs = ", ".join(plan.models[src.model].ref + ("*" if k == t.base else "") for k, src in enumerate(t.sources))
-            table.add_row(t.name, "x".join(map(str, t.shape)), str(t.out_dtype).removeprefix("torch."), inputs, str(len(s.chunks)))
-        out.print(table)
-        out.print(f"* base model. {est.tensors} tensors in {est.shards} shard(s); layers out: {plan.layers_out}")
-        out.print(f"read {format_size(est.bytes_read)}, write {format_size(est.bytes_written)} (disk needed: {format_size(est.bytes_written)})")
-        out.print(
-            f"memory: budget {format_size(options.memory_budget)}, estimated peak {format_size(current_rss() + est.peak_in_flight)} "
-            f"(process {format_size(current_rss())} + in flight {format_size(est.peak_in_flight)}); {est.chunked_tensors} tensor(s) in row chunks"
-        )
-        return
     with Progress(
         TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
         console=console, transient=False, disable=not console.is_terminal,
@@ -97,6 +55,52 @@ def merge(
 
 
 @app.command()
+def merge(
+    config: Path = typer.Argument(..., help="mergekit-style YAML merge config."),
+    out_dir: Path = typer.Argument(..., help="Output model folder (created atomically)."),
+    out_shard_size: str = typer.Option("5G", "--out-shard-size", help="Max bytes per output shard (K/M/G decimal, Ki/Mi/Gi binary)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Max bytes in flight (default: 2G or a quarter of RAM, whichever is less)."),
+    random_seed: int = typer.Option(0, "--random-seed", help="Seed for randomized methods (DARE); same seed, same bytes."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (float32, bfloat16, float16); overrides out_dtype in the config."),
+    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer", help="Copy tokenizer files from the base or tokenizer_source."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new merge is complete)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and resource estimate without reading tensor data."),
+) -> None:
+    """Merge models as CONFIG says and write a Hugging Face model folder to OUT_DIR."""
+    from .memory import current_rss, default_budget
+    from .merge import MergeOptions, estimate, load_plan
+
+    options = MergeOptions(
+        out_shard_size=parse_size(out_shard_size, "--out-shard-size"),
+        memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else default_budget(),
+        random_seed=random_seed,
+        out_dtype=dtype,
+        copy_tokenizer=copy_tokenizer,
+        overwrite=overwrite,
+    )
+    plan = load_plan(config, options)
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    est = estimate(plan, options)
+    if dry_run:
+        table = Table(title=f"{plan.method.name} merge of {len(plan.models)} models -> {out_dir}", show_lines=False)
+        for col in ("output tensor", "shape", "dtype", "inputs", "chunks"):
+            table.add_column(col)
+        for t, chunks in zip(plan.tensors, est.chunks):
+            inputs = ", ".join(plan.models[src.model].ref + ("*" if k == t.base else "") for k, src in enumerate(t.sources))
+            table.add_row(t.name, "x".join(map(str, t.shape)), str(t.out_dtype).removeprefix("torch."), inputs, str(chunks))
+        out.print(table)
+        out.print(f"* base model. {est.tensors} tensors in {est.shards} shard(s); layers out: {plan.layers_out}")
+        out.print(f"read {format_size(est.bytes_read)}, write {format_size(est.bytes_written)} (disk needed: {format_size(est.bytes_written)})")
+        out.print(
+            f"memory: budget {format_size(options.memory_budget)}, estimated peak {format_size(current_rss() + est.peak_in_flight)} "
+            f"(process {format_size(current_rss())} + in flight {format_size(est.peak_in_flight)}); {est.chunked_tensors} tensor(s) in row chunks"
+        )
+        return
+    _merge_with_progress(plan, out_dir, options, est)
+
+
+@app.command()
 def inspect(model: str = typer.Argument(..., help="Model folder, .safetensors file or hub id.")) -> None:
     """Summarise a model from its safetensors headers alone (no tensor data is read)."""
     from .model_summary import summarize
@@ -112,10 +116,25 @@ def inspect(model: str = typer.Argument(..., help="Model folder, .safetensors fi
 def demo(
     out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Where the demo's models and merges go."),
 ) -> None:
-    """Build three tiny Llama-style models (no download), TIES-merge them, and check the result loads."""
-    from .demo import run_demo
+    """Build three small Llama-style models (no download), TIES-merge them, and check the result loads."""
+    from .demo import build_inputs, check_loads
+    from .merge import MergeOptions, estimate, load_plan
 
-    run_demo(out_dir, out)
+    inputs = out_dir / "inputs"
+    out.print(f"[bold]1/3[/] building a base and two fine-tunes in {inputs} (3 shards each)")
+    config = build_inputs(inputs)
+    out.print(f"[bold]2/3[/] merging with {config}:\n" + config.read_text())
+    options = MergeOptions(out_shard_size=10**7, overwrite=True)
+    plan = load_plan(config, options)
+    merged = out_dir / "merged"
+    _merge_with_progress(plan, merged, options, estimate(plan, options))
+    out.print("[bold]3/3[/] loading the merge with transformers AutoModelForCausalLM.from_pretrained")
+    facts = check_loads(merged, inputs)
+    out.print(
+        f"loaded {facts['parameters']:,.0f} parameters; TIES changed {facts['changed_fraction']:.1%} of them; "
+        f"max logit shift from the base {facts['logit_shift_vs_base']:.4f}"
+    )
+    out.print(f"[green]done[/]: {merged} is a Hugging Face model folder; try `mergeedit inspect {merged}`")
 
 
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the interrupt test in a subprocess

@@ -134,6 +134,16 @@ def schedule_tensor(index: int, t: PlannedTensor, budget: int) -> _Schedule:
     return _Schedule(index, chunks, passes, int(per_element * row_elems * rows_per_chunk))
 
 
+def split_budget(budget: int) -> tuple[int, int]:
+    """(bytes allowed in flight, bytes of free buffers kept for reuse): four fifths and one fifth."""
+    return budget - budget // 5, budget // 5
+
+
+def schedule_plan(plan: MergePlan, budget: int) -> list[_Schedule]:
+    in_flight, _ = split_budget(budget)
+    return [schedule_tensor(i, t, in_flight) for i, t in enumerate(plan.tensors)]
+
+
 def _jobs(schedules: list[_Schedule]):
     """Every read in execution order: statistics passes over the chunks, then the merge pass."""
     for s in schedules:
@@ -159,8 +169,10 @@ class Executor:
         self.block = block
         self.writer = writer
         # Bytes in flight get most of the budget; buffers kept for reuse get the rest.
-        self.budget = MemoryBudget(budget - budget // 5)
-        self.pool = BufferPool(budget // 5)
+        self.budget_total = budget
+        in_flight, pooled = split_budget(budget)
+        self.budget = MemoryBudget(in_flight)
+        self.pool = BufferPool(pooled)
         self.progress = progress
         self.lookahead = lookahead
         self.reader = TensorReader()
@@ -250,8 +262,8 @@ class Executor:
     def run(self) -> ExecutionReport:
         torch.set_num_threads(os.cpu_count() or 1)
         started = time.perf_counter()
-        budget = self.budget.limit
-        schedules = [schedule_tensor(i, t, budget) for i, t in enumerate(self.plan.tensors)]
+        budget = self.budget_total
+        schedules = schedule_plan(self.plan, budget)
         inbox: queue.Queue = queue.Queue(maxsize=self.lookahead)
         outbox: queue.Queue = queue.Queue(maxsize=self.lookahead)
         reader = threading.Thread(target=self._reader_loop, args=(_jobs(schedules), inbox), name="mergeedit-reader", daemon=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .executor import ExecutionReport, Executor, ProgressCallback, schedule_tensor
+from .executor import ExecutionReport, Executor, ProgressCallback, schedule_plan
 from .io.output_dir import GENERATION_FILES, TOKENIZER_FILES, AtomicOutputDir, check_output_location, copy_files, write_json
 from .io.shard_writer import OutputEntry, ShardWriter, layout_shards
 from .memory import default_budget
@@ -36,7 +36,11 @@ class PlanEstimate:
     bytes_written: int
     shards: int
     peak_in_flight: int
-    chunked_tensors: int
+    chunks: list[int]  # per planned tensor: 1 = whole, more = row chunks
+
+    @property
+    def chunked_tensors(self) -> int:
+        return sum(n > 1 for n in self.chunks)
 
 
 def load_plan(config_path: Path, options: MergeOptions) -> MergePlan:
@@ -45,16 +49,17 @@ def load_plan(config_path: Path, options: MergeOptions) -> MergePlan:
 
 
 def estimate(plan: MergePlan, options: MergeOptions) -> PlanEstimate:
-    schedules = [schedule_tensor(i, t, options.memory_budget) for i, t in enumerate(plan.tensors)]
+    schedules = schedule_plan(plan, options.memory_budget)
     reads = sum(t.bytes_in * (1 + (s.stat_passes if len(s.chunks) > 1 else 0)) for t, s in zip(plan.tensors, schedules))
-    largest = max((s.charge for s in schedules), default=0)
+    # The reader runs at most two chunks ahead of the one merging, plus two waiting to be written.
+    largest = sorted((s.charge for s in schedules), reverse=True)[:5]
     return PlanEstimate(
         tensors=len(plan.tensors),
         bytes_read=reads,
         bytes_written=plan.bytes_out,
         shards=len(layout_shards(output_entries(plan), options.out_shard_size)),
-        peak_in_flight=min(options.memory_budget, max(largest, 1)) if largest <= options.memory_budget else largest,
-        chunked_tensors=sum(len(s.chunks) > 1 for s in schedules),
+        peak_in_flight=max(min(sum(largest), options.memory_budget), largest[0] if largest else 0),
+        chunks=[len(s.chunks) for s in schedules],
     )
 
 

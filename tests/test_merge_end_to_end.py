@@ -263,3 +263,9 @@ def test_killed_merge_never_leaves_a_partial_output(tmp_path, models, signal_nam
     leftovers = [p for p in tmp_path.iterdir() if ".mergeedit-tmp-" in p.name]
     if signal_name == "SIGTERM":  # a catchable signal cleans up its temporary folder too
         assert proc.returncode == 130 and not leftovers
+    else:  # SIGKILL cannot be caught; the next merge to the same folder removes the leftover
+        assert leftovers
+        from mergeedit.io.output_dir import remove_stale_siblings
+
+        remove_stale_siblings(out)
+        assert not [p for p in tmp_path.iterdir() if ".mergeedit-tmp-" in p.name]

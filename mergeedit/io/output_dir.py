@@ -39,6 +39,7 @@ class AtomicOutputDir:
         self.tmp = self.final.parent / f".{self.final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Path:
+        remove_stale_siblings(self.final)
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir()
@@ -69,6 +70,30 @@ class AtomicOutputDir:
         _fsync_dir(self.final.parent)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale_siblings(final: Path) -> None:
+    """Delete temporary folders left next to `final` by runs that were killed (their process no longer exists)."""
+    prefix = f".{final.name}{TMP_MARK}"
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        pid = p.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,30 @@
+"""The README's two opening commands stay true: CI runs exactly its test command, and the demo command exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _opening_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_readme_opens_with_demo_and_test_commands():
+    demo, tests = _opening_commands()
+    assert demo.startswith("bash setup.sh && ") and "mergeedit demo" in demo
+    assert tests.startswith("bash setup.sh && ") and "pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command():
+    _, tests = _opening_commands()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert tests in ci_lines
+
+
+def test_demo_command_is_registered(run_cli):
+    result = run_cli("demo", "--help")
+    assert result.code == 0 and "no download" in result.stdout
