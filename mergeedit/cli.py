@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from .errors import MergeEditError
@@ -33,15 +33,15 @@ def _merge_with_progress(plan, out_dir: Path, options, est) -> None:
     from .merge import write_merge
 
     with Progress(
-        TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        TextColumn("[bold]merging"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
         console=console, transient=False, disable=not console.is_terminal,
     ) as bar:
-        tensors_task = bar.add_task("merge", total=est.tensors)
-        bytes_task = bar.add_task("bytes", total=est.bytes_written, visible=False)
+        task = bar.add_task("merge", total=est.bytes_written, tensors=f"0/{est.tensors}")
+        done = [0]
 
         def on_tensor(t, nbytes):
-            bar.update(tensors_task, advance=1)
-            bar.update(bytes_task, advance=nbytes)
+            done[0] += 1
+            bar.update(task, advance=nbytes, tensors=f"{done[0]}/{est.tensors}")
 
         report = write_merge(plan, out_dir, options, progress=on_tensor)
     summary = Table(show_header=False, box=None)

@@ -1,8 +1,9 @@
-"""Exact top-k magnitude thresholds in O(n), over whole tensors or streamed row chunks.
+"""Exact top-k magnitude thresholds in O(n), over whole tensors or streamed blocks.
 
 Non-negative float32 values order like their int32 bit patterns, so a two-level radix select (a histogram of the
 high 16 bits, then of the low 16 bits inside the one bucket that holds the k-th value) finds the exact k-th largest
-magnitude with two cheap counting passes: no sort, and the same answer whether the tensor arrives whole or in chunks.
+magnitude with two cheap counting passes: no sort, and the same answer whether the tensor arrives whole or in blocks.
+Small tensors (norms, biases) skip the histograms: their values are kept and selected directly in the first pass.
 Keeping |x| >= threshold reproduces a top-k selection up to elements exactly equal to the threshold.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-_HIGH_BINS = 1 << 15  # sign bit is always 0 for magnitudes
+_HIGH_BINS = 1 << 15  # the sign bit is always 0 for magnitudes
 _LOW_BINS = 1 << 16
+SMALL = 1 << 16  # up to this many values, select directly instead of histogramming
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -19,39 +21,65 @@ def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     return x.abs().to(torch.float32).contiguous().view(torch.int32)
 
 
+def _kth_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest value, how many values lie in higher bins)."""
+    from_top = torch.cumsum(hist.flip(0), 0)
+    pos = int(torch.searchsorted(from_top, k))
+    above = int(from_top[pos - 1]) if pos > 0 else 0
+    return hist.numel() - 1 - pos, above
+
+
 class KthLargest:
-    """Streaming exact k-th largest of non-negative float32 values given as bit patterns."""
+    """Streaming exact k-th largest of non-negative float32 values given as bit patterns (k >= 1)."""
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self.high = torch.zeros(_HIGH_BINS, dtype=torch.int64)
-        self.low = torch.zeros(_LOW_BINS, dtype=torch.int64)
+        self.seen = 0
+        self._small: list[torch.Tensor] | None = []
+        self._high: torch.Tensor | None = None
+        self._low: torch.Tensor | None = None
         self.bucket = -1
         self.rank_in_bucket = 0
         self.threshold_bits: int | None = None
 
     def observe_high(self, bits: torch.Tensor) -> None:
-        self.high += torch.bincount((bits >> 16).view(-1), minlength=_HIGH_BINS)
+        flat = bits.reshape(-1)
+        self.seen += flat.numel()
+        if self._small is not None and self.seen <= SMALL:
+            self._small.append(flat.clone())
+            return
+        if self._high is None:
+            self._high = torch.zeros(_HIGH_BINS, dtype=torch.int64)
+            for kept in self._small or []:
+                self._high += torch.bincount(kept >> 16, minlength=_HIGH_BINS)
+            self._small = None
+        self._high += torch.bincount(flat >> 16, minlength=_HIGH_BINS)
 
     def end_high(self) -> None:
-        above = torch.flip(torch.cumsum(torch.flip(self.high, [0]), 0), [0])  # above[b] = count with high >= b
-        # the bucket holding the k-th largest: the highest b with count(high >= b) >= k
-        candidates = torch.nonzero(above >= self.k)
-        self.bucket = int(candidates[-1]) if len(candidates) else 0
-        strictly_above = int(above[self.bucket + 1]) if self.bucket + 1 < _HIGH_BINS else 0
-        self.rank_in_bucket = self.k - strictly_above
+        if self._small is not None:  # everything fit: select exactly now, the low pass has nothing to do
+            values = torch.cat(self._small) if self._small else torch.zeros(1, dtype=torch.int32)
+            k = min(self.k, values.numel())
+            self.threshold_bits = int(torch.kthvalue(values, values.numel() - k + 1).values)
+            self._small = None
+            return
+        self.bucket, above = _kth_from_top(self._high, min(self.k, self.seen))
+        self.rank_in_bucket = min(self.k, self.seen) - above
+        self._low = torch.zeros(_LOW_BINS, dtype=torch.int64)
 
     def observe_low(self, bits: torch.Tensor) -> None:
-        flat = bits.view(-1)
+        if self._low is None:
+            return
+        flat = bits.reshape(-1)
         inside = flat[(flat >> 16) == self.bucket]
         if inside.numel():
-            self.low += torch.bincount(inside & 0xFFFF, minlength=_LOW_BINS)
+            self._low += torch.bincount(inside & 0xFFFF, minlength=_LOW_BINS)
 
     def end_low(self) -> None:
-        above = torch.flip(torch.cumsum(torch.flip(self.low, [0]), 0), [0])
-        candidates = torch.nonzero(above >= self.rank_in_bucket)
-        low = int(candidates[-1]) if len(candidates) else 0
+        if self._low is None:
+            return
+        low, _ = _kth_from_top(self._low, self.rank_in_bucket)
         self.threshold_bits = (self.bucket << 16) | low
+        self._low = self._high = None
 
     @property
     def threshold(self) -> float:
