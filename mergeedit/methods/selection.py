@@ -57,7 +57,11 @@ class KthLargest:
 
     def end_high(self) -> None:
         if self._small is not None:  # everything fit: select exactly now, the low pass has nothing to do
-            values = torch.cat(self._small) if self._small else torch.zeros(1, dtype=torch.int32)
+            values = torch.cat(self._small) if self._small else torch.zeros(0, dtype=torch.int32)
+            if values.numel() == 0:  # an empty tensor keeps nothing; any threshold will do
+                self.threshold_bits = 0
+                self._small = None
+                return
             k = min(self.k, values.numel())
             self.threshold_bits = int(torch.kthvalue(values, values.numel() - k + 1).values)
             self._small = None

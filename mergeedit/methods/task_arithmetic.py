@@ -145,13 +145,14 @@ def _merge_for(sparsify: Sparsify, consensus: bool):
             elect_positive = total >= 0
             positive = deltas[0].clamp_min(0)
             negative = deltas[0].clamp_max(0)
-            pos_weight = (deltas[0] > 0) * weights[0]
-            neg_weight = (deltas[0] < 0) * weights[0]
+            dtype = base.dtype
+            pos_weight = (deltas[0] > 0).to(dtype).mul_(weights[0])
+            neg_weight = (deltas[0] < 0).to(dtype).mul_(weights[0])
             for d, w in zip(deltas[1:], weights[1:]):
                 positive.add_(d.clamp_min(0))
                 negative.add_(d.clamp_max(0))
-                pos_weight.add_((d > 0) * w)
-                neg_weight.add_((d < 0) * w)
+                pos_weight.add_((d > 0).to(dtype), alpha=w)
+                neg_weight.add_((d < 0).to(dtype), alpha=w)
             mixed = torch.where(elect_positive, positive, negative)
             divisor = torch.where(elect_positive, pos_weight, neg_weight)
             divisor[divisor == 0] = 1
