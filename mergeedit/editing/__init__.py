@@ -1,0 +1,1 @@
+"""Knowledge editing: edit records, datasets, prompts, R-SFT training and delta checkpoints."""

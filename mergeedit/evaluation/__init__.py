@@ -1,0 +1,1 @@
+"""Edit-quality evaluation: teacher-forced and generation metrics, locality against the pre-edit model."""
