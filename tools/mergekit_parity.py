@@ -1,0 +1,541 @@
+#!/usr/bin/env python
+"""Numeric parity check: mergeedit vs. mergekit on tiny sharded Llama-style models.
+
+mergekit is an outside oracle here: it is run as a subprocess from its own virtual environment (never imported).
+Both tools get the same YAML config; every output tensor is compared.
+
+    python tools/mergekit_parity.py [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--mergeedit PATH] [--keep]
+                                    [--work-dir DIR] [--only NAME ...] [--seed N]
+
+Verdicts:
+  exact       deterministic config, float32 in and out: max |a - b| <= 1e-5 on every tensor.
+  fp16-out    deterministic config, float32 compute, float16 output: the same 1e-5 test, but a tensor element may
+              differ by one float16 ulp at its magnitude (a float32 value sitting on a rounding boundary).
+  bf16        `dtype: bfloat16`: mergekit computes in bf16, mergeedit in float32 then rounds (a documented
+              difference); per tensor max |a - b| <= 1e-2 * max |b|.
+  structural  DARE at density < 1 (mergekit's RNG differs from ours): same tensor names, shapes and dtypes; mergeedit
+              reproducible for a fixed seed; the mean |out - base| is reported for both tools as an extra sanity note.
+  TIE         (not a failure unless --strict-ties) a deterministic config whose every out-of-tolerance element is
+              explained by an exact float32 tie at a top-k magnitude boundary (ties method): mergeedit keeps every
+              |delta| >= the k-th largest magnitude, mergekit's argsort keeps exactly k and breaks the tie arbitrarily.
+Extra checks per config: same tensor names, shapes, dtypes in both outputs; `num_hidden_layers` of both config.json
+files equals the expected count; expected absence of `lm_head.weight` for tied embeddings.
+
+Exit status 1 if any config fails (or a tool errors; TIE too with --strict-ties); 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file
+
+from mergeedit.toy_models import LlamaShape, build_llama
+
+SHAPE = LlamaShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256)
+SHAPE_TIED = LlamaShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256, tied=True)
+EXACT_TOL = 1e-5
+TOPK_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}  # magnitude top-k sparsification
+BF16_REL_TOL = 1e-2
+
+
+@dataclass
+class Case:
+    name: str
+    config: dict  # model names are placeholders "@base", "@a", ... resolved against the built model folders
+    kind: str  # exact | fp16-out | bf16 | structural
+    models: str = "untied"  # which model set to use: untied | tied
+    layers: Optional[int] = None  # expected num_hidden_layers of the output (default: input layer count)
+    expect_lm_head: bool = True
+
+    @property
+    def method(self) -> str:
+        return self.config["merge_method"]
+
+
+def _models(*specs: tuple[str, dict]) -> list[dict]:
+    return [{"model": m, **({"parameters": p} if p else {})} for m, p in specs]
+
+
+def build_cases() -> list[Case]:
+    C: list[Case] = []
+    # ---- linear ------------------------------------------------------------------------------------------------
+    C.append(Case("linear-normalize", {
+        "merge_method": "linear",
+        "models": _models(("@a", {"weight": 1.0}), ("@b", {"weight": 0.5}), ("@c", {"weight": [0.2, 0.8]})),
+        "dtype": "float32",
+    }, "exact"))
+    C.append(Case("linear-no-normalize", {
+        "merge_method": "linear",
+        "models": _models(("@a", {"weight": 0.5}), ("@b", {"weight": 0.3}), ("@c", {"weight": [0.1, 0.4]})),
+        "parameters": {"normalize": False},
+        "dtype": "float32",
+    }, "exact"))
+    # ---- task arithmetic -----------------------------------------------------------------------------------------
+    C.append(Case("task-arithmetic-lambda0.7", {
+        "merge_method": "task_arithmetic",
+        "base_model": "@base",
+        "models": _models(("@a", {"weight": 0.5}), ("@b", {"weight": 0.3}), ("@c", {"weight": [0.2, 0.6]})),
+        "parameters": {"lambda": 0.7},
+        "dtype": "float32",
+    }, "exact"))
+    # ---- ties ----------------------------------------------------------------------------------------------------
+    ties_models = _models(("@a", {"weight": 1.0, "density": 0.3}),
+                          ("@b", {"weight": [0.2, 0.8], "density": 0.7}),
+                          ("@c", {"weight": 0.5, "density": 0.5}))
+    C.append(Case("ties-normalize", {
+        "merge_method": "ties", "base_model": "@base", "models": ties_models, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("ties-no-normalize", {
+        "merge_method": "ties", "base_model": "@base", "models": ties_models,
+        "parameters": {"normalize": False}, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("ties-density-filters", {
+        "merge_method": "ties", "base_model": "@base",
+        "models": _models(("@a", {"weight": 0.7}), ("@b", {"weight": [0.2, 0.8]})),
+        "parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"filter": "self_attn", "value": 0.7}, {"value": 0.5}]},
+        "dtype": "float32",
+    }, "exact"))
+    # ---- DARE ----------------------------------------------------------------------------------------------------
+    for method in ("dare_ties", "dare_linear"):
+        for density, kind in ((1.0, "exact"), (0.5, "structural")):
+            C.append(Case(f"{method.replace('_', '-')}-d{density}", {
+                "merge_method": method, "base_model": "@base",
+                "models": _models(("@a", {"weight": 0.6, "density": density}),
+                                  ("@b", {"weight": [0.2, 0.8], "density": density}),
+                                  ("@c", {"weight": 0.4, "density": density})),
+                "dtype": "float32",
+            }, kind))
+    # ---- passthrough stacking layers -----------------------------------------------------------------------------
+    C.append(Case("passthrough-stack-6", {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "@a", "layer_range": [0, 3]}]},
+            {"sources": [{"model": "@b", "layer_range": [1, 4]}]},
+        ],
+        "dtype": "float32",
+    }, "exact", layers=6))
+    # ---- slices with per-slice ties and per-source parameters ----------------------------------------------------
+    C.append(Case("slices-ties-per-source", {
+        "merge_method": "ties", "base_model": "@base",
+        "slices": [
+            {"sources": [
+                {"model": "@base", "layer_range": [0, 2]},
+                {"model": "@a", "layer_range": [0, 2], "parameters": {"weight": 0.8, "density": 0.4}},
+                {"model": "@b", "layer_range": [0, 2], "parameters": {"weight": [0.2, 0.8], "density": 0.6}},
+            ]},
+            {"sources": [
+                {"model": "@base", "layer_range": [2, 4]},
+                {"model": "@a", "layer_range": [2, 4], "parameters": {"weight": 0.3}},
+                {"model": "@b", "layer_range": [2, 4], "parameters": {"weight": 0.9,
+                                                                       "density": [{"filter": "mlp", "value": 0.2}, {"value": 0.8}]}},
+            ], "parameters": {"density": 0.5, "normalize": False}},
+        ],
+        "dtype": "float32",
+    }, "exact"))
+    # ---- dtype / out_dtype ---------------------------------------------------------------------------------------
+    C.append(Case("linear-dtype-bf16", {
+        "merge_method": "linear",
+        "models": _models(("@a", {"weight": 1.0}), ("@b", {"weight": 0.5}), ("@c", {"weight": [0.2, 0.8]})),
+        "dtype": "bfloat16",
+    }, "bf16"))
+    C.append(Case("task-arith-dtype-bf16", {
+        "merge_method": "task_arithmetic", "base_model": "@base",
+        "models": _models(("@a", {"weight": 0.5}), ("@b", {"weight": 0.3})),
+        "dtype": "bfloat16",
+    }, "bf16"))
+    C.append(Case("ties-out-dtype-fp16", {
+        "merge_method": "ties", "base_model": "@base", "models": ties_models,
+        "dtype": "float32", "out_dtype": "float16",
+    }, "fp16-out"))
+    # ---- tied embeddings -----------------------------------------------------------------------------------------
+    C.append(Case("ties-tied-embeddings", {
+        "merge_method": "ties", "base_model": "@base", "models": ties_models, "dtype": "float32",
+    }, "exact", models="tied", expect_lm_head=False))
+    C.append(Case("linear-tied-embeddings", {
+        "merge_method": "linear",
+        "models": _models(("@a", {"weight": 1.0}), ("@b", {"weight": [0.2, 0.8]})),
+        "dtype": "float32",
+    }, "exact", models="tied", expect_lm_head=False))
+    return C
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def resolve(obj: Any, paths: dict[str, str]) -> Any:
+    if isinstance(obj, dict):
+        return {k: resolve(v, paths) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [resolve(v, paths) for v in obj]
+    if isinstance(obj, str) and obj.startswith("@"):
+        return paths[obj[1:]]
+    return obj
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"no .safetensors files in {folder}")
+    for f in files:
+        part = load_file(f)
+        dup = set(part) & set(out)
+        if dup:
+            raise RuntimeError(f"tensor(s) in more than one shard of {folder}: {sorted(dup)[:3]}")
+        out.update(part)
+    return out
+
+
+def run_tool(cmd: list[str], log: Path) -> tuple[bool, float, str]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    log.write_text(f"$ {' '.join(cmd)}\n--- rc={p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
+    tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+    return p.returncode == 0, dt, " | ".join(tail)
+
+
+def num_layers(folder: Path) -> Optional[int]:
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        return None
+    return json.loads(cfg.read_text()).get("num_hidden_layers")
+
+
+def fp16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of float16 values at |x| (normal range; subnormal spacing 2^-24)."""
+    ax = x.abs().float().clamp_min(2.0 ** -14)
+    return torch.exp2(torch.floor(torch.log2(ax)) - 10)
+
+
+
+def _density_candidates(obj: Any, under_density: bool = False) -> set[float]:
+    """Every density value a config can produce: scalars, filter-list values, and gradient points at t = i/(n-1)."""
+    out: set[float] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "density":
+                out |= _density_candidates(v, True)
+            elif k == "value" and under_density:
+                out |= _density_candidates(v, True)
+            else:
+                out |= _density_candidates(v, under_density)
+    elif isinstance(obj, list):
+        if under_density and obj and all(isinstance(v, (int, float)) for v in obj):
+            pts = [float(v) for v in obj]
+            for n in range(2, 17):
+                for i in range(n):
+                    t = i / (n - 1) * (len(pts) - 1)
+                    j = min(int(t), len(pts) - 2) if len(pts) > 1 else 0
+                    out.add(pts[j] + (pts[j + 1] - pts[j]) * (t - j) if len(pts) > 1 else pts[0])
+        else:
+            for v in obj:
+                out |= _density_candidates(v, under_density)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and under_density:
+        out.add(float(obj))
+    return out
+
+
+def _sources_for(config: dict, name: str) -> list[tuple[str, str, str]]:
+    """(model, base, source tensor name) for the non-base inputs that feed output tensor `name`."""
+    base = config.get("base_model")
+    if "models" in config:
+        return [(m["model"], base, name) for m in config["models"] if m["model"] != base]
+    parts = name.split(".")
+    out = []
+    if name.startswith("model.layers."):
+        j, offset = int(parts[2]), 0
+        for sl in config["slices"]:
+            a, b = sl["sources"][0]["layer_range"]
+            if offset <= j < offset + (b - a):
+                sbase = sl.get("base_model", base)
+                for src in sl["sources"]:
+                    if src["model"] != sbase:
+                        lo = src["layer_range"][0]
+                        out.append((src["model"], sbase, ".".join(parts[:2] + [str(lo + j - offset)] + parts[3:])))
+                return out
+            offset += b - a
+        return out
+    for sl in config["slices"]:  # embeddings / final norm / lm_head: any source may have fed them
+        sbase = sl.get("base_model", base)
+        out += [(src["model"], sbase, name) for src in sl["sources"] if src["model"] != sbase]
+    return out
+
+
+class TieExplainer:
+    """Is a differing element explained by an exact tie at a top-k magnitude boundary?
+
+    mergeedit keeps every |delta| >= the k-th largest magnitude (k = int(density * numel)); mergekit keeps exactly k
+    via argsort, so when the k-th and (k+1)-th magnitudes are equal the tools keep different sets. An element counts as
+    explained when, for some non-base input, its |delta| there is the k-th largest for a density the config can produce
+    and at least one more element of that tensor has the same magnitude past position k (count(>) < k < count(>=)).
+    """
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.densities = sorted(_density_candidates(config)) or [1.0]
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _sd(self, path: str) -> dict[str, torch.Tensor]:
+        if path not in self.cache:
+            self.cache[path] = load_folder(Path(path))
+        return self.cache[path]
+
+    def explains(self, name: str, positions: torch.Tensor) -> bool:
+        srcs = _sources_for(self.config, name)
+        if not srcs:
+            return False
+        mags = []
+        for model, base, src_name in srcs:
+            if base is None:
+                return False
+            x, b = self._sd(model).get(src_name), self._sd(base).get(src_name)
+            if x is None or b is None:
+                return False
+            mags.append((x.float() - b.float()).abs().flatten())
+        for p in positions.tolist():
+            ok = False
+            for w in mags:
+                v = w[p]
+                gt, ge = int((w > v).sum()), int((w >= v).sum())
+                if ge - gt < 2:
+                    continue
+                if any(gt < max(1, int(d * w.numel())) < ge for d in self.densities if 0 < d < 1):
+                    ok = True
+                    break
+            if not ok:
+                return False
+        return True
+
+
+@dataclass
+class Result:
+    case: Case
+    compared: int = 0
+    max_diff: Optional[float] = None
+    worst: str = ""
+    verdict: str = "FAIL"
+    note: str = ""
+    t_me: float = 0.0
+    t_mk: float = 0.0
+
+
+def compare(case: Case, me_out: Path, mk_out: Path, base: Optional[dict[str, torch.Tensor]],
+            rerun: Optional[Callable[[], Optional[Path]]], config: dict) -> Result:
+    r = Result(case)
+    explainer = TieExplainer(config) if case.method in TOPK_METHODS else None
+    tie_explained: list[str] = []
+    a, b = load_folder(me_out), load_folder(mk_out)
+    problems: list[str] = []
+    notes: list[str] = []
+    only_me, only_mk = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_me:
+        problems.append(f"only in mergeedit: {only_me[:4]}{'...' if len(only_me) > 4 else ''} ({len(only_me)})")
+    if only_mk:
+        problems.append(f"only in mergekit: {only_mk[:4]}{'...' if len(only_mk) > 4 else ''} ({len(only_mk)})")
+    if not case.expect_lm_head:
+        for label, sd in (("mergeedit", a), ("mergekit", b)):
+            if "lm_head.weight" in sd:
+                problems.append(f"{label} wrote lm_head.weight for tied embeddings")
+    want_layers = case.layers if case.layers is not None else SHAPE.layers
+    for label, folder in (("mergeedit", me_out), ("mergekit", mk_out)):
+        n = num_layers(folder)
+        if n != want_layers:
+            problems.append(f"{label} config.json num_hidden_layers={n}, expected {want_layers}")
+    layer_ids = {int(k.split(".")[2]) for k in a if k.startswith("model.layers.")}
+    if len(layer_ids) != want_layers:
+        problems.append(f"mergeedit wrote {len(layer_ids)} layers of tensors, expected {want_layers}")
+
+    max_diff, worst = 0.0, ""
+    bf16_stats = [0, 0, 0.0]  # differing elements, elements, max over tensors of max|a - b| / max|ref|
+    for name in sorted(set(a) & set(b)):
+        x, y = a[name], b[name]
+        if x.shape != y.shape:
+            problems.append(f"{name}: shape {tuple(x.shape)} vs {tuple(y.shape)}")
+            continue
+        if x.dtype != y.dtype:
+            problems.append(f"{name}: dtype {x.dtype} vs {y.dtype}")
+        r.compared += 1
+        if case.kind == "structural":
+            continue
+        d = (x.double() - y.double()).abs()
+        md = float(d.max()) if d.numel() else 0.0
+        if md > max_diff:
+            max_diff, worst = md, name
+        if case.kind == "exact":
+            if md > EXACT_TOL:
+                bad = (d > EXACT_TOL).flatten().nonzero().flatten()
+                if explainer is not None and explainer.explains(name, bad):
+                    tie_explained.append(f"{name} ({len(bad)} el, {md:.3g})")
+                else:
+                    problems.append(f"{name}: max diff {md:.3g} ({len(bad)} elements)")
+        elif case.kind == "fp16-out":
+            bad = d > torch.maximum(torch.full_like(d, EXACT_TOL), fp16_ulp(y).double() * 1.0001)
+            if bool(bad.any()):
+                pos = bad.flatten().nonzero().flatten()
+                if explainer is not None and explainer.explains(name, pos):
+                    tie_explained.append(f"{name} ({len(pos)} el, {md:.3g})")
+                else:
+                    problems.append(f"{name}: {int(bad.sum())} elements differ by more than 1 fp16 ulp (max {md:.3g})")
+            n_ulp = int(((d > EXACT_TOL) & ~bad).sum())
+            if n_ulp:
+                notes.append(f"{name}:{n_ulp}")
+        elif case.kind == "bf16":
+            scale = float(y.double().abs().max()) or 1.0
+            if md > BF16_REL_TOL * scale:
+                problems.append(f"{name}: max diff {md:.3g} > {BF16_REL_TOL} * max|ref| {scale:.3g}")
+            bf16_stats[0] += int((d > 0).sum())
+            bf16_stats[1] += d.numel()
+            bf16_stats[2] = max(bf16_stats[2], md / scale)
+
+    if case.kind == "structural":
+        r.max_diff = None
+        # extra sanity notes: mean |out - base| per tool (DARE rescale keeps the expected delta magnitude)
+        if base is not None:
+            def mad(sd: dict[str, torch.Tensor]) -> float:
+                num = sum(float((sd[k].double() - base[k].double()).abs().sum()) for k in sd if k in base)
+                den = sum(sd[k].numel() for k in sd if k in base)
+                return num / den
+            notes.append(f"mean|out-base| me {mad(a):.3g} / mk {mad(b):.3g}")
+        if rerun is not None:
+            again = rerun()
+            if again is None:
+                problems.append("mergeedit rerun failed")
+            else:
+                c = load_folder(again)
+                if set(c) != set(a) or any(not torch.equal(a[k], c[k]) for k in a):
+                    problems.append("mergeedit not reproducible for a fixed --random-seed")
+                else:
+                    notes.append("rerun identical")
+    else:
+        r.max_diff = max_diff
+        r.worst = worst
+        if case.kind == "fp16-out" and notes:
+            total = sum(int(n.rsplit(":", 1)[1]) for n in notes)
+            notes = [f"{total} elems off by 1 fp16 ulp"]
+        if case.kind == "bf16":
+            if bf16_stats[0]:
+                notes.append(f"{bf16_stats[0]}/{bf16_stats[1]} elems differ; max diff/max|ref| {bf16_stats[2]:.2g} (worst {worst})")
+            else:
+                notes.append("bit-identical")
+
+    r.verdict = "FAIL" if problems else ("TIE" if tie_explained else "PASS")
+    if tie_explained:
+        notes.insert(0, "top-k tie: " + ", ".join(tie_explained))
+    r.note = "; ".join(problems[:3] + ([f"(+{len(problems) - 3} more)"] if len(problems) > 3 else []) + notes)
+    return r
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mergekit", default="/tmp/mkvenv/bin/mergekit-yaml", help="mergekit-yaml executable")
+    default_me = Path(sys.executable).parent / "mergeedit"
+    ap.add_argument("--mergeedit", default=str(default_me) if default_me.exists() else (shutil.which("mergeedit") or "mergeedit"))
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (printed at the end)")
+    ap.add_argument("--work-dir", type=Path, default=None, help="use this dir (implies --keep)")
+    ap.add_argument("--only", nargs="*", default=None, help="run only configs whose name contains one of these")
+    ap.add_argument("--seed", type=int, default=0, help="--random-seed for both tools")
+    ap.add_argument("--strict-ties", action="store_true",
+                    help="count TIE verdicts (differences explained by exact top-k magnitude ties) as failures")
+    args = ap.parse_args(argv)
+    console = Console(width=200)
+
+    if args.work_dir:
+        work = args.work_dir.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        keep = True
+    else:
+        work = Path(tempfile.mkdtemp(prefix="mergekit-parity-"))
+        keep = args.keep
+
+    try:
+        paths: dict[str, dict[str, str]] = {}
+        for set_name, shape in (("untied", SHAPE), ("tied", SHAPE_TIED)):
+            paths[set_name] = {}
+            for key, variant in (("base", None), ("a", 1), ("b", 2), ("c", 3)):
+                folder = work / "models" / set_name / key
+                if not (folder / "config.json").exists():
+                    build_llama(folder, shape, variant=variant, shards=3, dtype=torch.float32)
+                paths[set_name][key] = str(folder)
+
+        cases = build_cases()
+        if args.only:
+            cases = [c for c in cases if any(s in c.name for s in args.only)]
+        results: list[Result] = []
+        base_sd = {k: load_folder(Path(p["base"])) for k, p in paths.items()}
+        for case in cases:
+            cdir = work / "runs" / case.name
+            if cdir.exists():
+                shutil.rmtree(cdir)
+            cdir.mkdir(parents=True)
+            cfg_path = cdir / "config.yaml"
+            cfg_path.write_text(yaml.safe_dump(resolve(case.config, paths[case.models]), sort_keys=False))
+            me_out, mk_out = cdir / "mergeedit", cdir / "mergekit"
+            me_cmd = [args.mergeedit, "merge", str(cfg_path), str(me_out), "--random-seed", str(args.seed), "--no-copy-tokenizer"]
+            mk_cmd = [args.mergekit, str(cfg_path), str(mk_out), "--no-cuda", "--random-seed", str(args.seed),
+                      "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+            console.print(f"[dim]{case.name}: running mergeedit, mergekit ...[/dim]")
+            ok_me, t_me, tail_me = run_tool(me_cmd, cdir / "mergeedit.log")
+            ok_mk, t_mk, tail_mk = run_tool(mk_cmd, cdir / "mergekit.log")
+            if not (ok_me and ok_mk):
+                r = Result(case, t_me=t_me, t_mk=t_mk, verdict="ERROR")
+                errs = ([f"mergeedit failed: {tail_me}"] if not ok_me else []) + ([f"mergekit failed: {tail_mk}"] if not ok_mk else [])
+                r.note = "; ".join(errs)
+                results.append(r)
+                continue
+
+            def rerun(cdir=cdir, cfg_path=cfg_path) -> Optional[Path]:
+                out2 = cdir / "mergeedit-rerun"
+                ok, _, _ = run_tool([args.mergeedit, "merge", str(cfg_path), str(out2), "--random-seed", str(args.seed),
+                                     "--no-copy-tokenizer"], cdir / "mergeedit-rerun.log")
+                return out2 if ok else None
+
+            try:
+                r = compare(case, me_out, mk_out, base_sd[case.models], rerun if case.kind == "structural" else None,
+                            resolve(case.config, paths[case.models]))
+            except Exception as e:  # a broken output folder is a failure, not a crash of the harness
+                r = Result(case, verdict="ERROR", note=f"{type(e).__name__}: {e}")
+            r.t_me, r.t_mk = t_me, t_mk
+            results.append(r)
+
+        table = Table(title=f"mergeedit vs mergekit parity (float32 toy Llama {SHAPE.hidden}h/{SHAPE.layers}L, 3 shards, seed {args.seed})")
+        table.add_column("config")
+        table.add_column("method")
+        table.add_column("check")
+        table.add_column("tensors", justify="right")
+        table.add_column("max abs diff", justify="right")
+        table.add_column("verdict")
+        table.add_column("time me/mk (s)", justify="right")
+        table.add_column("notes", overflow="fold", max_width=70)
+        for r in results:
+            style = {"PASS": "green", "TIE": "yellow", "FAIL": "bold red", "ERROR": "bold red"}[r.verdict]
+            table.add_row(r.case.name, r.case.method, r.case.kind, str(r.compared),
+                          "n/a" if r.max_diff is None else f"{r.max_diff:.3e}",
+                          f"[{style}]{r.verdict}[/{style}]", f"{r.t_me:.1f}/{r.t_mk:.1f}", r.note)
+        console.print(table)
+        failed = [r for r in results if r.verdict in ("FAIL", "ERROR") or (r.verdict == "TIE" and args.strict_ties)]
+        ties = sum(r.verdict == "TIE" for r in results)
+        summary = f"{len(results) - len(failed)}/{len(results)} configs pass"
+        if ties:
+            summary += f" ({ties} only through top-k tie-breaking{', counted as failures: --strict-ties' if args.strict_ties else ''})"
+        console.print(summary + (f"; logs and outputs under {work}" if keep else ""))
+        return 1 if failed else 0
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
