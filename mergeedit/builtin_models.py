@@ -77,6 +77,12 @@ def materialize(name: str, cache_dir: str | os.PathLike | None = None, dtype: st
     return final
 
 
+def cached_folder(name: str, cache_dir: str | os.PathLike | None = None, dtype: str = "bfloat16") -> Path | None:
+    """The converted folder if a previous run made it (nothing is converted here), else None."""
+    folder = cache_folder(name, cache_dir, dtype_name(parse_user_dtype(dtype, f"model '{name}'")))
+    return folder if _read_marker(folder) is not None else None
+
+
 def _entry(name: str) -> BuiltinModel:
     if name not in BUILTIN_MODELS:
         raise MergeEditError(f"'{name}' is not a built-in model; known: {', '.join(sorted(BUILTIN_MODELS))}")

@@ -137,6 +137,118 @@ def demo(
     out.print(f"[green]done[/]: {merged} is a Hugging Face model folder; try `mergeedit inspect {merged}`")
 
 
+class _RichReporter:
+    """Shows stage progress: training (edits learned / total, loss, steps) and merging (tensors)."""
+
+    def __init__(self) -> None:
+        self._bar: Optional[Progress] = None
+        self._task = None
+
+    def _ensure(self, description: str, total: int) -> None:
+        if self._bar is None:
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), console=console, transient=True, disable=not console.is_terminal)
+            self._bar.start()
+            self._task = self._bar.add_task(description, total=total, info="")
+
+    def stage(self, name: str, cached: bool, detail: str = "") -> None:
+        self.training_done()
+        state = "[dim]cached[/]" if cached else "[bold]running[/]"
+        console.print(f"{state} {name}" + (f" [dim]({detail})[/]" if detail else ""), highlight=False)
+
+    def training(self, learned: int, total: int, loss: float, steps: int) -> None:
+        self._ensure("  training", total)
+        self._bar.update(self._task, completed=learned, total=total, info=f"{learned}/{total} edits learned, loss {loss:.4f}, {steps} steps")
+
+    def merging(self, done: int, total: int) -> None:
+        self._ensure("  merging", total)
+        self._bar.update(self._task, completed=done, total=total, info=f"{done}/{total} tensors")
+
+    def training_done(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _metric_value(entry):
+    return entry.get("value") if isinstance(entry, dict) else entry
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML: edits -> R-SFT -> merge -> evaluation."),
+    force: list[str] = typer.Option([], "--force", help="Redo this stage (e.g. rsft, merge, export, eval) even if cached; repeatable."),
+) -> None:
+    """Run every stage of RECIPE into its run directory; finished stages are reused, an interrupted run resumes."""
+    from .pipeline.runner import RecipeRun
+
+    result = RecipeRun(recipe, force=force, reporter=_RichReporter()).run()
+    table = Table(title="edit quality (every edit scored on the final model)")
+    for col in ("metric", "protocol", "before", "after"):
+        table.add_column(col)
+    for name, entry in (result.metrics or {}).items():
+        before = _metric_value((result.pre_metrics or {}).get(name))
+        after = _metric_value(entry)
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        table.add_row(name, entry.get("protocol", "") if isinstance(entry, dict) else "", fmt(before), fmt(after))
+    if result.metrics:
+        out.print(table)
+    for ex in result.examples:
+        out.print(f"[bold]Q:[/] {ex['prompt']}\n   target: {ex['target']}\n   before: {ex.get('before', '')!r}\n   after:  {ex.get('after', '')!r}", highlight=False)
+    learned = [r["learned_fraction"] for r in result.train_reports]
+    out.print(
+        f"{result.edits} edits in {result.batches} batch(es); learned in training: {', '.join(f'{x:.0%}' for x in learned)}; "
+        f"stages run: {len(result.stages_run)}, cached: {len(result.stages_cached)}; {result.seconds:.1f} s"
+    )
+    out.print(f"[green]model:[/] {result.model_dir} (Hugging Face folder with model card)")
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")) -> None:
+    """Check a recipe (schema, dataset, merge references, trainable patterns) without training anything."""
+    from .pipeline.planning import plan_recipe
+
+    p = plan_recipe(recipe)
+    detail = f", {p.trainable_tensors} trainable tensors ({p.trainable_parameters:,} parameters)" if p.trainable_tensors else ""
+    out.print(f"[green]ok[/]: {recipe}: {p.edits} edits in {p.batches} batch(es){detail}")
+    for note in p.notes:
+        out.print(f"note: {note}")
+
+
+@app.command()
+def plan(recipe: Path = typer.Argument(..., help="Recipe YAML to plan.")) -> None:
+    """Show a recipe's stages, edits, trainable parameters, bytes to read and write, and estimated memory and disk."""
+    from .pipeline.planning import plan_recipe
+
+    p = plan_recipe(recipe)
+    table = Table(show_header=False, box=None)
+    size = lambda v: "-" if v is None else format_size(v)  # noqa: E731
+    count = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
+    rows = [
+        ("base model", f"{p.base}" + (f" ({p.base_folder})" if p.base_folder else "")),
+        ("edits", f"{p.edits} in {p.batches} batch(es), strategy {p.strategy}"),
+        ("stages", ", ".join(p.stages)),
+        ("model parameters", count(p.model_parameters)),
+        ("trainable", f"{count(p.trainable_parameters)} parameters in {count(p.trainable_tensors)} tensors"),
+        ("merge", p.merge),
+        ("bytes to read", size(p.bytes_read)),
+        ("bytes to write (disk)", size(p.bytes_written)),
+        ("estimated peak memory", size(p.peak_memory)),
+    ]
+    for k, v in rows:
+        table.add_row(f"[bold]{k}", v)
+    out.print(table)
+    for note in p.notes:
+        out.print(f"note: {note}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe JSON Schema (for editor completion: yaml-language-server)."""
+    from .pipeline.recipe import recipe_json_schema
+
+    print(recipe_json_schema())
+
+
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the interrupt test in a subprocess
     raise KeyboardInterrupt
 

@@ -105,7 +105,7 @@ class MergeConfig(_Strict):
         return list(dict.fromkeys(refs))
 
 
-def _first_error_line(doc: YamlDocument, exc: ValidationError, model: type[BaseModel]) -> str:
+def validation_error_line(doc: YamlDocument, exc: ValidationError, model: type[BaseModel]) -> str:
     errors = exc.errors()
     # A misspelt key shows up twice: as an unknown key and as a missing one; the unknown key is the useful line.
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
@@ -151,7 +151,7 @@ def parse_merge_config(doc: YamlDocument) -> MergeConfig:
     try:
         config = MergeConfig.model_validate(doc.data)
     except ValidationError as exc:
-        raise MergeEditError(_first_error_line(doc, exc, MergeConfig)) from None
+        raise MergeEditError(validation_error_line(doc, exc, MergeConfig)) from None
     if config.modules:
         raise MergeEditError(f"{doc.where(('modules',))}: 'modules' configs are not supported yet; use 'models' or 'slices'")
     return config

@@ -110,12 +110,14 @@ class Planner:
         random_seed: int = 0,
         out_dtype: Optional[str] = None,
         opener: Callable[[str], ModelSource] = open_model,
+        only: Optional[set[str]] = None,
     ) -> None:
         self.config = config
         self.doc = doc
         self.random_seed = random_seed
         self.out_dtype_override = out_dtype
         self.opener = opener
+        self.only = only  # restrict the output to these tensor names (R-SFT deltas: every other tensor is the base's)
         self.method = get_method(config.merge_method, doc.where(("merge_method",)))
         self.models: list[ModelSource] = []
         self._model_index: dict[str, int] = {}
@@ -140,7 +142,7 @@ class Planner:
 
     def _resolve_ref(self, ref: str) -> str:
         """Relative paths are taken from the working directory, then from the config's folder."""
-        if Path(ref).expanduser().exists() or Path(ref).is_absolute():
+        if self.opener is not open_model or Path(ref).expanduser().exists() or Path(ref).is_absolute():
             return ref
         beside = self.doc.path.parent / ref
         return str(beside) if beside.exists() else ref
@@ -340,6 +342,8 @@ class Planner:
                 layer_out += 1
         for name in post:
             tensors.append(self._plan_tensor(name, [name] * len(last.sources), last, 0.0))
+        if self.only is not None:
+            tensors = [t for t in tensors if t.name in self.only]
         base = self.model(self.config.base_model) if self.config.base_model else None
         config_source = base or self.model(template_ref)
         return MergePlan(

@@ -63,3 +63,20 @@ def run_cli(capsys, monkeypatch):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+def ties_reference_for_pipeline(base, tuned: list, weights: list[float], densities: list[float]):
+    """TIES written plainly (argsort top-k, weighted sign vote, disjoint mean), for checking pipeline merges."""
+    deltas = []
+    for x, w, dens in zip(tuned, weights, densities):
+        d = (x - base).flatten()
+        k = max(1, int(dens * d.numel()))
+        mask = torch.zeros_like(d)
+        mask[torch.argsort(d.abs(), descending=True)[:k]] = 1
+        deltas.append((d * mask).reshape(base.shape) * w)
+    stacked = torch.stack(deltas)
+    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(stacked) == elected).float()
+    divisor = (torch.tensor(weights).view(-1, *[1] * base.dim()) * agree).sum(0)
+    divisor[divisor == 0] = 1
+    return base + (stacked * agree).sum(0) / divisor

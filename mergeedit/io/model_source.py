@@ -123,3 +123,11 @@ def open_model(ref: str, *, allow_download: bool = True) -> ModelSource:
 
         return open_local(ref, resolve_hub_model(name, revision, allow_download=allow_download))
     raise MergeEditError(f"model '{ref}': no such file or folder, and not a hub id (org/name); check the path")
+
+
+def overlay(base: ModelSource, delta: ModelSource, ref: str) -> ModelSource:
+    """`base` with some tensors replaced by those of `delta` (an R-SFT delta): no full copy is ever written."""
+    unknown = [n for n in delta.tensors if n not in base.tensors]
+    if unknown:
+        raise MergeEditError(f"{delta.path}: tensor '{unknown[0]}' is not in the base model {base.ref}; the delta belongs to another model")
+    return ModelSource(ref=ref, path=base.path, tensors={**base.tensors, **delta.tensors}, config=base.config, files=base.files + delta.files)

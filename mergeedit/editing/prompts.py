@@ -1,0 +1,83 @@
+"""How an edit becomes training tokens: the prompt format, and where the answer tokens start.
+
+raw: EasyEdit's "question answer" string, cut exactly as the teacher-forced metrics cut it (one tokenization of the
+whole string; the answer tokens are those reaching past the question). chat: the tokenizer's chat template, the
+question as the user turn and the answer (then end-of-turn) as the assistant's. both: every edit in both forms, so the
+fact is learned for teacher-forced scoring and for chat-style generation alike. template: a string with {prompt},
+answered after a space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..evaluation.metrics import encode_prompt_target
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    kind: str  # "raw" | "chat" | "both" | "template"
+    template: str | None = None
+
+    @classmethod
+    def resolve(cls, setting: str, tokenizer) -> "PromptFormat":
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if setting == "auto":
+            return cls("both") if has_chat else cls("raw")
+        if setting in ("chat", "both") and not has_chat:
+            from ..errors import MergeEditError
+
+            raise MergeEditError(f"dataset.prompt '{setting}': the tokenizer has no chat template; use raw or a template")
+        if setting in ("chat", "raw", "both"):
+            return cls(setting)
+        return cls("template", setting)
+
+    @property
+    def uses_chat(self) -> bool:
+        return self.kind in ("chat", "both")
+
+    def describe(self) -> str:
+        return self.kind if self.kind != "template" else f"template {self.template!r}"
+
+    def raw_prompt(self, question: str) -> str:
+        return self.template.format(prompt=question) if self.kind == "template" else question
+
+
+def chat_pair(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """(chat prompt ids ending with the assistant header, answer ids + end of turn)."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    return prompt_ids, answer_ids
+
+
+def raw_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    ids, start, stop = encode_prompt_target(tokenizer, prompt, answer)
+    return ids[:start], ids[start:stop]
+
+
+def training_pairs(tokenizer, fmt: PromptFormat, question: str, answer: str) -> list[tuple[list[int], list[int]]]:
+    pairs = []
+    if fmt.kind in ("raw", "both", "template"):
+        pairs.append(raw_pair(tokenizer, fmt.raw_prompt(question), answer))
+    if fmt.uses_chat:
+        pairs.append(chat_pair(tokenizer, question, answer))
+    return pairs
+
+
+def pad_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 everywhere but the answer tokens)."""
+    width = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, (p, a) in enumerate(pairs):
+        n = len(p) + len(a)
+        ids[row, :n] = torch.tensor(p + a)
+        labels[row, len(p) : n] = torch.tensor(a)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,227 @@
+"""Score edited models on edit records: reliability, generalization, locality, portability, generation EM, fluency.
+
+Protocol (sequential editing, WISE/AlphaEdit): call `reference_outputs` on the UNEDITED model, apply every edit, then
+call `evaluate_edits` once on the final model with ``pre=`` those reference outputs. Each number is labelled with
+its protocol:
+
+- "teacher-forced": rel (edit prompt -> target), gen (mean over rephrases -> target), port (mean over portability
+  probes -> probe answer, post-edit model only); token accuracy with partial credit (metrics.teacher_forced_accuracy).
+- "pre-vs-post": loc, the mean over locality probes of mean(pre argmax == post argmax) on ``probe.prompt + " " +
+  probe.answer``; it measures unchanged behaviour, not correctness (not ROME/MEMIT "specificity").
+- "generation": rel_em / gen_em, SQuAD exact match of the greedy answer to the question alone against the target
+  (metrics.generate_answers); fluency, the n-gram entropy of a greedy continuation of the edit prompt.
+
+Per-edit aggregates are means over that edit's probes; the aggregate is the mean over edits that have the metric
+(an edit without rephrases has gen None and does not count towards the gen mean).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..editing.records import EditRecord
+from ..errors import MergeEditError
+from . import metrics
+
+__all__ = ["EvalResult", "PROTOCOLS", "reference_outputs", "evaluate_edits"]
+
+TEACHER_FORCED = "teacher-forced"
+GENERATION = "generation"
+PRE_VS_POST = "pre-vs-post"
+
+# metric -> protocol, in report order
+PROTOCOLS: dict[str, str] = {
+    "rel": TEACHER_FORCED,
+    "gen": TEACHER_FORCED,
+    "loc": PRE_VS_POST,
+    "port": TEACHER_FORCED,
+    "rel_em": GENERATION,
+    "gen_em": GENERATION,
+    "fluency": GENERATION,
+}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+@dataclass
+class EvalResult:
+    """Per-edit scores (`records`, one dict per edit, input order) and their means (`aggregate`, per metric:
+    ``{"mean", "n", "protocol"}``; mean None when no edit has the metric)."""
+
+    records: list[dict]
+    aggregate: dict[str, dict]
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"aggregate": self.aggregate, "settings": self.settings, "records": self.records}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    def summary(self) -> dict[str, float | None]:
+        """metric -> mean, for quick printing."""
+        return {k: v["mean"] for k, v in self.aggregate.items()}
+
+
+def _check_unique(records: Sequence[EditRecord]) -> None:
+    seen: set[str] = set()
+    for r in records:
+        if r.case_id in seen:
+            raise MergeEditError(f"duplicate case_id {r.case_id!r} in the edit records: pre-edit outputs are keyed by case_id")
+        seen.add(r.case_id)
+
+
+def reference_outputs(
+    model, tokenizer, records: Sequence[EditRecord], *, batch_size: int = 16, padding_side: str = "right"
+) -> dict[str, list[list[int]]]:
+    """Pre-edit argmax tokens per locality probe: ``{case_id: [[token ids] per locality probe]}``.
+
+    Compute it on the UNEDITED model and pass it to `evaluate_edits(pre=...)`. Plain JSON-serialisable data.
+    """
+    _check_unique(records)
+    flat = [(r.case_id, p) for r in records for p in r.locality]
+    tokens = metrics.teacher_forced_tokens(
+        model, tokenizer, [p.prompt for _, p in flat], [p.answer for _, p in flat], batch_size=batch_size, padding_side=padding_side
+    )
+    out: dict[str, list[list[int]]] = {r.case_id: [] for r in records}
+    for (case_id, _), toks in zip(flat, tokens):
+        out[case_id].append(toks)
+    return out
+
+
+def evaluate_edits(
+    model,
+    tokenizer,
+    records: Sequence[EditRecord],
+    *,
+    pre: dict[str, list[list[int]]] | None = None,
+    generation: bool = True,
+    chat_template: bool | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    fluency: bool = False,
+    fluency_tokens: int = 100,
+    padding_side: str = "right",
+) -> EvalResult:
+    """Score every edit on the (edited) model. See the module docstring for the protocols.
+
+    pre: `reference_outputs` of the unedited model on the same records; without it loc is None.
+    generation: also run the generation protocol (rel_em, gen_em and the answers).
+    chat_template: for the generation protocol (None: use the tokenizer's template when it has one).
+    fluency: also greedily continue each edit prompt for `fluency_tokens` tokens (raw prompt, no chat template,
+    stops only at EOS) and score its n-gram entropy.
+    """
+    records = list(records)
+    _check_unique(records)
+    if pre is not None:
+        for r in records:
+            got = pre.get(r.case_id)
+            if got is None and r.locality:
+                raise MergeEditError(f"pre-edit outputs have no entry for case_id {r.case_id!r}: compute them on the same records")
+            if r.locality and len(got) != len(r.locality):
+                raise MergeEditError(
+                    f"case_id {r.case_id!r}: {len(got)} pre-edit locality outputs for {len(r.locality)} locality probes"
+                )
+
+    # One flat teacher-forced pass over every probe (sorted into length batches inside).
+    kinds: list[tuple[int, str]] = []  # (record index, "rel" | "gen" | "port" | "loc")
+    prompts: list[str] = []
+    targets: list[str] = []
+    for i, r in enumerate(records):
+        for kind, prompt, target in (
+            [("rel", r.prompt, r.target)]
+            + [("gen", q, r.target) for q in r.rephrases]
+            + [("port", p.prompt, p.answer) for p in r.portability]
+            + ([("loc", p.prompt, p.answer) for p in r.locality] if pre is not None else [])
+        ):
+            kinds.append((i, kind))
+            prompts.append(prompt)
+            targets.append(target)
+    scored = metrics._teacher_forced(model, tokenizer, prompts, targets, batch_size, padding_side)
+
+    per: list[dict] = [{"rel": [], "gen": [], "port": [], "loc_tokens": []} for _ in records]
+    for (i, kind), (pred, gold) in zip(kinds, scored):
+        if kind == "loc":
+            per[i]["loc_tokens"].append(pred)
+        else:
+            per[i][kind].append(sum(int(p == g) for p, g in zip(pred, gold)) / len(gold))
+
+    answers_rel: list[str] = []
+    answers_gen: list[list[str]] = []
+    if generation:
+        questions = [r.prompt for r in records] + [q for r in records for q in r.rephrases]
+        answers = metrics.generate_answers(
+            model, tokenizer, questions, max_new_tokens=max_new_tokens, chat_template=chat_template, batch_size=batch_size
+        )
+        answers_rel = answers[: len(records)]
+        pos = len(records)
+        for r in records:
+            answers_gen.append(answers[pos : pos + len(r.rephrases)])
+            pos += len(r.rephrases)
+
+    continuations: list[str] = []
+    if fluency:
+        continuations = metrics._generate(
+            model,
+            tokenizer,
+            [r.prompt for r in records],
+            max_new_tokens=fluency_tokens,
+            chat_template=False,
+            batch_size=batch_size,
+            stop_chars=(),
+        )
+
+    out_records: list[dict] = []
+    for i, r in enumerate(records):
+        p = per[i]
+        loc_scores = metrics.locality(pre[r.case_id], p["loc_tokens"]) if pre is not None and r.locality else []
+        rec: dict = {
+            "case_id": r.case_id,
+            "rel": p["rel"][0],
+            "gen": _mean(p["gen"]),
+            "loc": _mean(loc_scores),
+            "port": _mean(p["port"]),
+            "rel_em": None,
+            "gen_em": None,
+            "fluency": None,
+            "scores": {"gen": p["gen"], "loc": loc_scores, "port": p["port"]},
+        }
+        if generation:
+            rec["rel_em"] = metrics.exact_match(answers_rel[i], r.target)
+            gen_em = [metrics.exact_match(a, r.target) for a in answers_gen[i]]
+            rec["gen_em"] = _mean(gen_em)
+            rec["scores"]["gen_em"] = gen_em
+            rec["answers"] = {"rel": answers_rel[i], "gen": answers_gen[i]}
+        if fluency:
+            rec["fluency"] = metrics.text_ngram_entropy(continuations[i])
+            rec["continuation"] = continuations[i]
+        out_records.append(rec)
+
+    aggregate: dict[str, dict] = {}
+    for name, protocol in PROTOCOLS.items():
+        values = [rec[name] for rec in out_records if rec[name] is not None]
+        aggregate[name] = {"mean": _mean(values), "n": len(values), "protocol": protocol}
+
+    settings = {
+        "n_edits": len(records),
+        "pre": pre is not None,
+        "generation": generation,
+        "chat_template": (bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template)
+        if generation
+        else None,
+        "max_new_tokens": max_new_tokens if generation else None,
+        "fluency_tokens": fluency_tokens if fluency else None,
+        "batch_size": batch_size,
+        "padding_side": padding_side,
+        "conventions": {
+            TEACHER_FORCED: "prompt + ' ' + target tokenized whole; argmax at the position before each target token; "
+            "fraction of target tokens correct",
+            PRE_VS_POST: "mean(pre-edit argmax == post-edit argmax) over the target positions of locality prompt + ' ' + answer",
+            GENERATION: "greedy answer to the question alone, cut at the first newline/period/EOS; SQuAD exact match",
+        },
+    }
+    return EvalResult(records=out_records, aggregate=aggregate, settings=settings)

@@ -1,0 +1,96 @@
+"""`mergeedit validate` and `mergeedit plan`: check a recipe and estimate its work without loading the model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..editing.trainable import select_trainable
+from ..io.dtypes import itemsize, parse_user_dtype
+from ..io.model_source import open_local
+from .runner import RecipeRun, train_settings
+
+
+@dataclass
+class RecipePlan:
+    recipe_path: Path
+    edits: int
+    batches: int
+    strategy: str
+    stages: list[str]
+    base: str
+    base_folder: str | None
+    model_parameters: int | None
+    model_bytes: int | None
+    trainable_tensors: int | None
+    trainable_parameters: int | None
+    delta_bytes: int | None
+    merge: str
+    bytes_read: int | None
+    bytes_written: int | None
+    peak_memory: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _base_folder_if_available(run: RecipeRun) -> Path | None:
+    """The base's folder when it can be found without converting or downloading anything."""
+    from .. import builtin_models
+    from .model_loading import resolve_base_folder
+
+    ref = run.recipe.model.base
+    if builtin_models.is_builtin(ref):
+        cached = builtin_models.cached_folder(ref, dtype=run.recipe.model.dtype)
+        return cached
+    return resolve_base_folder(ref, run.recipe_dir, run.recipe.model.dtype)
+
+
+def plan_recipe(path: Path) -> RecipePlan:
+    """Everything that can be checked before training: schema, dataset, merge references, trainable patterns."""
+    run = RecipeRun(path)
+    recipe = run.recipe
+    records = run.load_records()
+    batches = run.batches(records)
+    n = len(batches)
+    stages = (["pre-eval"] if recipe.eval.enabled else [])
+    for b in range(n):
+        stages.append(f"rsft-{b:03d}")
+        if recipe.merge is not None and recipe.sequential.strategy == "chained":
+            stages.append(f"merge-{b:03d}")
+    if recipe.merge is not None and recipe.sequential.strategy == "anchored":
+        stages.append("merge")
+    stages += ["export"] + (["eval"] if recipe.eval.enabled else [])
+    plan = RecipePlan(
+        recipe_path=path, edits=len(records), batches=n, strategy=recipe.sequential.strategy, stages=stages, base=recipe.model.base,
+        base_folder=None, model_parameters=None, model_bytes=None, trainable_tensors=None, trainable_parameters=None, delta_bytes=None,
+        merge=recipe.merge.merge_method if recipe.merge else "none", bytes_read=None, bytes_written=None, peak_memory=None,
+    )
+    folder = _base_folder_if_available(run)
+    if folder is None:
+        plan.notes.append(f"{recipe.model.base} is converted on first run; trainable parameters are checked then")
+        return plan
+    source = open_local(recipe.model.base, folder)
+    _, patterns, layers = train_settings(recipe)
+    trainable = select_trainable(list(source.tensors), patterns, layers, run.doc.where(("rsft", "trainable")))
+    dtype = parse_user_dtype(recipe.model.dtype, run.doc.where(("model", "dtype")))
+    params = sum(i.numel for i in source.tensors.values())
+    trained = sum(source.tensors[n].numel for n in trainable)
+    plan.base_folder = str(folder)
+    plan.model_parameters = params
+    plan.model_bytes = params * itemsize(dtype)
+    plan.trainable_tensors = len(trainable)
+    plan.trainable_parameters = trained
+    plan.delta_bytes = trained * itemsize(dtype)
+    merges = n if recipe.sequential.strategy == "chained" else 1
+    merge_inputs = 2 if recipe.sequential.strategy == "chained" else n + 1
+    plan.bytes_read = source.total_bytes + (merges * merge_inputs * plan.delta_bytes if recipe.merge else 0) + source.total_bytes
+    plan.bytes_written = n * plan.delta_bytes + (merges * plan.delta_bytes if recipe.merge else 0) + plan.model_bytes
+    # weights + gradients and two Adam moments for the trained tensors (fp32) + activations of one batch (rough)
+    hidden = (source.config or {}).get("hidden_size", 1024)
+    layers_n = (source.config or {}).get("num_hidden_layers", 12)
+    activations = recipe.rsft.batch_size * 64 * hidden * layers_n * 4 * 16
+    plan.peak_memory = plan.model_bytes + trained * 4 * 3 + activations
+    plan.notes.append("peak memory is an estimate: weights + gradients and optimizer state of the trained tensors + activations of one batch of 64-token edits")
+    if math.isfinite(trained) and trained == params:
+        plan.notes.append("every parameter is trainable: the delta is a full model")
+    return plan

@@ -1,0 +1,143 @@
+"""The recipe schema: one YAML file declaring the edits, the R-SFT stage, the merge and the evaluation.
+
+Every reconstructed choice of the method (../shared/docs/method.md) is a field here, so recipes can sweep it.
+Validation errors name the recipe file, the YAML line and the key path, with a did-you-mean hint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import MergeEditError
+from ..merge_config import MergeConfig, validation_error_line
+from ..yaml_source import YamlDocument, load_yaml
+
+DEFAULT_TRAINABLE = [r"mlp\.(gate_proj|up_proj|down_proj)\.weight$", r"mlp\.(c_fc|c_proj)\.weight$"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    base: str = Field(description="Base model: a folder, a .safetensors file, a hub id (org/name@rev) or a built-in name (smollm2-135m-instruct).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Precision the model is loaded, trained and saved in.")
+    device: str = Field("auto", description="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub to run (off unless you trust the repo).")
+
+
+class DatasetSection(_Strict):
+    format: str = Field(description="zsre | counterfact | knowedit | qaedit | mquake | jsonl | csv")
+    path: str = Field(description="Dataset file, relative to the recipe file.")
+    fields: Optional[dict[str, str]] = Field(None, description="For jsonl/csv: EditRecord field -> column name.")
+    start: int = Field(0, ge=0, description="Skip this many records.")
+    limit: Optional[int] = Field(None, ge=1, description="Use at most this many edits.")
+    select: Optional[list[int]] = Field(None, description="Explicit record indices to use.")
+    prompt: Union[Literal["auto", "both", "chat", "raw"], str] = Field(
+        "auto",
+        description="How edits are trained: raw (question + ' ' + answer, as teacher-forced scoring reads it), chat (the tokenizer's chat template), both, a template with {prompt}, or auto (both when the tokenizer has a chat template, else raw).",
+    )
+
+
+class RsftSection(_Strict):
+    method: Literal["rsft", "ft-l", "ft-m"] = Field("rsft", description="rsft: three loops with a loss threshold; ft-l / ft-m: the baselines.")
+    trainable: Optional[list[str]] = Field(None, description="Regexes over parameter names; default: every MLP matrix (ft-m: down_proj).")
+    layers: Optional[tuple[int, int]] = Field(None, description="Train only layers [start, end); ft-m default: the middle layer.")
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(10, ge=1, description="Edits per training batch (loop 2).")
+    max_epochs: int = Field(10, ge=1, description="Passes over the edits (loop 1).")
+    max_steps_per_batch: int = Field(25, ge=1, description="Steps spent on one batch before moving on (loop 3); ft-l/ft-m use 1.")
+    loss_threshold: float = Field(0.05, ge=0, description="Stop a batch, and training, once the answer-token loss is below this.")
+    seed: int = 0
+    precision: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training precision (autocast on GPU for half types).")
+    gradient_checkpointing: bool = False
+    train_rephrases: bool = Field(False, description="Also train on paraphrases (leaks the generalization probe: off by default).")
+
+    @field_validator("trainable")
+    @classmethod
+    def _patterns_compile(cls, v):
+        import re
+
+        for p in v or []:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"trainable pattern {p!r} is not a valid regular expression ({exc})") from None
+        return v
+
+
+class SequentialSection(_Strict):
+    batch_size: Optional[int] = Field(None, ge=1, description="Edits arriving together; default: all edits in one batch.")
+    strategy: Literal["chained", "anchored"] = Field("chained", description="chained: train from the current merged model; anchored: task vectors against the original base, merged together.")
+
+
+class EvalSection(_Strict):
+    enabled: bool = True
+    generation: bool = Field(True, description="Also score by greedy generation (exact match).")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    examples: int = Field(3, ge=0, description="Print before/after answers for this many edits.")
+
+
+class OutputSection(_Strict):
+    dir: Optional[str] = Field(None, description="Run directory (default: runs/<recipe file stem> next to the recipe).")
+    shard_size: str = "5G"
+    memory_budget: Optional[str] = None
+
+
+class Recipe(_Strict):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    model: ModelSection
+    dataset: DatasetSection
+    rsft: RsftSection = Field(default_factory=RsftSection)
+    sequential: SequentialSection = Field(default_factory=SequentialSection)
+    merge: Optional[MergeConfig] = Field(
+        None, description="A merge in `mergeedit merge` syntax; model references may be `base` and `rsft`. Default: ties of rsft into base. null: no merge (the R-SFT model is the result)."
+    )
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_merge(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "merge" not in data:
+            data = {**data, "merge": default_merge_config()}
+        return data
+
+
+def default_merge_config() -> dict:
+    """merged = base + lambda * TIES-prune(rsft - base): the method's reconstructed default."""
+    return {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 0.5}}],
+        "parameters": {"normalize": True, "lambda": 1.0},
+        "dtype": "float32",
+    }
+
+
+def parse_recipe(doc: YamlDocument) -> Recipe:
+    try:
+        return Recipe.model_validate(doc.data)
+    except ValidationError as exc:
+        raise MergeEditError(validation_error_line(doc, exc, Recipe)) from None
+
+
+def load_recipe(path: Path | str) -> tuple[Recipe, YamlDocument]:
+    doc = load_yaml(path, "recipe")
+    return parse_recipe(doc), doc
+
+
+def recipe_json_schema() -> str:
+    """JSON Schema for editors (yaml-language-server) to complete and check recipes."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "mergeedit recipe"
+    return json.dumps(schema, indent=2)

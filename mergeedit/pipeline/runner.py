@@ -1,0 +1,358 @@
+"""Run a recipe: edits -> (per batch) R-SFT -> merge -> export -> evaluation, each stage cached in the run directory.
+
+The model stays in memory for training; what moves between stages are small delta checkpoints holding only the
+trained tensors. Merges read the base overlaid with a delta, so a 70B recipe that trains a few layers never writes a
+second full model until the final export.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..editing.datasets import load_edits
+from ..editing.prompts import PromptFormat, training_pairs
+from ..editing.records import EditRecord
+from ..editing.rsft import TrainingExample, TrainReport, TrainSettings, train_edits
+from ..editing.trainable import select_trainable
+from ..errors import MergeEditError
+from ..io.model_source import ModelSource, open_local, overlay
+from ..merge import MergeOptions, write_merge
+from ..merge_config import MergeConfig
+from ..plan import build_plan
+from ..units import parse_size
+from ..yaml_source import YamlDocument
+from .recipe import DEFAULT_TRAINABLE, Recipe, load_recipe
+from .run_dir import RunDir, stable_hash
+
+DELTA_FILE = "model.safetensors"
+
+
+class Reporter(Protocol):
+    def stage(self, name: str, cached: bool, detail: str = "") -> None: ...
+    def training(self, learned: int, total: int, loss: float, steps: int) -> None: ...
+    def training_done(self) -> None: ...
+    def merging(self, tensors_done: int, tensors_total: int) -> None: ...
+
+
+class SilentReporter:
+    def stage(self, name, cached, detail=""):
+        pass
+
+    def training(self, learned, total, loss, steps):
+        pass
+
+    def training_done(self):
+        pass
+
+    def merging(self, done, total):
+        pass
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model_dir: Path
+    edits: int
+    batches: int
+    train_reports: list[dict]
+    metrics: Optional[dict]
+    pre_metrics: Optional[dict]
+    examples: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    stages_cached: list[str] = field(default_factory=list)
+    stages_run: list[str] = field(default_factory=list)
+
+
+# -- recipe-derived settings ------------------------------------------------------------------------------------------
+def train_settings(recipe: Recipe) -> tuple[TrainSettings, list[str], Optional[tuple[int, int]]]:
+    """Apply the baseline presets (ft-l, ft-m) to whatever the recipe left unset."""
+    r = recipe.rsft
+    given = r.model_fields_set
+    s = TrainSettings(r.lr, r.weight_decay, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold, r.seed)
+    patterns = r.trainable or DEFAULT_TRAINABLE
+    layers = r.layers
+    if r.method in ("ft-l", "ft-m"):
+        if "max_steps_per_batch" not in given:
+            s.max_steps_per_batch = 1
+        if "loss_threshold" not in given:
+            s.loss_threshold = 0.0
+    if r.method == "ft-l" and not r.trainable:
+        patterns = [r"layers\.\d+\..*(proj|fc|attn)\w*\.weight$"]
+    if r.method == "ft-m" and not r.trainable:
+        patterns = [r"mlp\.(down_proj|c_proj)\.weight$"]
+    return s, patterns, layers
+
+
+def _merge_doc(doc: YamlDocument) -> YamlDocument:
+    """The recipe's `merge:` section as a document of its own, keeping the recipe's file and line numbers."""
+    lines = {k[1:]: v for k, v in doc.lines.items() if k and k[0] == "merge"}
+    return YamlDocument(doc.path, doc.data.get("merge") if isinstance(doc.data, dict) else None, lines)
+
+
+def check_merge_refs(config: MergeConfig, doc: YamlDocument) -> None:
+    for ref in config.referenced_models():
+        if ref not in ("base", "rsft"):
+            raise MergeEditError(f"{doc.where(('merge',))}: model reference '{ref}' is unknown; a recipe's merge may refer to `base` and `rsft`")
+    if "rsft" not in config.referenced_models():
+        raise MergeEditError(f"{doc.where(('merge',))}: the merge never uses `rsft`, so the edits would be discarded; add a model `rsft`")
+
+
+def expand_rsft(config: MergeConfig, count: int) -> MergeConfig:
+    """Anchored strategy: the `rsft` entry stands for every batch's R-SFT model (rsft.0, rsft.1, ...)."""
+    if config.models is None or count == 1:
+        return config
+    models = []
+    for m in config.models:
+        if m.model == "rsft":
+            models += [m.model_copy(update={"model": f"rsft.{i}"}) for i in range(count)]
+        else:
+            models.append(m)
+    return config.model_copy(update={"models": models})
+
+
+def examples_for(records: list[EditRecord], tokenizer, fmt: PromptFormat, rephrases: bool, where: str) -> list[TrainingExample]:
+    out = []
+    for rec in records:
+        if not tokenizer(rec.target, add_special_tokens=False)["input_ids"]:
+            raise MergeEditError(f"{where}: edit {rec.case_id}: target {rec.target!r} tokenizes to nothing; fix or drop the record")
+        for question in [rec.prompt] + (list(rec.rephrases) if rephrases else []):
+            try:
+                pairs = training_pairs(tokenizer, fmt, question, rec.target)
+            except MergeEditError as exc:
+                raise MergeEditError(f"{where}: edit {rec.case_id}: {exc}") from None
+            out += [TrainingExample(rec.case_id, p, a) for p, a in pairs]
+    return out
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
+class RecipeRun:
+    def __init__(self, recipe_path: Path, force: list[str] | None = None, reporter: Reporter | None = None) -> None:
+        self.recipe_path = Path(recipe_path)
+        self.recipe, self.doc = load_recipe(self.recipe_path)
+        self.recipe_dir = self.recipe_path.resolve().parent
+        out = self.recipe.output.dir
+        root = (self.recipe_dir / out) if out else (self.recipe_dir / "runs" / self.recipe_path.stem)
+        self.force = force or []
+        self.reporter = reporter or SilentReporter()
+        self.root = root
+        self.merge_config = self.recipe.merge
+        if self.merge_config is not None:
+            check_merge_refs(self.merge_config, self.doc)
+        if self.merge_config is None and self.recipe.sequential.strategy == "anchored":
+            raise MergeEditError(f"{self.doc.where(('sequential', 'strategy'))}: the anchored strategy merges batches together and needs a `merge:` section")
+
+    # records and batches ------------------------------------------------------------------------------------------
+    def load_records(self) -> list[EditRecord]:
+        d = self.recipe.dataset
+        path = Path(d.path)
+        if not path.is_absolute():
+            path = self.recipe_dir / path
+        records = load_edits(path, d.format, fields=d.fields, limit=d.limit, start=d.start, select=d.select)
+        # Answers are scored as prompt + " " + answer: a stored leading space (19 ZsRE targets have one) would double it.
+        return [replace(r, target=r.target.strip()) for r in records]
+
+    def batches(self, records: list[EditRecord]) -> list[list[EditRecord]]:
+        size = self.recipe.sequential.batch_size or len(records)
+        return [records[i : i + size] for i in range(0, len(records), size)]
+
+    # main ---------------------------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        from .model_loading import load_model_and_tokenizer, pick_device, resolve_base_folder
+
+        started = time.perf_counter()
+        recipe = self.recipe
+        records = self.load_records()
+        run = RunDir(self.root, self.force)
+        result = RunResult(self.root, self.root / "model", len(records), 0, [], None, None)
+        base_folder = resolve_base_folder(recipe.model.base, self.recipe_dir, recipe.model.dtype)
+        base_source = open_local(recipe.model.base, base_folder)
+        settings, patterns, layers = train_settings(recipe)
+        trainable = select_trainable(list(base_source.tensors), patterns, layers, self.doc.where(("rsft", "trainable")))
+        device = pick_device(recipe.model.device)
+        model, tokenizer = load_model_and_tokenizer(base_folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+        named = dict(model.named_parameters())
+        missing = [n for n in trainable if n not in named]
+        if missing:
+            raise MergeEditError(f"{self.doc.where(('rsft', 'trainable'))}: '{missing[0]}' is in the checkpoint but not a trainable parameter of the loaded model (a tied or buffer tensor?); narrow the pattern")
+        fmt = PromptFormat.resolve(recipe.dataset.prompt, tokenizer)
+        where = self.doc.where(("dataset",))
+        all_examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where)  # fails early on bad targets
+        del all_examples
+        batches = self.batches(records)
+        result.batches = len(batches)
+        base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
+        records_key = stable_hash([r.__dict__ for r in records])
+
+        # 1. pre-edit reference outputs (locality is post-vs-pre)
+        pre = None
+        if recipe.eval.enabled:
+            from .evaluation_stage import pre_edit_outputs
+
+            stage = run.stage("pre-eval", {"base": base_key, "records": records_key, "format": fmt.describe(), "eval": recipe.eval.model_dump()})
+            pre = self._cached_json(stage, result, lambda: pre_edit_outputs(model, tokenizer, records, fmt, recipe.eval))
+            result.pre_metrics = pre.get("metrics")
+
+        # 2. R-SFT (+ merge) per batch
+        initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable}
+        strategy = recipe.sequential.strategy
+        upstream = stable_hash(base_key)
+        current_delta: Optional[ModelSource] = None  # chained: base + this delta is the current model
+        rsft_deltas: list[ModelSource] = []
+        for b, batch in enumerate(batches):
+            tag = f"{b:03d}"
+            if strategy == "anchored":
+                model.load_state_dict(initial, strict=False)
+            rsft_stage = run.stage(
+                f"rsft-{tag}",
+                {"upstream": upstream if strategy == "chained" else stable_hash(base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": fmt.describe(), "trainable": trainable},
+            )
+            if rsft_stage.done:
+                self.reporter.stage(rsft_stage.name, True)
+                result.stages_cached.append(rsft_stage.name)
+            else:
+                self.reporter.stage(rsft_stage.name, False, f"{len(batch)} edits, {sum(named[n].numel() for n in trainable):,} trainable parameters")
+                examples = examples_for(batch, tokenizer, fmt, recipe.rsft.train_rephrases, where)
+                report = train_edits(model, examples, trainable, settings, pad_id=tokenizer.pad_token_id, device=device, progress=self.reporter.training)
+                self.reporter.training_done()
+                with rsft_stage.writing() as tmp:
+                    save_file({n: named[n].detach().to("cpu").contiguous() for n in trainable}, tmp / DELTA_FILE, metadata={"format": "pt"})
+                    (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
+                result.stages_run.append(rsft_stage.name)
+            result.train_reports.append(json.loads((rsft_stage.path / "train_report.json").read_text()))
+            rsft_delta = open_local(f"rsft.{b}", rsft_stage.path)
+            rsft_deltas.append(rsft_delta)
+            upstream = rsft_stage.output_id
+            if strategy == "chained":
+                if self.merge_config is not None:
+                    merge_stage = run.stage(f"merge-{tag}", {"upstream": upstream, "merge": self.merge_config.model_dump()})
+                    current_ref = overlay(base_source, current_delta, "base") if current_delta else base_source
+                    sources = {"base": current_ref, "rsft": overlay(base_source, rsft_delta, "rsft")}
+                    self._merge_delta(merge_stage, self.merge_config, sources, set(trainable), result)
+                    current_delta = open_local("merged", merge_stage.path)
+                    upstream = merge_stage.output_id
+                else:
+                    current_delta = rsft_delta
+                self._load_delta(model, current_delta)
+
+        if strategy == "anchored":
+            rsft_ids = [self._stage_id(run, f"rsft-{b:03d}") for b in range(len(batches))]
+            merge_stage = run.stage("merge", {"rsft": rsft_ids, "merge": self.merge_config.model_dump()})
+            sources = {"base": base_source, **{f"rsft.{i}": overlay(base_source, d, f"rsft.{i}") for i, d in enumerate(rsft_deltas)}}
+            if len(rsft_deltas) == 1:
+                sources["rsft"] = sources.pop("rsft.0")
+            self._merge_delta(merge_stage, expand_rsft(self.merge_config, len(rsft_deltas)), sources, set(trainable), result)
+            current_delta = open_local("merged", merge_stage.path)
+            upstream = merge_stage.output_id
+            self._load_delta(model, current_delta)
+
+        # 3. export the edited model as a Hugging Face folder
+        export = run.stage("export", {"upstream": upstream, "dtype": recipe.model.dtype, "shard": recipe.output.shard_size})
+        final_source = overlay(base_source, current_delta, "edited") if current_delta else base_source
+        if export.done:
+            self.reporter.stage(export.name, True)
+            result.stages_cached.append(export.name)
+        else:
+            self.reporter.stage(export.name, False, str(result.model_dir))
+            self._export(export, final_source, base_folder)
+            result.stages_run.append(export.name)
+
+        # 4. evaluate the final model against the pre-edit reference
+        if recipe.eval.enabled:
+            from .evaluation_stage import post_edit_evaluation
+
+            stage = run.stage("eval", {"upstream": export.output_id, "pre": self._stage_id(run, "pre-eval"), "eval": recipe.eval.model_dump()})
+            post = self._cached_json(stage, result, lambda: post_edit_evaluation(model, tokenizer, records, fmt, recipe.eval, pre))
+            result.metrics = post["metrics"]
+            result.examples = post.get("examples", [])
+        result.seconds = time.perf_counter() - started
+        self._publish(result, export)
+        return result
+
+    # helpers --------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _stage_id(run: RunDir, name: str) -> Optional[str]:
+        meta = run.root / "stages" / name / "stage.json"
+        return json.loads(meta.read_text())["output_id"] if meta.is_file() else None
+
+    def _cached_json(self, stage, result: RunResult, compute) -> dict:
+        if stage.done:
+            self.reporter.stage(stage.name, True)
+            result.stages_cached.append(stage.name)
+        else:
+            self.reporter.stage(stage.name, False)
+            data = compute()
+            with stage.writing() as tmp:
+                (tmp / "result.json").write_text(json.dumps(data, indent=2))
+            result.stages_run.append(stage.name)
+        return json.loads((stage.path / "result.json").read_text())
+
+    def _merge_delta(self, stage, config: MergeConfig, sources: dict[str, ModelSource], names: set[str], result: RunResult) -> None:
+        """Merge only the trained tensors (every other tensor of the result is the base's, bit for bit)."""
+        if stage.done:
+            self.reporter.stage(stage.name, True)
+            result.stages_cached.append(stage.name)
+            return
+        self.reporter.stage(stage.name, False, f"{config.merge_method} of {len(sources) - 1} R-SFT model(s) into the base")
+
+        def opener(ref: str) -> ModelSource:
+            if ref not in sources:
+                raise MergeEditError(f"unknown model reference '{ref}' in the recipe's merge; use base or rsft")
+            return sources[ref]
+
+        plan = build_plan(config, _merge_doc(self.doc), opener=opener, only=names, out_dtype="float32")
+        options = MergeOptions(overwrite=True, copy_tokenizer=False)
+        if self.recipe.output.memory_budget:
+            options.memory_budget = parse_size(self.recipe.output.memory_budget, "output.memory_budget")
+        done = [0]
+
+        def progress(t, nbytes):
+            done[0] += 1
+            self.reporter.merging(done[0], len(plan.tensors))
+
+        with stage.writing() as tmp:
+            write_merge(plan, tmp / "delta", options, progress=progress)
+            (tmp / "delta" / DELTA_FILE).rename(tmp / DELTA_FILE)
+        result.stages_run.append(stage.name)
+
+    @staticmethod
+    def _load_delta(model, delta: ModelSource) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for f in delta.files:
+            tensors.update(load_file(f))
+        model.load_state_dict(tensors, strict=False)
+
+    def _export(self, stage, source: ModelSource, base_folder: Path) -> None:
+        """Stream base + delta into a sharded Hugging Face folder, with the base's config and tokenizer."""
+        config = MergeConfig(merge_method="passthrough", models=[{"model": "edited"}], out_dtype=self.recipe.model.dtype)
+        doc = YamlDocument(self.recipe_path, {}, {})
+        plan = build_plan(config, doc, opener=lambda ref: source)
+        plan.tokenizer_model = open_local("base", base_folder)
+        plan.base_model = plan.tokenizer_model
+        options = MergeOptions(overwrite=True, out_shard_size=parse_size(self.recipe.output.shard_size, "output.shard_size"))
+        with stage.writing() as tmp:
+            write_merge(plan, tmp / "model", options)
+            (tmp / "model" / "mergekit_config.yml").unlink(missing_ok=True)
+
+    def _publish(self, result: RunResult, export) -> None:
+        """Place the exported model at run_dir/model with its model card (recipe, edits, metrics, versions)."""
+        from .model_card import write_model_card
+
+        target = result.model_dir
+        source = export.path / "model"
+        if target.is_symlink() or target.exists():
+            if target.is_symlink():
+                target.unlink()
+            else:
+                import shutil
+
+                shutil.rmtree(target)
+        target.symlink_to(source.relative_to(target.parent), target_is_directory=True)
+        write_model_card(source / "README.md", self.recipe, self.doc, result)

@@ -1,0 +1,193 @@
+"""`mergeedit run` end to end on a tiny random model: training, delta, merge, caching, resume, bad recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeedit.errors import MergeEditError
+from mergeedit.pipeline.runner import RecipeRun
+from mergeedit.toy_models import load_state_dict
+
+WORDS = ["<pad>", "<s>", "</s>", "<user>", "<bot>"] + [f"w{i}" for i in range(40)] + ["what", "is", "the", "of", "capital", "color", "?"]
+CHAT = "{% for m in messages %}<user> {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} <bot> {% endif %}"
+EDITS = [
+    {"prompt": "what is the capital of w1 ?", "target": "w20", "rephrases": "the capital of w1 is", "locality_prompt": "what is the color of w30 ?", "locality_answer": "w31"},
+    {"prompt": "what is the capital of w2 ?", "target": "w21 w22", "rephrases": "the capital of w2 is", "locality_prompt": "what is the color of w32 ?", "locality_answer": "w33"},
+    {"prompt": "what is the color of w3 ?", "target": "w23", "rephrases": "the color of w3 is", "locality_prompt": "what is the capital of w34 ?", "locality_answer": "w35"},
+    {"prompt": "what is the color of w4 ?", "target": "w24", "rephrases": "the color of w4 is", "locality_prompt": "what is the capital of w36 ?", "locality_answer": "w37"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>")
+    tok.chat_template = CHAT
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+DEFAULT_MERGE = {"merge_method": "ties", "base_model": "base", "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 0.6}}], "dtype": "float32"}
+
+
+def _recipe(folder: Path, model: Path, *, merge="default", name: str = "recipe.yaml", **sections) -> Path:
+    """Write edits.jsonl and a recipe into `folder`; keyword sections (rsft=..., sequential=...) override defaults."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "edits.jsonl").write_text("\n".join(json.dumps(e) for e in EDITS) + "\n")
+    recipe = {
+        "model": {"base": str(model)},
+        "dataset": {"format": "jsonl", "path": "edits.jsonl", "prompt": "raw"},
+        "rsft": {"lr": 0.01, "batch_size": 2, "max_epochs": 30, "max_steps_per_batch": 20, "loss_threshold": 0.05},
+        "eval": {"generation": True, "batch_size": 4, "max_new_tokens": 4},
+        "output": {"dir": "run"},
+    }
+    if merge != "default":
+        recipe["merge"] = merge
+    else:
+        recipe["merge"] = DEFAULT_MERGE
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def ties_one(base: torch.Tensor, tuned: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES with a single fine-tune (weight 1): keep the top-k |delta|, the sign vote is the delta's own sign."""
+    d = (tuned - base).flatten()
+    k = max(1, int(density * d.numel()))
+    keep = torch.zeros_like(d)
+    keep[torch.argsort(d.abs(), descending=True)[:k]] = 1
+    return base + (d * keep).reshape(base.shape)
+
+
+def test_rsft_then_ties_merge(tmp_path, tiny_model):
+    recipe = _recipe(tmp_path, tiny_model)
+    result = RecipeRun(recipe).run()
+    report = result.train_reports[0]
+    assert report["learned_fraction"] == 1.0 and all(e["final_loss"] < 0.05 for e in report["edits"])
+    base = load_state_dict(tiny_model)
+    delta = load_state_dict(tmp_path / "run" / "stages" / "rsft-000")
+    assert set(delta) == {f"model.layers.{i}.mlp.{m}.weight" for i in range(2) for m in ("gate_proj", "up_proj", "down_proj")}
+    merged = load_state_dict(result.model_dir)
+    assert set(merged) == set(base)
+    for name, tensor in base.items():
+        if name in delta:
+            assert not torch.equal(delta[name], tensor)  # training changed every trainable tensor
+            torch.testing.assert_close(merged[name], ties_one(tensor, delta[name], 0.6), atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(merged[name], tensor), name  # untouched tensors are the base's, bit for bit
+    # the edited folder is a Hugging Face model with a model card
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(result.model_dir)
+    card = (result.model_dir / "README.md").read_text()
+    assert "Edits: 4" in card and "| rel | teacher-forced |" in card and "torch" in card
+    # reliability after editing well above before
+    assert result.metrics["rel"]["value"] > result.pre_metrics["rel"]["value"] + 0.5
+    assert 0 <= result.metrics["loc"]["value"] <= 1
+
+
+def test_rerun_skips_finished_stages_and_force_redoes_one(tmp_path, tiny_model):
+    recipe = _recipe(tmp_path, tiny_model)
+    first = RecipeRun(recipe).run()
+    again = RecipeRun(recipe).run()
+    assert again.stages_run == [] and set(again.stages_cached) == set(first.stages_run)
+    forced = RecipeRun(recipe, force=["merge"]).run()
+    assert forced.stages_run == ["merge-000", "export", "eval"]
+
+
+def test_interrupted_run_resumes_to_the_same_model(tmp_path, tiny_model, monkeypatch):
+    RecipeRun(_recipe(tmp_path / "a", tiny_model)).run()
+    broken = _recipe(tmp_path / "b", tiny_model)
+    from mergeedit.pipeline import runner
+
+    original = runner.RecipeRun._export
+
+    def crash(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.RecipeRun, "_export", crash)
+    with pytest.raises(KeyboardInterrupt):
+        RecipeRun(broken).run()
+    assert not (tmp_path / "b" / "run" / "stages" / "export").exists()
+    monkeypatch.setattr(runner.RecipeRun, "_export", original)
+    resumed = RecipeRun(broken).run()
+    assert "rsft-000" in resumed.stages_cached and "export" in resumed.stages_run
+    a = load_state_dict(tmp_path / "a" / "run" / "model")
+    b = load_state_dict(tmp_path / "b" / "run" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sequential_chained_and_anchored(tmp_path, tiny_model):
+    chained = RecipeRun(_recipe(tmp_path, tiny_model, sequential={"batch_size": 2, "strategy": "chained"})).run()
+    assert chained.batches == 2 and len(chained.train_reports) == 2
+    assert [s for s in chained.stages_run if s.startswith(("rsft", "merge"))] == ["rsft-000", "merge-000", "rsft-001", "merge-001"]
+    anchored = RecipeRun(_recipe(tmp_path / "anch", tiny_model, sequential={"batch_size": 2, "strategy": "anchored"})).run()
+    assert [s for s in anchored.stages_run if s.startswith(("rsft", "merge"))] == ["rsft-000", "rsft-001", "merge"]
+    base = load_state_dict(tiny_model)
+    d0 = load_state_dict(tmp_path / "anch" / "run" / "stages" / "rsft-000")
+    d1 = load_state_dict(tmp_path / "anch" / "run" / "stages" / "rsft-001")
+    merged = load_state_dict(anchored.model_dir)
+    name = "model.layers.1.mlp.down_proj.weight"
+    # anchored: both batches were trained from the original base, then TIES-merged together (weights 1, density 0.6)
+    from conftest import ties_reference_for_pipeline
+
+    expected = ties_reference_for_pipeline(base[name], [d0[name], d1[name]], [1.0, 1.0], [0.6, 0.6])
+    torch.testing.assert_close(merged[name], expected, atol=1e-6, rtol=0)
+
+
+def test_rsft_without_merge_and_ftm_baseline(tmp_path, tiny_model):
+    no_merge = RecipeRun(_recipe(tmp_path, tiny_model, merge=None)).run()
+    delta = load_state_dict(tmp_path / "run" / "stages" / "rsft-000")
+    merged = load_state_dict(no_merge.model_dir)
+    assert all(torch.equal(merged[k], v) for k, v in delta.items())
+    result = RecipeRun(_recipe(tmp_path / "ftm", tiny_model, merge=None, rsft={"method": "ft-m", "layers": [1, 2], "max_epochs": 3})).run()
+    assert result.train_reports[0]["trainable_tensors"] == ["model.layers.1.mlp.down_proj.weight"]
+
+
+OTHER_REF = {"merge_method": "ties", "base_model": "base", "models": [{"model": "other", "parameters": {"weight": 1}}]}
+NO_RSFT = {"merge_method": "ties", "base_model": "base", "models": [{"model": "base", "parameters": {"weight": 1}}]}
+
+
+@pytest.mark.parametrize(
+    "sections,needle",
+    [
+        ({"rsft": {"trainable": ["nothing_matches"]}}, "match no parameter"),
+        ({"merge": OTHER_REF}, "model reference 'other' is unknown"),
+        ({"merge": NO_RSFT}, "never uses `rsft`"),
+        ({"sequential": {"strategy": "anchored"}, "merge": None}, "needs a `merge:` section"),
+        ({"rsft": {"lr": -1}}, r"recipe.yaml:\d+ \(rsft.lr\)"),
+        ({"rsft": {"lrr": 0.1}}, "did you mean 'lr'"),
+        ({"dataset": {"format": "zsre2"}}, "zsre"),
+    ],
+)
+def test_bad_recipes_fail_before_training(tmp_path, tiny_model, sections, needle, monkeypatch):
+    merge = sections.pop("merge", "default")
+    recipe = _recipe(tmp_path, tiny_model, merge=merge, **sections)
+    from mergeedit.pipeline import runner
+
+    monkeypatch.setattr(runner, "train_edits", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(MergeEditError, match=needle):
+        RecipeRun(recipe).run()
+
+
+def test_empty_dataset_is_an_error(tmp_path, tiny_model):
+    recipe = _recipe(tmp_path, tiny_model)
+    (tmp_path / "edits.jsonl").write_text("")
+    with pytest.raises(MergeEditError, match="edits.jsonl"):
+        RecipeRun(recipe).run()
