@@ -104,8 +104,10 @@ def _convert(src: Path, out: Path, dtype) -> None:
     (no random init, no second copy of the weights); save_pretrained then writes tied embeddings once.
     """
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()
     kwargs = {"gguf_file": src.name}
     try:  # transformers 5 would otherwise keep the weights packed in GGUF blocks; ask for dense ones up front
         from transformers import GgufConfig

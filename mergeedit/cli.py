@@ -156,6 +156,9 @@ class _RichReporter:
         console.print(f"{state} {name}" + (f" [dim]({detail})[/]" if detail else ""), highlight=False)
 
     def training(self, learned: int, total: int, loss: float, steps: int) -> None:
+        if not console.is_terminal and steps % 10 == 0 and steps != getattr(self, "_last_logged", None):
+            self._last_logged = steps
+            console.print(f"  step {steps}: loss {loss:.4f}, {learned}/{total} edits learned", highlight=False)
         self._ensure("  training", total)
         self._bar.update(self._task, completed=learned, total=total, info=f"{learned}/{total} edits learned, loss {loss:.4f}, {steps} steps")
 
@@ -182,7 +185,7 @@ def run(
     from .pipeline.runner import RecipeRun
 
     result = RecipeRun(recipe, force=force, reporter=_RichReporter()).run()
-    table = Table(title="edit quality (every edit scored on the final model)")
+    table = Table(title="edit quality on the final model")
     for col in ("metric", "protocol", "before", "after"):
         table.add_column(col)
     for name, entry in (result.metrics or {}).items():

@@ -15,7 +15,8 @@ def _opening_commands() -> list[str]:
 
 def test_readme_opens_with_demo_and_test_commands():
     demo, tests = _opening_commands()
-    assert demo.startswith("bash setup.sh && ") and "mergeedit demo" in demo
+    assert demo.startswith("bash setup.sh && ") and "mergeedit run recipes/demo.yaml" in demo
+    assert (ROOT / "recipes" / "demo.yaml").is_file()
     assert tests.startswith("bash setup.sh && ") and "pytest" in tests
 
 
@@ -25,6 +26,13 @@ def test_ci_runs_the_readme_test_command():
     assert tests in ci_lines
 
 
-def test_demo_command_is_registered(run_cli):
-    result = run_cli("demo", "--help")
-    assert result.code == 0 and "no download" in result.stdout
+def test_demo_recipe_validates(run_cli):
+    result = run_cli("validate", ROOT / "recipes" / "demo.yaml")
+    assert result.code == 0, result.stderr
+    assert "20 edits" in result.stdout
+
+
+def test_recipe_schema_file_is_current(run_cli):
+    result = run_cli("schema")
+    assert result.code == 0
+    assert result.stdout == (ROOT / "recipe.schema.json").read_text(), "run: mergeedit schema > recipe.schema.json"

@@ -83,10 +83,28 @@ def _make_optimizer(params, s: TrainSettings):
     return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def _per_example_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean answer-token cross-entropy of each example (shape [batch])."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
+    """Mean answer-token cross-entropy of each example (shape [batch]).
+
+    Only positions from the first answer token on need logits; with a 49k-word vocabulary the output layer is a
+    large share of the compute, so models that support it (`logits_to_keep`) compute just those.
+    """
+    labels = batch["labels"]
+    width = labels.shape[1]
+    answer_cols = (labels[:, 1:] != -100).any(0).nonzero().flatten()
+    first = int(answer_cols.min()) if answer_cols.numel() else 0
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if _accepts_logits_to_keep(model):
+        logits = model(**kwargs, logits_to_keep=width - first).logits[:, :-1].float()
+    else:
+        logits = model(**kwargs).logits[:, first:-1].float()
+    labels = labels[:, first + 1 :]
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     counts = (labels != -100).sum(1).clamp_min(1)
     return ce.sum(1) / counts
@@ -102,6 +120,7 @@ def train_edits(
     device: torch.device,
     progress: Optional[ProgressFn] = None,
     accelerator=None,
+    precision: str = "float32",
 ) -> TrainReport:
     """Fine-tune `trainable` parameters of `model` in place until the edits are learned (or the loops run out)."""
     started = time.perf_counter()
@@ -115,36 +134,46 @@ def train_edits(
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+
+    def losses_of(batch) -> torch.Tensor:
+        """Per-example losses, under autocast when a half precision is asked for (bf16 uses AMX on recent CPUs)."""
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            return _per_example_loss(model, batch)
 
     def batch_of(indices: list[int]) -> dict[str, torch.Tensor]:
         b = pad_batch([(examples[i].prompt_ids, examples[i].answer_ids) for i in indices], pad_id)
         return {k: v.to(device) for k, v in b.items()}
 
     case_ids = list(dict.fromkeys(e.case_id for e in examples))
+    by_case: dict[str, list[int]] = {c: [] for c in case_ids}
+    for i, e in enumerate(examples):
+        by_case[e.case_id].append(i)
     steps_per_case = {c: 0 for c in case_ids}
     last_loss = {c: math.inf for c in case_ids}
     gen = torch.Generator().manual_seed(settings.seed)
     total_steps, losses, epochs = 0, [], 0
 
     def measure_all() -> None:
+        """Each edit's loss: the worst of its examples, measured without training."""
         model.eval()
+        per_example: list[float] = []
         with torch.no_grad():
             for start in range(0, len(examples), settings.batch_size):
-                idx = list(range(start, min(start + settings.batch_size, len(examples))))
-                per = _per_example_loss(model, batch_of(idx))
-                for i, loss in zip(idx, per.tolist()):
-                    c = examples[i].case_id
-                    last_loss[c] = loss if start == 0 or last_loss[c] is math.inf else max(last_loss[c], loss)
+                per_example += losses_of(batch_of(list(range(start, min(start + settings.batch_size, len(examples)))))).tolist()
+        for c, indices in by_case.items():
+            last_loss[c] = max(per_example[i] for i in indices)
         model.train()
 
     for epoch in range(settings.max_epochs):
         epochs = epoch + 1
-        order = torch.randperm(len(examples), generator=gen).tolist()
+        order = torch.randperm(len(case_ids), generator=gen).tolist()
         for start in range(0, len(order), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
+            # a batch holds batch_size edits with all their training examples (chat and raw forms, paraphrases)
+            idx = [i for c in order[start : start + settings.batch_size] for i in by_case[case_ids[c]]]
             batch = batch_of(idx)
             for _ in range(settings.max_steps_per_batch):
-                per_example = _per_example_loss(model, batch)
+                per_example = losses_of(batch)
                 loss = per_example.mean()
                 worst = per_example.detach().max()
                 if accelerator is not None:
@@ -161,8 +190,6 @@ def train_edits(
                     steps_per_case[examples[i].case_id] += 1
                 if progress:
                     progress(sum(v < settings.loss_threshold for v in last_loss.values()), len(case_ids), value, total_steps)
-        for c in case_ids:
-            last_loss[c] = -math.inf  # reset: measure_all takes the max over a case's examples
         measure_all()
         if progress:
             progress(sum(v < settings.loss_threshold for v in last_loss.values()), len(case_ids), losses[-1] if losses else 0.0, total_steps)

@@ -52,6 +52,7 @@ def load_model_and_tokenizer(folder: Path, dtype: str, device: torch.device, tru
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)

@@ -139,7 +139,7 @@ class RecipeRun:
         self.recipe, self.doc = load_recipe(self.recipe_path)
         self.recipe_dir = self.recipe_path.resolve().parent
         out = self.recipe.output.dir
-        root = (self.recipe_dir / out) if out else (self.recipe_dir / "runs" / self.recipe_path.stem)
+        root = ((self.recipe_dir / out) if out else (self.recipe_dir / "runs" / self.recipe_path.stem)).resolve()
         self.force = force or []
         self.reporter = reporter or SilentReporter()
         self.root = root
@@ -178,6 +178,8 @@ class RecipeRun:
         trainable = select_trainable(list(base_source.tensors), patterns, layers, self.doc.where(("rsft", "trainable")))
         device = pick_device(recipe.model.device)
         model, tokenizer = load_model_and_tokenizer(base_folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+        if recipe.rsft.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         named = dict(model.named_parameters())
         missing = [n for n in trainable if n not in named]
         if missing:
@@ -220,7 +222,9 @@ class RecipeRun:
             else:
                 self.reporter.stage(rsft_stage.name, False, f"{len(batch)} edits, {sum(named[n].numel() for n in trainable):,} trainable parameters")
                 examples = examples_for(batch, tokenizer, fmt, recipe.rsft.train_rephrases, where)
-                report = train_edits(model, examples, trainable, settings, pad_id=tokenizer.pad_token_id, device=device, progress=self.reporter.training)
+                report = train_edits(
+                    model, examples, trainable, settings, pad_id=tokenizer.pad_token_id, device=device, progress=self.reporter.training, precision=recipe.rsft.precision
+                )
                 self.reporter.training_done()
                 with rsft_stage.writing() as tmp:
                     save_file({n: named[n].detach().to("cpu").contiguous() for n in trainable}, tmp / DELTA_FILE, metadata={"format": "pt"})
