@@ -191,3 +191,28 @@ def test_empty_dataset_is_an_error(tmp_path, tiny_model):
     (tmp_path / "edits.jsonl").write_text("")
     with pytest.raises(MergeEditError, match="edits.jsonl"):
         RecipeRun(recipe).run()
+
+
+def test_two_processes_under_accelerate_launch(tmp_path, tiny_model):
+    """DDP on CPU (gloo): both processes train their half of each batch; the main process writes; results load."""
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("accelerate's launcher is not installed")
+    recipe = _recipe(tmp_path, tiny_model, eval={"generation": False})
+    proc = subprocess.run(
+        [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+         "-m", "mergeedit.cli", "run", str(recipe)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "stages" / "rsft-000" / "train_report.json").read_text())
+    assert report["learned_fraction"] == 1.0
+    merged = load_state_dict(tmp_path / "run" / "model")
+    base = load_state_dict(tiny_model)
+    assert set(merged) == set(base)
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])

@@ -110,6 +110,15 @@ def _per_example_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return ce.sum(1) / counts
 
 
+def mark_trainable(module, trainable: list[str]) -> dict:
+    """Only the chosen parameters get gradients (and optimizer state); returns the module's parameters by name."""
+    named = dict(module.named_parameters())
+    wanted = set(trainable)
+    for name, p in named.items():
+        p.requires_grad_(name in wanted)
+    return named
+
+
 def train_edits(
     model,
     examples: list[TrainingExample],
@@ -122,17 +131,19 @@ def train_edits(
     accelerator=None,
     precision: str = "float32",
 ) -> TrainReport:
-    """Fine-tune `trainable` parameters of `model` in place until the edits are learned (or the loops run out)."""
+    """Fine-tune `trainable` parameters of `model` in place until the edits are learned (or the loops run out).
+
+    Under `accelerator` (several processes), `model` is the DDP-wrapped model, prepared once by the caller after
+    `mark_trainable`; each process trains on its share of every batch.
+    """
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    named = dict(model.named_parameters())
-    wanted = set(trainable)
-    for name, p in named.items():
-        p.requires_grad_(name in wanted)
+    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    named = mark_trainable(module, trainable)
     params = [named[n] for n in trainable]
     optimizer = _make_optimizer(params, settings)
     if accelerator is not None:
-        model, optimizer = accelerator.prepare(model, optimizer)
+        optimizer = accelerator.prepare_optimizer(optimizer)
     model.train()
     half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
 
@@ -171,6 +182,8 @@ def train_edits(
         for start in range(0, len(order), settings.batch_size):
             # a batch holds batch_size edits with all their training examples (chat and raw forms, paraphrases)
             idx = [i for c in order[start : start + settings.batch_size] for i in by_case[case_ids[c]]]
+            if accelerator is not None and len(idx) >= accelerator.num_processes:
+                idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share of the batch
             batch = batch_of(idx)
             for _ in range(settings.max_steps_per_batch):
                 per_example = losses_of(batch)
@@ -196,8 +209,6 @@ def train_edits(
         if settings.loss_threshold > 0 and all(v < settings.loss_threshold for v in last_loss.values()):
             break
     model.eval()
-    for p in params:
-        p.requires_grad_(False)
     edits = [EditOutcome(c, last_loss[c], steps_per_case[c], last_loss[c] < settings.loss_threshold) for c in case_ids]
     return TrainReport(
         edits=edits,

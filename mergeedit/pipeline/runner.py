@@ -20,7 +20,7 @@ from .. import __version__
 from ..editing.datasets import load_edits
 from ..editing.prompts import PromptFormat, training_pairs
 from ..editing.records import EditRecord
-from ..editing.rsft import TrainingExample, TrainReport, TrainSettings, train_edits
+from ..editing.rsft import TrainingExample, TrainReport, TrainSettings, mark_trainable, train_edits
 from ..editing.trainable import select_trainable
 from ..errors import MergeEditError
 from ..io.model_source import ModelSource, open_local, overlay
@@ -30,6 +30,7 @@ from ..plan import build_plan
 from ..units import parse_size
 from ..yaml_source import YamlDocument
 from .recipe import DEFAULT_TRAINABLE, Recipe, load_recipe
+from .distributed import Distributed
 from .run_dir import RunDir, stable_hash
 
 DELTA_FILE = "model.safetensors"
@@ -176,7 +177,8 @@ class RecipeRun:
         base_source = open_local(recipe.model.base, base_folder)
         settings, patterns, layers = train_settings(recipe)
         trainable = select_trainable(list(base_source.tensors), patterns, layers, self.doc.where(("rsft", "trainable")))
-        device = pick_device(recipe.model.device)
+        dist = self.dist = Distributed()
+        device = dist.device(pick_device(recipe.model.device))
         model, tokenizer = load_model_and_tokenizer(base_folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
         if recipe.rsft.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -184,6 +186,10 @@ class RecipeRun:
         missing = [n for n in trainable if n not in named]
         if missing:
             raise MergeEditError(f"{self.doc.where(('rsft', 'trainable'))}: '{missing[0]}' is in the checkpoint but not a trainable parameter of the loaded model (a tied or buffer tensor?); narrow the pattern")
+        training_model = model
+        if dist.enabled:
+            mark_trainable(model, trainable)
+            training_model = dist.accelerator.prepare_model(model)
         fmt = PromptFormat.resolve(recipe.dataset.prompt, tokenizer)
         where = self.doc.where(("dataset",))
         all_examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where)  # fails early on bad targets
@@ -223,12 +229,15 @@ class RecipeRun:
                 self.reporter.stage(rsft_stage.name, False, f"{len(batch)} edits, {sum(named[n].numel() for n in trainable):,} trainable parameters")
                 examples = examples_for(batch, tokenizer, fmt, recipe.rsft.train_rephrases, where)
                 report = train_edits(
-                    model, examples, trainable, settings, pad_id=tokenizer.pad_token_id, device=device, progress=self.reporter.training, precision=recipe.rsft.precision
+                    training_model, examples, trainable, settings, pad_id=tokenizer.pad_token_id, device=device,
+                    progress=self.reporter.training, precision=recipe.rsft.precision, accelerator=dist.accelerator,
                 )
                 self.reporter.training_done()
-                with rsft_stage.writing() as tmp:
-                    save_file({n: named[n].detach().to("cpu").contiguous() for n in trainable}, tmp / DELTA_FILE, metadata={"format": "pt"})
-                    (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
+                with dist.main_first() as main:
+                    if main:
+                        with rsft_stage.writing() as tmp:
+                            save_file({n: named[n].detach().to("cpu").contiguous() for n in trainable}, tmp / DELTA_FILE, metadata={"format": "pt"})
+                            (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
                 result.stages_run.append(rsft_stage.name)
             result.train_reports.append(json.loads((rsft_stage.path / "train_report.json").read_text()))
             rsft_delta = open_local(f"rsft.{b}", rsft_stage.path)
@@ -292,9 +301,11 @@ class RecipeRun:
             result.stages_cached.append(stage.name)
         else:
             self.reporter.stage(stage.name, False)
-            data = compute()
-            with stage.writing() as tmp:
-                (tmp / "result.json").write_text(json.dumps(data, indent=2))
+            with self.dist.main_first() as main:
+                if main:
+                    data = compute()
+                    with stage.writing() as tmp:
+                        (tmp / "result.json").write_text(json.dumps(data, indent=2))
             result.stages_run.append(stage.name)
         return json.loads((stage.path / "result.json").read_text())
 
@@ -321,9 +332,11 @@ class RecipeRun:
             done[0] += 1
             self.reporter.merging(done[0], len(plan.tensors))
 
-        with stage.writing() as tmp:
-            write_merge(plan, tmp / "delta", options, progress=progress)
-            (tmp / "delta" / DELTA_FILE).rename(tmp / DELTA_FILE)
+        with self.dist.main_first() as main:
+            if main:
+                with stage.writing() as tmp:
+                    write_merge(plan, tmp / "delta", options, progress=progress)
+                    (tmp / "delta" / DELTA_FILE).rename(tmp / DELTA_FILE)
         result.stages_run.append(stage.name)
 
     @staticmethod
@@ -341,14 +354,18 @@ class RecipeRun:
         plan.tokenizer_model = open_local("base", base_folder)
         plan.base_model = plan.tokenizer_model
         options = MergeOptions(overwrite=True, out_shard_size=parse_size(self.recipe.output.shard_size, "output.shard_size"))
-        with stage.writing() as tmp:
-            write_merge(plan, tmp / "model", options)
-            (tmp / "model" / "mergekit_config.yml").unlink(missing_ok=True)
+        with self.dist.main_first() as main:
+            if main:
+                with stage.writing() as tmp:
+                    write_merge(plan, tmp / "model", options)
+                    (tmp / "model" / "mergekit_config.yml").unlink(missing_ok=True)
 
     def _publish(self, result: RunResult, export) -> None:
         """Place the exported model at run_dir/model with its model card (recipe, edits, metrics, versions)."""
         from .model_card import write_model_card
 
+        if not self.dist.is_main:
+            return
         target = result.model_dir
         source = export.path / "model"
         if target.is_symlink() or target.exists():
