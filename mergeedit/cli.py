@@ -205,6 +205,34 @@ def run(
     out.print(f"[green]model:[/] {result.model_dir} (Hugging Face folder with model card)")
 
 
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="Model folder, hub id or built-in name to score."),
+    dataset: Path = typer.Option(..., "--dataset", help="Edit records file."),
+    fmt: str = typer.Option("zsre", "--format", help="zsre | counterfact | knowedit | qaedit | mquake | jsonl | csv"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The unedited model: locality compares against it."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N edits."),
+    generation: bool = typer.Option(True, "--generation/--no-generation", help="Also score greedy answers by exact match."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-edit records and the aggregate here."),
+) -> None:
+    """Score MODEL on edit records: reliability, generalization, locality (vs --reference), portability, exact match."""
+    import json
+
+    from .evaluation.standalone import evaluate_folder
+
+    result = evaluate_folder(model, dataset, fmt, reference=reference, limit=limit, generation=generation, batch_size=batch_size)
+    table = Table(title=f"{model} on {dataset.name} ({len(result['records'])} edits)")
+    for col in ("metric", "protocol", "mean", "n"):
+        table.add_column(col)
+    for name, agg in result["aggregate"].items():
+        table.add_row(name, agg["protocol"], "-" if agg["mean"] is None else f"{agg['mean']:.3f}", str(agg["n"]))
+    out.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+        out.print(f"per-edit results: {json_out}")
+
+
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")) -> None:
     """Check a recipe (schema, dataset, merge references, trainable patterns) without training anything."""

@@ -216,3 +216,17 @@ def test_two_processes_under_accelerate_launch(tmp_path, tiny_model):
     assert set(merged) == set(base)
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_eval_command_scores_a_folder_against_its_reference(tmp_path, tiny_model, run_cli):
+    recipe = _recipe(tmp_path, tiny_model)
+    RecipeRun(recipe).run()
+    out = tmp_path / "scores.json"
+    result = run_cli("eval", tmp_path / "run" / "model", "--dataset", tmp_path / "edits.jsonl", "--format", "jsonl",
+                     "--reference", tiny_model, "--json", out, "--no-generation")
+    assert result.code == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["aggregate"]["rel"]["mean"] > 0.9 and data["aggregate"]["loc"]["protocol"] == "pre-vs-post"
+    same = run_cli("eval", tiny_model, "--dataset", tmp_path / "edits.jsonl", "--format", "jsonl", "--reference", tiny_model,
+                   "--json", out, "--no-generation")
+    assert same.code == 0 and json.loads(out.read_text())["aggregate"]["loc"]["mean"] == 1.0
