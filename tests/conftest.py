@@ -65,18 +65,24 @@ def run_cli(capsys, monkeypatch):
     return run
 
 
-def ties_reference_for_pipeline(base, tuned: list, weights: list[float], densities: list[float]):
-    """TIES written plainly (argsort top-k, weighted sign vote, disjoint mean), for checking pipeline merges."""
+
+def ties_reference(base, xs: list, weights: list[float], densities: list[float], normalize=True, lam=1.0):
+    """TIES as the paper/mergekit define it, written plainly: argsort top-k, weighted sign vote, disjoint mean."""
     deltas = []
-    for x, w, dens in zip(tuned, weights, densities):
+    for x, w, dens in zip(xs, weights, densities):
         d = (x - base).flatten()
-        k = max(1, int(dens * d.numel()))
-        mask = torch.zeros_like(d)
-        mask[torch.argsort(d.abs(), descending=True)[:k]] = 1
-        deltas.append((d * mask).reshape(base.shape) * w)
+        if dens < 1:
+            k = max(1, int(dens * d.numel()))
+            mask = torch.zeros_like(d)
+            mask[torch.argsort(d.abs(), descending=True)[:k]] = 1
+            d = d * mask
+        deltas.append(d.reshape(base.shape) * w)
     stacked = torch.stack(deltas)
     elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
     agree = (torch.sign(stacked) == elected).float()
+    mixed = (stacked * agree).sum(0)
     divisor = (torch.tensor(weights).view(-1, *[1] * base.dim()) * agree).sum(0)
     divisor[divisor == 0] = 1
-    return base + (stacked * agree).sum(0) / divisor
+    if normalize:
+        mixed = mixed / divisor
+    return base + lam * mixed

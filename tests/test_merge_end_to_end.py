@@ -17,29 +17,7 @@ import torch
 from mergeedit.merge import MergeOptions, load_plan, write_merge
 from mergeedit.toy_models import load_state_dict
 
-from conftest import SHAPE, write_config
-
-
-def ties_reference(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], densities: list[float], normalize=True, lam=1.0):
-    """TIES as the paper/mergekit define it, written plainly: argsort top-k, weighted sign vote, disjoint mean."""
-    deltas = []
-    for x, w, dens in zip(xs, weights, densities):
-        d = (x - base).flatten()
-        if dens < 1:
-            k = max(1, int(dens * d.numel()))
-            mask = torch.zeros_like(d)
-            mask[torch.argsort(d.abs(), descending=True)[:k]] = 1
-            d = d * mask
-        deltas.append(d.reshape(base.shape) * w)
-    stacked = torch.stack(deltas)
-    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
-    agree = (torch.sign(stacked) == elected).float()
-    mixed = (stacked * agree).sum(0)
-    divisor = (torch.tensor(weights).view(-1, *[1] * base.dim()) * agree).sum(0)
-    divisor[divisor == 0] = 1
-    if normalize:
-        mixed = mixed / divisor
-    return base + lam * mixed
+from conftest import SHAPE, ties_reference, write_config
 
 
 def _logits(folder_or_state, reference_folder: Path) -> torch.Tensor:

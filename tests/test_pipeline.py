@@ -145,9 +145,9 @@ def test_sequential_chained_and_anchored(tmp_path, tiny_model):
     merged = load_state_dict(anchored.model_dir)
     name = "model.layers.1.mlp.down_proj.weight"
     # anchored: both batches were trained from the original base, then TIES-merged together (weights 1, density 0.6)
-    from conftest import ties_reference_for_pipeline
+    from conftest import ties_reference
 
-    expected = ties_reference_for_pipeline(base[name], [d0[name], d1[name]], [1.0, 1.0], [0.6, 0.6])
+    expected = ties_reference(base[name], [d0[name], d1[name]], [1.0, 1.0], [0.6, 0.6])
     torch.testing.assert_close(merged[name], expected, atol=1e-6, rtol=0)
 
 
