@@ -927,7 +927,7 @@ def test_seeded_uniform_any_split_concatenates_to_one_call_small_block(block, mo
 
 def test_seeded_uniform_split_across_real_block_boundary():
     B = seeded_random.BLOCK
-    assert B == 1 << 20
+    assert B == 1 << 18
     n = B + 5000
     whole = seeded_uniform(5, 0, n)
     for bounds in ([0, B, n], [0, B - 1, B + 1, n], [0, 1000, B - 3000, B + 2500, n]):
