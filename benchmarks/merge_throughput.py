@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mergeedit.toy_models import BENCH_170M, LlamaShape, build_llama, parameter_count  # noqa: E402
-from mergeedit.units import format_size, parse_size  # noqa: E402
+from mergeedit.units import parse_size  # noqa: E402
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 TIME_TARGET = {"linear": 1.3, "task_arithmetic": 1.3, "ties": 2.0, "dare_ties": 2.0, "dare_linear": 2.0}

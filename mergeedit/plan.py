@@ -18,7 +18,7 @@ from .errors import MergeEditError
 from .io.dtypes import compute_dtype_for, dtype_name, itemsize, parse_user_dtype
 from .io.model_source import ModelSource, open_model
 from .io.safetensors_header import TensorInfo
-from .merge_config import InputSlice, MergeConfig, OutputSlice
+from .merge_config import InputSlice, MergeConfig
 from .methods import all_parameter_names, get_method
 from .methods.passthrough import COPY
 from .methods.seeded_random import derive_seed

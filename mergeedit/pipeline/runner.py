@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,7 +20,7 @@ from .. import __version__
 from ..editing.datasets import load_edits
 from ..editing.prompts import PromptFormat, training_pairs
 from ..editing.records import EditRecord
-from ..editing.rsft import TrainingExample, TrainReport, TrainSettings, mark_trainable, train_edits
+from ..editing.rsft import TrainingExample, TrainSettings, mark_trainable, train_edits
 from ..editing.trainable import select_trainable
 from ..errors import MergeEditError
 from ..io.model_source import ModelSource, open_local, overlay
