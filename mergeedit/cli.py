@@ -113,6 +113,15 @@ def inspect(model: str = typer.Argument(..., help="Model folder, .safetensors fi
 
 
 @app.command()
+def verify(folder: Path = typer.Argument(..., help="A folder written by mergeedit merge or run.")) -> None:
+    """Check every file of FOLDER against its sha256 manifest; name the first bad file (exit status 2)."""
+    from .io.integrity import verify_folder
+
+    n = verify_folder(folder)
+    out.print(f"[green]ok[/]: {folder}: {n} files match the manifest")
+
+
+@app.command()
 def demo(
     out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Where the demo's models and merges go."),
 ) -> None:

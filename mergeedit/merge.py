@@ -8,6 +8,8 @@ from typing import Optional
 
 from .executor import ExecutionReport, Executor, ProgressCallback, schedule_plan
 from .io.output_dir import GENERATION_FILES, TOKENIZER_FILES, AtomicOutputDir, check_output_location, copy_files, write_json
+from .errors import MergeEditError
+from .io.integrity import OutputLock, check_free_space, is_disk_full, write_manifest
 from .io.shard_writer import OutputEntry, ShardWriter, layout_shards
 from .memory import default_budget
 from .merge_config import load_merge_config
@@ -25,6 +27,7 @@ class MergeOptions:
     copy_tokenizer: bool = True
     overwrite: bool = False
     fsync: bool = True
+    save_config: bool = True  # keep the merge config in the output as mergekit_config.yml
 
 
 @dataclass
@@ -70,17 +73,25 @@ def output_entries(plan: MergePlan) -> list[OutputEntry]:
 def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress: Optional[ProgressCallback] = None) -> ExecutionReport:
     check_output_location(out_dir, [m.folder for m in plan.models], options.overwrite)
     shards = layout_shards(output_entries(plan), options.out_shard_size)
-    with AtomicOutputDir(out_dir) as tmp:
-        writer = ShardWriter(tmp, shards, fsync=options.fsync)
-        try:
-            report = Executor(plan, writer, options.memory_budget, progress).run()
-        finally:
-            writer.abort()
-        if plan.out_config is not None:
-            write_json(tmp / "config.json", plan.out_config)
-        config_folder = (plan.base_model or plan.models[0]).folder
-        copy_files(config_folder, tmp, GENERATION_FILES)
-        if options.copy_tokenizer and plan.tokenizer_model is not None:
-            copy_files(plan.tokenizer_model.folder, tmp, TOKENIZER_FILES)
-        (tmp / "mergekit_config.yml").write_text(plan.doc.path.read_text())
+    check_free_space(out_dir, sum(s.nbytes for s in shards))
+    try:
+        with OutputLock(out_dir), AtomicOutputDir(out_dir) as tmp:
+            writer = ShardWriter(tmp, shards, fsync=options.fsync)
+            try:
+                report = Executor(plan, writer, options.memory_budget, progress).run()
+            finally:
+                writer.abort()
+            if plan.out_config is not None:
+                write_json(tmp / "config.json", plan.out_config)
+            config_folder = (plan.base_model or plan.models[0]).folder
+            copy_files(config_folder, tmp, GENERATION_FILES)
+            if options.copy_tokenizer and plan.tokenizer_model is not None:
+                copy_files(plan.tokenizer_model.folder, tmp, TOKENIZER_FILES)
+            if options.save_config and plan.doc.path.is_file():
+                (tmp / "mergekit_config.yml").write_text(plan.doc.path.read_text())
+            write_manifest(tmp, writer.digests)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise MergeEditError(f"{out_dir}: the disk filled up while writing; the partial output was removed; free space or choose another folder") from None
+        raise
     return report

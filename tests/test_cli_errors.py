@@ -133,3 +133,52 @@ def test_dry_run_and_inspect_read_no_tensor_data(tmp_path, models, run_cli, monk
     assert result.code == 0
     for needle in ("LlamaForCausalLM", "layers", "3", "F32 x", "model-00001-of-00003.safetensors"):
         assert needle in result.stdout
+
+
+def test_manifest_and_verify_name_the_first_bad_file(tmp_path, models, run_cli):
+    cfg = write_config(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1}}\n  - model: {models['b']}\n    parameters: {{weight: 1}}\n")
+    out = tmp_path / "out"
+    assert run_cli("merge", cfg, out, "--out-shard-size", "60K").code == 0
+    ok = run_cli("verify", out)
+    assert ok.code == 0 and "match the manifest" in ok.stdout
+    manifest = json.loads((out / "mergeedit-manifest.json").read_text())["files"]
+    import hashlib
+
+    for name, entry in manifest.items():  # digests computed while streaming equal a fresh hash of the file
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
+    shard = out / "model-00002-of-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = run_cli("verify", out)
+    assert bad.code == 2 and "model-00002-of-00003.safetensors" in bad.stderr and "sha256" in bad.stderr
+
+
+def test_concurrent_run_on_the_same_output_refuses(tmp_path, models, run_cli):
+    from mergeedit.io.integrity import OutputLock
+
+    cfg = write_config(tmp_path, f"merge_method: passthrough\nmodels:\n  - model: {models['a']}\n")
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _assert_clean_failure(run_cli("merge", cfg, out), out, "another mergeedit run", "is writing this folder")
+    assert run_cli("merge", cfg, out).code == 0  # released: the next run goes through
+
+
+def test_disk_space_is_checked_first_and_a_full_disk_cleans_up(tmp_path, models, run_cli, monkeypatch):
+    import errno
+    import shutil as sh
+    from collections import namedtuple
+
+    cfg = write_config(tmp_path, f"merge_method: passthrough\nmodels:\n  - model: {models['a']}\n")
+    out = tmp_path / "out"
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as m:
+        m.setattr(sh, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+        _assert_clean_failure(run_cli("merge", cfg, out), out, "needs", "free")
+    from mergeedit.io import shard_writer
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shard_writer.ShardWriter, "write", full)
+    _assert_clean_failure(run_cli("merge", cfg, out), out, "disk filled up", "partial output was removed")

@@ -95,6 +95,9 @@ def test_rsft_then_ties_merge(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(result.model_dir)
+    from mergeedit.io.integrity import verify_folder
+
+    assert verify_folder(result.model_dir) >= 4  # shards, config, tokenizer and the model card, all in the manifest
     card = (result.model_dir / "README.md").read_text()
     assert "Edits: 4" in card and "| rel | teacher-forced |" in card and "torch" in card
     # reliability after editing well above before

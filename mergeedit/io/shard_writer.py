@@ -6,6 +6,7 @@ fixed up front: a shard file is its header followed by tensor bytes appended in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -93,14 +94,18 @@ class ShardWriter:
         self._written_in_tensor = 0
         self._file = None
         self._shard_index = -1
+        self._hash = None
+        self.digests: dict[str, str] = {}  # sha256 of each finished shard, computed as its bytes stream out
         self.bytes_written = 0
 
     def _open_shard(self, si: int) -> None:
         self._close_file()
         self._shard_index = si
         self._file = open(self.folder / self.shards[si].filename, "wb", buffering=0)
+        self._hash = hashlib.sha256()
         header = self.shards[si].header_bytes()
         self._file.write(header)
+        self._hash.update(header)
         self.bytes_written += len(header)
 
     def _close_file(self) -> None:
@@ -109,6 +114,7 @@ class ShardWriter:
                 os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+            self.digests[self.shards[self._shard_index].filename] = self._hash.hexdigest()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append `tensor` (all of the next tensor, or its next rows) to the current shard."""
@@ -121,6 +127,7 @@ class ShardWriter:
             self._open_shard(si)
         data = tensor.contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
         view = memoryview(data.numpy())
+        self._hash.update(view)
         while view:
             view = view[self._file.write(view):]
         self._written_in_tensor += data.numel()

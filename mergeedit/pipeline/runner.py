@@ -30,6 +30,7 @@ from ..plan import build_plan
 from ..units import parse_size
 from ..yaml_source import YamlDocument
 from .recipe import DEFAULT_TRAINABLE, Recipe, load_recipe
+from ..io.integrity import add_to_manifest
 from .distributed import Distributed
 from .run_dir import RunDir, stable_hash
 
@@ -353,12 +354,11 @@ class RecipeRun:
         plan = build_plan(config, doc, opener=lambda ref: source)
         plan.tokenizer_model = open_local("base", base_folder)
         plan.base_model = plan.tokenizer_model
-        options = MergeOptions(overwrite=True, out_shard_size=parse_size(self.recipe.output.shard_size, "output.shard_size"))
+        options = MergeOptions(overwrite=True, out_shard_size=parse_size(self.recipe.output.shard_size, "output.shard_size"), save_config=False)
         with self.dist.main_first() as main:
             if main:
                 with stage.writing() as tmp:
                     write_merge(plan, tmp / "model", options)
-                    (tmp / "model" / "mergekit_config.yml").unlink(missing_ok=True)
 
     def _publish(self, result: RunResult, export) -> None:
         """Place the exported model at run_dir/model with its model card (recipe, edits, metrics, versions)."""
@@ -377,3 +377,4 @@ class RecipeRun:
                 shutil.rmtree(target)
         target.symlink_to(source.relative_to(target.parent), target_is_directory=True)
         write_model_card(source / "README.md", self.recipe, self.doc, result)
+        add_to_manifest(source, "README.md")
