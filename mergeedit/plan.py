@@ -149,13 +149,17 @@ class Planner:
 
     def open_models(self) -> None:
         for ref, path in self._ref_paths().items():
-            try:
-                model = self.opener(self._resolve_ref(ref))
-            except MergeEditError as exc:
-                raise MergeEditError(f"{self.doc.where(path)}: {exc}") from None
-            model.ref = ref
-            self._model_index[ref] = len(self.models)
-            self.models.append(model)
+            self._open(ref, path)
+
+    def _open(self, ref: str, path: tuple) -> None:
+        """Open one referenced model; its errors are prefixed with where the config names it."""
+        try:
+            model = self.opener(self._resolve_ref(ref))
+        except MergeEditError as exc:
+            raise MergeEditError(f"{self.doc.where(path)}: {exc}") from None
+        model.ref = ref
+        self._model_index[ref] = len(self.models)
+        self.models.append(model)
 
     def model(self, ref: str) -> ModelSource:
         return self.models[self._model_index[ref]]
@@ -383,17 +387,8 @@ class Planner:
         if source in (None, "base"):
             return default
         if source not in self._model_index:
-            self.open_models_extra(source)
+            self._open(source, ("tokenizer", "source"))
         return self.model(source)
-
-    def open_models_extra(self, ref: str) -> None:
-        try:
-            model = self.opener(self._resolve_ref(ref))
-        except MergeEditError as exc:
-            raise MergeEditError(f"{self.doc.where(('tokenizer', 'source'))}: {exc}") from None
-        model.ref = ref
-        self._model_index[ref] = len(self.models)
-        self.models.append(model)
 
 
 def build_plan(config: MergeConfig, doc: YamlDocument, **options: Any) -> MergePlan:

@@ -193,8 +193,10 @@ class RecipeRun:
             training_model = dist.accelerator.prepare_model(model)
         fmt = PromptFormat.resolve(recipe.dataset.prompt, tokenizer)
         where = self.doc.where(("dataset",))
-        all_examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where)  # fails early on bad targets
-        del all_examples
+        # Tokenized once, up front: a target that tokenizes to nothing fails here, before any training.
+        examples_by_case: dict[str, list[TrainingExample]] = {}
+        for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where):
+            examples_by_case.setdefault(ex.case_id, []).append(ex)
         batches = self.batches(records)
         result.batches = len(batches)
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
@@ -228,7 +230,7 @@ class RecipeRun:
                 result.stages_cached.append(rsft_stage.name)
             else:
                 self.reporter.stage(rsft_stage.name, False, f"{len(batch)} edits, {sum(named[n].numel() for n in trainable):,} trainable parameters")
-                examples = examples_for(batch, tokenizer, fmt, recipe.rsft.train_rephrases, where)
+                examples = [ex for r in batch for ex in examples_by_case[r.case_id]]
                 report = train_edits(
                     training_model, examples, trainable, settings, pad_id=tokenizer.pad_token_id, device=device,
                     progress=self.reporter.training, precision=recipe.rsft.precision, accelerator=dist.accelerator,
