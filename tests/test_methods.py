@@ -838,16 +838,22 @@ def test_kth_largest_streamed_in_chunks_equals_one_shot(n_chunks, selection_path
     x[::10] = x[5]  # duplicates
     chunks = list(torch.tensor_split(x, n_chunks))
     for k in (1, 410, 4099):
-        sel = KthLargest(k)
-        for c in chunks:
-            sel.observe_high(magnitude_bits(c))
-        sel.end_high()
-        for c in chunks:
-            sel.observe_low(magnitude_bits(c))
-        sel.end_low()
+        sel = _stream_kth(chunks, k)
         assert sel.threshold == kth_largest_magnitude(x, k) == _kth_ref(x, k)
         # the bit pattern reproduces the top-k selection: >= threshold keeps at least k (exactly k without ties)
         assert int((magnitude_bits(x) >= sel.threshold_bits).sum()) >= k
+
+
+def _stream_kth(chunks, k):
+    """Feed chunks through both radix passes, as the executor's statistics passes do."""
+    sel = KthLargest(k)
+    for c in chunks:
+        sel.observe_high(magnitude_bits(c))
+    sel.end_high()
+    for c in chunks:
+        sel.observe_low(magnitude_bits(c))
+    sel.end_low()
+    return sel
 
 
 def test_kth_largest_chunks_crossing_small_limit():
@@ -857,13 +863,7 @@ def test_kth_largest_chunks_crossing_small_limit():
     x[:1000] = x[0]
     chunks = [x[:10], x[10:1000], x[1000:60_000], x[60_000:]]
     for k in (3, 35_000):
-        sel = KthLargest(k)
-        for c in chunks:
-            sel.observe_high(magnitude_bits(c))
-        sel.end_high()
-        for c in chunks:
-            sel.observe_low(magnitude_bits(c))
-        sel.end_low()
+        sel = _stream_kth(chunks, k)
         assert sel.threshold == _kth_ref(x, k)
 
 
