@@ -29,113 +29,17 @@ from mergeedit.methods.task_arithmetic import (
 )
 from mergeedit.methods.linear import LINEAR
 from mergeedit.methods.spec import REQUIRED
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Driving a method like the executor does
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _shared(method: MergeMethod, **overrides) -> dict:
-    """Resolved shared parameters: the method's defaults, then overrides."""
-    out = {p.name: p.default for p in method.params if p.scope == "shared"}
-    out.update(overrides)
-    return out
-
-
-def _per_input(n: int, base: int | None, **lists) -> list[dict]:
-    """per_input dicts parallel to the tensors; non_base params (weight, density) absent for the base."""
-    out = []
-    for i in range(n):
-        d = {}
-        if i != base:
-            for name, values in lists.items():
-                d[name] = values[i]
-        out.append(d)
-    return out
-
-
-def _complete(method: MergeMethod, base, per_input: list[dict]) -> list[dict]:
-    """Every declared per-input parameter resolved, defaults included, as the planner hands them over."""
-    out = []
-    for i, given in enumerate(per_input):
-        d = {p.name: p.default for p in method.params if p.scope == "input" or (p.scope == "non_base" and i != base)}
-        d = {k: v for k, v in d.items() if k not in given and v is not REQUIRED}
-        out.append({**given, **d})
-    return out
-
-
-def _probe(tensors, base, shared, per_input, numel, seed) -> MergeInputs:
-    """What the executor hands `statistics`: parameters but no data."""
-    return MergeInputs("t", [None] * len(tensors), base, shared, per_input, 0, numel, seed)
-
-
-def run_whole(method: MergeMethod, tensors, base, shared, per_input, seed: int = 0, name: str = "t") -> torch.Tensor:
-    """Merge one whole tensor as a single flattened block (offset 0, numel = total)."""
-    per_input = _complete(method, base, per_input)
-    flat = [x.reshape(-1) for x in tensors]
-    numel = flat[0].numel()
-    stats = method.statistics(_probe(flat, base, shared, per_input, numel, seed)) if method.statistics else None
-    inputs = MergeInputs(name, flat, base, shared, per_input, 0, numel, seed)
-    if stats:
-        for p in range(stats.passes):
-            stats.observe(p, inputs)
-            stats.end_pass(p)
-    inputs.stats = stats.result() if stats else None
-    return method.merge(inputs).reshape(tensors[0].shape)
-
-
-def run_blocked(method: MergeMethod, tensors, base, shared, per_input, cuts, seed: int = 0, name: str = "t") -> torch.Tensor:
-    """Merge one tensor cut at the flat positions `cuts` into blocks with their offsets, streaming every statistics
-    pass over all blocks before the merge pass, as the executor does for chunked tensors."""
-    per_input = _complete(method, base, per_input)
-    flat = [x.reshape(-1) for x in tensors]
-    numel = flat[0].numel()
-    bounds = [0, *sorted(cuts), numel]
-    blocks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-
-    def block_inputs(a, b):
-        return MergeInputs(name, [x[a:b] for x in flat], base, shared, per_input, a, numel, seed)
-
-    stats = method.statistics(_probe(flat, base, shared, per_input, numel, seed)) if method.statistics else None
-    if stats:
-        for p in range(stats.passes):
-            for a, b in blocks:
-                stats.observe(p, block_inputs(a, b))
-            stats.end_pass(p)
-    result = stats.result() if stats else None
-    pieces = []
-    for a, b in blocks:
-        inp = block_inputs(a, b)
-        inp.stats = result
-        pieces.append(method.merge(inp).reshape(-1))
-    return torch.cat(pieces).reshape(tensors[0].shape)
-
-
-def T(*values, dtype=torch.float32) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype)
-
-
-def _rand_models(n_models: int, numel: int, seed: int, dtype=torch.float32) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(numel, generator=g, dtype=torch.float64)
-    out = [base.to(dtype)]
-    for _ in range(n_models):
-        out.append((base + torch.randn(numel, generator=g, dtype=torch.float64) * 0.5).to(dtype))
-    return out
-
-
-def _tie_free_models(n_models: int, numel: int, seed: int) -> list[torch.Tensor]:
-    """base on a 2^-8 grid, deltas = random signs times a permutation of distinct multiples of 2^-10: every x - base is
-    exact in float32 and no two magnitudes of one delta are equal; with dyadic weights all sums are exact too."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.round(torch.randn(numel, generator=g) * 256) / 256
-    out = [base]
-    for _ in range(n_models):
-        mags = (torch.randperm(numel, generator=g) + 1).float() / 1024
-        signs = torch.where(torch.rand(numel, generator=g) < 0.5, -1.0, 1.0)
-        out.append(base + signs * mags)
-    return out
-
+from method_harness import (
+    T,
+    _complete,
+    _probe,
+    per_input_params as _per_input,
+    rand_models as _rand_models,
+    run_blocked,
+    run_whole,
+    shared_params as _shared,
+    tie_free_models as _tie_free_models,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # A reference of mergekit 0.1.5's generalized task arithmetic, written plainly
@@ -198,11 +102,23 @@ def _assert_inputs_untouched(method, tensors, base, shared, per_input, seed=0):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+MERGEKIT_METHODS = {
+    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+    "della_linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "ram", "ramplus_tl", "nearswap",
+    "arcee_fusion", "passthrough",
+}
+
+
 def test_registry_names():
-    assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "passthrough"}
+    from mergeedit.methods import MERGEKIT_ONLY
+
+    assert set(METHODS) | set(MERGEKIT_ONLY) == MERGEKIT_METHODS
+    assert not set(METHODS) & set(MERGEKIT_ONLY)
+    assert all(METHODS[name].name == name for name in METHODS)
     assert get_method("ties", "x") is TIES
-    with pytest.raises(MergeEditError, match="does not implement yet"):
-        get_method("slerp", "cfg.yaml")
+    for name in MERGEKIT_ONLY:
+        with pytest.raises(MergeEditError, match="does not implement yet"):
+            get_method(name, "cfg.yaml")
     with pytest.raises(MergeEditError, match="unknown merge_method"):
         get_method("nope", "cfg.yaml")
 

@@ -9,12 +9,38 @@ from .passthrough import PASSTHROUGH
 from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
 from .task_arithmetic import DARE_LINEAR, DARE_TIES, TASK_ARITHMETIC, TIES
 
-METHODS: dict[str, MergeMethod] = {m.name: m for m in (LINEAR, TASK_ARITHMETIC, TIES, DARE_TIES, DARE_LINEAR, PASSTHROUGH)}
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        LINEAR,
+        TASK_ARITHMETIC,
+        TIES,
+        DARE_TIES,
+        DARE_LINEAR,
+        PASSTHROUGH,
+    )
+}
 
 # mergekit methods we know of but do not implement yet: named in the error so users know it is not a typo.
-MERGEKIT_ONLY = (
-    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher",
-    "model_stock", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion",
+MERGEKIT_ONLY = tuple(
+    name
+    for name in (
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "sce",
+        "slerp",
+        "nuslerp",
+        "multislerp",
+        "karcher",
+        "model_stock",
+        "ram",
+        "ramplus_tl",
+        "nearswap",
+        "arcee_fusion",
+    )
+    if name not in METHODS
 )
 
 
