@@ -128,7 +128,7 @@ class ExecutionReport:
 
 def _probe(t: PlannedTensor) -> MergeInputs:
     """MergeInputs carrying parameters but no data: enough for a method to say which statistics it needs."""
-    return MergeInputs(t.name, [None] * len(t.sources), t.base, t.shared, t.per_input, 0, t.numel, t.seed)
+    return MergeInputs(t.name, [None] * len(t.sources), t.base, t.shared, t.per_input, 0, t.numel, t.seed, shape=tuple(t.shape))
 
 
 def build_statistics(t: PlannedTensor) -> Optional[TensorStatistics]:
@@ -263,13 +263,13 @@ class Executor:
             return x.to(t.compute_dtype)
 
         if not t.method.elementwise:
-            yield 0, MergeInputs(t.name, [cast(x) for x in stored], t.base, t.shared, t.per_input, chunk_offset, t.numel, t.seed)
+            yield 0, MergeInputs(t.name, [cast(x) for x in stored], t.base, t.shared, t.per_input, chunk_offset, t.numel, t.seed, shape=tuple(t.shape))
             return
         flat = [x.reshape(-1) for x in stored]
         n = flat[0].numel() if flat else 0
         for start in range(0, max(n, 1), self.block):
             end = min(start + self.block, n)
-            yield start, MergeInputs(t.name, [cast(x[start:end]) for x in flat], t.base, t.shared, t.per_input, chunk_offset + start, t.numel, t.seed)
+            yield start, MergeInputs(t.name, [cast(x[start:end]) for x in flat], t.base, t.shared, t.per_input, chunk_offset + start, t.numel, t.seed, shape=tuple(t.shape))
 
     def _observe(self, t: PlannedTensor, stats: TensorStatistics, p: int, job: _Job, stored: list[torch.Tensor]) -> None:
         for _, block in self._blocks(t, job, stored):

@@ -41,9 +41,9 @@ def _complete(method: MergeMethod, base, per_input: list[dict]) -> list[dict]:
     return out
 
 
-def _probe(tensors, base, shared, per_input, numel, seed) -> MergeInputs:
+def _probe(tensors, base, shared, per_input, numel, seed, shape=()) -> MergeInputs:
     """What the executor hands `statistics`: parameters but no data."""
-    return MergeInputs("t", [None] * len(tensors), base, shared, per_input, 0, numel, seed)
+    return MergeInputs("t", [None] * len(tensors), base, shared, per_input, 0, numel, seed, shape=tuple(shape))
 
 
 def run_whole(method: MergeMethod, tensors, base, shared, per_input, seed: int = 0, name: str = "t") -> torch.Tensor:
@@ -51,8 +51,8 @@ def run_whole(method: MergeMethod, tensors, base, shared, per_input, seed: int =
     per_input = _complete(method, base, per_input)
     flat = [x.reshape(-1) for x in tensors]
     numel = flat[0].numel()
-    stats = method.statistics(_probe(flat, base, shared, per_input, numel, seed)) if method.statistics else None
-    inputs = MergeInputs(name, flat, base, shared, per_input, 0, numel, seed)
+    stats = method.statistics(_probe(flat, base, shared, per_input, numel, seed, tensors[0].shape)) if method.statistics else None
+    inputs = MergeInputs(name, flat, base, shared, per_input, 0, numel, seed, shape=tuple(tensors[0].shape))
     if stats:
         for p in range(stats.passes):
             stats.observe(p, inputs)
@@ -71,9 +71,9 @@ def run_blocked(method: MergeMethod, tensors, base, shared, per_input, cuts, see
     blocks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def block_inputs(a, b):
-        return MergeInputs(name, [x[a:b] for x in flat], base, shared, per_input, a, numel, seed)
+        return MergeInputs(name, [x[a:b] for x in flat], base, shared, per_input, a, numel, seed, shape=tuple(tensors[0].shape))
 
-    stats = method.statistics(_probe(flat, base, shared, per_input, numel, seed)) if method.statistics else None
+    stats = method.statistics(_probe(flat, base, shared, per_input, numel, seed, tensors[0].shape)) if method.statistics else None
     if stats:
         for p in range(stats.passes):
             for a, b in blocks:

@@ -64,6 +64,7 @@ class MergeInputs:
     numel: int = 0  # elements in the whole tensor
     seed: int = 0  # derived from --random-seed and the tensor name
     stats: Any = None  # TensorStatistics.result(), when the method has statistics
+    shape: tuple[int, ...] = ()  # shape of the whole output tensor (row-wise statistics: row = offset // prod(shape[1:]))
 
     @property
     def non_base(self) -> list[int]:
