@@ -47,6 +47,8 @@ def _merge_with_progress(plan, out_dir: Path, options, est) -> None:
     summary = Table(show_header=False, box=None)
     summary.add_row("output", str(out_dir))
     summary.add_row("tensors", f"{est.tensors} in {est.shards} shard(s)")
+    if report.resumed_shards:
+        summary.add_row("resumed", f"{report.resumed_shards} of {est.shards} shard(s) reused from the interrupted run (sha256 verified)")
     summary.add_row("time", f"{report.seconds:.2f} s")
     summary.add_row("read", f"{format_size(report.bytes_read)} ({format_size(report.bytes_read / max(report.seconds, 1e-9))}/s)")
     summary.add_row("written", f"{format_size(report.bytes_written)} ({format_size(report.bytes_written / max(report.seconds, 1e-9))}/s)")
@@ -65,6 +67,7 @@ def merge(
     copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer", help="Copy tokenizer files from the base or tokenizer_source."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new merge is complete)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and resource estimate without reading tensor data."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted merge into OUT_DIR: shards it finished (sha256 verified) are kept, the rest are written."),
 ) -> None:
     """Merge models as CONFIG says and write a Hugging Face model folder to OUT_DIR."""
     from .memory import current_rss, default_budget
@@ -77,6 +80,7 @@ def merge(
         out_dtype=dtype,
         copy_tokenizer=copy_tokenizer,
         overwrite=overwrite,
+        resume=resume,
     )
     plan = load_plan(config, options)
     for w in plan.warnings:

@@ -124,6 +124,7 @@ class ExecutionReport:
     budget: int
     budget_high_water: int
     chunked_tensors: int
+    resumed_shards: int = 0  # shards reused from a killed run (--resume), not recomputed
 
 
 def _probe(t: PlannedTensor) -> MergeInputs:

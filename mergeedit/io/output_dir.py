@@ -7,6 +7,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Optional
 
 from ..errors import MergeEditError
 
@@ -34,15 +35,19 @@ def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> Non
 class AtomicOutputDir:
     """Context manager yielding a temporary folder that replaces `final` only when the block completes."""
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, adopt: Optional[Path] = None) -> None:
         self.final = Path(final).absolute()
         self.tmp = self.final.parent / f".{self.final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.adopt = adopt  # an abandoned temporary sibling to continue (--resume) instead of starting empty
 
     def __enter__(self) -> Path:
+        if self.adopt is not None:
+            os.rename(self.adopt, self.tmp)  # now owned by this (live) process, so the cleanup below spares it
         remove_stale_siblings(self.final)
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir()
+            if self.adopt is None:
+                self.tmp.mkdir()
         except OSError as exc:
             raise MergeEditError(f"{self.final}: cannot create the output folder ({exc.strerror}); check that its parent is writable") from None
         return self.tmp
@@ -78,12 +83,14 @@ def remove_stale_siblings(final: Path) -> None:
     if not final.parent.is_dir():
         return
     for p in final.parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        pid = p.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
+        if p.name.startswith(prefix) and is_abandoned(p, prefix):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def is_abandoned(p: Path, prefix: str) -> bool:
+    """A temporary sibling whose writing process no longer exists."""
+    pid = p.name[len(prefix):].split("-")[0]
+    return not (pid.isdigit() and _alive(int(pid)))
 
 
 def _alive(pid: int) -> bool:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -79,23 +81,42 @@ def write_index(folder: Path, shards: list[Shard]) -> None:
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _fault_injection_point() -> Optional[int]:
+    """MERGEEDIT_KILL_AFTER_TENSORS=N makes the process SIGKILL itself once N tensors are written: the resume tests use
+    it to die at exact points (between shards, mid-shard) instead of racing a timer."""
+    value = os.environ.get("MERGEEDIT_KILL_AFTER_TENSORS", "")
+    return int(value) if value.isdigit() else None
+
+
 class ShardWriter:
     """Accepts tensor bytes in plan order (whole tensors or consecutive row chunks) and appends them to shard files.
 
     Every planned tensor must be written, zero-size ones included (with an empty tensor).
     """
 
-    def __init__(self, folder: Path, shards: list[Shard], fsync: bool = True) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        shards: list[Shard],
+        fsync: bool = True,
+        done: Optional[dict[str, str]] = None,
+        on_shard_done: Optional[Callable[[str, str], None]] = None,
+    ) -> None:
+        """`done`: shards already complete on disk (filename -> sha256, from a resumed run); they are not rewritten and
+        their tensors must not be sent. `on_shard_done(filename, sha256)` runs once a shard is fsynced and closed."""
         self.folder = Path(folder)
         self.shards = shards
         self.fsync = fsync
-        self._order = [(si, e) for si, s in enumerate(shards) for e in s.entries]
+        self.on_shard_done = on_shard_done
+        self._order = [(si, e) for si, s in enumerate(shards) if s.filename not in (done or {}) for e in s.entries]
+        self._fault_after = _fault_injection_point()
+        self._tensors_written = 0
         self._pos = 0  # index into _order of the tensor being written
         self._written_in_tensor = 0
         self._file = None
         self._shard_index = -1
         self._hash = None
-        self.digests: dict[str, str] = {}  # sha256 of each finished shard, computed as its bytes stream out
+        self.digests: dict[str, str] = dict(done or {})  # sha256 of each finished shard, computed as its bytes stream out
         self.bytes_written = 0
 
     def _open_shard(self, si: int) -> None:
@@ -114,7 +135,10 @@ class ShardWriter:
                 os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-            self.digests[self.shards[self._shard_index].filename] = self._hash.hexdigest()
+            filename = self.shards[self._shard_index].filename
+            self.digests[filename] = self._hash.hexdigest()
+            if self.on_shard_done is not None:
+                self.on_shard_done(filename, self.digests[filename])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append `tensor` (all of the next tensor, or its next rows) to the current shard."""
@@ -137,6 +161,9 @@ class ShardWriter:
         if self._written_in_tensor == entry.nbytes:
             self._pos += 1
             self._written_in_tensor = 0
+            self._tensors_written += 1
+            if self._tensors_written == self._fault_after:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def finish(self) -> None:
         """Close the last shard and write the index; every planned byte must have arrived."""
