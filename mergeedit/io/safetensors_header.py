@@ -52,7 +52,7 @@ def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> tuple[dict[str
     data_start = 8 + len(raw)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _bad(path, f"header is not JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
@@ -65,7 +65,7 @@ def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> tuple[dict[str
         if not isinstance(entry, dict):
             raise _bad(path, f"entry for tensor '{name}' is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_TO_TORCH:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_TO_TORCH:
             raise _bad(path, f"tensor '{name}' has dtype {dtype!r}, which torch cannot represent")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise _bad(path, f"tensor '{name}' has an invalid shape {shape!r}")
