@@ -63,8 +63,10 @@ class AtomicOutputDir:
             raise
 
     def _commit(self) -> None:
-        for f in self.tmp.rglob("*"):
+        for f in sorted(self.tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # files before their folders
             f.chmod(0o755 if f.is_dir() else 0o644)
+            if not f.is_symlink():
+                _fsync_dir(f)  # data of every file (and every folder's entries) on disk before the rename publishes them
         self.tmp.chmod(0o755)
         _fsync_dir(self.tmp)
         trash = None
@@ -104,6 +106,7 @@ def _alive(pid: int) -> bool:
 
 
 def _fsync_dir(path: Path) -> None:
+    """fsync a file or a folder (opened read-only, which Linux allows for both)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
