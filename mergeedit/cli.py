@@ -67,9 +67,17 @@ def merge(
     copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer", help="Copy tokenizer files from the base or tokenizer_source."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new merge is complete)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and resource estimate without reading tensor data."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickled .bin/.pt inputs (loaded with torch.load(weights_only=True), converted to safetensors once)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted merge into OUT_DIR: shards it finished (sha256 verified) are kept, the rest are written."),
+    keep_intermediates: Optional[Path] = typer.Option(
+        None, "--keep-intermediates",
+        help="Merge graphs (several YAML documents): also write each named merge to DIR/<name>, as mergekit-multi does; by default they are never written.",
+    ),
 ) -> None:
-    """Merge models as CONFIG says and write a Hugging Face model folder to OUT_DIR."""
+    """Merge models as CONFIG says and write a Hugging Face model folder to OUT_DIR.
+
+    CONFIG may hold several YAML documents (mergekit-multi's format): named merges that later ones read by name.
+    """
     from .memory import current_rss, default_budget
     from .merge import MergeOptions, estimate, load_plan
 
@@ -81,6 +89,7 @@ def merge(
         copy_tokenizer=copy_tokenizer,
         overwrite=overwrite,
         resume=resume,
+        allow_pickle=allow_pickle,
     )
     plan = load_plan(config, options)
     for w in plan.warnings:
@@ -100,8 +109,30 @@ def merge(
             f"memory: budget {format_size(options.memory_budget)}, estimated peak {format_size(current_rss() + est.peak_in_flight)} "
             f"(process {format_size(current_rss())} + in flight {format_size(est.peak_in_flight)}); {est.chunked_tensors} tensor(s) in row chunks"
         )
+        _print_merge_graph(plan, out_dir, keep_intermediates)
         return
+    if keep_intermediates is not None:
+        from .merge_graph import write_intermediates
+
+        plan = write_intermediates(config, options, keep_intermediates, lambda p, d: _merge_with_progress(p, d, options, estimate(p, options)))
+        est = estimate(plan, options)
     _merge_with_progress(plan, out_dir, options, est)
+
+
+def _print_merge_graph(plan, out_dir: Path, keep_dir: Optional[Path]) -> None:
+    """--dry-run of a merge graph: the named merges the final one reads, in the order they are computed."""
+    from .merge_graph import upstream_merges
+
+    steps = upstream_merges(plan)
+    if not steps:
+        return
+    table = Table(title="merge graph", show_lines=False)
+    for col in ("merge", "method", "inputs", "tensors", "output"):
+        table.add_column(col)
+    for name, p in steps + [("(final)", plan)]:
+        where = str(out_dir) if p is plan else (str(keep_dir / name) if keep_dir else "computed as read, not written")
+        table.add_row(name, p.method.name, ", ".join(m.ref for m in p.models), str(len(p.tensors)), where)
+    out.print(table)
 
 
 @app.command()
@@ -215,35 +246,83 @@ def run(
         f"{result.edits} edits in {result.batches} batch(es); learned in training: {', '.join(f'{x:.0%}' for x in learned)}; "
         f"stages run: {len(result.stages_run)}, cached: {len(result.stages_cached)}; {result.seconds:.1f} s"
     )
+    for note in result.notes:
+        out.print(f"note: {note}")
     out.print(f"[green]model:[/] {result.model_dir} (Hugging Face folder with model card)")
 
 
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="Model folder, hub id or built-in name to score."),
-    dataset: Path = typer.Option(..., "--dataset", help="Edit records file."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Edit records file (optional with --lm-eval-task or drift-only runs)."),
     fmt: str = typer.Option("zsre", "--format", help="zsre | counterfact | knowedit | qaedit | mquake | jsonl | csv"),
     reference: Optional[str] = typer.Option(None, "--reference", help="The unedited model: locality compares against it."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N edits."),
     generation: bool = typer.Option(True, "--generation/--no-generation", help="Also score greedy answers by exact match."),
     batch_size: int = typer.Option(16, "--batch-size"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-edit records and the aggregate here."),
+    drift: bool = typer.Option(True, "--drift/--no-drift", help="With --reference: perplexity drift and next-token KL on generic text."),
+    drift_texts: Optional[Path] = typer.Option(None, "--drift-texts", help="JSONL of {prompt, text} lines for drift (default: data/drift/generic.jsonl)."),
+    lm_eval_task: Optional[Path] = typer.Option(None, "--lm-eval-task", help="lm-eval task YAML with local data files (needs mergeedit[lmeval]); run on MODEL and --reference."),
+    lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", help="Score only the first N documents of the lm-eval task."),
 ) -> None:
-    """Score MODEL on edit records: reliability, generalization, locality (vs --reference), portability, exact match."""
+    """Score MODEL on edit records: reliability, generalization, locality (vs --reference), portability, exact match;
+    general-ability drift vs --reference; optionally a local lm-evaluation-harness task."""
     import json
 
     from .evaluation.standalone import evaluate_folder
 
-    result = evaluate_folder(model, dataset, fmt, reference=reference, limit=limit, generation=generation, batch_size=batch_size)
-    table = Table(title=f"{model} on {dataset.name} ({len(result['records'])} edits)")
+    if dataset is None and lm_eval_task is None and reference is None:
+        _fail("nothing to score: pass --dataset FILE, --reference MODEL (drift) or --lm-eval-task TASK_YAML")
+    result = evaluate_folder(
+        model, dataset, fmt, reference=reference, limit=limit, generation=generation, batch_size=batch_size,
+        drift=drift, drift_texts=drift_texts, lm_eval_task=lm_eval_task, lm_eval_limit=lm_eval_limit,
+    )
+    table = Table(title=f"{model}" + (f" on {dataset.name} ({len(result['records'])} edits)" if dataset else ""))
     for col in ("metric", "protocol", "mean", "n"):
         table.add_column(col)
     for name, agg in result["aggregate"].items():
         table.add_row(name, agg["protocol"], "-" if agg["mean"] is None else f"{agg['mean']:.3f}", str(agg["n"]))
+    if "drift" in result:
+        d = result["drift"]
+        table.add_row("ppl", "drift vs reference", f"{d['ppl']:.3f} (ref {d['ppl_ref']:.3f})", str(d["texts"]))
+        table.add_row("ppl_drift_pct", "drift vs reference", f"{d['ppl_drift_pct']:+.2f}%", str(d["texts"]))
+        table.add_row("kl", "drift vs reference", f"{d['kl']:.5f}", str(d["prompts"]))
+    for who, r in (result.get("lm_eval") or {}).items():
+        for metric, value in r["metrics"].items():
+            table.add_row(f"{r['task']} {metric}" + (" (reference)" if who == "reference" else ""), "lm-eval", f"{value:.3f}", str(r["samples"] or "-"))
     out.print(table)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
         out.print(f"per-edit results: {json_out}")
+
+
+@app.command()
+def sweep(
+    recipe: Path = typer.Argument(..., help="Recipe YAML whose merge is swept."),
+    extra_grid: Optional[list[str]] = typer.Argument(None, help="More KEY=V1,V2 grid axes (so --grid a=1,2 b=3,4 works)."),
+    grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2,...: a merge parameter and its values (density=0.2,0.5,1); repeatable."),
+    validation: Optional[float] = typer.Option(None, "--validation", help="Edits scored: a fraction (< 1) or a count (default: the recipe's sweep.validation, 0.2)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the validation split."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the sweep's JSON here (always at <run dir>/sweep.json)."),
+) -> None:
+    """Train RECIPE's R-SFT once, merge every grid point, score each on a validation split; mark the Pareto front."""
+    import json
+
+    from .pipeline.sweep import SCORES, run_sweep
+
+    result = run_sweep(recipe, list(grid) + list(extra_grid or []), validation=validation, seed=seed, reporter=_RichReporter())
+    table = Table(title=f"sweep of {recipe.name}: {len(result.points)} merges scored on {result.validation['size']} of {result.validation['of']} edits")
+    for col in [*result.grid, *SCORES, "pareto"]:
+        table.add_column(col)
+    cell = lambda v: "-" if v is None else (str(v) if isinstance(v, bool) else f"{v:.3g}")  # noqa: E731
+    for p in result.points:
+        table.add_row(*[cell(p["params"][k]) for k in result.grid], *[cell(p["scores"][k]) for k in SCORES], "[bold green]*[/]" if p["pareto"] else "")
+    out.print(table)
+    out.print("* on the Pareto front of rel (teacher-forced) vs loc (pre-vs-post); " + f"{result.seconds:.1f} s")
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        out.print(f"sweep results: {json_out}")
 
 
 @app.command()
@@ -307,7 +386,9 @@ def main() -> None:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except MergeEditError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # messages may hold brackets (pip install 'mergeedit[lmeval]'), not markup
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -19,7 +19,9 @@ from typing import Callable, Optional
 
 import torch
 
+from .errors import MergeEditError
 from .io.shard_writer import ShardWriter
+from .io.source_reader import read_input
 from .io.tensor_reader import TensorReader
 from .memory import peak_rss
 from .methods.spec import MergeInputs, TensorStatistics
@@ -172,6 +174,31 @@ def _jobs(schedules: list[_Schedule]):
                 yield _Job(s.tensor, rows, s.charge)
 
 
+def load_inputs(reader: TensorReader, t: PlannedTensor, rows: Optional[tuple[int, int]], alloc=None) -> list[torch.Tensor]:
+    """The inputs of `t` for rows [a, b) (or whole), as its method must see them (adapters folded, vocabularies mapped)."""
+    return [read_input(reader, src.stored, src.row_map, rows, alloc=alloc) for src in t.sources]
+
+
+def input_blocks(t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], block: int = DEFAULT_BLOCK):
+    """(offset in the chunk, MergeInputs) for each cache-sized block of a chunk (the whole chunk for non-elementwise methods)."""
+    row_elems = t.numel // t.rows if t.rows else 0
+    chunk_offset = rows[0] * row_elems if rows else 0
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        if t.load_dtype is not None:
+            x = x.to(t.load_dtype)
+        return x.to(t.compute_dtype)
+
+    if not t.method.elementwise:
+        yield 0, MergeInputs(t.name, [cast(x) for x in stored], t.base, t.shared, t.per_input, chunk_offset, t.numel, t.seed, shape=tuple(t.shape))
+        return
+    flat = [x.reshape(-1) for x in stored]
+    n = flat[0].numel() if flat else 0
+    for start in range(0, max(n, 1), block):
+        end = min(start + block, n)
+        yield start, MergeInputs(t.name, [cast(x[start:end]) for x in flat], t.base, t.shared, t.per_input, chunk_offset + start, t.numel, t.seed, shape=tuple(t.shape))
+
+
 class Executor:
     def __init__(
         self,
@@ -198,8 +225,7 @@ class Executor:
 
     # -- threads ------------------------------------------------------------------------------------------------
     def _load(self, job: _Job) -> list[torch.Tensor]:
-        t = self.plan.tensors[job.tensor]
-        return [self.reader.read(src.info, job.rows, alloc=self.pool.take) for src in t.sources]
+        return load_inputs(self.reader, self.plan.tensors[job.tensor], job.rows, alloc=self.pool.take)
 
     @staticmethod
     def _raw(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -254,23 +280,7 @@ class Executor:
             return item
 
     def _blocks(self, t: PlannedTensor, job: _Job, stored: list[torch.Tensor]):
-        """MergeInputs for each cache-sized block of a chunk (or the whole chunk for non-elementwise methods)."""
-        row_elems = t.numel // t.rows if t.rows else 0
-        chunk_offset = job.rows[0] * row_elems if job.rows else 0
-
-        def cast(x: torch.Tensor) -> torch.Tensor:
-            if t.load_dtype is not None:
-                x = x.to(t.load_dtype)
-            return x.to(t.compute_dtype)
-
-        if not t.method.elementwise:
-            yield 0, MergeInputs(t.name, [cast(x) for x in stored], t.base, t.shared, t.per_input, chunk_offset, t.numel, t.seed, shape=tuple(t.shape))
-            return
-        flat = [x.reshape(-1) for x in stored]
-        n = flat[0].numel() if flat else 0
-        for start in range(0, max(n, 1), self.block):
-            end = min(start + self.block, n)
-            yield start, MergeInputs(t.name, [cast(x[start:end]) for x in flat], t.base, t.shared, t.per_input, chunk_offset + start, t.numel, t.seed, shape=tuple(t.shape))
+        return input_blocks(t, job.rows, stored, self.block)
 
     def _observe(self, t: PlannedTensor, stats: TensorStatistics, p: int, job: _Job, stored: list[torch.Tensor]) -> None:
         for _, block in self._blocks(t, job, stored):
@@ -342,6 +352,20 @@ class Executor:
             job, stored = self._next(inbox)
             self._emit(t, result, job, stored, outbox, last=k == len(s.chunks) - 1)
 
+    def _non_finite_error(self, t: PlannedTensor, block: MergeInputs) -> MergeEditError:
+        """NaN/Inf in the output: blame the input checkpoint that holds them, else the output dtype's range."""
+        for k, x in enumerate(block.tensors):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                model = self.plan.models[t.sources[k].model]
+                return MergeEditError(
+                    f"{model.ref}: tensor '{t.sources[k].info.name}' holds NaN/Inf values, so the merged '{t.name}' would too; "
+                    "repair or replace that checkpoint"
+                )
+        return MergeEditError(
+            f"'{t.name}': the {t.method.name} merge overflows {str(t.out_dtype).removeprefix('torch.')} (Inf/NaN in the output); "
+            "choose a wider output dtype (--dtype bfloat16 or float32) or smaller weights"
+        )
+
     def _emit(self, t: PlannedTensor, stats, job: _Job, stored: list[torch.Tensor], outbox: queue.Queue, last: bool) -> None:
         shape = ((job.rows[1] - job.rows[0],) + tuple(t.shape[1:])) if job.rows is not None else tuple(t.shape)
         out_bytes = math.prod(shape) * t.out_dtype.itemsize
@@ -353,9 +377,13 @@ class Executor:
             if merged.numel() != block.tensors[0].numel():
                 raise RuntimeError(f"method {t.method.name} returned {merged.numel()} elements for a block of '{t.name}', expected {block.tensors[0].numel()}")
             if t.method.elementwise:
-                flat_out[start : start + merged.numel()].copy_(merged.reshape(-1))
+                written = flat_out[start : start + merged.numel()]
+                written.copy_(merged.reshape(-1))
             else:
+                written = out
                 out.copy_(merged.reshape(shape))
+            if t.out_dtype.is_floating_point and not bool(torch.isfinite(written).all()):
+                raise self._non_finite_error(t, block)
         buffers = self._raw(stored) + self._raw([out])
         del stored
         outbox.put((t.name, out, job.nbytes, (t, t.bytes_out) if last else None, buffers))

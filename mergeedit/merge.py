@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -13,7 +14,9 @@ from .io.integrity import OutputLock, check_free_space, is_disk_full, write_mani
 from .io.resume import Journal, find_resumable, fingerprint, verified_prefix
 from .io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards
 from .memory import default_budget
+from .chat_templates import write_chat_template
 from .merge_config import load_merge_config
+from .merge_graph import is_merge_graph, plan_merge_graph, upstream_merges
 from .plan import MergePlan, build_plan
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -29,6 +32,7 @@ class MergeOptions:
     overwrite: bool = False
     fsync: bool = True
     save_config: bool = True  # keep the merge config in the output as mergekit_config.yml
+    allow_pickle: bool = False  # import pickled (.bin/.pt) inputs with torch.load(weights_only=True)
     resume: bool = False  # continue a killed run's temporary folder, reusing its checksum-verified shards
 
 
@@ -49,8 +53,10 @@ class PlanEstimate:
 
 
 def load_plan(config_path: Path, options: MergeOptions) -> MergePlan:
+    if is_merge_graph(config_path):  # several named merges feeding each other (merge_graph.py)
+        return plan_merge_graph(config_path, options)
     config, doc = load_merge_config(config_path)
-    return build_plan(config, doc, random_seed=options.random_seed, out_dtype=options.out_dtype)
+    return build_plan(config, doc, random_seed=options.random_seed, out_dtype=options.out_dtype, allow_pickle=options.allow_pickle)
 
 
 def estimate(plan: MergePlan, options: MergeOptions) -> PlanEstimate:
@@ -72,20 +78,51 @@ def output_entries(plan: MergePlan) -> list[OutputEntry]:
     return [OutputEntry(t.name, t.out_dtype, t.shape) for t in plan.tensors]
 
 
+def _describe_sources(plan: MergePlan, t) -> list:
+    out = []
+    for s in t.sources:
+        lora = (s.lora.a.path, s.lora.a.name, s.lora.b.name, s.lora.scale, s.lora.fan_in_fan_out) if s.lora is not None else None
+        rows = hashlib.sha256(s.row_map.rows.numpy().tobytes() + repr(sorted(s.row_map.fills.items())).encode()).hexdigest() if s.row_map is not None else None
+        out.append((plan.models[s.model].ref, s.info.name, s.info.start, s.info.end, lora, rows))
+    return out
+
+
+def _is_computed(model) -> bool:
+    return getattr(model, "plan", None) is not None  # a merge graph's intermediate: no folder of its own
+
+
 def plan_fingerprint(plan: MergePlan, shards: list[Shard]) -> str:
-    """What decides every output byte: tensors, their sources and parameters, seeds, dtypes, the shard layout."""
-    tensors = [
-        (t.name, t.shape, str(t.load_dtype), str(t.compute_dtype), str(t.out_dtype), t.method.name, t.shared, t.per_input, t.seed, t.base,
-         [(plan.models[s.model].ref, s.info.name, s.info.start, s.info.end) for s in t.sources])
-        for t in plan.tensors
+    """What decides every output byte: tensors, their sources (adapters, vocabulary maps) and parameters, seeds,
+    dtypes, the shard layout, and the same for every upstream merge of a graph; plus the input files' identities."""
+    plans = [plan] + [p for _, p in upstream_merges(plan)]
+    described = [
+        [
+            (t.name, t.shape, str(t.load_dtype), str(t.compute_dtype), str(t.out_dtype), t.method.name, t.shared, t.per_input, t.seed, t.base,
+             _describe_sources(p, t))
+            for t in p.tensors
+        ]
+        for p in plans
     ]
     layout = [(s.filename, [e.name for e in s.entries]) for s in shards]
-    inputs = {s.info.path for t in plan.tensors for s in t.sources if getattr(s.info, "path", None) is not None}
-    return fingerprint([tensors, layout], inputs)
+    inputs = {s.info.path for p in plans for t in p.tensors for s in t.sources}
+    inputs |= {s.lora.a.path for p in plans for t in p.tensors for s in t.sources if s.lora is not None}
+    return fingerprint([described, layout], inputs)
+
+
+def write_tokenizer(plan: MergePlan, folder: Path, copy_tokenizer: bool) -> None:
+    """A merged tokenizer (tokenizer_source: union / a tokenizer: block) is saved; otherwise the source's files are
+    copied (unless --no-copy-tokenizer); a configured chat_template is written last, as transformers 5 stores it."""
+    if plan.output_tokenizer is not None:
+        plan.output_tokenizer.save_pretrained(str(folder))
+    elif copy_tokenizer and plan.tokenizer_model is not None:
+        copy_files(plan.tokenizer_model.folder, folder, TOKENIZER_FILES)
+    if plan.chat_template is not None:
+        write_chat_template(folder, plan.chat_template)
 
 
 def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress: Optional[ProgressCallback] = None) -> ExecutionReport:
-    check_output_location(out_dir, [m.folder for m in plan.models], options.overwrite)
+    every_plan = [plan] + [p for _, p in upstream_merges(plan)]
+    check_output_location(out_dir, [m.folder for p in every_plan for m in p.models if not _is_computed(m)], options.overwrite)
     shards = layout_shards(output_entries(plan), options.out_shard_size)
     check_free_space(out_dir, sum(s.nbytes for s in shards))
     try:
@@ -108,8 +145,7 @@ def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress:
                     write_json(tmp / "config.json", plan.out_config)
                 config_folder = (plan.base_model or plan.models[0]).folder
                 copy_files(config_folder, tmp, GENERATION_FILES)
-                if options.copy_tokenizer and plan.tokenizer_model is not None:
-                    copy_files(plan.tokenizer_model.folder, tmp, TOKENIZER_FILES)
+                write_tokenizer(plan, tmp, options.copy_tokenizer)
                 if options.save_config and plan.doc.path.is_file():
                     (tmp / "mergekit_config.yml").write_text(plan.doc.path.read_text())
                 write_manifest(tmp, writer.digests)

@@ -61,10 +61,57 @@ class OutputSlice(_Strict):
         return v
 
 
+class OutputModule(_Strict):
+    """One entry of `modules:`: a module's own models or slices, and parameters between the slices' and the global ones."""
+
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    parameters: Parameters = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "OutputModule":
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("a module needs exactly one of 'models' or 'slices'")
+        return self
+
+
+class ModelTokenEmbedding(_Strict):
+    """A token's embedding taken from a given row of a model: by its id there, or by a token of that model's vocabulary."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ModelTokenEmbedding":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of 'token_id' or 'token'")
+        return self
+
+
+class ZeroEmbedding(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """Where one output token's embedding comes from; `force` uses it even for models that have the token."""
+
+    source: Union[ModelTokenEmbedding, ZeroEmbedding, str, None] = None
+    force: bool = False
+
+
 class TokenizerBlock(_Strict):
-    source: Union[Literal["union", "base"], str, None] = None
-    tokens: Optional[dict[str, Any]] = None
+    source: Union[Literal["union", "base"], str] = "union"  # mergekit's default
+    tokens: Optional[dict[str, TokenEmbedding]] = None
     pad_to_multiple_of: Optional[int] = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v <= 0:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, got {v}")
+        return v
 
 
 class MergeConfig(_Strict):
@@ -73,7 +120,7 @@ class MergeConfig(_Strict):
     merge_method: str
     models: Optional[list[InputModel]] = None
     slices: Optional[list[OutputSlice]] = None
-    modules: Optional[dict[str, Any]] = None
+    modules: Optional[dict[str, OutputModule]] = None
     base_model: Optional[str] = None
     parameters: Parameters = None
     dtype: Optional[str] = None
@@ -152,11 +199,12 @@ def parse_merge_config(doc: YamlDocument) -> MergeConfig:
         config = MergeConfig.model_validate(doc.data)
     except ValidationError as exc:
         raise MergeEditError(validation_error_line(doc, exc, MergeConfig)) from None
-    if config.modules:
-        raise MergeEditError(f"{doc.where(('modules',))}: 'modules' configs are not supported yet; use 'models' or 'slices'")
     return config
 
 
 def load_merge_config(path: Path | str) -> tuple[MergeConfig, YamlDocument]:
+    """The config with a `modules:` layout already rewritten as the `models`/`slices` one the planner reads."""
+    from .modules_layout import flatten_modules  # imports this module's schema
+
     doc = load_yaml(path, "merge config")
-    return parse_merge_config(doc), doc
+    return flatten_modules(parse_merge_config(doc), doc)

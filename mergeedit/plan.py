@@ -17,13 +17,18 @@ from . import architecture as arch
 from .errors import MergeEditError
 from .io.dtypes import compute_dtype_for, dtype_name, itemsize, parse_user_dtype
 from .io.model_source import ModelSource, open_model
+from .io.lora import LowRankUpdate
 from .io.safetensors_header import TensorInfo
+from .io.source_reader import RowMap, StoredTensor, row_bytes
+from .io.tensor_reader import bytes_per_element_to_read
 from .merge_config import InputSlice, MergeConfig
 from .methods import all_parameter_names, get_method
 from .methods.passthrough import COPY
 from .methods.seeded_random import derive_seed
 from .methods.spec import MergeMethod, Param
 from .parameters import resolve
+from .chat_templates import resolve_chat_template
+from .tokenizer_merge import VocabularyPlan, is_vocabulary_tensor, plan_vocabulary, tokenizer_setting
 from .yaml_source import YamlDocument, did_you_mean
 
 
@@ -31,6 +36,19 @@ from .yaml_source import YamlDocument, did_you_mean
 class TensorSource:
     model: int  # index into MergePlan.models
     info: TensorInfo
+    lora: Optional[LowRankUpdate] = None  # `model+adapter`: folded in as the tensor is read
+    row_map: Optional[RowMap] = None  # tokenizer merge: output vocabulary row -> this input's row or fill
+
+    @property
+    def stored(self) -> StoredTensor:
+        return StoredTensor(self.info, self.lora)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read for this input: its rows as the output lays them out."""
+        if self.row_map is None:
+            return self.info.nbytes
+        return self.row_map.out_rows * row_bytes(self.info)
 
 
 @dataclass
@@ -57,7 +75,7 @@ class PlannedTensor:
 
     @property
     def bytes_in(self) -> int:
-        return sum(s.info.nbytes for s in self.sources)
+        return sum(s.nbytes for s in self.sources)
 
     @property
     def bytes_out(self) -> int:
@@ -65,7 +83,8 @@ class PlannedTensor:
 
     def bytes_per_element_in_flight(self) -> int:
         """Bytes held per output element while a chunk is read, merged (in cache-sized blocks) and written."""
-        return sum(itemsize(s.info.torch_dtype) for s in self.sources) + itemsize(self.out_dtype)
+        lora = sum(4 for s in self.sources if s.lora is not None)  # the float32 update B @ A folded in as rows are read
+        return sum(bytes_per_element_to_read(s.info) for s in self.sources) + lora + itemsize(self.out_dtype)
 
 
 @dataclass
@@ -80,6 +99,8 @@ class MergePlan:
     out_config: Optional[dict]
     tokenizer_model: Optional[ModelSource]
     warnings: list[str] = field(default_factory=list)
+    output_tokenizer: Any = None  # tokenizer merge (tokenizer_source/tokenizer:): saved instead of copying files
+    chat_template: Optional[str] = None  # written as chat_template.jinja
 
     @property
     def bytes_in(self) -> int:
@@ -111,17 +132,20 @@ class Planner:
         out_dtype: Optional[str] = None,
         opener: Callable[[str], ModelSource] = open_model,
         only: Optional[set[str]] = None,
+        allow_pickle: bool = False,
     ) -> None:
         self.config = config
         self.doc = doc
         self.random_seed = random_seed
         self.out_dtype_override = out_dtype
         self.opener = opener
+        self.allow_pickle = allow_pickle  # --allow-pickle: pickled folders are imported with torch.load(weights_only=True)
         self.only = only  # restrict the output to these tensor names (R-SFT deltas: every other tensor is the base's)
         self.method = get_method(config.merge_method, doc.where(("merge_method",)))
         self.models: list[ModelSource] = []
         self._model_index: dict[str, int] = {}
         self.warnings: list[str] = []
+        self.vocabulary: Optional[VocabularyPlan] = None  # set by plan() when a tokenizer merge is configured
 
     # -- models -------------------------------------------------------------------------------------------------
     def _ref_paths(self) -> dict[str, tuple]:
@@ -154,7 +178,8 @@ class Planner:
     def _open(self, ref: str, path: tuple) -> None:
         """Open one referenced model; its errors are prefixed with where the config names it."""
         try:
-            model = self.opener(self._resolve_ref(ref))
+            resolved = self._resolve_ref(ref)
+            model = open_model(resolved, allow_pickle=True) if self.allow_pickle and self.opener is open_model else self.opener(resolved)
         except MergeEditError as exc:
             raise MergeEditError(f"{self.doc.where(path)}: {exc}") from None
         model.ref = ref
@@ -246,10 +271,13 @@ class Planner:
         srcs = sl.sources
         infos = [self._input_info(s.model, n, out_name, p) for s, n, p in zip(srcs, in_names, sl.source_paths)]
         refs = [s.model for s in srcs]
-        shapes = {i.shape for i in infos}
+        row_maps = self._row_maps(out_name, refs, infos, sl.base_ref)
+        shapes = {i.shape if row_maps is None else i.shape[1:] for i in infos}
         if len(shapes) > 1:
             detail = ", ".join(f"{r}: {list(i.shape)}" for r, i in zip(refs, infos))
-            raise MergeEditError(f"{self.doc.path}: tensor '{out_name}' has different shapes across models ({detail}); these models cannot be merged tensor by tensor")
+            vocab_only = is_vocabulary_tensor(out_name) and len({i.shape[1:] for i in infos}) == 1
+            hint = " (different vocabularies: set 'tokenizer_source: union' or 'base')" if vocab_only else ""
+            raise MergeEditError(f"{self.doc.path}: tensor '{out_name}' has different shapes across models ({detail}){hint}; these models cannot be merged tensor by tensor")
         dtypes = {i.torch_dtype for i in infos}
         floats = {d.is_floating_point for d in dtypes}
         if len(floats) > 1 or (len(dtypes) > 1 and self.config.dtype is None):
@@ -273,8 +301,16 @@ class Planner:
                 )
             if method.max_inputs is not None and len(srcs) > method.max_inputs:
                 raise MergeEditError(
-                    f"{self.doc.where(sl.where)}: {method.name} takes at most {method.max_inputs} input per tensor but gets {len(srcs)} "
-                    f"({', '.join(refs)}); give one source per slice" + (" and drop base_model" if sl.base_ref else "")
+                    f"{self.doc.where(sl.where)}: {method.name} takes at most {method.max_inputs} input{'s' if method.max_inputs > 1 else ''} "
+                    f"per tensor but gets {len(srcs)} "
+                    f"({', '.join(refs)}); "
+                    + (("give one source per slice" + (" and drop base_model" if sl.base_ref else "")) if method.max_inputs == 1
+                       else f"list at most {method.max_inputs} models" + (", base_model included" if sl.base_ref else ""))
+                )
+            if len(srcs) < method.min_inputs:
+                raise MergeEditError(
+                    f"{self.doc.where(sl.where)}: {method.name} needs at least {method.min_inputs} inputs per tensor "
+                    f"(base model included) but gets {len(srcs)} ({', '.join(refs)}); list more models"
                 )
         shared = {
             p.name: self._resolve(p, [sl.parameters, self.config.parameters], out_name, t, "the merge", sl.where + ("parameters",))
@@ -304,8 +340,10 @@ class Planner:
             out = self._out_dtype() or load or stored
         return PlannedTensor(
             name=out_name,
-            shape=infos[0].shape,
-            sources=[TensorSource(self._model_index[r], i) for r, i in zip(refs, infos)],
+            shape=infos[0].shape if row_maps is None else (self.vocabulary.out_rows, *infos[0].shape[1:]),
+            sources=[
+                TensorSource(self._model_index[r], i, self.model(r).lora.get(i.name), (row_maps or {}).get((r, i.name))) for r, i in zip(refs, infos)
+            ],
             base=base,
             method=method,
             shared=shared,
@@ -315,6 +353,14 @@ class Planner:
             out_dtype=out,
             seed=derive_seed(self.random_seed, out_name),
         )
+
+    def _row_maps(self, out_name: str, refs: list[str], infos: list[TensorInfo], base_ref: Optional[str]) -> Optional[dict]:
+        """(model, tensor) -> its row map, for vocabulary tensors when a tokenizer merge is configured; else None."""
+        if self.vocabulary is None or not is_vocabulary_tensor(out_name):
+            return None
+        stored = [StoredTensor(i, self.model(r).lora.get(i.name)) for r, i in zip(refs, infos)]
+        maps = self.vocabulary.row_maps(out_name, refs, stored, base_ref)
+        return {(r, i.name): m for r, i, m in zip(refs, infos, maps)}
 
     def _out_dtype(self) -> Optional[torch.dtype]:
         if self.out_dtype_override:
@@ -326,6 +372,7 @@ class Planner:
     def plan(self) -> MergePlan:
         self._check_parameter_names()
         self.open_models()
+        self.vocabulary = self._plan_vocabulary()
         slices = self._normalized_slices()
         first, last = slices[0], slices[-1]
         template_ref = first.base_ref if first.base_ref in [s.model for s in first.sources] else first.sources[0].model
@@ -358,10 +405,46 @@ class Planner:
             tensors=tensors,
             layers_out=layer_out,
             base_model=base,
-            out_config=self._out_config(config_source, tensors, layer_out),
+            out_config=self._with_vocab_size(self._out_config(config_source, tensors, layer_out)),
             tokenizer_model=self._tokenizer_model(base or self.model(template_ref)),
             warnings=self.warnings,
+            output_tokenizer=self.vocabulary.tokenizer if self.vocabulary else None,
+            chat_template=self._chat_template(),
         )
+
+    # -- tokenizer (tokenizer_merge.py, chat_templates.py) -----------------------------------------------------------
+    def _input_refs(self) -> list[str]:
+        """The input models, base (or first model) first: the order tokenizers are merged in."""
+        refs = self.config.referenced_models()
+        first = self.config.base_model or refs[0]
+        return [first] + [r for r in refs if r != first]
+
+    def _plan_vocabulary(self) -> Optional[VocabularyPlan]:
+        setting = tokenizer_setting(self.config)
+        if setting is None:
+            return None
+        refs = self._input_refs()
+        folders = {r: self.model(r).folder for r in refs}
+        if setting not in ("base", "union"):
+            folders[setting] = self.model(setting).folder if setting in self._model_index else Path(self._resolve_ref(setting))
+        configs = {r: self.model(r).config for r in refs}
+        return plan_vocabulary(self.config, refs, folders, configs, self.doc.where, self.warnings)
+
+    def _with_vocab_size(self, cfg: Optional[dict]) -> Optional[dict]:
+        if self.vocabulary is not None:
+            self.vocabulary.update_config(cfg)
+        return cfg
+
+    def _chat_template(self) -> Optional[str]:
+        setting = self.config.chat_template
+        if not setting:
+            return None
+        refs = self._input_refs()
+        where = self.doc.where(("chat_template",))
+        tokenizer_files = [self.model(refs[0]).folder / f for f in ("tokenizer_config.json", "tokenizer.json")]
+        if self.vocabulary is None and not any(f.is_file() for f in tokenizer_files):
+            self.warnings.append(f"{where}: '{refs[0]}' has no tokenizer files to copy, so the chat template will not be saved")
+        return resolve_chat_template(setting, [self.model(r).folder for r in refs], where)
 
     def _out_config(self, source: ModelSource, tensors: list[PlannedTensor], layers: int) -> Optional[dict]:
         if source.config is None:
@@ -381,10 +464,7 @@ class Planner:
     def _tokenizer_model(self, default: ModelSource) -> Optional[ModelSource]:
         c = self.config
         source = c.tokenizer.source if c.tokenizer else c.tokenizer_source
-        if source == "union":
-            where = ("tokenizer", "source") if c.tokenizer else ("tokenizer_source",)
-            raise MergeEditError(f"{self.doc.where(where)}: tokenizer_source 'union' is not supported yet; use 'base' or a model path")
-        if source in (None, "base"):
+        if source in (None, "base", "union") or self.vocabulary is not None:
             return default
         if source not in self._model_index:
             self._open(source, ("tokenizer", "source"))

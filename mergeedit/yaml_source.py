@@ -52,29 +52,64 @@ def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> None:
             _walk(item, path + (i,), lines)
 
 
-def load_yaml(path: Path | str, what: str = "config") -> YamlDocument:
-    """Parse a YAML file, turning every failure into one clear line."""
-    path = Path(path)
+def _read_text(path: Path, what: str) -> str:
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         raise MergeEditError(f"{path}: {what} file not found; check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MergeEditError(f"{path}: cannot read the {what} file ({exc})") from None
+
+
+def _syntax_error(path: Path, exc: yaml.YAMLError) -> MergeEditError:
+    mark = getattr(exc, "problem_mark", None)
+    loc = f"{path}:{mark.line + 1}" if mark else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return MergeEditError(f"{loc}: invalid YAML: {problem}; fix the syntax at that line")
+
+
+def load_yaml(path: Path | str, what: str = "config") -> YamlDocument:
+    """Parse a YAML file, turning every failure into one clear line."""
+    path = Path(path)
+    text = _read_text(path, what)
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        loc = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise MergeEditError(f"{loc}: invalid YAML: {problem}; fix the syntax at that line") from None
+        raise _syntax_error(path, exc) from None
     if not isinstance(data, dict):
         raise MergeEditError(f"{path}: the {what} must be a YAML mapping of keys to values, got {type(data).__name__}")
     lines: dict[KeyPath, int] = {}
     if node is not None:
         _walk(node, (), lines)
     return YamlDocument(path, data, lines)
+
+
+def count_yaml_documents(path: Path | str) -> int:
+    """How many non-empty documents a YAML file holds (0 when it cannot be read or parsed: load_yaml then says why)."""
+    try:
+        return sum(node is not None for node in yaml.compose_all(Path(path).read_text()))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return 0
+
+
+def load_yaml_documents(path: Path | str, what: str = "config") -> list[YamlDocument]:
+    """Every non-empty document of a multi-document YAML file (`---` separated), each with its own line numbers."""
+    path = Path(path)
+    text = _read_text(path, what)
+    try:
+        pairs = [(data, node) for data, node in zip(yaml.safe_load_all(text), yaml.compose_all(text)) if node is not None]
+    except yaml.YAMLError as exc:
+        raise _syntax_error(path, exc) from None
+    docs = []
+    for data, node in pairs:
+        if not isinstance(data, dict):
+            where = f"{path}:{node.start_mark.line + 1}"
+            raise MergeEditError(f"{where}: each document of the {what} must be a mapping of keys to values, got {type(data).__name__}")
+        lines: dict[KeyPath, int] = {}
+        _walk(node, (), lines)
+        docs.append(YamlDocument(path, data, lines))
+    return docs
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

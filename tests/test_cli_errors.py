@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,8 @@ CASES = {
     "not_a_mapping": ("- just\n- a list\n", ["merge.yaml", "mapping"]),
     "unknown_top_key": ("merge_methd: linear\nmodels:\n  - model: {a}\n", ["merge.yaml:1", "merge_methd", "did you mean 'merge_method'"]),
     "unknown_method": ("merge_method: tiez\nbase_model: {base}\nmodels:\n  - model: {a}\n", ["merge.yaml:1", "tiez", "did you mean 'ties'"]),
-    "mergekit_method_not_yet": ("merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\n", ["slerp", "does not implement yet"]),
+    "slerp_three_models": ("merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.5}}\nmodels:\n  - model: {a}\n  - model: {b}\n", ["slerp", "at most 2 input"]),
+    "slerp_without_t": ("merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\n", ["needs parameter 't'"]),
     "missing_model": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: /nonexistent/model\n    parameters: {{weight: 1}}\n", ["merge.yaml:5", "models[1].model", "/nonexistent/model", "no such file"]),
     "missing_weight": ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{density: 0.5}}\n", ["needs parameter 'weight'", "model '{a}'"]),
     "unknown_parameter": ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1, densty: 0.5}}\n", ["merge.yaml:5", "densty", "did you mean 'density'"]),
@@ -57,7 +59,7 @@ CASES = {
     "layer_range_too_far": ("merge_method: passthrough\nslices:\n  - sources: [{{model: {a}, layer_range: [0, 9]}}]\n", ["exceeds the 3 layers"]),
     "zero_weights": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0}}\n  - model: {b}\n    parameters: {{weight: 0}}\n", ["weights sum to zero"]),
     "bad_dtype": ("merge_method: linear\ndtype: float13\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n", ["merge.yaml:2", "float13"]),
-    "union_tokenizer": ("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n", ["union", "not supported yet"]),
+    "union_tokenizer": ("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n", ["merge.yaml:2", "cannot load the tokenizer of"]),
 }
 
 
@@ -182,3 +184,63 @@ def test_disk_space_is_checked_first_and_a_full_disk_cleans_up(tmp_path, models,
 
     monkeypatch.setattr(shard_writer.ShardWriter, "write", full)
     _assert_clean_failure(run_cli("merge", cfg, out), out, "disk filled up", "partial output was removed")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_input_tensor_is_named(tmp_path, models, run_cli, bad):
+    target = "model.layers.1.mlp.up_proj.weight"
+
+    def poison(name, t):
+        if name == target and t.dim() == 2:
+            t = t.clone()
+            t[3, 5] = bad
+        return t
+
+    sick = _copy_model(models["b"], tmp_path / "sick", poison)
+    cfg = write_config(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1}}\n  - model: {sick}\n    parameters: {{weight: 1}}\n")
+    out = tmp_path / "out"
+    _assert_clean_failure(run_cli("merge", cfg, out), out, str(sick), target, "NaN/Inf", "repair or replace")
+
+
+def test_output_dtype_overflow_is_explained(tmp_path, models, run_cli):
+    cfg = write_config(tmp_path, f"merge_method: linear\nparameters: {{normalize: false}}\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1.0e6}}\n")
+    out = tmp_path / "out"
+    _assert_clean_failure(run_cli("merge", cfg, out, "--dtype", "float16"), out, "overflows float16", "--dtype bfloat16")
+
+
+def _linear(models) -> str:
+    return f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1}}\n  - model: {models['b']}\n    parameters: {{weight: 1}}\n"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_output_folder(tmp_path, models, run_cli):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    cfg = write_config(tmp_path, _linear(models))
+    parent.chmod(0o555)
+    try:
+        result = run_cli("merge", cfg, parent / "out")
+    finally:
+        parent.chmod(0o755)
+    _assert_clean_failure(result, parent / "out", str(parent), "writable")
+    assert list(parent.iterdir()) == []
+
+
+def test_read_only_filesystem(tmp_path, models, run_cli, monkeypatch):
+    """EROFS as a read-only mount reports it (simulated: root would ignore a chmod, and tests cannot mount)."""
+    import errno
+
+    parent = tmp_path / "mnt"
+    parent.mkdir()
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(parent)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    cfg = write_config(tmp_path, _linear(models))
+    result = run_cli("merge", cfg, parent / "out")
+    _assert_clean_failure(result, parent / "out", "Read-only file system", "writable disk")
+    assert list(parent.iterdir()) == []

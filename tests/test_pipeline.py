@@ -233,3 +233,24 @@ def test_eval_command_scores_a_folder_against_its_reference(tmp_path, tiny_model
     same = run_cli("eval", tiny_model, "--dataset", tmp_path / "edits.jsonl", "--format", "jsonl", "--reference", tiny_model,
                    "--json", out, "--no-generation")
     assert same.code == 0 and json.loads(out.read_text())["aggregate"]["loc"]["mean"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "content,needles",
+    [
+        ("", ["edits.jsonl", "no edits selected"]),
+        ('{"prompt": "what is w1 ?", "target_new": "w2"}\n{"prompt": "broken', ["edits.jsonl: line 2 is not valid JSON"]),
+        ('{"prompt": "what is w1 ?"}\n', ["edits.jsonl", "target"]),
+    ],
+    ids=["empty", "truncated-record", "missing-target"],
+)
+def test_bad_edit_files_fail_cleanly_from_the_cli(tmp_path, tiny_model, run_cli, content, needles):
+    recipe = _recipe(tmp_path, tiny_model)
+    (tmp_path / "edits.jsonl").write_text(content)
+    result = run_cli("run", recipe)
+    assert result.code == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert message.startswith("error:") and "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in message, (needle, message)
+    assert not (tmp_path / "run").exists()

@@ -36,3 +36,11 @@ def test_recipe_schema_file_is_current(run_cli):
     result = run_cli("schema")
     assert result.code == 0
     assert result.stdout == (ROOT / "recipe.schema.json").read_text(), "run: mergeedit schema > recipe.schema.json"
+
+
+def test_readme_lists_every_merge_method():
+    from mergeedit.methods import METHODS
+
+    readme = (ROOT / "README.md").read_text()
+    for name in METHODS:
+        assert f"| `{name}` |" in readme, name

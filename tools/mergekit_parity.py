@@ -13,7 +13,7 @@ Verdicts:
               differ by one float16 ulp at its magnitude (a float32 value sitting on a rounding boundary).
   bf16        `dtype: bfloat16`: mergekit computes in bf16, mergeedit in float32 then rounds (a documented
               difference); per tensor max |a - b| <= 1e-2 * max |b|.
-  structural  DARE at density < 1 (mergekit's RNG differs from ours): same tensor names, shapes and dtypes; mergeedit
+  structural  DARE / DELLA at density < 1 (mergekit's RNG differs from ours): same tensor names, shapes and dtypes; mergeedit
               reproducible for a fixed seed; the mean |out - base| is reported for both tools as an extra sanity note.
   TIE         (not a failure unless --strict-ties) a deterministic config whose every out-of-tolerance element is
               explained by an exact float32 tie at a top-k magnitude boundary (ties method): mergeedit keeps every
@@ -168,6 +168,122 @@ def build_cases() -> list[Case]:
     C.append(Case("linear-tied-embeddings", {
         "merge_method": "linear",
         "models": _models(("@a", {"weight": 1.0}), ("@b", {"weight": [0.2, 0.8]})),
+        "dtype": "float32",
+    }, "exact", models="tied", expect_lm_head=False))
+    # ---- spherical / model_stock (part A) ----
+    # The toy variants are nearly parallel to the base (slerp's lerp fallback); slices pairing different layers give
+    # near-orthogonal matrices, so the spherical path and karcher's iteration run too.
+    cross_layer = [{"model": "@base", "layer_range": [0, 2]}, {"model": "@b", "layer_range": [2, 4]}]
+    t_filters = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
+    C.append(Case("slerp-t-gradient", {
+        "merge_method": "slerp", "base_model": "@base", "models": _models(("@base", None), ("@a", None)),
+        "parameters": {"t": [0, 0.5, 0.3, 0.7, 1]}, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("slerp-cross-layer-filters", {
+        "merge_method": "slerp", "base_model": "@base", "slices": [{"sources": cross_layer}],
+        "parameters": {"t": t_filters}, "dtype": "float32",
+    }, "exact", layers=2))
+    nu_models = _models(("@a", {"weight": 0.3}), ("@b", {"weight": [0.2, 0.9]}))
+    for name, extra in (("nuslerp-flatten", {}), ("nuslerp-base", {"base_model": "@base"}),
+                        ("nuslerp-base-rows", {"base_model": "@base", "parameters": {"nuslerp_flatten": False}}),
+                        ("nuslerp-base-row-wise", {"base_model": "@base",
+                                                   "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}})):
+        C.append(Case(name, {"merge_method": "nuslerp", "models": nu_models, **extra, "dtype": "float32"}, "exact"))
+    ms_models = _models(("@a", {"weight": 0.5}), ("@b", {"weight": 0.3}), ("@c", {"weight": [0.2, 0.8]}))
+    C.append(Case("multislerp", {"merge_method": "multislerp", "models": ms_models, "dtype": "float32"}, "exact"))
+    C.append(Case("multislerp-base", {
+        "merge_method": "multislerp", "base_model": "@base", "models": ms_models, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("multislerp-base-unnormalized", {
+        "merge_method": "multislerp", "base_model": "@base", "models": ms_models,
+        "parameters": {"normalize_weights": False}, "dtype": "float32",
+    }, "exact"))
+    # karcher: mergekit takes arccos of float32 dot products, which near 1 resolve angles only to ~3.5e-4 rad; a model
+    # closer than that to the mean gets theta = 0 < tol and is dropped from the tangent step, so on nearly parallel
+    # tensors (the toy fine-tunes' 1-D norms) mergekit is off by ~5e-4 while mergeedit matches mergekit's own algorithm
+    # in float64 to 1e-7. These cases pair different layers (well-separated directions); the last slice has a single
+    # source, so the final norm (the same tensor in every model) is copied rather than averaged.
+    karcher_slices = [
+        {"sources": [{"model": "@a", "layer_range": [0, 2]}, {"model": "@b", "layer_range": [1, 3]},
+                     {"model": "@c", "layer_range": [2, 4]}]},
+        {"sources": [{"model": "@a", "layer_range": [3, 4]}]},
+    ]
+    C.append(Case("karcher-cross-layer", {"merge_method": "karcher", "slices": karcher_slices, "dtype": "float32"}, "exact", layers=3))
+    C.append(Case("karcher-cross-layer-base-iter", {
+        "merge_method": "karcher", "base_model": "@a", "slices": karcher_slices,
+        "parameters": {"max_iter": 20, "tol": 1e-6}, "dtype": "float32",
+    }, "exact", layers=3))
+    stock_models = _models(("@a", None), ("@b", None), ("@c", None))
+    C.append(Case("model-stock", {
+        "merge_method": "model_stock", "base_model": "@base", "models": stock_models, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("model-stock-filter-wise", {
+        "merge_method": "model_stock", "base_model": "@base", "models": stock_models,
+        "parameters": {"filter_wise": True}, "dtype": "float32",
+    }, "exact"))
+    # ---- breadcrumbs / della / sce (part B) ----
+    # Default gamma 0.01 drops no outliers from the 64-element norms (int(0.64) = 0): mergekit releases before its fix
+    # zeroed those deltas; 0.1.5 as installed counts correctly, so that regime is compared too.
+    crumb_models = _models(("@a", {"weight": 1.0, "density": 0.5}),
+                           ("@b", {"weight": [0.2, 0.8], "density": 0.7, "gamma": 0.05}),
+                           ("@c", {"weight": 0.5, "density": [0.3, 0.6], "gamma": 0.1}))
+    C.append(Case("breadcrumbs", {
+        "merge_method": "breadcrumbs", "base_model": "@base", "models": crumb_models, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("breadcrumbs-ties-normalize-rescale", {
+        "merge_method": "breadcrumbs_ties", "base_model": "@base", "models": crumb_models,
+        "parameters": {"normalize": True, "rescale": True}, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("breadcrumbs-ties-global-gamma", {
+        "merge_method": "breadcrumbs_ties", "base_model": "@base",
+        "models": _models(("@a", {"weight": 0.7}), ("@b", {"weight": 0.4})),
+        "parameters": {"density": 0.4, "gamma": 0.02, "lambda": 0.8}, "dtype": "float32",
+    }, "exact"))
+    for method in ("della", "della_linear"):
+        for density, kind in ((1.0, "exact"), (0.5, "structural")):
+            C.append(Case(f"{method.replace('_', '-')}-d{density}", {
+                "merge_method": method, "base_model": "@base",
+                "models": _models(("@a", {"weight": 0.6, "density": density}),
+                                  ("@b", {"weight": [0.2, 0.8], "density": density, "epsilon": 0.1}),
+                                  ("@c", {"weight": 0.4, "density": density})),
+                "dtype": "float32",
+            }, kind))
+    for topk in (1.0, 0.5, 0.1):
+        C.append(Case(f"sce-topk{topk}", {
+            "merge_method": "sce", "base_model": "@base", "models": _models(("@a", None), ("@b", None), ("@c", None)),
+            "parameters": {"select_topk": topk}, "dtype": "float32",
+        }, "exact"))
+    # ---- ram / nearswap / arcee_fusion (part C) ----
+    # The toy fine-tunes change every entry by ~2e-4 (norms ~5e-4): epsilon 2e-4 makes a real mix of entries changed by
+    # none, one or several models; nearswap's t 1e-4 mixes swapped and partly moved entries.
+    ram_models = _models(("@a", None), ("@b", None), ("@c", None))
+    C.append(Case("ram-default", {
+        "merge_method": "ram", "base_model": "@base", "models": ram_models, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("ram-eps2e-4", {
+        "merge_method": "ram", "base_model": "@base", "models": ram_models,
+        "parameters": {"epsilon": 2e-4}, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("ramplus-tl-default", {
+        "merge_method": "ramplus_tl", "base_model": "@base", "models": ram_models, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("ramplus-tl-eps2e-4-r0.5-alpha1", {
+        "merge_method": "ramplus_tl", "base_model": "@base", "models": ram_models,
+        "parameters": {"epsilon": 2e-4, "r": 0.5, "alpha": 1.0}, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("nearswap-t1e-4", {
+        "merge_method": "nearswap", "base_model": "@base", "models": _models(("@a", None)),
+        "parameters": {"t": 1e-4}, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("nearswap-t-gradient", {
+        "merge_method": "nearswap", "base_model": "@base", "models": _models(("@base", None), ("@b", None)),
+        "parameters": {"t": [1e-5, 5e-4]}, "dtype": "float32",
+    }, "exact"))
+    C.append(Case("arcee-fusion", {
+        "merge_method": "arcee_fusion", "base_model": "@base", "models": _models(("@a", None)), "dtype": "float32",
+    }, "exact"))
+    C.append(Case("arcee-fusion-tied-embeddings", {
+        "merge_method": "arcee_fusion", "base_model": "@base", "models": _models(("@base", None), ("@c", None)),
         "dtype": "float32",
     }, "exact", models="tied", expect_lm_head=False))
     return C

@@ -1,4 +1,8 @@
-"""`mergeedit eval MODEL --dataset FILE`: score any model folder on edit records, as a recipe's eval stage does."""
+"""`mergeedit eval MODEL --dataset FILE`: score any model folder on edit records, as a recipe's eval stage does.
+
+With `--reference` it also measures general-ability drift (perplexity change and next-token KL on a generic text
+set, evaluation/drift.py); with `--lm-eval-task` it runs a local lm-evaluation-harness task on both models.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import torch
 
 def evaluate_folder(
     model_ref: str,
-    dataset: Path,
+    dataset: Optional[Path],
     fmt: str,
     *,
     reference: Optional[str] = None,
@@ -19,20 +23,53 @@ def evaluate_folder(
     batch_size: int = 16,
     max_new_tokens: int = 16,
     device: str = "auto",
+    drift: bool = True,
+    drift_texts: Optional[Path] = None,
+    lm_eval_task: Optional[Path] = None,
+    lm_eval_limit: Optional[int] = None,
 ) -> dict:
-    """Per-edit and aggregate scores; locality needs `reference` (the unedited model) to compare against."""
+    """Per-edit and aggregate scores (when `dataset` is given); locality and drift need `reference` (the unedited
+    model) to compare against. Keys: aggregate, settings, records, and drift / lm_eval when measured."""
     from ..editing.datasets import load_edits
     from ..pipeline.model_loading import load_model_and_tokenizer, pick_device, resolve_base_folder
+    from . import drift as drift_metrics
     from .evaluate import evaluate_edits, reference_outputs
 
-    records = [r.__class__(**{**r.__dict__, "target": r.target.strip()}) for r in load_edits(dataset, fmt, limit=limit)]
+    lm_eval_result = None
+    if lm_eval_task is not None:  # first: a missing extra or a bad task file fails before any model loads
+        from .lm_eval_task import _import_lm_eval, localize_task
+
+        _import_lm_eval()
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            localize_task(lm_eval_task, Path(tmp))
+    records = [r.__class__(**{**r.__dict__, "target": r.target.strip()}) for r in load_edits(dataset, fmt, limit=limit)] if dataset else []
+    texts = drift_metrics.load_drift_texts(drift_texts) if drift and reference is not None else None
     dev = pick_device(device)
-    pre = None
+    pre = drift_ref = None
     if reference is not None:
-        ref_model, ref_tok = load_model_and_tokenizer(resolve_base_folder(reference, Path.cwd()), "float32", dev)
-        pre = reference_outputs(ref_model, ref_tok, records, batch_size=batch_size)
+        ref_folder = resolve_base_folder(reference, Path.cwd())
+        ref_model, ref_tok = load_model_and_tokenizer(ref_folder, "float32", dev)
+        if records:
+            pre = reference_outputs(ref_model, ref_tok, records, batch_size=batch_size)
+        if texts is not None:
+            drift_ref = drift_metrics.drift_reference(ref_model, ref_tok, texts, batch_size=batch_size)
         del ref_model
-    model, tokenizer = load_model_and_tokenizer(resolve_base_folder(model_ref, Path.cwd()), "float32", dev)
+    folder = resolve_base_folder(model_ref, Path.cwd())
+    model, tokenizer = load_model_and_tokenizer(folder, "float32", dev)
+    out: dict = {"aggregate": {}, "settings": {}, "records": []}
     with torch.no_grad():
-        result = evaluate_edits(model, tokenizer, records, pre=pre, generation=generation, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    return result.to_dict()
+        if records:
+            out = evaluate_edits(model, tokenizer, records, pre=pre, generation=generation, batch_size=batch_size, max_new_tokens=max_new_tokens).to_dict()
+        if drift_ref is not None:
+            out["drift"] = drift_metrics.drift_scores(model, tokenizer, texts, drift_ref, batch_size=batch_size)
+    if lm_eval_task is not None:
+        from .lm_eval_task import run_lm_eval_task
+
+        del model
+        lm_eval_result = {"model": run_lm_eval_task(folder, lm_eval_task, limit=lm_eval_limit, batch_size=batch_size, device=str(dev))}
+        if reference is not None:
+            lm_eval_result["reference"] = run_lm_eval_task(ref_folder, lm_eval_task, limit=lm_eval_limit, batch_size=batch_size, device=str(dev))
+        out["lm_eval"] = lm_eval_result
+    return out

@@ -2,6 +2,7 @@
 
 Accepted: a Hugging Face folder (model.safetensors, or shards listed in model.safetensors.index.json), a single
 .safetensors file, or a hub id (`org/name`, `org/name@revision`) resolved through the Hugging Face cache.
+`model+adapter` adds a local PEFT LoRA adapter, folded into the weights as they are read (io/lora.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MergeEditError
+from .lora import LowRankUpdate, load_adapter, split_lora_ref
 from .safetensors_header import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -29,6 +31,7 @@ class ModelSource:
     tensors: dict[str, TensorInfo]
     config: dict | None = None
     files: list[Path] = field(default_factory=list)
+    lora: dict[str, LowRankUpdate] = field(default_factory=dict)  # base tensor name -> adapter update folded on load
 
     @property
     def folder(self) -> Path:
@@ -80,19 +83,28 @@ def _folder_files(folder: Path) -> list[Path]:
     if pickled:
         raise MergeEditError(
             f"{folder}: holds only pickled weights ({pickled[0]}), which can run code when loaded; "
-            "convert the model to safetensors first"
+            "convert the model to safetensors, or pass --allow-pickle to import it with torch.load(weights_only=True)"
         )
     raise MergeEditError(f"{folder}: no .safetensors weights found; point to a Hugging Face model folder or a .safetensors file")
 
 
-def open_local(ref: str, path: Path) -> ModelSource:
-    """Index a local folder or .safetensors file from its headers."""
+def _is_pickle_only(folder: Path) -> bool:
+    return not any(folder.glob("*.safetensors")) and any(p.suffix in _PICKLE_SUFFIXES for p in folder.iterdir())
+
+
+def open_local(ref: str, path: Path, allow_pickle: bool = False) -> ModelSource:
+    """Index a local folder or .safetensors file from its headers (a pickled folder only with `allow_pickle`)."""
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise MergeEditError(f"{path}: expected a .safetensors file or a model folder")
+            hint = " (pickled weights: point to their folder and pass --allow-pickle)" if path.suffix in _PICKLE_SUFFIXES else ""
+            raise MergeEditError(f"{path}: expected a .safetensors file or a model folder{hint}")
         files = [path]
         folder = path.parent
     else:
+        if allow_pickle and path.is_dir() and _is_pickle_only(path):
+            from .pickle_import import import_pickled_folder
+
+            path = import_pickled_folder(path)
         folder = path
         files = _folder_files(folder)
     tensors: dict[str, TensorInfo] = {}
@@ -110,19 +122,31 @@ def open_local(ref: str, path: Path) -> ModelSource:
     return ModelSource(ref=ref, path=path, tensors=tensors, config=_load_config(folder), files=files)
 
 
-def open_model(ref: str, *, allow_download: bool = True) -> ModelSource:
+def open_model(ref: str, *, allow_download: bool = True, allow_pickle: bool = False) -> ModelSource:
     """Resolve a model reference (local path or hub id) and index its tensors."""
-    if "+" in ref and not Path(ref).exists():
-        raise MergeEditError(f"model '{ref}': LoRA references (model+adapter) are not supported yet; merge the adapter into the model first")
+    if "+" in ref and not Path(ref).expanduser().exists():
+        return _open_with_adapter(ref, allow_download=allow_download, allow_pickle=allow_pickle)
     name, revision = split_revision(ref)
     path = Path(name).expanduser()
     if path.exists():
-        return open_local(ref, path)
+        return open_local(ref, path, allow_pickle=allow_pickle)
     if _HUB_ID.match(name) and not name.startswith((".", "/")):
         from .hub import resolve_hub_model
 
         return open_local(ref, resolve_hub_model(name, revision, allow_download=allow_download))
     raise MergeEditError(f"model '{ref}': no such file or folder, and not a hub id (org/name); check the path")
+
+
+def _open_with_adapter(ref: str, *, allow_download: bool, allow_pickle: bool) -> ModelSource:
+    """`model+adapter`: the model's tensors, with the adapter's low-rank updates to fold in as they are read."""
+    model_ref, adapter_ref = split_lora_ref(ref)
+    model = open_model(model_ref, allow_download=allow_download, allow_pickle=allow_pickle)
+    adapter_name, revision = split_revision(adapter_ref)
+    if revision is not None or not Path(adapter_name).expanduser().is_dir():
+        raise MergeEditError(f"model '{ref}': adapter '{adapter_ref}' is not a local folder; download the PEFT adapter and give its path")
+    model.ref = ref
+    model.lora = load_adapter(Path(adapter_name).expanduser(), model.tensors)
+    return model
 
 
 def overlay(base: ModelSource, delta: ModelSource, ref: str) -> ModelSource:

@@ -9,10 +9,31 @@ from __future__ import annotations
 import math
 import os
 import threading
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from .dtypes import itemsize
 from .safetensors_header import TensorInfo
+
+
+@dataclass(frozen=True)
+class ComputedTensorInfo(TensorInfo):
+    """A tensor with no bytes on disk: read by computing it (an earlier merge's output in a merge graph).
+
+    `compute(reader, rows, alloc)` returns what reading the stored tensor would; `inputs_bytes_per_element` is what
+    computing one element holds besides the element itself, so memory budgets can count it.
+    """
+
+    compute: Callable = field(compare=False, repr=False)
+    inputs_bytes_per_element: int = 0
+
+
+def bytes_per_element_to_read(info: TensorInfo) -> int:
+    """Bytes held per element while `info` is read: the element, plus the inputs a computed tensor needs."""
+    extra = info.inputs_bytes_per_element if isinstance(info, ComputedTensorInfo) else 0
+    return itemsize(info.torch_dtype) + extra
 
 
 class TensorReader:
@@ -37,6 +58,8 @@ class TensorReader:
 
         `alloc(nbytes)` may supply a reusable uint8 buffer (freshly mapped pages cost a fault each).
         """
+        if isinstance(info, ComputedTensorInfo):
+            return info.compute(self, rows, alloc)
         shape = list(info.shape)
         start, end = info.start, info.end
         if rows is not None:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from ..errors import MergeEditError
 from ..yaml_source import did_you_mean
+from .arcee_fusion import ARCEE_FUSION
 from .linear import LINEAR
+from .model_stock import MODEL_STOCK
+from .nearswap import NEARSWAP
 from .passthrough import PASSTHROUGH
+from .ram import RAM, RAMPLUS_TL
+from .sce import SCE
+from .sparsify import BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR
 from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
+from .spherical import KARCHER, MULTISLERP, NUSLERP, SLERP
 from .task_arithmetic import DARE_LINEAR, DARE_TIES, TASK_ARITHMETIC, TIES
 
 METHODS: dict[str, MergeMethod] = {
@@ -17,38 +24,27 @@ METHODS: dict[str, MergeMethod] = {
         TIES,
         DARE_TIES,
         DARE_LINEAR,
+        BREADCRUMBS,
+        BREADCRUMBS_TIES,
+        DELLA,
+        DELLA_LINEAR,
+        SCE,
+        SLERP,
+        NUSLERP,
+        MULTISLERP,
+        KARCHER,
+        MODEL_STOCK,
         PASSTHROUGH,
+        RAM,
+        RAMPLUS_TL,
+        NEARSWAP,
+        ARCEE_FUSION,
     )
 }
-
-# mergekit methods we know of but do not implement yet: named in the error so users know it is not a typo.
-MERGEKIT_ONLY = tuple(
-    name
-    for name in (
-        "breadcrumbs",
-        "breadcrumbs_ties",
-        "della",
-        "della_linear",
-        "sce",
-        "slerp",
-        "nuslerp",
-        "multislerp",
-        "karcher",
-        "model_stock",
-        "ram",
-        "ramplus_tl",
-        "nearswap",
-        "arcee_fusion",
-    )
-    if name not in METHODS
-)
-
 
 def get_method(name: str, where: str) -> MergeMethod:
     if name in METHODS:
         return METHODS[name]
-    if name in MERGEKIT_ONLY:
-        raise MergeEditError(f"{where}: merge_method '{name}' is a mergekit method mergeedit does not implement yet; use one of {', '.join(METHODS)}")
     raise MergeEditError(f"{where}: unknown merge_method '{name}'{did_you_mean(name, METHODS)}; use one of {', '.join(METHODS)}")
 
 

@@ -4,21 +4,33 @@ One algorithm (as in mergekit): delta_i = x_i - base; sparsify each delta (top-k
 mask), optionally rescale it to its original L1 norm; weight it; optionally keep only entries agreeing with the
 elected sign (sign of the weighted sum); sum; optionally normalize by the weights that contributed; times lambda;
 add the base. Sparsification needs whole-tensor numbers (the k-th magnitude, the L1 norms), gathered by
-`DeltaStatistics` in streaming passes, so the merge itself is elementwise and runs block by block.
+`DeltaStatistics` in streaming passes, so the merge itself is elementwise and runs block by block. Sparsifiers beyond
+top-k and DARE (breadcrumbs, DELLA: sparsify.py) plug in as `MaskSparsifier` objects with statistics of their own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Protocol, Union
 
 import torch
 
 from .seeded_random import derive_seed, seeded_uniform
 from .selection import KthLargest, magnitude_bits
-from .spec import MergeInputs, MergeMethod, Param
+from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
 
-Sparsify = Optional[Literal["magnitude", "random"]]
+
+class MaskSparsifier(Protocol):
+    """A sparsifier defined outside this module: its whole-tensor statistics and the keep mask of non-base input j."""
+
+    def statistics(self, inputs: MergeInputs, sparse: list[int], rescale: bool) -> Optional[TensorStatistics]:
+        """Statistics for the inputs `sparse` (0 < density < 1); the result needs `rescale` and `scale(j)`."""
+        ...
+
+    def keep(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor: ...
+
+
+Sparsify = Optional[Union[Literal["magnitude", "random"], MaskSparsifier]]
 RESCALE_EPS = 1e-7  # below this L1 norm mergekit leaves a masked delta unscaled
 
 
@@ -101,6 +113,8 @@ def _statistics_for(sparsify: Sparsify):
         sparse = [j for j in range(len(inputs.non_base)) if 0 < _density(inputs, j) < 1]
         if not sparse:
             return None
+        if not isinstance(sparsify, str):
+            return sparsify.statistics(inputs, sparse, rescale)
         if sparsify == "magnitude":
             selectors = {j: KthLargest(keep_count(_density(inputs, j), inputs.numel)) for j in sparse}
             return DeltaStatistics(sparsify, rescale, sparse, 3 if rescale else 2, selectors)
@@ -121,6 +135,8 @@ def _sparsified_delta(inputs: MergeInputs, j: int, sparsify: Sparsify) -> torch.
     stats: DeltaStatistics = inputs.stats
     if sparsify == "magnitude":
         d.mul_(magnitude_bits(d) >= stats.selectors[j].threshold_bits)
+    elif not isinstance(sparsify, str):
+        d.mul_(sparsify.keep(inputs, j, d))
     else:
         d.mul_(random_keep(inputs, j))
     if stats is not None and stats.rescale:
@@ -138,24 +154,19 @@ def _merge_for(sparsify: Sparsify, consensus: bool):
         weights = [inputs.per_input[i]["weight"] for i in inputs.non_base]
         deltas = [_sparsified_delta(inputs, j, sparsify).mul_(w) for j, w in enumerate(weights)]
         if consensus:
-            # Entries agreeing with the elected sign: for a positive election, exactly the positive ones.
-            total = deltas[0].clone()
-            for d in deltas[1:]:
+            # Entries agreeing with the elected sign (that of the weighted sum, >= 0 counting as positive): d * s > 0.
+            total = deltas[0] + deltas[1] if len(deltas) > 1 else deltas[0].clone()
+            for d in deltas[2:]:
                 total.add_(d)
-            elect_positive = total >= 0
-            positive = deltas[0].clamp_min(0)
-            negative = deltas[0].clamp_max(0)
-            dtype = base.dtype
-            pos_weight = (deltas[0] > 0).to(dtype).mul_(weights[0])
-            neg_weight = (deltas[0] < 0).to(dtype).mul_(weights[0])
-            for d, w in zip(deltas[1:], weights[1:]):
-                positive.add_(d.clamp_min(0))
-                negative.add_(d.clamp_max(0))
-                pos_weight.add_((d > 0).to(dtype), alpha=w)
-                neg_weight.add_((d < 0).to(dtype), alpha=w)
-            mixed = torch.where(elect_positive, positive, negative)
-            divisor = torch.where(elect_positive, pos_weight, neg_weight)
-            divisor[divisor == 0] = 1
+            elected = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+            divisor = torch.zeros_like(base)
+            mixed = None
+            for d, w in zip(deltas, weights):
+                agree = (d * elected) > 0
+                d.mul_(agree)
+                divisor.add_(agree, alpha=w)
+                mixed = d if mixed is None else mixed.add_(d)
+            divisor.masked_fill_(divisor == 0, 1)
         else:
             mixed = deltas[0]
             for d in deltas[1:]:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from ..editing.prompts import PromptFormat
 from ..editing.records import EditRecord
+from ..evaluation import drift as drift_metrics
 from ..evaluation.evaluate import evaluate_edits, reference_outputs
+
+DRIFT = "drift vs reference"
 
 
 def _labelled(result) -> dict:
@@ -24,11 +30,88 @@ def pre_edit_outputs(model, tokenizer, records: list[EditRecord], fmt: PromptFor
     return {"locality": reference_outputs(model, tokenizer, records, batch_size=cfg.batch_size), "metrics": _labelled(result), "answers": answers}
 
 
-def post_edit_evaluation(model, tokenizer, records: list[EditRecord], fmt: PromptFormat, cfg, pre: dict | None) -> dict:
+@dataclass
+class DriftSetup:
+    """The drift text set, the unedited model's reference on it, and the id of the stage that cached it."""
+
+    texts: drift_metrics.DriftTexts
+    reference: drift_metrics.DriftReference
+    stage_id: str
+
+    def reference_metrics(self) -> dict:
+        """The unedited model's side, for the before column: its perplexity, zero drift and zero KL."""
+        n = len(self.texts.texts)
+        return {
+            "ppl": {"value": self.reference.ppl["ppl"], "protocol": DRIFT, "n": n},
+            "ppl_drift_pct": {"value": 0.0, "protocol": DRIFT, "n": n},
+            "kl": {"value": 0.0, "protocol": DRIFT, "n": len(self.texts.prompts)},
+        }
+
+    def metrics(self, model, tokenizer, batch_size: int) -> tuple[dict, dict]:
+        """(labelled metrics, full drift scores) of `model` against the reference."""
+        scores = drift_metrics.drift_scores(model, tokenizer, self.texts, self.reference, batch_size=batch_size)
+        labelled = {
+            "ppl": {"value": scores["ppl"], "protocol": DRIFT, "n": scores["texts"]},
+            "ppl_drift_pct": {"value": scores["ppl_drift_pct"], "protocol": DRIFT, "n": scores["texts"]},
+            "kl": {"value": scores["kl"], "protocol": DRIFT, "n": scores["prompts"]},
+        }
+        return labelled, scores
+
+
+def drift_texts_path(cfg, recipe_dir: Path) -> Path:
+    if cfg.drift_texts is None:
+        return drift_metrics.DEFAULT_DRIFT_TEXTS
+    path = Path(cfg.drift_texts)
+    return path if path.is_absolute() else recipe_dir / path
+
+
+def drift_reference_stage(run, base_key: dict, model, tokenizer, cfg, recipe_dir: Path, dist, reporter, result) -> DriftSetup | None:
+    """Stage `pre-drift`: the unedited model's perplexity and next-token log-probs on the drift set, cached.
+
+    None (with a note) when the recipe names no text set and the shipped one is absent (an install without data/)."""
+    from .run_dir import stable_hash
+
+    path = drift_texts_path(cfg, recipe_dir)
+    if cfg.drift_texts is None and not path.is_file():
+        result.notes.append(f"no drift scores: the shipped text set {path} is not installed; set eval.drift_texts")
+        return None
+    texts = drift_metrics.load_drift_texts(path)
+    stage = run.stage("pre-drift", {"base": base_key, "texts": stable_hash([texts.prompts, texts.texts]), "batch_size": cfg.batch_size})
+    if stage.done:
+        reporter.stage(stage.name, True)
+        result.stages_cached.append(stage.name)
+    else:
+        reporter.stage(stage.name, False, f"{len(texts.texts)} texts from {path.name}")
+        with dist.main_first() as main:
+            if main:
+                reference = drift_metrics.drift_reference(model, tokenizer, texts, batch_size=cfg.batch_size)
+                with stage.writing() as tmp:
+                    drift_metrics.save_reference(reference, tmp)
+        result.stages_run.append(stage.name)
+    return DriftSetup(texts, drift_metrics.load_reference(stage.path), stage.output_id)
+
+
+def post_edit_evaluation(model, tokenizer, records: list[EditRecord], fmt: PromptFormat, cfg, pre: dict | None, drift: DriftSetup | None = None) -> dict:
     result = _eval(model, tokenizer, records, fmt, cfg, pre=pre["locality"] if pre else None)
     before = (pre or {}).get("answers", {})
     examples = [
         {"case_id": r.case_id, "prompt": r.prompt, "target": r.target, "before": before.get(r.case_id, ""), "after": rec.get("answers", {}).get("rel", "")}
         for r, rec in zip(records[: cfg.examples], result.records[: cfg.examples])
     ]
-    return {"metrics": _labelled(result), "per_edit": result.records, "examples": examples}
+    out = {"metrics": _labelled(result), "per_edit": result.records, "examples": examples}
+    if drift is not None:
+        labelled, scores = drift.metrics(model, tokenizer, cfg.batch_size)
+        out["metrics"].update(labelled)
+        out["drift"] = scores
+    return out
+
+
+def curve_point(model, tokenizer, records: list[EditRecord], cfg, pre: dict | None, drift: DriftSetup | None, *, batch: int) -> dict:
+    """One point of a sequential curve: teacher-forced rel/gen/loc on the edits so far (no generation: kept cheap),
+    plus drift when the recipe measures it."""
+    result = evaluate_edits(model, tokenizer, records, pre=pre["locality"] if pre else None, generation=False, batch_size=cfg.batch_size)
+    point = {"batch": batch, "edits": len(records), **{k: v for k, v in result.summary().items() if k in ("rel", "gen", "loc", "port")}}
+    if drift is not None:
+        _, scores = drift.metrics(model, tokenizer, cfg.batch_size)
+        point.update(ppl=scores["ppl"], ppl_drift_pct=scores["ppl_drift_pct"], kl=scores["kl"])
+    return point

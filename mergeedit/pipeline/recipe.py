@@ -83,6 +83,15 @@ class EvalSection(_Strict):
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     examples: int = Field(3, ge=0, description="Print before/after answers for this many edits.")
+    drift: bool = Field(True, description="Also measure general-ability drift against the unedited model: perplexity change on generic text and next-token KL.")
+    drift_texts: Optional[str] = Field(None, description="JSONL of {prompt, text} lines for drift, relative to the recipe (default: the shipped data/drift/generic.jsonl).")
+    curve_every: Optional[int] = Field(None, ge=1, description="Sequential curve: score the edits so far (teacher-forced, plus drift) after every k batches; written to curve.json (and curve.png with matplotlib).")
+
+
+class SweepSection(_Strict):
+    validation: Union[int, float] = Field(0.2, gt=0, description="`mergeedit sweep` scores this subset of the edits: a fraction (< 1) or a count, picked with `seed`.")
+    seed: int = Field(0, description="Seed of the validation split (same seed, same edits).")
+    grid: Optional[dict[str, list[Union[float, bool]]]] = Field(None, description="Merge parameter -> values to try (the CLI's --grid overrides it).")
 
 
 class OutputSection(_Strict):
@@ -102,6 +111,7 @@ class Recipe(_Strict):
         None, description="A merge in `mergeedit merge` syntax; model references may be `base` and `rsft`. Default: ties of rsft into base. null: no merge (the R-SFT model is the result)."
     )
     eval: EvalSection = Field(default_factory=EvalSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="before")

@@ -32,6 +32,7 @@ from ..yaml_source import YamlDocument
 from .recipe import DEFAULT_TRAINABLE, Recipe, load_recipe
 from ..io.integrity import add_to_manifest
 from .distributed import Distributed
+from .evaluation_stage import DriftSetup
 from .run_dir import RunDir, stable_hash
 
 DELTA_FILE = "model.safetensors"
@@ -71,6 +72,40 @@ class RunResult:
     seconds: float = 0.0
     stages_cached: list[str] = field(default_factory=list)
     stages_run: list[str] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    """What every stage of a run shares once the base model is loaded (built by `RecipeRun.open_session`)."""
+
+    run: RunDir
+    records: list[EditRecord]
+    base_folder: Path
+    base_source: ModelSource
+    base_key: dict
+    trainable: list[str]
+    settings: TrainSettings
+    model: object
+    tokenizer: object
+    training_model: object
+    named: dict
+    device: torch.device
+    fmt: PromptFormat
+    examples_by_case: dict[str, list[TrainingExample]]
+    initial: dict[str, torch.Tensor]
+
+
+@dataclass
+class Trained:
+    """The R-SFT stages of a run: each batch's delta and stage id, and (chained) the model after each batch."""
+
+    rsft_deltas: list[ModelSource] = field(default_factory=list)
+    rsft_ids: list[str] = field(default_factory=list)
+    checkpoints: list[tuple[str, ModelSource]] = field(default_factory=list)
+    current_delta: Optional[ModelSource] = None
+    upstream: str = ""
 
 
 # -- recipe-derived settings ------------------------------------------------------------------------------------------
@@ -166,14 +201,13 @@ class RecipeRun:
         return [records[i : i + size] for i in range(0, len(records), size)]
 
     # main ---------------------------------------------------------------------------------------------------------
-    def run(self) -> RunResult:
+    def open_session(self) -> Session:
+        """Records, base model, trainable tensors and tokenized edits: what every stage needs (no stage runs here)."""
         from .model_loading import load_model_and_tokenizer, pick_device, resolve_base_folder
 
-        started = time.perf_counter()
         recipe = self.recipe
         records = self.load_records()
         run = RunDir(self.root, self.force)
-        result = RunResult(self.root, self.root / "model", len(records), 0, [], None, None)
         base_folder = resolve_base_folder(recipe.model.base, self.recipe_dir, recipe.model.dtype)
         base_source = open_local(recipe.model.base, base_folder)
         settings, patterns, layers = train_settings(recipe)
@@ -197,95 +231,156 @@ class RecipeRun:
         examples_by_case: dict[str, list[TrainingExample]] = {}
         for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where):
             examples_by_case.setdefault(ex.case_id, []).append(ex)
-        batches = self.batches(records)
-        result.batches = len(batches)
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
-        records_key = stable_hash([r.__dict__ for r in records])
-
-        # 1. pre-edit reference outputs (locality is post-vs-pre)
-        pre = None
-        if recipe.eval.enabled:
-            from .evaluation_stage import pre_edit_outputs
-
-            stage = run.stage("pre-eval", {"base": base_key, "records": records_key, "format": fmt.describe(), "eval": recipe.eval.model_dump()})
-            pre = self._cached_json(stage, result, lambda: pre_edit_outputs(model, tokenizer, records, fmt, recipe.eval))
-            result.pre_metrics = pre.get("metrics")
-
-        # 2. R-SFT (+ merge) per batch
         initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable}
+        return Session(run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, training_model, named, device, fmt, examples_by_case, initial)
+
+    def pre_edit_stages(self, s: Session, records: list[EditRecord], result: RunResult, prefix: str = "") -> tuple[Optional[dict], Optional[DriftSetup]]:
+        """The unedited model's outputs: locality reference tokens and scores (stage `{prefix}pre-eval`), and the drift
+        reference (stage `pre-drift`, shared by every record subset)."""
+        recipe = self.recipe
+        if not recipe.eval.enabled:
+            return None, None
+        from .evaluation_stage import drift_reference_stage, pre_edit_outputs
+
+        stage = s.run.stage(f"{prefix}pre-eval", {"base": s.base_key, "records": stable_hash([r.__dict__ for r in records]), "format": s.fmt.describe(), "eval": self._eval_key()})
+        pre = self._cached_json(stage, result, lambda: pre_edit_outputs(s.model, s.tokenizer, records, s.fmt, recipe.eval))
+        result.pre_metrics = pre.get("metrics")
+        drift = None
+        if recipe.eval.drift:
+            drift = drift_reference_stage(s.run, s.base_key, s.model, s.tokenizer, recipe.eval, self.recipe_dir, self.dist, self.reporter, result)
+            if drift is not None:
+                result.pre_metrics = {**(result.pre_metrics or {}), **drift.reference_metrics()}
+        return pre, drift
+
+    def train_batches(self, s: Session, result: RunResult, merge: bool = True) -> Trained:
+        """R-SFT per batch (chained: merged back after each batch unless `merge` is False); every stage cached."""
+        recipe = self.recipe
         strategy = recipe.sequential.strategy
-        upstream = stable_hash(base_key)
+        named = s.named
+        upstream = stable_hash(s.base_key)
         current_delta: Optional[ModelSource] = None  # chained: base + this delta is the current model
-        rsft_deltas: list[ModelSource] = []
-        for b, batch in enumerate(batches):
+        trained = Trained()
+        for b, batch in enumerate(self.batches(s.records)):
             tag = f"{b:03d}"
             if strategy == "anchored":
-                model.load_state_dict(initial, strict=False)
-            rsft_stage = run.stage(
+                s.model.load_state_dict(s.initial, strict=False)
+            rsft_stage = s.run.stage(
                 f"rsft-{tag}",
-                {"upstream": upstream if strategy == "chained" else stable_hash(base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": fmt.describe(), "trainable": trainable},
+                {"upstream": upstream if strategy == "chained" else stable_hash(s.base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": s.fmt.describe(), "trainable": s.trainable},
             )
             if rsft_stage.done:
                 self.reporter.stage(rsft_stage.name, True)
                 result.stages_cached.append(rsft_stage.name)
             else:
-                self.reporter.stage(rsft_stage.name, False, f"{len(batch)} edits, {sum(named[n].numel() for n in trainable):,} trainable parameters")
-                examples = [ex for r in batch for ex in examples_by_case[r.case_id]]
+                self.reporter.stage(rsft_stage.name, False, f"{len(batch)} edits, {sum(named[n].numel() for n in s.trainable):,} trainable parameters")
+                examples = [ex for r in batch for ex in s.examples_by_case[r.case_id]]
                 report = train_edits(
-                    training_model, examples, trainable, settings, pad_id=tokenizer.pad_token_id, device=device,
-                    progress=self.reporter.training, precision=recipe.rsft.precision, accelerator=dist.accelerator,
+                    s.training_model, examples, s.trainable, s.settings, pad_id=s.tokenizer.pad_token_id, device=s.device,
+                    progress=self.reporter.training, precision=recipe.rsft.precision, accelerator=self.dist.accelerator,
                 )
                 self.reporter.training_done()
-                with dist.main_first() as main:
+                with self.dist.main_first() as main:
                     if main:
                         with rsft_stage.writing() as tmp:
-                            save_file({n: named[n].detach().to("cpu").contiguous() for n in trainable}, tmp / DELTA_FILE, metadata={"format": "pt"})
+                            save_file({n: named[n].detach().to("cpu").contiguous() for n in s.trainable}, tmp / DELTA_FILE, metadata={"format": "pt"})
                             (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
                 result.stages_run.append(rsft_stage.name)
             result.train_reports.append(json.loads((rsft_stage.path / "train_report.json").read_text()))
             rsft_delta = open_local(f"rsft.{b}", rsft_stage.path)
-            rsft_deltas.append(rsft_delta)
+            trained.rsft_deltas.append(rsft_delta)
+            trained.rsft_ids.append(rsft_stage.output_id)
             upstream = rsft_stage.output_id
             if strategy == "chained":
-                if self.merge_config is not None:
-                    merge_stage = run.stage(f"merge-{tag}", {"upstream": upstream, "merge": self.merge_config.model_dump()})
-                    current_ref = overlay(base_source, current_delta, "base") if current_delta else base_source
-                    sources = {"base": current_ref, "rsft": overlay(base_source, rsft_delta, "rsft")}
-                    self._merge_delta(merge_stage, self.merge_config, sources, set(trainable), result)
+                if merge and self.merge_config is not None:
+                    merge_stage = s.run.stage(f"merge-{tag}", {"upstream": upstream, "merge": self.merge_config.model_dump()})
+                    current_ref = overlay(s.base_source, current_delta, "base") if current_delta else s.base_source
+                    sources = {"base": current_ref, "rsft": overlay(s.base_source, rsft_delta, "rsft")}
+                    self._merge_delta(merge_stage, self.merge_config, sources, set(s.trainable), result)
                     current_delta = open_local("merged", merge_stage.path)
                     upstream = merge_stage.output_id
                 else:
                     current_delta = rsft_delta
-                self._load_delta(model, current_delta)
+                self._load_delta(s.model, current_delta)
+                trained.checkpoints.append((upstream, current_delta))
+        trained.current_delta, trained.upstream = current_delta, upstream
+        return trained
 
-        if strategy == "anchored":
-            rsft_ids = [self._stage_id(run, f"rsft-{b:03d}") for b in range(len(batches))]
-            merge_stage = run.stage("merge", {"rsft": rsft_ids, "merge": self.merge_config.model_dump()})
-            sources = {"base": base_source, **{f"rsft.{i}": overlay(base_source, d, f"rsft.{i}") for i, d in enumerate(rsft_deltas)}}
-            if len(rsft_deltas) == 1:
-                sources["rsft"] = sources.pop("rsft.0")
-            self._merge_delta(merge_stage, expand_rsft(self.merge_config, len(rsft_deltas)), sources, set(trainable), result)
-            current_delta = open_local("merged", merge_stage.path)
-            upstream = merge_stage.output_id
+    def anchored_merge(self, s: Session, deltas: list[ModelSource], ids: list[str], config: MergeConfig, name: str, result: RunResult) -> tuple[ModelSource, str]:
+        """Task vectors of `deltas` (each trained from the base) merged into the base by `config`; a cached stage."""
+        stage = s.run.stage(name, {"rsft": ids, "merge": config.model_dump()})
+        sources = {"base": s.base_source, **{f"rsft.{i}": overlay(s.base_source, d, f"rsft.{i}") for i, d in enumerate(deltas)}}
+        if len(deltas) == 1:
+            sources["rsft"] = sources.pop("rsft.0")
+        self._merge_delta(stage, expand_rsft(config, len(deltas)), sources, set(s.trainable), result)
+        return open_local("merged", stage.path), stage.output_id
+
+    def curve(self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], result: RunResult) -> list[dict]:
+        """Teacher-forced scores (and drift) on the edits so far, after every `eval.curve_every` batches and the last."""
+        from .evaluation_stage import curve_point
+
+        cfg = self.recipe.eval
+        batches = self.batches(s.records)
+        points, done = [], 0
+        for b, batch in enumerate(batches):
+            done += len(batch)
+            if (b + 1) % cfg.curve_every and b + 1 != len(batches):
+                continue
+            if self.recipe.sequential.strategy == "anchored":
+                last = b + 1 == len(batches)  # the last point is the run's own merge: same stage, cached
+                delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], self.merge_config, "merge" if last else f"curve-merge-{b:03d}", result)
+            else:
+                delta_id, delta = trained.checkpoints[b]
+            so_far = s.records[:done]
+            stage = s.run.stage(f"curve-{b:03d}", {"upstream": delta_id, "pre": self._stage_id(s.run, "pre-eval"), "drift": drift.stage_id if drift else None, "eval": self._eval_key(), "edits": done})
+
+            def compute(delta=delta, so_far=so_far, b=b):
+                self._load_delta(s.model, delta)
+                return curve_point(s.model, s.tokenizer, so_far, self.recipe.eval, pre, drift, batch=b + 1)
+
+            points.append(self._cached_json(stage, result, compute))
+        return points
+
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        recipe = self.recipe
+        s = self.open_session()
+        records, model, tokenizer, fmt, run = s.records, s.model, s.tokenizer, s.fmt, s.run
+        result = RunResult(self.root, self.root / "model", len(records), len(self.batches(records)), [], None, None)
+
+        # 1. pre-edit reference outputs (locality is post-vs-pre; drift is against the unedited model)
+        pre, drift = self.pre_edit_stages(s, records, result)
+
+        # 2. R-SFT (+ merge) per batch; the anchored strategy merges every batch's task vector at the end
+        trained = self.train_batches(s, result)
+        current_delta, upstream = trained.current_delta, trained.upstream
+        if recipe.sequential.strategy == "anchored":
+            current_delta, upstream = self.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, self.merge_config, "merge", result)
+        if recipe.eval.enabled and recipe.eval.curve_every:
+            from ..evaluation.curves import write_curve
+
+            result.curve = self.curve(s, trained, pre, drift, result)
+            result.notes += write_curve(result.curve, self.root)
+        if current_delta is not None:
             self._load_delta(model, current_delta)
 
         # 3. export the edited model as a Hugging Face folder
         export = run.stage("export", {"upstream": upstream, "dtype": recipe.model.dtype, "shard": recipe.output.shard_size})
-        final_source = overlay(base_source, current_delta, "edited") if current_delta else base_source
+        final_source = overlay(s.base_source, current_delta, "edited") if current_delta else s.base_source
         if export.done:
             self.reporter.stage(export.name, True)
             result.stages_cached.append(export.name)
         else:
             self.reporter.stage(export.name, False, str(result.model_dir))
-            self._export(export, final_source, base_folder)
+            self._export(export, final_source, s.base_folder)
             result.stages_run.append(export.name)
 
         # 4. evaluate the final model against the pre-edit reference
         if recipe.eval.enabled:
             from .evaluation_stage import post_edit_evaluation
 
-            stage = run.stage("eval", {"upstream": export.output_id, "pre": self._stage_id(run, "pre-eval"), "eval": recipe.eval.model_dump()})
-            post = self._cached_json(stage, result, lambda: post_edit_evaluation(model, tokenizer, records, fmt, recipe.eval, pre))
+            stage = run.stage("eval", {"upstream": export.output_id, "pre": self._stage_id(run, "pre-eval"), "drift": drift.stage_id if drift else None, "eval": self._eval_key()})
+            post = self._cached_json(stage, result, lambda: post_edit_evaluation(model, tokenizer, records, fmt, recipe.eval, pre, drift))
             result.metrics = post["metrics"]
             result.examples = post.get("examples", [])
         result.seconds = time.perf_counter() - started
@@ -293,6 +388,9 @@ class RecipeRun:
         return result
 
     # helpers --------------------------------------------------------------------------------------------------------
+    def _eval_key(self) -> dict:
+        """The eval settings that change scores (how often the curve is sampled does not)."""
+        return self.recipe.eval.model_dump(exclude={"curve_every"})
     @staticmethod
     def _stage_id(run: RunDir, name: str) -> Optional[str]:
         meta = run.root / "stages" / name / "stage.json"

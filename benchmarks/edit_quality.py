@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Edit quality of the baselines and of R-SFT + merge on SmolLM2-135M-Instruct and the shipped ZsRE sample.
+
+Run by hand (minutes to hours on CPU). Every method is an ordinary recipe run by the pipeline (`RecipeRun`) in its own
+process, so wall time and peak RSS are per method; the table compares:
+
+    FT-L               rsft.method ft-l (all projections of the middle layer, one step per batch), no merge
+    FT-M               rsft.method ft-m (the middle layer's MLP down projection, answer-token loss), no merge
+    R-SFT              three-loop R-SFT of every MLP matrix, no merge
+    R-SFT+TIES chained each batch trained from the current model, TIES-merged back into it
+    R-SFT+TIES anch.   each batch trained from the base, all task vectors TIES-merged at the end
+
+Edits arrive in sequential batches (--seq-batch, default T/5 capped at 100); every edit is scored on the final model
+(WISE/AlphaEdit protocol): teacher-forced Rel/Gen, pre-vs-post Loc, generation exact match (chat template, greedy),
+and general-ability drift against the unedited model (perplexity % and next-token KL on data/drift/generic.jsonl).
+
+    .venv/bin/python benchmarks/edit_quality.py --edits 10
+    .venv/bin/python benchmarks/edit_quality.py --edits 100 --json bench-100.json
+    .venv/bin/python benchmarks/edit_quality.py --edits 10 --max-epochs 1 --max-steps 3   # quick check: less training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = ROOT / "data" / "zsre" / "zsre_mend_eval_first1000.json"
+TIES = {"merge_method": "ties", "base_model": "base", "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 0.7}}], "dtype": "float32"}
+MIDDLE_LAYER = [15, 16]  # SmolLM2-135M has 30 layers
+
+# method -> (rsft section overrides, merge, sequential strategy)
+METHODS: dict[str, tuple[dict, object, str]] = {
+    "FT-L": ({"method": "ft-l", "layers": MIDDLE_LAYER, "lr": 5.0e-4}, None, "chained"),
+    "FT-M": ({"method": "ft-m", "layers": MIDDLE_LAYER, "lr": 5.0e-4}, None, "chained"),
+    "R-SFT": ({}, None, "chained"),
+    "R-SFT+TIES chained": ({}, TIES, "chained"),
+    "R-SFT+TIES anchored": ({}, TIES, "anchored"),
+}
+COLUMNS = [("rel", "Rel TF"), ("gen", "Gen TF"), ("loc", "Loc"), ("rel_em", "Rel gen"), ("gen_em", "Gen gen"), ("ppl_drift_pct", "ppl drift %"), ("kl", "KL")]
+
+
+def recipe_for(method: str, args) -> dict:
+    rsft_overrides, merge, strategy = METHODS[method]
+    rsft = {"lr": 1.0e-4, "batch_size": 10, "max_epochs": 5, "max_steps_per_batch": 25, "loss_threshold": 0.05, "seed": 0, **rsft_overrides}
+    if args.max_epochs is not None:
+        rsft["max_epochs"] = args.max_epochs
+    if args.max_steps is not None:
+        rsft["max_steps_per_batch"] = args.max_steps
+    seq_batch = args.seq_batch or min(100, max(1, args.edits // 5))
+    return {
+        "name": f"bench-{method}",
+        "model": {"base": "smollm2-135m-instruct", "dtype": "float32", "device": args.device},
+        "dataset": {"format": "zsre", "path": str(DATASET), "limit": args.edits, "prompt": "auto"},
+        "rsft": rsft,
+        "sequential": {"batch_size": seq_batch, "strategy": strategy},
+        "merge": merge,
+        "eval": {"generation": not args.no_generation, "batch_size": 32, "max_new_tokens": 16, "examples": 0},
+        "output": {"dir": "run"},
+    }
+
+
+def peak_rss_bytes() -> int:
+    """This process's own high-water mark (VmHWM belongs to the address space, so it starts afresh at exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(recipe_path: Path, out_path: Path) -> None:
+    """Run one recipe in this (fresh) process and write its scores, time and peak memory."""
+    from mergeedit.pipeline.runner import RecipeRun
+
+    started = time.perf_counter()
+    result = RecipeRun(recipe_path).run()
+    metrics = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in (result.metrics or {}).items()}
+    pre = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in (result.pre_metrics or {}).items()}
+    out_path.write_text(json.dumps({
+        "metrics": metrics, "pre_metrics": pre, "seconds": time.perf_counter() - started, "run_seconds": result.seconds,
+        "peak_rss": peak_rss_bytes(), "batches": result.batches, "edits": result.edits,
+        "learned": [r.get("learned_fraction") for r in result.train_reports],
+        "train_steps": sum(r.get("steps", 0) or 0 for r in result.train_reports),
+    }, indent=2))
+
+
+def run_method(method: str, args, work: Path) -> dict:
+    import yaml
+
+    folder = work / f"T{args.edits}" / method.replace(" ", "_").replace("+", "-")
+    if folder.exists() and not args.reuse:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_for(method, args), sort_keys=False))
+    out = folder / "bench.json"
+    started = time.perf_counter()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, __file__, "--child", str(recipe), str(out)], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    data = json.loads(out.read_text())
+    if not args.keep:  # R-SFT deltas, merges and the export take about 2 GB a method at T=10
+        shutil.rmtree(folder / "run", ignore_errors=True)
+    return {"method": method, "wall_seconds": wall, **data}
+
+
+def print_table(rows: list[dict], args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"SmolLM2-135M-Instruct, {args.edits} ZsRE edits (sequential batches of {args.seq_batch or min(100, max(1, args.edits // 5))}); scored on the final model")
+    for col in ["method", *[c for _, c in COLUMNS], "wall s", "peak RSS MB"]:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    cell = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+    if rows:
+        pre = rows[0]["pre_metrics"]
+        table.add_row("(unedited)", *[cell(pre.get(k)) for k, _ in COLUMNS], "", "")
+    for r in rows:
+        m = r["metrics"]
+        table.add_row(r["method"], *[cell(m.get(k), "{:+.2f}" if k == "ppl_drift_pct" else "{:.4f}" if k == "kl" else "{:.3f}") for k, _ in COLUMNS],
+                      f"{r['wall_seconds']:.0f}", f"{r['peak_rss'] / 2**20:.0f}")
+    Console(width=200).print(table)
+    print("TF: teacher-forced token accuracy; Loc: pre-vs-post argmax agreement; gen: greedy-generation exact match "
+          "(chat template); drift: perplexity change on generic text and mean next-token KL(ref || post), in nats.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edits", type=int, default=10, help="T: the first T usable ZsRE records (10, 100, 1000).")
+    parser.add_argument("--seq-batch", type=int, default=None, help="Edits per sequential batch (default T/5, at most 100).")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD", help=f"Subset of: {', '.join(METHODS)}")
+    parser.add_argument("--max-epochs", type=int, default=None, help="Override rsft.max_epochs (shrinks training for a quick check).")
+    parser.add_argument("--max-steps", type=int, default=None, help="Override rsft.max_steps_per_batch (shrinks training for a quick check).")
+    parser.add_argument("--no-generation", action="store_true", help="Skip the generation protocol (faster).")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-edit-quality", help="Run directories go here.")
+    parser.add_argument("--keep", action="store_true", help="Keep each method's run directory (about 2 GB each); by default it is deleted once scored.")
+    parser.add_argument("--reuse", action="store_true", help="Reuse kept run directories (cached stages: times are then not comparable).")
+    parser.add_argument("--json", type=Path, default=None, help="Write every number here.")
+    parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    rows = []
+    for method in args.methods:
+        print(f"running {method} ...", flush=True)
+        rows.append(run_method(method, args, args.work))
+        r = rows[-1]
+        print(f"  {r['wall_seconds']:.0f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MB, learned {r['learned']}", flush=True)
+        if args.json:  # after every method, so a long run that is stopped keeps what it finished
+            write_json(args, rows)
+    print_table(rows, args)
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"}
+    recipes = {m: recipe_for(m, args) for m in args.methods}
+    args.json.write_text(json.dumps({"settings": settings, "recipes": recipes, "results": rows}, indent=2))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""PEFT LoRA adapters folded into their base weights on load: W' = W + scale * B @ A, one tensor (or row range) at a time.
+
+mergekit folds `model+adapter` references by loading both with peft and writing a merged copy; we read the adapter's
+safetensors directly and apply the update while streaming, so nothing is copied and no pickle is ever loaded. The
+arithmetic follows peft's LoraLayer.merge: the update is computed in float32 and added to the weight in float32, then
+rounded to the weight's stored dtype. scale is lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import MergeEditError
+from .safetensors_header import TensorInfo, read_header
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """The adapter matrices for one base weight: A is (r, in), B is (out, r); W is (out, in), or (in, out) if fan_in_fan_out."""
+
+    a: TensorInfo
+    b: TensorInfo
+    scale: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes
+
+    def delta_rows(self, read: Callable[[TensorInfo], torch.Tensor], rows: Optional[torch.Tensor | tuple[int, int]]) -> torch.Tensor:
+        """scale * (B @ A) for the given rows of W (all rows when None), in float32. `read` returns a whole tensor."""
+        a, b = read(self.a).float(), read(self.b).float()
+        pick = slice(rows[0], rows[1]) if isinstance(rows, tuple) else rows
+        if self.fan_in_fan_out:  # W stores the transpose: its rows are input features, i.e. columns of A
+            return (b @ (a if pick is None else a[:, pick])).t() * self.scale
+        return ((b if pick is None else b[pick]) @ a) * self.scale
+
+    @staticmethod
+    def fold_into(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """weight += delta, added in float32 and rounded once to the weight's dtype (as peft's merge does); in place."""
+        return weight.copy_(delta.add_(weight))
+
+
+def split_lora_ref(ref: str) -> tuple[str, Optional[str]]:
+    """`model+adapter` -> (`model`, `adapter`); a plain reference -> (ref, None). Each part may carry its own @revision."""
+    parts = ref.split("+")
+    if len(parts) == 1:
+        return ref, None
+    if len(parts) != 2 or not all(parts):
+        raise MergeEditError(f"model '{ref}': expected 'model+adapter' with exactly one '+'; rename paths that contain '+'")
+    return parts[0], parts[1]
+
+
+def _adapter_config(folder: Path) -> dict:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise MergeEditError(f"{folder}: no {ADAPTER_CONFIG}; a LoRA reference 'model+adapter' needs a PEFT adapter folder")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MergeEditError(f"{path}: cannot parse ({exc}); fix or re-save the adapter") from None
+    kind = str(cfg.get("peft_type", "LORA")).upper()
+    if kind != "LORA":
+        raise MergeEditError(f"{path}: peft_type '{kind}' is not supported; only LoRA adapters can be folded")
+    if cfg.get("use_dora"):
+        raise MergeEditError(f"{path}: DoRA adapters (use_dora: true) are not supported; merge it with peft first")
+    if cfg.get("modules_to_save"):
+        raise MergeEditError(f"{path}: modules_to_save {cfg['modules_to_save']} is not supported; merge it with peft first")
+    if cfg.get("alpha_pattern"):
+        raise MergeEditError(f"{path}: alpha_pattern is not supported; merge it with peft first")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+            raise MergeEditError(f"{path}: '{key}' must be a positive number, got {cfg.get(key)!r}")
+    return cfg
+
+
+def _weights_file(folder: Path) -> Path:
+    path = folder / ADAPTER_WEIGHTS
+    if path.is_file():
+        return path
+    if (folder / "adapter_model.bin").is_file():
+        raise MergeEditError(
+            f"{folder}: holds only adapter_model.bin (pickle, which can run code when loaded); convert it to {ADAPTER_WEIGHTS}"
+        )
+    raise MergeEditError(f"{folder}: no {ADAPTER_WEIGHTS}; point '+' at a PEFT LoRA adapter folder")
+
+
+def _target_name(key: str, part: str) -> str:
+    """`base_model.model.X.lora_A[.adapter].weight` -> `X.weight`."""
+    module = key.removeprefix(_PEFT_PREFIX).split(f".{part}", 1)[0]
+    return f"{module}.weight"
+
+
+def load_adapter(folder: Path, base_tensors: dict[str, TensorInfo]) -> dict[str, LowRankUpdate]:
+    """The low-rank update for every base weight the adapter targets, checked against the base's tensor shapes."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise MergeEditError(f"adapter '{folder}': no such folder; give 'model+path/to/adapter'")
+    cfg = _adapter_config(folder)
+    weights = _weights_file(folder)
+    tensors, _ = read_header(weights)
+    pairs: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in tensors.items():
+        if "lora_embedding_" in key:
+            raise MergeEditError(f"{weights}: tensor '{key}' is an embedding LoRA, which is not supported; merge it with peft first")
+        part = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
+        if part is None:
+            raise MergeEditError(f"{weights}: tensor '{key}' is not a lora_A/lora_B weight (bias or saved module); merge it with peft first")
+        pairs.setdefault(_target_name(key, part), {})[part] = info
+    alpha = float(cfg["lora_alpha"])
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+    updates: dict[str, LowRankUpdate] = {}
+    for name, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise MergeEditError(f"{weights}: '{name}' has only {', '.join(pair)}; the adapter file is incomplete")
+        a, b = pair["lora_A"], pair["lora_B"]
+        base = base_tensors.get(name)
+        if base is None:
+            raise MergeEditError(f"{weights}: targets '{name}', which the base model does not have; the adapter belongs to another model")
+        r = a.shape[0]
+        out_in = (base.shape[1], base.shape[0]) if fan_in_fan_out else tuple(base.shape)
+        if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != r or (b.shape[0], a.shape[1]) != out_in:
+            raise MergeEditError(
+                f"{weights}: '{name}' lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the base weight {list(base.shape)}"
+                + ("" if fan_in_fan_out else "; if the base stores (in, out) weights set fan_in_fan_out: true")
+            )
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        updates[name] = LowRankUpdate(a, b, scale, fan_in_fan_out)
+    return updates

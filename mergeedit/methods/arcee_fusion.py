@@ -1,0 +1,156 @@
+"""arcee_fusion: take the other model's change only where it matters most, judged against the base.
+
+importance = |x - base| * KL(softmax(x) || softmax(base)), the KL taken row by row over the last dimension (a 1-D tensor
+is one row) with 1e-8 added to both softmaxes, as mergekit does. An entry keeps x where its importance is at least
+median + 1.5 * IQR of all importances in the tensor, else it keeps the base: out = base + (x - base) * keep.
+
+Quantiles are those of mergekit's rule (the value at sorted position floor(q * (n - 1))), taken exactly over the whole
+tensor by streaming selection. mergekit computes them the same way up to 10^6 elements and on a random sample of 10^6
+importances above that, so on big tensors its threshold (and kept fraction) moves with its RNG while ours is exact and
+needs no seed.
+
+Softmax rows must be whole, so the method is not elementwise: it sees whole tensors or row chunks, and works through
+them a group of rows at a time so temporaries stay bounded (tens of MB). Pass 1 stores one KL per row (4 bytes a row, the only
+state that grows with the tensor) and feeds the importances to the selection; pass 2 finishes the selection. The KL of
+a row is computed by the same float32 operations whatever the chunk around it, so chunked and whole agree bit for bit,
+and match mergekit's whole-tensor numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MergeEditError
+from .quantiles import ExactOrderStatistics
+from .spec import MergeInputs, MergeMethod
+
+SOFTMAX_EPS = 1e-8  # mergekit adds this to both softmaxes before the log
+IQR_FACTOR = 1.5
+GROUP = 1 << 22  # elements per group of rows worked on at once (smaller groups measured several times slower)
+
+
+def row_length(shape: tuple[int, ...]) -> int:
+    """Elements per softmax row: the last dimension (a 0-D tensor is one row of one)."""
+    return shape[-1] if shape else 1
+
+
+def quantile_ranks(n: int) -> list[int]:
+    """Sorted positions mergekit reads q1, median and q3 from: floor(q * (n - 1))."""
+    return [(n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4]
+
+
+def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(x) + eps || softmax(base) + eps) per row of 2-D float32 inputs."""
+    p = F.softmax(x, dim=-1).add_(SOFTMAX_EPS)
+    q = F.softmax(base, dim=-1).add_(SOFTMAX_EPS)
+    terms = p * torch.log(p / q)
+    if terms.shape[0] == 1:
+        # torch splits a lone long row's sum across threads (a different rounding than a row among others): pad it.
+        return torch.cat([terms, torch.zeros_like(terms)]).sum(dim=-1)[:1]
+    return terms.sum(dim=-1)
+
+
+@dataclass
+class _Rows:
+    """One block seen as whole softmax rows: (rows, C) views in the compute dtype."""
+
+    x: torch.Tensor
+    base: torch.Tensor
+    first_row: int
+
+
+def _rows(inputs: MergeInputs) -> _Rows:
+    c = row_length(inputs.shape)
+    n = inputs.tensors[inputs.base].numel()
+    if inputs.offset % c or n % c:
+        raise MergeEditError(
+            f"tensor '{inputs.name}': arcee_fusion needs whole rows of {c} elements but got elements {inputs.offset}..{inputs.offset + n}; "
+            "raise --memory-budget so the tensor is not cut inside a row"
+        )
+    x = inputs.tensors[inputs.non_base[0]].reshape(-1, c)
+    base = inputs.tensors[inputs.base].reshape(-1, c)
+    return _Rows(x, base, inputs.offset // c)
+
+
+def _groups(rows: _Rows) -> Iterator[tuple[int, int]]:
+    step = max(1, GROUP // max(1, rows.x.shape[1]))
+    for a in range(0, rows.x.shape[0], step):
+        yield a, min(a + step, rows.x.shape[0])
+
+
+def _importance(rows: _Rows, kl: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """|x - base| * row KL in float32 (the selection works on float32 values; float64 inputs are rounded for it)."""
+    delta = rows.x[a:b].to(torch.float32) - rows.base[a:b].to(torch.float32)
+    return delta.abs_().mul_(kl[rows.first_row + a : rows.first_row + b, None])
+
+
+@dataclass
+class FusionStatistics:
+    """Pass 1: per-row KL and the first selection pass over the importances; pass 2: the exact quantiles."""
+
+    numel: int
+    n_rows: int
+    passes: int = 2
+    kl: torch.Tensor = field(init=False)
+    order: ExactOrderStatistics = field(init=False)
+    threshold: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        self.kl = torch.zeros(self.n_rows, dtype=torch.float32)
+        self.order = ExactOrderStatistics(self.numel, quantile_ranks(self.numel))
+
+    def observe(self, pass_index: int, block: MergeInputs) -> None:
+        rows = _rows(block)
+        for a, b in _groups(rows):
+            if pass_index == 0:
+                self.kl[rows.first_row + a : rows.first_row + b] = row_kl(rows.x[a:b].to(torch.float32), rows.base[a:b].to(torch.float32))
+                self.order.observe_first(_importance(rows, self.kl, a, b))
+            else:
+                self.order.observe_second(_importance(rows, self.kl, a, b))
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0:
+            self.order.end_first()
+            return
+        self.order.end_second()
+        q1, median, q3 = (torch.tensor(v, dtype=torch.float32) for v in self.order.values)
+        self.threshold = float(median + IQR_FACTOR * (q3 - q1))  # float32 arithmetic, as mergekit's
+
+    def result(self) -> "FusionStatistics":
+        return self
+
+
+def _statistics(inputs: MergeInputs) -> Optional[FusionStatistics]:
+    if inputs.numel == 0:
+        return None
+    return FusionStatistics(inputs.numel, inputs.numel // row_length(inputs.shape))
+
+
+def arcee_fusion_merge(inputs: MergeInputs) -> torch.Tensor:
+    base = inputs.tensors[inputs.base]
+    stats: Optional[FusionStatistics] = inputs.stats
+    if stats is None:  # an empty tensor
+        return base.clone()
+    rows = _rows(inputs)
+    out = torch.empty_like(rows.base)
+    for a, b in _groups(rows):
+        keep = _importance(rows, stats.kl, a, b) >= stats.threshold
+        out[a:b] = rows.base[a:b] + (rows.x[a:b] - rows.base[a:b]) * keep
+    return out.view(base.shape)
+
+
+ARCEE_FUSION = MergeMethod(
+    name="arcee_fusion",
+    params=(),
+    merge=arcee_fusion_merge,
+    base_model="required",
+    min_inputs=2,
+    max_inputs=2,
+    statistics=_statistics,
+    elementwise=False,
+    description="keep the other model's changes whose |delta| * row KL is an upper outlier (median + 1.5 IQR)",
+)

@@ -1,0 +1,132 @@
+"""sce (Select, Calculate, Erase; mergekit 0.1.5 semantics).
+
+tau_i = x_i - base. Select: when 0 < select_topk < 1, keep only the k = int(select_topk * count(var != 0)) positions
+with the largest variance of tau across models (population variance); select_topk <= 0 keeps none. Calculate: one
+weight per model and tensor, w_i = mean(tau_i^2) over the selected tensor (zeros included) / sum over models, or
+uniform when that sum is below 1e-6. Erase: an entry of tau_i counts only if its sign equals sign(sum_i tau_i) (zero
+entries never count). Result: base + sum_i w_i m_i tau_i / max(sum_i w_i m_i, 1e-6).
+
+The variance threshold (exact, via KthLargest) and the weights are whole-tensor numbers, gathered by `SceStatistics`
+in streaming passes; the merge is then elementwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .selection import KthLargest, magnitude_bits
+from .spec import MergeInputs, MergeMethod, Param
+
+WEIGHT_SUM_EPS = 1e-6  # below this sum of mean squares the models are weighted equally
+DIVISOR_MIN = 1e-6  # clamp of the per-entry sum of agreeing weights
+
+
+def task_vectors(inputs: MergeInputs) -> torch.Tensor:
+    """(models, elements) stack of x_i - base over the non-base inputs."""
+    base = inputs.tensors[inputs.base]
+    return torch.stack([inputs.tensors[i] - base for i in inputs.non_base])
+
+
+def variance_bits(tvs: torch.Tensor) -> torch.Tensor:
+    return magnitude_bits(tvs.var(dim=0, unbiased=False))
+
+
+@dataclass
+class SceStatistics:
+    """Pass 0: count of nonzero variances and the high histogram of the variances; pass 1: the low histogram; last
+    pass (the only one when nothing is selected): sum of squares of each selected task vector."""
+
+    topk: float
+    models: int
+    numel: int
+    select: Optional[KthLargest] = None
+    keep_none: bool = False
+    nonzero: int = 0
+    sum_squares: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if 0 < self.topk < 1:
+            self.select = KthLargest(1)  # k is known only after pass 0 has counted the nonzero variances
+        self.keep_none = self.topk <= 0
+        self.passes = 3 if self.select else 1
+        self.sum_squares = [0.0] * self.models
+
+    def observe(self, pass_index: int, block: MergeInputs) -> None:
+        tvs = task_vectors(block)
+        if self.select is not None and pass_index < 2:
+            bits = variance_bits(tvs)
+            if pass_index == 0:
+                self.nonzero += int(torch.count_nonzero(bits))
+                self.select.observe_high(bits)
+            else:
+                self.select.observe_low(bits)
+            return
+        self.apply_selection(tvs)
+        for i in range(self.models):
+            self.sum_squares[i] += float(tvs[i].square().sum(dtype=torch.float64))
+
+    def end_pass(self, pass_index: int) -> None:
+        if self.select is None or pass_index >= 2 or self.keep_none:
+            return
+        if pass_index == 0:
+            # mergekit's count is a tensor, so the product is rounded in float32: int(90 * 0.7) is 63 there, not 62
+            self.select.k = int(torch.tensor(self.nonzero) * self.topk)
+            if self.select.k == 0:
+                self.keep_none = True
+                return
+            self.select.end_high()
+        else:
+            self.select.end_low()
+
+    def result(self) -> "SceStatistics":
+        return self
+
+    def apply_selection(self, tvs: torch.Tensor) -> torch.Tensor:
+        """Zero, in place, the positions of a block's task vectors that the variance selection drops."""
+        if self.keep_none:
+            return tvs.zero_()
+        if self.select is not None:
+            tvs.mul_(variance_bits(tvs) >= self.select.threshold_bits)
+        return tvs
+
+    def weights(self) -> list[float]:
+        means = [s / self.numel if self.numel else 0.0 for s in self.sum_squares]
+        total = sum(means)
+        if abs(total) < WEIGHT_SUM_EPS:
+            return [1.0 / self.models] * self.models
+        return [m / total for m in means]
+
+
+def _statistics(inputs: MergeInputs) -> Optional[SceStatistics]:
+    if inputs.base is None or not inputs.non_base:
+        return None
+    return SceStatistics(inputs.shared["select_topk"], len(inputs.non_base), inputs.numel)
+
+
+def _merge(inputs: MergeInputs) -> torch.Tensor:
+    base = inputs.tensors[inputs.base]
+    if not inputs.non_base:
+        return base.clone()
+    stats: SceStatistics = inputs.stats
+    tvs = stats.apply_selection(task_vectors(inputs))
+    elected = torch.where(tvs.sum(dim=0) >= 0, 1.0, -1.0).to(tvs.dtype)
+    weights = torch.tensor(stats.weights(), dtype=tvs.dtype).unsqueeze(-1)
+    agreeing = (tvs.sign() == elected).to(tvs.dtype).mul_(weights)
+    merged = (tvs * agreeing).sum(dim=0).div_(agreeing.sum(dim=0).clamp_(min=DIVISOR_MIN))
+    return base + merged
+
+
+SCE = MergeMethod(
+    name="sce",
+    params=(
+        Param("int8_mask", bool, "shared", False),  # accepted for mergekit configs; masks here are always compact
+        Param("select_topk", float, "shared", 1.0),
+    ),
+    merge=_merge,
+    base_model="required",
+    statistics=_statistics,
+    description="keep the highest-variance entries, weight models by mean squared task vector, erase minority signs (SCE)",
+)

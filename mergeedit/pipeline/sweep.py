@@ -1,0 +1,189 @@
+"""`mergeedit sweep RECIPE --grid density=0.2,0.5,1 weight=0.5,0.7,1`: one R-SFT result, many merges, one table.
+
+The recipe's R-SFT stages are trained once (the very stages `mergeedit run` caches, so a run and a sweep share them);
+each grid point then overrides parameters of the recipe's merge, merges, and is scored on a validation split of the
+edits: a deterministic subset (seeded) of the recipe's edits, so a sweep over 1,000 edits scores, say, 100. The result
+lists every point with its scores and marks the Pareto front of reliability against locality (both higher is better).
+
+Grid keys are parameters of the merge method: a shared one (lambda, normalize, ...) goes in the merge's top-level
+`parameters`; a per-model one (weight, density, ...) goes on every `rsft` model entry. A merge of several batches
+(the anchored strategy) is re-done per point; a chained recipe of several batches would need its R-SFT redone per
+point, so it is refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from ..editing.records import EditRecord
+from ..errors import MergeEditError
+from ..merge_config import MergeConfig
+from ..methods import get_method
+from ..yaml_source import did_you_mean
+from .run_dir import stable_hash
+from .runner import RecipeRun, Reporter, RunResult
+
+SCORES = ("rel", "gen", "loc", "port", "rel_em", "gen_em", "ppl_drift_pct", "kl")
+SCRATCH_MERGE = "sweep-merge"
+
+
+# -- grid -----------------------------------------------------------------------------------------------------------
+def _value(text: str, where: str) -> Union[float, bool]:
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    try:
+        return float(text)
+    except ValueError:
+        raise MergeEditError(f"{where}: '{text}' is not a number (or true/false)") from None
+
+
+def parse_grid(specs: Sequence[str]) -> dict[str, list]:
+    """["density=0.2,0.5,1", "weight=0.5,1"] -> {"density": [0.2, 0.5, 1.0], "weight": [0.5, 1.0]} (order kept)."""
+    grid: dict[str, list] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise MergeEditError(f"--grid '{spec}': write KEY=V1,V2,... (e.g. density=0.2,0.5,1)")
+        if key in grid:
+            raise MergeEditError(f"--grid: '{key}' is given twice; list all its values once: {key}=V1,V2,...")
+        grid[key] = [_value(v, f"--grid {key}") for v in values.split(",") if v.strip()]
+    return grid
+
+
+def grid_points(grid: dict[str, list]) -> list[dict]:
+    """Every combination, the first key varying slowest."""
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def apply_point(config: MergeConfig, point: dict, where: str) -> MergeConfig:
+    """The merge with `point`'s parameters set: shared ones globally, per-model ones on every `rsft` entry."""
+    method = get_method(config.merge_method, where)
+    params = {p.name: p for p in method.params}
+    update: dict = {}
+    global_params = dict(config.parameters or {})
+    models = [m.model_copy(deep=True) for m in config.models] if config.models else None
+    for key, value in point.items():
+        if key not in params:
+            raise MergeEditError(f"{where}: grid key '{key}' is not a parameter of merge_method {config.merge_method}{did_you_mean(key, params)}; use one of {', '.join(params)}")
+        value = params[key].coerce(value)
+        if params[key].scope == "shared":
+            global_params[key] = value
+            continue
+        if not models or not any(m.model == "rsft" for m in models):
+            raise MergeEditError(f"{where}: grid key '{key}' is set per model, but the merge has no `models:` entry `rsft` to set it on")
+        for m in models:
+            if m.model == "rsft":
+                m.parameters = {**(m.parameters or {}), key: value}
+    update["parameters"] = global_params or None
+    if models is not None:
+        update["models"] = models
+    return config.model_copy(update=update)
+
+
+# -- validation split and Pareto front -------------------------------------------------------------------------------
+def validation_split(records: Sequence[EditRecord], size: Union[int, float], seed: int) -> list[EditRecord]:
+    """A seeded subset in dataset order: `size` < 1 is a fraction (at least one edit), otherwise a count."""
+    n = len(records)
+    if size <= 0:
+        raise MergeEditError(f"sweep validation size must be positive, got {size}")
+    k = max(1, round(n * size)) if size < 1 else int(size)
+    if k > n:
+        raise MergeEditError(f"sweep validation asks for {k} edits but the recipe has {n}; use a fraction (0.2) or a smaller count")
+    picked = sorted(random.Random(seed).sample(range(n), k))
+    return [records[i] for i in picked]
+
+
+def pareto_front(points: Sequence[tuple[Optional[float], Optional[float]]]) -> list[bool]:
+    """For (x, y) pairs where higher is better in both, True where no other point is at least as good in both and
+    strictly better in one. A missing value counts as worst."""
+    def worst(v):
+        return float("-inf") if v is None else v
+
+    pts = [(worst(x), worst(y)) for x, y in points]
+    return [not any(ox >= x and oy >= y and (ox > x or oy > y) for ox, oy in pts) for x, y in pts]
+
+
+# -- the sweep ------------------------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    recipe: str
+    grid: dict[str, list]
+    validation: dict
+    points: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    stages_run: list[str] = field(default_factory=list)
+    stages_cached: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "grid": self.grid, "validation": self.validation, "points": self.points, "seconds": self.seconds}
+
+
+def run_sweep(
+    recipe_path: Path,
+    grid_specs: Sequence[str] = (),
+    *,
+    validation: Optional[Union[int, float]] = None,
+    seed: Optional[int] = None,
+    reporter: Optional[Reporter] = None,
+    force: Optional[list[str]] = None,
+) -> SweepResult:
+    """Train once, merge and score every grid point; writes <run dir>/sweep.json. CLI options override the recipe's
+    `sweep:` section (grid, validation, seed)."""
+    started = time.perf_counter()
+    rr = RecipeRun(recipe_path, force=force, reporter=reporter)
+    recipe, cfg = rr.recipe, rr.recipe.sweep
+    where = rr.doc.where(("merge",))
+    if rr.merge_config is None:
+        raise MergeEditError(f"{rr.recipe_path}: a sweep varies the merge, but the recipe has `merge: null`; add a merge section")
+    grid = parse_grid(grid_specs) if grid_specs else {k: list(v) for k, v in (cfg.grid or {}).items()}
+    if not grid:
+        raise MergeEditError(f"{rr.recipe_path}: no grid; pass --grid KEY=V1,V2 (e.g. density=0.2,0.5,1) or set sweep.grid in the recipe")
+    points = grid_points(grid)
+    configs = [apply_point(rr.merge_config, p, where) for p in points]  # bad keys fail before any training
+    if not recipe.eval.enabled:
+        raise MergeEditError(f"{rr.doc.where(('eval', 'enabled'))}: a sweep scores every point; set eval.enabled: true")
+
+    s = rr.open_session()
+    if recipe.sequential.strategy == "chained" and len(rr.batches(s.records)) > 1:
+        raise MergeEditError(
+            f"{rr.doc.where(('sequential',))}: a chained recipe of several batches merges after every batch, so each grid point would retrain; "
+            "sweep with sequential.strategy: anchored or one batch"
+        )
+    size = validation if validation is not None else cfg.validation
+    split_seed = seed if seed is not None else cfg.seed
+    val_records = validation_split(s.records, size, split_seed)
+    result = RunResult(rr.root, rr.root / "model", len(s.records), len(rr.batches(s.records)), [], None, None)
+    pre, drift = rr.pre_edit_stages(s, val_records, result, prefix="sweep-")
+    trained = rr.train_batches(s, result, merge=False)
+
+    from .evaluation_stage import post_edit_evaluation
+
+    out = SweepResult(str(recipe_path), grid, {"size": len(val_records), "of": len(s.records), "seed": split_seed, "case_ids": [r.case_id for r in val_records]})
+    for point, config in zip(points, configs):
+        key = {"rsft": trained.rsft_ids, "merge": config.model_dump(), "pre": rr._stage_id(s.run, "sweep-pre-eval"), "drift": drift.stage_id if drift else None, "eval": rr._eval_key()}
+        stage = s.run.stage(f"sweep-eval-{stable_hash(key)[:8]}", key)
+
+        def compute(config=config):
+            delta, _ = rr.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, config, SCRATCH_MERGE, result)
+            rr._load_delta(s.model, delta)
+            scored = post_edit_evaluation(s.model, s.tokenizer, val_records, s.fmt, recipe.eval, pre, drift)
+            return {"metrics": scored["metrics"]}
+
+        scored = rr._cached_json(stage, result, compute)
+        out.points.append({"params": point, "scores": {k: scored["metrics"].get(k, {}).get("value") for k in SCORES}})
+    shutil.rmtree(s.run.root / "stages" / SCRATCH_MERGE, ignore_errors=True)  # a full delta per point would fill the disk
+    for p, on_front in zip(out.points, pareto_front([(p["scores"]["rel"], p["scores"]["loc"]) for p in out.points])):
+        p["pareto"] = on_front
+    out.seconds = time.perf_counter() - started
+    out.stages_run, out.stages_cached = result.stages_run, result.stages_cached
+    (rr.root / "sweep.json").write_text(json.dumps(out.to_dict(), indent=2))
+    return out
