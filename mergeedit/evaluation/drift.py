@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import MergeEditError
-from .metrics import _accepts, _batches, _device, _inference, _pad, _pad_id
+from .metrics import _pad_id, batched_logits
 
 __all__ = [
     "DEFAULT_DRIFT_TEXTS",
@@ -85,20 +85,8 @@ def _forward_batches(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_si
     """Yields (batch indices, float32 log-probs [rows, width, vocab], offsets) for length-sorted padded batches."""
     import torch
 
-    device = _device(model)
-    with_positions = _accepts(model, "position_ids")
-    no_cache = _accepts(model, "use_cache")
-    with _inference(model):
-        for batch in _batches([len(s) for s in seqs], batch_size):
-            ids, mask, positions, offsets = _pad([seqs[i] for i in batch], pad_id, padding_side)
-            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-            if with_positions:
-                kwargs["position_ids"] = positions.to(device)
-            if no_cache:
-                kwargs["use_cache"] = False
-            logits = model(**kwargs).logits
-            yield batch, torch.log_softmax(logits.float(), dim=-1), offsets
-            del logits
+    for batch, logits, offsets in batched_logits(model, seqs, pad_id, batch_size, padding_side):
+        yield batch, torch.log_softmax(logits.float(), dim=-1), offsets
 
 
 def _encode(tokenizer, texts: Sequence[str], min_tokens: int, what: str) -> list[list[int]]:

@@ -176,6 +176,25 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str):
     return ids, mask, positions, offsets
 
 
+def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, padding_side: str):
+    """Yields (batch indices, logits [rows, width, vocab], left-pad offsets) for length-sorted padded batches of `seqs`,
+    in inference mode, with position ids that ignore padding when the model takes them."""
+    device = _device(model)
+    with_positions = _accepts(model, "position_ids")
+    no_cache = _accepts(model, "use_cache")
+    with _inference(model):
+        for batch in _batches([len(s) for s in seqs], batch_size):
+            ids, mask, positions, offsets = _pad([seqs[i] for i in batch], pad_id, padding_side)
+            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            if with_positions:
+                kwargs["position_ids"] = positions.to(device)
+            if no_cache:
+                kwargs["use_cache"] = False
+            logits = model(**kwargs).logits
+            yield batch, logits, offsets
+            del logits
+
+
 def _teacher_forced(model, tokenizer, prompts, targets, batch_size: int, padding_side: str):
     """Per pair: (predicted ids, target ids) over the target positions."""
     prompts, targets = list(prompts), list(targets)
@@ -186,24 +205,12 @@ def _teacher_forced(model, tokenizer, prompts, targets, batch_size: int, padding
     if not encoded:
         return []
     pad_id = _pad_id(tokenizer, model)
-    device = _device(model)
-    with_positions = _accepts(model, "position_ids")
-    no_cache = _accepts(model, "use_cache")
-    with _inference(model):
-        for batch in _batches([len(e[0]) for e in encoded], batch_size):
-            ids, mask, positions, offsets = _pad([encoded[i][0] for i in batch], pad_id, padding_side)
-            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-            if with_positions:
-                kwargs["position_ids"] = positions.to(device)
-            if no_cache:
-                kwargs["use_cache"] = False
-            logits = model(**kwargs).logits
-            for r, i in enumerate(batch):
-                seq, start, stop = encoded[i]
-                off = offsets[r]
-                predicted = logits[r, off + start - 1 : off + stop - 1].argmax(-1).tolist()
-                results[i] = (predicted, seq[start:stop])
-            del logits
+    for batch, logits, offsets in batched_logits(model, [e[0] for e in encoded], pad_id, batch_size, padding_side):
+        for r, i in enumerate(batch):
+            seq, start, stop = encoded[i]
+            off = offsets[r]
+            predicted = logits[r, off + start - 1 : off + stop - 1].argmax(-1).tolist()
+            results[i] = (predicted, seq[start:stop])
     return results
 
 
