@@ -73,10 +73,11 @@ class KthLargest:
     def observe_low(self, bits: torch.Tensor) -> None:
         if self._low is None:
             return
-        flat = bits.reshape(-1)
-        inside = flat[(flat >> 16) == self.bucket]
-        if inside.numel():
-            self._low += torch.bincount(inside & 0xFFFF, minlength=_LOW_BINS)
+        # Shift so the bucket's values land on 1..65536 and clamp everything else onto the two end bins, which are
+        # dropped: one subtraction and a clamp instead of a boolean gather (nonzero + index) per block.
+        shifted = bits.reshape(-1) - ((self.bucket << 16) - 1)
+        counts = torch.bincount(shifted.clamp_(0, _LOW_BINS + 1), minlength=_LOW_BINS + 2)
+        self._low += counts[1 : _LOW_BINS + 1]
 
     def end_low(self) -> None:
         if self._low is None:
