@@ -247,3 +247,19 @@ def test_killed_merge_never_leaves_a_partial_output(tmp_path, models, signal_nam
 
         remove_stale_siblings(out)
         assert not [p for p in tmp_path.iterdir() if ".mergeedit-tmp-" in p.name]
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    import torch
+
+    from mergeedit.executor import all_finite
+
+    big = torch.full((1000,), 6.0e4, dtype=torch.float16)  # finite, but its sum overflows float16 (and not float32)
+    assert all_finite(big)
+    huge = torch.full((10,), 3.0e38)  # finite float32 whose float32 sum is inf: falls back to the element check
+    assert all_finite(huge)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(300, dtype=torch.bfloat16)
+        x[123] = bad
+        assert not all_finite(x)
+    assert all_finite(torch.zeros(0))

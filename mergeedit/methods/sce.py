@@ -31,7 +31,14 @@ def task_vectors(inputs: MergeInputs) -> torch.Tensor:
 
 
 def variance_bits(tvs: torch.Tensor) -> torch.Tensor:
-    return magnitude_bits(tvs.var(dim=0, unbiased=False))
+    """Bit patterns of the population variance across models, by the two-pass formula: torch.var over the short model
+    axis runs ~40x slower (a reduction of 2-3 values per element); its Welford rounding can differ in the last ulp,
+    which can only move the selection boundary between values that are equal to within an ulp."""
+    mean = tvs.sum(dim=0).div_(tvs.shape[0])
+    var = torch.zeros_like(mean)
+    for tv in tvs:
+        var.add_((tv - mean).square_())
+    return magnitude_bits(var.div_(tvs.shape[0]))
 
 
 @dataclass
