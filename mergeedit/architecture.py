@@ -55,8 +55,13 @@ def split_roles(model: ModelSource) -> tuple[list[str], list[str]]:
 
 
 def tied_embedding_name(model: ModelSource) -> str | None:
-    """The embedding a model without `lm_head.weight` ties its head to."""
-    return next((n for n in EMBED_CANDIDATES if n in model.tensors), None)
+    """The embedding a model without `lm_head.weight` ties its head to: a known name, else the one non-layer tensor
+    named like a token embedding (wrapped models such as Gemma 3's `language_model.model.embed_tokens.weight`)."""
+    known = next((n for n in EMBED_CANDIDATES if n in model.tensors), None)
+    if known is not None:
+        return known
+    found = [n for n in model.tensors if parse_layer_name(n) is None and n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
+    return found[0] if len(found) == 1 else None
 
 
 def guess_architecture(model: ModelSource) -> str:
