@@ -27,7 +27,7 @@ from ..errors import MergeEditError
 from . import seeded_random
 from .seeded_random import derive_seed, seeded_uniform
 from .selection import KthLargest, magnitude_bits
-from .spec import MergeInputs, MergeMethod, Param
+from .spec import MergeInputs, Param
 from .task_arithmetic import RESCALE_EPS, _delta, _density, _family
 
 BreadcrumbCounts = tuple[int, int]  # (largest entries skipped, entries kept after them)
@@ -127,7 +127,12 @@ class MagnitudeBand:
     """Keep the |delta| ranks skip+1 .. skip+keep from the top: upper <= skip-th largest excluded, >= lower kept."""
 
     elementwise = True
+    randomized = False
     params = (Param("gamma", float, "non_base", 0.01),)
+
+    @staticmethod
+    def wrap_merge(merge: Callable[[MergeInputs], torch.Tensor]) -> Callable[[MergeInputs], torch.Tensor]:
+        return merge
 
     @staticmethod
     def counts(inputs: MergeInputs, j: int) -> BreadcrumbCounts:
@@ -176,8 +181,10 @@ def rank_keep_probability(magnitudes: torch.Tensor, density: float, epsilon: flo
 class RankedBernoulli:
     """DELLA's MagPrune: a seeded Bernoulli keep whose probability grows with the entry's magnitude rank in its row."""
 
-    elementwise = False
+    elementwise = False  # ranks are per row: the merge gets whole rows, in groups of about one block
+    randomized = True
     params = (Param("epsilon", float, "non_base", 0.15),)
+    wrap_merge = staticmethod(in_row_groups)
 
     def statistics(self, inputs: MergeInputs, sparse: list[int], rescale: bool) -> Optional[MaskStatistics]:
         return MaskStatistics(self, rescale, sparse) if rescale else None
@@ -199,29 +206,9 @@ class RankedBernoulli:
                 )
 
 
-def _with_sparsifier(method: MergeMethod, sparsifier, randomized: bool) -> MergeMethod:
-    """A family member whose sparsifier brings its own parameters, plan-time check and (for row-wise ones) row groups."""
-    return replace(
-        method,
-        params=method.params + sparsifier.params,
-        merge=method.merge if sparsifier.elementwise else in_row_groups(method.merge),
-        elementwise=sparsifier.elementwise,
-        randomized=randomized,
-        check=sparsifier.check,
-    )
-
-
 BAND = MagnitudeBand()
 RANKED = RankedBernoulli()
-BREADCRUMBS = _with_sparsifier(
-    _family("breadcrumbs", BAND, False, False, False, "drop the largest gamma and the smallest deltas, weighted sum (Model Breadcrumbs)"),
-    BAND, False)
-BREADCRUMBS_TIES = _with_sparsifier(
-    _family("breadcrumbs_ties", BAND, True, False, False, "breadcrumbs sparsification, then sign election (Breadcrumbs-TIES)"),
-    BAND, False)
-DELLA = _with_sparsifier(
-    _family("della", RANKED, True, True, True, "magnitude-ranked random drop with L1 rescale, then sign election (DELLA)"),
-    RANKED, True)
-DELLA_LINEAR = _with_sparsifier(
-    _family("della_linear", RANKED, False, False, True, "magnitude-ranked random drop with L1 rescale, weighted sum (DELLA)"),
-    RANKED, True)
+BREADCRUMBS = _family("breadcrumbs", BAND, False, False, False, "drop the largest gamma and the smallest deltas, weighted sum (Model Breadcrumbs)")
+BREADCRUMBS_TIES = _family("breadcrumbs_ties", BAND, True, False, False, "breadcrumbs sparsification, then sign election (Breadcrumbs-TIES)")
+DELLA = _family("della", RANKED, True, True, True, "magnitude-ranked random drop with L1 rescale, then sign election (DELLA)")
+DELLA_LINEAR = _family("della_linear", RANKED, False, False, True, "magnitude-ranked random drop with L1 rescale, weighted sum (DELLA)")

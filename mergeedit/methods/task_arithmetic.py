@@ -11,7 +11,7 @@ top-k and DARE (breadcrumbs, DELLA: sparsify.py) plug in as `MaskSparsifier` obj
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Protocol, Union
+from typing import Callable, Literal, Optional, Protocol, Union
 
 import torch
 
@@ -21,7 +21,17 @@ from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
 
 
 class MaskSparsifier(Protocol):
-    """A sparsifier defined outside this module: its whole-tensor statistics and the keep mask of non-base input j."""
+    """A sparsifier defined outside this module: its whole-tensor statistics and the keep mask of non-base input j,
+    plus what it adds to the method: parameters, a plan-time check, randomness, and (for row-wise ones, which are not
+    elementwise) a wrapper that hands the merge whole rows."""
+
+    params: tuple[Param, ...]
+    elementwise: bool
+    randomized: bool
+
+    def check(self, shared: dict, per_input: list[dict]) -> None: ...
+
+    def wrap_merge(self, merge: Callable[[MergeInputs], torch.Tensor]) -> Callable[[MergeInputs], torch.Tensor]: ...
 
     def statistics(self, inputs: MergeInputs, sparse: list[int], rescale: bool) -> Optional[TensorStatistics]:
         """Statistics for the inputs `sparse` (0 < density < 1); the result needs `rescale` and `scale(j)`."""
@@ -192,14 +202,22 @@ def _family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, res
         Param("weight", float, "non_base"),
         Param("density", float, "non_base", 1.0),
     )
+    merge = _merge_for(sparsify, consensus)
+    if sparsify is None or isinstance(sparsify, str):
+        return MergeMethod(
+            name=name, params=params, merge=merge, base_model="required", statistics=_statistics_for(sparsify),
+            randomized=sparsify == "random", description=description,
+        )
     return MergeMethod(
         name=name,
-        params=params,
-        merge=_merge_for(sparsify, consensus),
+        params=params + sparsify.params,
+        merge=sparsify.wrap_merge(merge),
         base_model="required",
         statistics=_statistics_for(sparsify),
-        randomized=sparsify == "random",
+        elementwise=sparsify.elementwise,
+        randomized=sparsify.randomized,
         description=description,
+        check=sparsify.check,
     )
 
 
