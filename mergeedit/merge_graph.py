@@ -301,7 +301,7 @@ class GraphPlanner:
         if node.name in self.on_disk:
             return open_model(str(self.on_disk[node.name]))
         plan = self.plan(node)
-        if getattr(plan, "output_tokenizer", None) is not None:
+        if plan.output_tokenizer is not None:
             raise MergeEditError(
                 f"{node.doc.where(('tokenizer',))}: {node.label} builds a merged tokenizer, which the merges reading it need on disk; "
                 "pass --keep-intermediates DIR"
@@ -313,7 +313,7 @@ class GraphPlanner:
             return self.sources[ref]
         found = existing_path(ref, self.graph.path)
         target = str(found) if found is not None else ref
-        return open_model(target, allow_pickle=True) if getattr(self.options, "allow_pickle", False) else open_model(target)
+        return open_model(target, allow_pickle=self.options.allow_pickle)
 
     def plan_final(self, skipping_unused: bool = True) -> MergePlan:
         plan = self.plan(self.graph.final)

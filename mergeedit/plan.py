@@ -7,6 +7,7 @@ a missing parameter) is found here, before a byte is written.
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -130,16 +131,18 @@ class Planner:
         *,
         random_seed: int = 0,
         out_dtype: Optional[str] = None,
-        opener: Callable[[str], ModelSource] = open_model,
+        opener: Optional[Callable[[str], ModelSource]] = None,
         only: Optional[set[str]] = None,
         allow_pickle: bool = False,
     ) -> None:
+        """`opener` maps a model reference to its ModelSource; without one, references are paths or hub ids opened from
+        disk (relative paths also tried beside the config), pickled folders only with `allow_pickle`."""
         self.config = config
         self.doc = doc
         self.random_seed = random_seed
         self.out_dtype_override = out_dtype
-        self.opener = opener
-        self.allow_pickle = allow_pickle  # --allow-pickle: pickled folders are imported with torch.load(weights_only=True)
+        self.opens_paths = opener is None
+        self.opener = opener or partial(open_model, allow_pickle=allow_pickle)
         self.only = only  # restrict the output to these tensor names (R-SFT deltas: every other tensor is the base's)
         self.method = get_method(config.merge_method, doc.where(("merge_method",)))
         self.models: list[ModelSource] = []
@@ -166,7 +169,7 @@ class Planner:
 
     def _resolve_ref(self, ref: str) -> str:
         """Relative paths are taken from the working directory, then from the config's folder."""
-        if self.opener is not open_model or Path(ref).expanduser().exists() or Path(ref).is_absolute():
+        if not self.opens_paths or Path(ref).expanduser().exists() or Path(ref).is_absolute():
             return ref
         beside = self.doc.path.parent / ref
         return str(beside) if beside.exists() else ref
@@ -178,8 +181,7 @@ class Planner:
     def _open(self, ref: str, path: tuple) -> None:
         """Open one referenced model; its errors are prefixed with where the config names it."""
         try:
-            resolved = self._resolve_ref(ref)
-            model = open_model(resolved, allow_pickle=True) if self.allow_pickle and self.opener is open_model else self.opener(resolved)
+            model = self.opener(self._resolve_ref(ref))
         except MergeEditError as exc:
             raise MergeEditError(f"{self.doc.where(path)}: {exc}") from None
         model.ref = ref

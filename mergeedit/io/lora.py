@@ -37,13 +37,13 @@ class LowRankUpdate:
     def nbytes(self) -> int:
         return self.a.nbytes + self.b.nbytes
 
-    def delta_rows(self, read: Callable[[TensorInfo], torch.Tensor], rows: Optional[torch.Tensor | tuple[int, int]]) -> torch.Tensor:
-        """scale * (B @ A) for the given rows of W (all rows when None), in float32. `read` returns a whole tensor."""
-        a, b = read(self.a).float(), read(self.b).float()
-        pick = slice(rows[0], rows[1]) if isinstance(rows, tuple) else rows
+    def delta_rows(self, read: Callable[..., torch.Tensor], rows: Optional[tuple[int, int]]) -> torch.Tensor:
+        """scale * (B @ A) for rows [a, b) of W (all rows when None), in float32. `read(info, rows)` is the reader's: only
+        the rows of B that W's rows need are read (with fan_in_fan_out, W's rows are columns of A, so A is sliced)."""
         if self.fan_in_fan_out:  # W stores the transpose: its rows are input features, i.e. columns of A
-            return (b @ (a if pick is None else a[:, pick])).t() * self.scale
-        return ((b if pick is None else b[pick]) @ a) * self.scale
+            a, b = read(self.a, None).float(), read(self.b, None).float()
+            return (b @ (a if rows is None else a[:, rows[0] : rows[1]])).t() * self.scale
+        return (read(self.b, rows).float() @ read(self.a, None).float()) * self.scale
 
     @staticmethod
     def fold_into(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
