@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import MergeEditError
 from .io.dtypes import dtype_name, parse_user_dtype
-from .io.output_dir import AtomicOutputDir
+from .io.output_dir import AtomicOutputDir, cache_root
 
 MARKER = "mergeedit-builtin.json"
 
@@ -58,7 +58,7 @@ def gguf_path(name: str) -> Path:
 
 def cache_folder(name: str, cache_dir: str | os.PathLike | None = None, dtype: str = "bfloat16") -> Path:
     """Where the converted folder lives: cache_dir, else $MERGEEDIT_CACHE, else ~/.cache/mergeedit, then models/<name>-<dtype>."""
-    root = cache_dir or os.environ.get("MERGEEDIT_CACHE") or Path.home() / ".cache" / "mergeedit"
+    root = cache_dir or cache_root()
     return Path(root).expanduser() / "models" / f"{name}-{dtype}"
 
 

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -179,6 +179,28 @@ def all_finite(x: torch.Tensor) -> bool:
     isfinite().all(); only when the sum is not finite (which a huge but finite sum can also cause) look element-wise."""
     total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return math.isfinite(float(total)) or bool(torch.isfinite(x).all())
+
+
+def merge_chunk(
+    t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], stats: Any, out: torch.Tensor, block: int = DEFAULT_BLOCK
+) -> Optional[MergeInputs]:
+    """Merge the inputs of rows [a, b) of `t` (or all of it) into `out`, block by block. Returns the first block whose
+    output holds NaN/Inf (the caller words the error), else None."""
+    flat = out.view(-1)
+    for start, inputs in input_blocks(t, rows, stored, block):
+        inputs.stats = stats
+        merged = t.method.merge(inputs)
+        if merged.numel() != inputs.tensors[0].numel():
+            raise RuntimeError(f"method {t.method.name} returned {merged.numel()} elements for a block of '{t.name}', expected {inputs.tensors[0].numel()}")
+        if t.method.elementwise:
+            written = flat[start : start + merged.numel()]
+            written.copy_(merged.reshape(-1))
+        else:
+            written = out
+            out.copy_(merged.reshape(out.shape))
+        if t.out_dtype.is_floating_point and not all_finite(written):
+            return inputs
+    return None
 
 
 def load_inputs(reader: TensorReader, t: PlannedTensor, rows: Optional[tuple[int, int]], alloc=None) -> list[torch.Tensor]:
@@ -377,20 +399,9 @@ class Executor:
         shape = ((job.rows[1] - job.rows[0],) + tuple(t.shape[1:])) if job.rows is not None else tuple(t.shape)
         out_bytes = math.prod(shape) * t.out_dtype.itemsize
         out = self.pool.take(out_bytes).view(t.out_dtype).view(shape) if out_bytes else torch.empty(shape, dtype=t.out_dtype)
-        flat_out = out.view(-1)
-        for start, block in self._blocks(t, job, stored):
-            block.stats = stats
-            merged = t.method.merge(block)
-            if merged.numel() != block.tensors[0].numel():
-                raise RuntimeError(f"method {t.method.name} returned {merged.numel()} elements for a block of '{t.name}', expected {block.tensors[0].numel()}")
-            if t.method.elementwise:
-                written = flat_out[start : start + merged.numel()]
-                written.copy_(merged.reshape(-1))
-            else:
-                written = out
-                out.copy_(merged.reshape(shape))
-            if t.out_dtype.is_floating_point and not all_finite(written):
-                raise self._non_finite_error(t, block)
+        bad = merge_chunk(t, job.rows, stored, stats, out, self.block)
+        if bad is not None:
+            raise self._non_finite_error(t, bad)
         buffers = self._raw(stored) + self._raw([out])
         del stored
         outbox.put((t.name, out, job.nbytes, (t, t.bytes_out) if last else None, buffers))

@@ -16,7 +16,7 @@ from .io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards
 from .memory import default_budget
 from .chat_templates import write_chat_template
 from .merge_config import load_merge_config
-from .merge_graph import is_merge_graph, plan_merge_graph, upstream_merges
+from .merge_graph import ComputedModel, is_merge_graph, plan_merge_graph, upstream_merges
 from .plan import MergePlan, build_plan
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -87,10 +87,6 @@ def _describe_sources(plan: MergePlan, t) -> list:
     return out
 
 
-def _is_computed(model) -> bool:
-    return getattr(model, "plan", None) is not None  # a merge graph's intermediate: no folder of its own
-
-
 def plan_fingerprint(plan: MergePlan, shards: list[Shard]) -> str:
     """What decides every output byte: tensors, their sources (adapters, vocabulary maps) and parameters, seeds,
     dtypes, the shard layout, and the same for every upstream merge of a graph; plus the input files' identities."""
@@ -122,7 +118,8 @@ def write_tokenizer(plan: MergePlan, folder: Path, copy_tokenizer: bool) -> None
 
 def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress: Optional[ProgressCallback] = None) -> ExecutionReport:
     every_plan = [plan] + [p for _, p in upstream_merges(plan)]
-    check_output_location(out_dir, [m.folder for p in every_plan for m in p.models if not _is_computed(m)], options.overwrite)
+    folders = [m.folder for p in every_plan for m in p.models if not isinstance(m, ComputedModel)]  # intermediates have none
+    check_output_location(out_dir, folders, options.overwrite)
     shards = layout_shards(output_entries(plan), options.out_shard_size)
     check_free_space(out_dir, sum(s.nbytes for s in shards))
     try:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .errors import MergeEditError
-from .executor import DEFAULT_BLOCK, build_statistics, input_blocks, load_inputs
+from .executor import DEFAULT_BLOCK, build_statistics, input_blocks, load_inputs, merge_chunk
 from .io.dtypes import TORCH_TO_SAFETENSORS, itemsize
 from .io.model_source import ModelSource, open_model
 from .io.tensor_reader import ComputedTensorInfo, TensorReader
@@ -193,15 +193,7 @@ class NodeOutput:
         nbytes = math.prod(shape) * itemsize(t.out_dtype)
         raw = alloc(nbytes) if alloc is not None and nbytes else torch.empty(nbytes, dtype=torch.uint8)
         out = raw.view(t.out_dtype).view(shape)
-        flat = out.view(-1)
-        for start, block in input_blocks(t, rows, stored, self.block):
-            block.stats = stats
-            merged = t.method.merge(block)
-            if t.method.elementwise:
-                flat[start : start + merged.numel()].copy_(merged.reshape(-1))
-            else:
-                out.copy_(merged.reshape(shape))
-        if t.out_dtype.is_floating_point and not bool(torch.isfinite(out).all()):
+        if merge_chunk(t, rows, stored, stats, out, self.block) is not None:
             raise MergeEditError(
                 f"{self.plan.doc.path}: merge '{self.name}' gives NaN/Inf in '{t.name}' (an input holds them, or "
                 f"{str(t.out_dtype).removeprefix('torch.')} overflowed); repair that input or give this merge a wider out_dtype"

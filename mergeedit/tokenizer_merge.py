@@ -222,6 +222,8 @@ def plan_vocabulary(
         out_tok = base_tok
     elif setting == "union":
         out_tok = _union_tokenizer(base_tok, [(tokenizers[r], vocabs[r]) for r in refs if r in tokenizers])
+    elif setting in tokenizers:  # one of the inputs, already loaded above
+        out_tok = tokenizers[setting]
     else:
         try:
             out_tok = load_tokenizer(folders[setting])

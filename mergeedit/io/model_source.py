@@ -19,7 +19,7 @@ from .safetensors_header import TensorInfo, read_header
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _folder_files(folder: Path) -> list[Path]:
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
         return shards
-    pickled = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickled:
         raise MergeEditError(
             f"{folder}: holds only pickled weights ({pickled[0]}), which can run code when loaded; "
@@ -89,14 +89,14 @@ def _folder_files(folder: Path) -> list[Path]:
 
 
 def _is_pickle_only(folder: Path) -> bool:
-    return not any(folder.glob("*.safetensors")) and any(p.suffix in _PICKLE_SUFFIXES for p in folder.iterdir())
+    return not any(folder.glob("*.safetensors")) and any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir())
 
 
 def open_local(ref: str, path: Path, allow_pickle: bool = False) -> ModelSource:
     """Index a local folder or .safetensors file from its headers (a pickled folder only with `allow_pickle`)."""
     if path.is_file():
         if path.suffix != ".safetensors":
-            hint = " (pickled weights: point to their folder and pass --allow-pickle)" if path.suffix in _PICKLE_SUFFIXES else ""
+            hint = " (pickled weights: point to their folder and pass --allow-pickle)" if path.suffix in PICKLE_SUFFIXES else ""
             raise MergeEditError(f"{path}: expected a .safetensors file or a model folder{hint}")
         files = [path]
         folder = path.parent

@@ -19,6 +19,11 @@ TOKENIZER_FILES = (
 GENERATION_FILES = ("generation_config.json",)
 
 
+def cache_root() -> Path:
+    """Where mergeedit keeps what it converts once (built-in models, imported pickles): $MERGEEDIT_CACHE or ~/.cache/mergeedit."""
+    return Path(os.environ.get("MERGEEDIT_CACHE") or Path.home() / ".cache" / "mergeedit").expanduser()
+
+
 def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse outputs that would clobber something: an existing folder (without --overwrite) or an input's folder."""
     out = out.resolve()

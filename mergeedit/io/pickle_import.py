@@ -9,16 +9,14 @@ modification times, and written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 from ..errors import MergeEditError
-from .output_dir import TOKENIZER_FILES, AtomicOutputDir
+from .output_dir import TOKENIZER_FILES, AtomicOutputDir, cache_root, copy_files
+from .model_source import PICKLE_SUFFIXES
+from .resume import fingerprint
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 _COPIED = ("config.json", "generation_config.json")
 
@@ -38,23 +36,17 @@ def pickle_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES and not p.name.startswith("optimizer"))
 
 
-def converted_folder(folder: Path) -> Path:
-    """Where the safetensors copy of a pickled folder lives (not necessarily existing yet)."""
-    files = pickle_files(folder)
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    root = Path(os.environ.get("MERGEEDIT_CACHE") or Path.home() / ".cache" / "mergeedit")
-    return root / "from-pickle" / f"{folder.resolve().name}-{h.hexdigest()[:16]}"
+def converted_folder(folder: Path, files: list[Path]) -> Path:
+    """Where the safetensors copy of a pickled folder's `files` lives (not necessarily existing yet)."""
+    return cache_root() / "from-pickle" / f"{folder.resolve().name}-{fingerprint([], files)[:16]}"
 
 
 def import_pickled_folder(folder: Path) -> Path:
     """Convert `folder`'s pickled weights to safetensors once (weights_only loads) and return the converted folder."""
-    dest = converted_folder(folder)
+    files = pickle_files(folder)
+    dest = converted_folder(folder, files)
     if (dest / "model.safetensors").is_file() or (dest / "model.safetensors.index.json").is_file():
         return dest
-    files = pickle_files(folder)
     with AtomicOutputDir(dest) as tmp:
         weight_map: dict[str, str] = {}
         total = 0
@@ -70,9 +62,7 @@ def import_pickled_folder(folder: Path) -> Path:
         if len(files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for extra in _COPIED + TOKENIZER_FILES:
-            if (folder / extra).is_file():
-                shutil.copyfile(folder / extra, tmp / extra)
+        copy_files(folder, tmp, _COPIED + TOKENIZER_FILES)
     return dest
 
 
