@@ -68,7 +68,7 @@ def apply_mix(inputs: MergeInputs) -> torch.Tensor:
     ids = group_ids(mix.shape, mix.grouping, inputs.offset, xs[0].numel())
     base = xs[mix.around_base] if mix.around_base is not None else None
     out = base.clone() if base is not None else torch.zeros_like(xs[0])
-    per_element = mix.coefficients[ids].to(xs[0].dtype) if ids is not None else None
+    per_element = mix.coefficients.to(xs[0].dtype)[ids] if ids is not None else None  # cast the few rows, then gather
     for k, i in enumerate(mix.terms):
         v = xs[i] - base if base is not None else xs[i]
         if per_element is None:

@@ -62,6 +62,8 @@ class SceStatistics:
         self.sum_squares = [0.0] * self.models
 
     def observe(self, pass_index: int, block: MergeInputs) -> None:
+        if self.keep_none:  # nothing survives the selection: every sum of squares stays 0, so skip the work
+            return
         tvs = task_vectors(block)
         if self.select is not None and pass_index < 2:
             bits = variance_bits(tvs)
