@@ -315,8 +315,11 @@ class RecipeRun:
         self._merge_delta(stage, expand_rsft(config, len(deltas)), sources, set(s.trainable), result)
         return open_local("merged", stage.path), stage.output_id
 
-    def curve(self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], result: RunResult) -> list[dict]:
-        """Teacher-forced scores (and drift) on the edits so far, after every `eval.curve_every` batches and the last."""
+    def curve(
+        self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], result: RunResult, final: tuple
+    ) -> list[dict]:
+        """Teacher-forced scores (and drift) on the edits so far, after every `eval.curve_every` batches and the last.
+        `final` is the run's own (delta, stage id) for the last point (for anchored runs: its merge, already made)."""
         from .evaluation_stage import curve_point
 
         cfg = self.recipe.eval
@@ -327,8 +330,10 @@ class RecipeRun:
             if (b + 1) % cfg.curve_every and b + 1 != len(batches):
                 continue
             if self.recipe.sequential.strategy == "anchored":
-                last = b + 1 == len(batches)  # the last point is the run's own merge: same stage, cached
-                delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], self.merge_config, "merge" if last else f"curve-merge-{b:03d}", result)
+                if b + 1 == len(batches):
+                    delta, delta_id = final
+                else:
+                    delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], self.merge_config, f"curve-merge-{b:03d}", result)
             else:
                 delta_id, delta = trained.checkpoints[b]
             so_far = s.records[:done]
@@ -359,7 +364,7 @@ class RecipeRun:
         if recipe.eval.enabled and recipe.eval.curve_every:
             from ..evaluation.curves import write_curve
 
-            result.curve = self.curve(s, trained, pre, drift, result)
+            result.curve = self.curve(s, trained, pre, drift, result, final=(current_delta, upstream))
             result.notes += write_curve(result.curve, self.root)
         if current_delta is not None:
             self._load_delta(model, current_delta)
