@@ -320,3 +320,11 @@ def test_chunked_merge_equals_whole_and_reference(tmp_path, models, run_cli, met
         else:
             expected = ram_reference(base[name], xs, 0.004, 0.5, 1.0)
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-6, msg=name)
+
+
+def test_ramplus_with_epsilon_zero_and_no_unique_entries_does_not_divide_by_zero():
+    base = torch.tensor([0.0, 0.0, 0.0])
+    same = torch.tensor([1.0, 2.0, 0.0])  # both models change the same entries: nothing is unique to either
+    shared = shared_params(RAMPLUS_TL, epsilon=0.0)
+    out = run_whole(RAMPLUS_TL, [base, same, same.clone()], 0, shared, per_input(3))
+    assert torch.equal(out, torch.tensor([1.0, 2.0, 0.0]))  # shared entries are averaged

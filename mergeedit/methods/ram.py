@@ -58,6 +58,8 @@ class SharedUniqueCounts:
         """lambda_j = 1 + r * clamp(rho_j, 0, alpha); only multiplies unique entries, so a model without any is moot."""
         if not self.shared:  # an empty tensor: nothing was observed
             return 1.0
+        if self.unique[j] == 0:  # no unique entries to scale (and with epsilon 0, rho would divide by zero)
+            return 1.0
         rho = self.shared[j] / max(float(self.unique[j]), epsilon)
         return 1.0 + r * min(max(rho, 0.0), alpha)
 
