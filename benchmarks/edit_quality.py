@@ -160,15 +160,32 @@ def main() -> None:
         print(f"  {r['wall_seconds']:.0f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MB, learned {r['learned']}", flush=True)
         if args.json:  # after every method, so a long run that is stopped keeps what it finished
             write_json(args, rows)
-    print_table(rows, args)
+    print_table(write_json(args, rows) if args.json else rows, args)
     if args.json:
         print(f"wrote {args.json}")
 
 
-def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
+def write_json(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """Write this run's rows, keeping other methods' rows from an earlier run with the same recipes.
+
+    A T=100 table takes hours on CPU, so methods are often run in separate invocations into the same file; a row is
+    kept only when its method's recipe is unchanged, and a method run now replaces its old row.
+    """
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"}
     recipes = {m: recipe_for(m, args) for m in args.methods}
-    args.json.write_text(json.dumps({"settings": settings, "recipes": recipes, "results": rows}, indent=2))
+    earlier: list[dict] = []
+    if args.json.exists():
+        old = json.loads(args.json.read_text())
+        done = {r["method"] for r in rows}
+        for r in old.get("results", []):
+            m = r["method"]
+            if m not in done and m not in recipes and m in METHODS and old.get("recipes", {}).get(m) == recipe_for(m, args):
+                earlier.append(r)
+                recipes[m] = old["recipes"][m]
+    order = {m: i for i, m in enumerate(METHODS)}
+    merged = sorted(earlier + rows, key=lambda r: order[r["method"]])
+    args.json.write_text(json.dumps({"settings": settings, "recipes": recipes, "results": merged}, indent=2))
+    return merged
 
 if __name__ == "__main__":
     main()

@@ -263,3 +263,23 @@ def test_all_finite_is_exact_even_when_the_sum_overflows():
         x[123] = bad
         assert not all_finite(x)
     assert all_finite(torch.zeros(0))
+
+
+def test_merge_leaves_the_callers_thread_count_alone(tmp_path, models):
+    """The executor runs its math on all cores but one (the reader and writer need one); a recipe run trains in the
+    same process after merging, so the caller's torch thread count must come back unchanged."""
+    from mergeedit.executor import math_threads
+
+    cfg = _dare_config(tmp_path, models)
+    before = torch.get_num_threads()
+    seen = []
+    original = torch.set_num_threads
+    try:
+        torch.set_num_threads = lambda n: (seen.append(n), original(n))[1]
+        options = MergeOptions(memory_budget=1 << 20)
+        write_merge(load_plan(cfg, options), tmp_path / "out", options)
+    finally:
+        torch.set_num_threads = original
+    assert seen == [math_threads(), before]
+    assert torch.get_num_threads() == before
+    assert 1 <= math_threads() < max(2, len(os.sched_getaffinity(0)))

@@ -516,7 +516,7 @@ def test_dare_different_seed_different_mask(method):
     inputs = lambda s: MergeInputs("t", xs, 0, _shared(method), pi, 0, xs[0].numel(), s)
     m42, m43 = random_keep(inputs(42), 0), random_keep(inputs(43), 0)
     assert not torch.equal(m42, m43)
-    assert float((m42 & m43).float().mean()) < 0.15
+    assert float((m42 * m43).mean()) < 0.15  # float 1/0 masks
 
 
 def test_dare_masks_differ_between_models():

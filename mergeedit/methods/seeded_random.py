@@ -10,7 +10,7 @@ import hashlib
 
 import torch
 
-BLOCK = 1 << 18  # the executor's block size: each executor block draws exactly one noise block
+BLOCK = 1 << 18  # the executor's block size (executor.DEFAULT_BLOCK): each executor block draws exactly one noise block
 
 
 def derive_seed(*parts: object) -> int:
@@ -21,10 +21,13 @@ def derive_seed(*parts: object) -> int:
 
 def seeded_uniform(seed: int, offset: int, count: int) -> torch.Tensor:
     """Uniform [0, 1) float32 values for flat elements [offset, offset + count) of the stream named by `seed`."""
+    gen = torch.Generator()
+    if offset % BLOCK == 0 and count <= BLOCK:  # the executor's usual request: one whole or leading part of a block
+        gen.manual_seed(derive_seed(seed, offset // BLOCK))
+        return torch.rand(count, generator=gen)
     out = torch.empty(count, dtype=torch.float32)
     pos = offset
     end = offset + count
-    gen = torch.Generator()
     while pos < end:
         block = pos // BLOCK
         block_start = block * BLOCK
