@@ -4,8 +4,10 @@
 Run by hand (minutes to hours on CPU). Every method is an ordinary recipe run by the pipeline (`RecipeRun`) in its own
 process, so wall time and peak RSS are per method; the table compares:
 
-    FT-L               rsft.method ft-l (all projections of the middle layer, one step per batch), no merge
-    FT-M               rsft.method ft-m (the middle layer's MLP down projection, answer-token loss), no merge
+    FT-L               rsft.method ft-l: every projection of the middle layer (15), lr 5e-4, no merge
+    FT-M               rsft.method ft-m: the middle layer's MLP down projection, answer-token loss, lr 5e-4, no merge
+    (all methods share the training loop's budget: up to 25 steps per batch of 10, 5 epochs, loss threshold 0.05;
+    the recipe presets' one step per batch is overridden so the baselines get EasyEdit's step count, 25 a batch)
     R-SFT              three-loop R-SFT of every MLP matrix, no merge
     R-SFT+TIES chained each batch trained from the current model, TIES-merged back into it
     R-SFT+TIES anch.   each batch trained from the base, all task vectors TIES-merged at the end

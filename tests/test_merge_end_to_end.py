@@ -283,3 +283,26 @@ def test_merge_leaves_the_callers_thread_count_alone(tmp_path, models):
     assert seen == [math_threads(), before]
     assert torch.get_num_threads() == before
     assert 1 <= math_threads() < max(2, len(os.sched_getaffinity(0)))
+
+
+def test_buffer_pool_serves_close_sizes_and_evicts_the_oldest():
+    """Row chunks of different tensors differ by a few percent: a free buffer up to 1/8 larger serves a request (its
+    first bytes); when full, the pool drops its oldest buffers, not the newest; small buffers are left to malloc."""
+    from mergeedit.executor import BufferPool
+
+    pool = BufferPool(cap=100, smallest=10)
+    a, b = torch.empty(40, dtype=torch.uint8), torch.empty(50, dtype=torch.uint8)
+    pool.give([a, b])
+    assert pool.free_bytes == 90
+    got = pool.take(45)  # 50 is within 45 + 45 // 8
+    assert got.numel() == 45 and got.data_ptr() == b.data_ptr()
+    fresh = pool.take(30)  # 40 is more than 1/8 larger: a new buffer
+    assert fresh.data_ptr() != a.data_ptr() and pool.free_bytes == 40
+    pool.give([torch.empty(60, dtype=torch.uint8)])  # 100: full
+    pool.give([torch.empty(30, dtype=torch.uint8)])  # 130 > 100: the oldest (a) goes
+    assert pool.free_bytes == 90
+    assert pool.take(40).data_ptr() != a.data_ptr()  # a was evicted; 60 and 30 do not fit 40
+    assert pool.take(5).numel() == 5  # below `smallest`: never pooled
+    before = pool.free_bytes
+    pool.give([torch.empty(5, dtype=torch.uint8), torch.empty(500, dtype=torch.uint8)])  # too small / larger than the pool
+    assert pool.free_bytes == before

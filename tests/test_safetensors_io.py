@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -58,6 +59,93 @@ def test_row_ranges_read_exactly_those_rows(tmp_path):
     with TensorReader() as reader:
         assert torch.equal(reader.read(info, (3, 7)), x[3:7])
         assert reader.bytes_read == 4 * 4 * 4
+
+
+def _direct_read_file(tmp_path):
+    """Tensors above the direct-read threshold, at data offsets that are not block aligned, in several dtypes."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        "head": torch.randn(3, generator=g),  # shifts everything after it off 4096-byte alignment
+        "f32": torch.randn(301, 1021, generator=g),
+        "bf16": torch.randn(1027, 613, generator=g).to(torch.bfloat16),
+        "i8": torch.randint(-100, 100, (2049, 700), generator=g).to(torch.int8),
+        "f64": torch.randn(257, 515, generator=g).double(),
+    }
+    path = tmp_path / "big.safetensors"
+    save_file(tensors, path)
+    return tensors, read_header(path)[0]
+
+
+def _garbage_alloc(n: int) -> torch.Tensor:
+    return torch.full((n,), 0xAB, dtype=torch.uint8)  # reused pool buffers hold old bytes
+
+
+@pytest.mark.parametrize("cached_prefix", [0, 5000, 8192])
+def test_direct_reads_equal_cached_reads(tmp_path, monkeypatch, cached_prefix):
+    """O_DIRECT reads (what a merge of inputs larger than RAM uses) give the same bytes as reads through the cache,
+    whole tensors and row ranges, with part of the range already cached (copied from the cache, the rest read direct
+    from the aligned position below it) or none of it."""
+    from mergeedit.io import tensor_reader
+
+    tensors, infos = _direct_read_file(tmp_path)
+    assert any(i.start % tensor_reader.DIRECT_ALIGN for i in infos.values())
+
+    def partly_cached(fd, view, offset):  # as if the page cache held the first `cached_prefix` bytes of the range
+        n = min(cached_prefix, len(view))
+        got = os.preadv(fd, [view[:n]], offset) if n else 0
+        return got
+
+    monkeypatch.setattr(tensor_reader, "_pread_cached", partly_cached)
+    with TensorReader(direct=False) as plain, TensorReader() as direct:
+        for name, expected in tensors.items():
+            for rows in (None, (0, expected.shape[0]), (1, expected.shape[0] - 1)):
+                a = plain.read(infos[name], rows, alloc=_garbage_alloc)
+                b = direct.read(infos[name], rows, alloc=_garbage_alloc)
+                assert a.dtype == b.dtype and a.shape == b.shape
+                assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+                assert torch.equal(b, expected[slice(*rows) if rows else slice(None)])
+        assert direct.bytes_read == plain.bytes_read
+        assert torch.equal(direct.read(infos["bf16"], (2, 900)), tensors["bf16"][2:900])
+        if direct._direct_fd(infos["f32"].path) is not None:  # the file system takes O_DIRECT (tmpfs does not)
+            assert direct.bytes_read_direct > 0
+            assert plain.bytes_read_direct == 0
+
+
+def test_reads_meant_to_be_repeated_stay_in_the_page_cache(tmp_path, monkeypatch):
+    """The executor marks reads that a later statistics pass repeats: those go through the cache, never direct."""
+    from mergeedit.io import tensor_reader
+
+    tensors, infos = _direct_read_file(tmp_path)
+    monkeypatch.setattr(tensor_reader, "_pread_cached", lambda fd, view, offset: 0)
+    with TensorReader() as reader:
+        reader.keep_in_cache = True
+        assert torch.equal(reader.read(infos["f32"]), tensors["f32"])
+        assert reader.bytes_read_direct == 0
+        reader.keep_in_cache = False
+        assert torch.equal(reader.read(infos["f32"], (5, 300)), tensors["f32"][5:300])
+        small = reader.read(infos["head"])  # below DIRECT_MIN_BYTES: through the cache
+        assert torch.equal(small, tensors["head"])
+        assert reader.bytes_read_direct in (0, 295 * 1021 * 4)  # 0 where the file system refuses O_DIRECT
+
+
+def test_the_page_cache_probe_reads_cached_bytes(tmp_path):
+    """RWF_NOWAIT finds a file that was just written in the cache: nothing needs a direct read."""
+    from mergeedit.io import tensor_reader
+
+    tensors, infos = _direct_read_file(tmp_path)
+    info = infos["f32"]
+    view = memoryview(bytearray(info.nbytes))
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        got = tensor_reader._pread_cached(fd, view, info.start)
+    finally:
+        os.close(fd)
+    if not hasattr(os, "RWF_NOWAIT"):
+        assert got == 0
+        return
+    assert got in (0, info.nbytes)  # 0 only where non-blocking reads are unsupported
+    if got:
+        assert torch.equal(torch.frombuffer(view, dtype=torch.float32).reshape(tensors["f32"].shape), tensors["f32"])
 
 
 def _write_raw(path, header: dict, data: bytes = b"") -> None:
