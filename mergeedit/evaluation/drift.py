@@ -81,12 +81,12 @@ def load_drift_texts(path: Optional[Path | str] = None) -> DriftTexts:
 # Batched forward passes over token id lists
 
 
-def _forward_batches(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, padding_side: str):
-    """Yields (batch indices, float32 log-probs [rows, width, vocab], offsets) for length-sorted padded batches."""
+def _log_probs(logits, r: int, positions: slice):
+    """float32 log-softmax of row `r` at `positions` only: a whole batch's log-probs ([rows, width, vocab], a GB at
+    batch 32 with a 49k vocabulary) were a second copy of the logits and set the evaluation's peak memory."""
     import torch
 
-    for batch, logits, offsets in batched_logits(model, seqs, pad_id, batch_size, padding_side):
-        yield batch, torch.log_softmax(logits.float(), dim=-1), offsets
+    return torch.log_softmax(logits[r, positions].float(), dim=-1)
 
 
 def _encode(tokenizer, texts: Sequence[str], min_tokens: int, what: str) -> list[list[int]]:
@@ -105,11 +105,11 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16, 
 
     seqs = _encode(tokenizer, texts, 2, "text")
     total, count = 0.0, 0
-    for batch, logprobs, offsets in _forward_batches(model, seqs, _pad_id(tokenizer, model), batch_size, padding_side):
+    for batch, logits, offsets in batched_logits(model, seqs, _pad_id(tokenizer, model), batch_size, padding_side):
         for r, i in enumerate(batch):
             seq, off = seqs[i], offsets[r]
-            nxt = torch.tensor(seq[1:], device=logprobs.device)
-            rows = logprobs[r, off : off + len(seq) - 1]
+            nxt = torch.tensor(seq[1:], device=logits.device)
+            rows = _log_probs(logits, r, slice(off, off + len(seq) - 1))
             total -= float(rows.gather(-1, nxt[:, None]).double().sum())
             count += len(seq) - 1
     nll = total / count
@@ -122,9 +122,10 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size:
 
     seqs = _encode(tokenizer, prompts, 1, "prompt")
     out: list = [None] * len(seqs)
-    for batch, logprobs, offsets in _forward_batches(model, seqs, _pad_id(tokenizer, model), batch_size, padding_side):
+    for batch, logits, offsets in batched_logits(model, seqs, _pad_id(tokenizer, model), batch_size, padding_side):
         for r, i in enumerate(batch):
-            out[i] = logprobs[r, offsets[r] + len(seqs[i]) - 1].cpu()
+            last = offsets[r] + len(seqs[i]) - 1
+            out[i] = _log_probs(logits, r, slice(last, last + 1))[0].cpu()
     return torch.stack(out)
 
 
