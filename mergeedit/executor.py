@@ -2,8 +2,8 @@
 
 Three threads share the work: a reader prefetches the next chunk's inputs (pread releases the GIL; a chunk's inputs
 are read at the same time by a few read workers), the caller's thread runs the merge method (torch uses every core but
-one for the math), and a writer appends finished bytes to the shards. A byte budget gates everything in flight: a chunk's read waits until its bytes fit, and the bytes are
-returned only after its output is on disk. Tensors too large for the budget are cut into row chunks; methods that
+one for the math), and a writer appends finished bytes to the shards. A byte budget gates everything in flight: a
+chunk's read waits until its bytes fit, and the bytes are returned only after its output is on disk. Tensors too large for the budget are cut into row chunks; methods that
 need whole-tensor statistics see every chunk in extra streaming passes first.
 """
 

@@ -50,7 +50,7 @@ class TensorReader:
     """Thread-safe reader over many files; keeps their descriptors open for the life of a merge."""
 
     def __init__(self, direct: bool = True) -> None:
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, Optional[int]] = {}
         self._direct_fds: dict[str, Optional[int]] = {}
         self._lock = threading.Lock()
         self.direct = direct and hasattr(os, "O_DIRECT")
@@ -59,24 +59,28 @@ class TensorReader:
         self.bytes_read_direct = 0
 
     def _fd(self, path) -> int:
-        key = str(path)
-        with self._lock:
-            fd = self._fds.get(key)
-            if fd is None:
-                fd = os.open(key, os.O_RDONLY)
-                self._fds[key] = fd
-            return fd
+        fd = self._open(self._fds, path, os.O_RDONLY)
+        assert fd is not None
+        return fd
 
     def _direct_fd(self, path) -> Optional[int]:
         """A second descriptor opened with O_DIRECT, or None where the file system refuses it (tmpfs, some overlays)."""
+        return self._open(self._direct_fds, path, os.O_RDONLY | os.O_DIRECT, refused=None)
+
+    _REQUIRED = object()
+
+    def _open(self, table: dict, path, flags: int, refused=_REQUIRED) -> Optional[int]:
+        """The descriptor for `path` in `table`, opened once; `refused` (when given) stands in for one that fails."""
         key = str(path)
         with self._lock:
-            if key not in self._direct_fds:
+            if key not in table:
                 try:
-                    self._direct_fds[key] = os.open(key, os.O_RDONLY | os.O_DIRECT)
+                    table[key] = os.open(key, flags)
                 except OSError:
-                    self._direct_fds[key] = None
-            return self._direct_fds[key]
+                    if refused is TensorReader._REQUIRED:
+                        raise
+                    table[key] = refused
+            return table[key]
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None, alloc=None) -> torch.Tensor:
         """The tensor (or rows [a, b) of its first dimension) in its stored dtype.
