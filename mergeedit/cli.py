@@ -69,6 +69,10 @@ def merge(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and resource estimate without reading tensor data."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickled .bin/.pt inputs (loaded with torch.load(weights_only=True), converted to safetensors once)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted merge into OUT_DIR: shards it finished (sha256 verified) are kept, the rest are written."),
+    kernels: str = typer.Option(
+        "auto", "--kernels",
+        help="fused: compile the TIES/DARE/task-arithmetic formula into one loop (torch.compile; a few seconds, needs a C++ compiler; identical bytes); eager: never; auto: fused for merges of 2^29+ elements.",
+    ),
     keep_intermediates: Optional[Path] = typer.Option(
         None, "--keep-intermediates",
         help="Merge graphs (several YAML documents): also write each named merge to DIR/<name>, as mergekit-multi does; by default they are never written.",
@@ -78,9 +82,12 @@ def merge(
 
     CONFIG may hold several YAML documents (mergekit-multi's format): named merges that later ones read by name.
     """
+    from .executor import KERNELS
     from .memory import current_rss, default_budget
     from .merge import MergeOptions, estimate, load_plan
 
+    if kernels not in KERNELS:
+        raise MergeEditError(f"--kernels {kernels}: expected one of {', '.join(KERNELS)}")
     options = MergeOptions(
         out_shard_size=parse_size(out_shard_size, "--out-shard-size"),
         memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else default_budget(),
@@ -90,6 +97,7 @@ def merge(
         overwrite=overwrite,
         resume=resume,
         allow_pickle=allow_pickle,
+        kernels=kernels,
     )
     plan = load_plan(config, options)
     for w in plan.warnings:

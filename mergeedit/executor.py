@@ -1,10 +1,13 @@
 """Stream a merge plan to disk under a memory budget.
 
-Three threads share the work: a reader prefetches the next chunk's inputs (pread releases the GIL; a chunk's inputs
-are read at the same time by a few read workers), the caller's thread runs the merge method (torch uses every core but
-one for the math), and a writer appends finished bytes to the shards. A byte budget gates everything in flight: a
-chunk's read waits until its bytes fit, and the bytes are returned only after its output is on disk. Tensors too large for the budget are cut into row chunks; methods that
-need whole-tensor statistics see every chunk in extra streaming passes first.
+Four threads share the work: a reader prefetches the next chunk's inputs (pread releases the GIL; a chunk's inputs
+are read at the same time by a few read workers), a statistics thread gathers the whole-tensor numbers a method needs
+(TIES thresholds) for the next tensor while the caller's thread merges the current one (torch releases the GIL inside
+each op, so the two use two cores), and a writer appends finished bytes to the shards. A byte budget gates everything in flight: a
+chunk's read waits until its bytes fit, and the bytes are returned only after its output is on disk. Tensors too
+large for the budget are cut into row chunks; methods that need whole-tensor statistics see every chunk in extra
+streaming passes first. A statistic may learn that it needs fewer passes than scheduled (a sampled band settled the
+threshold): the reads of the passes it no longer needs are skipped, or dropped unused if already made.
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ from .io.shard_writer import ShardWriter
 from .io.source_reader import read_input
 from .io.tensor_reader import TensorReader
 from .memory import peak_rss
+from .methods import fused
 from .methods.spec import MergeInputs, TensorStatistics
 from .plan import MergePlan, PlannedTensor
 
 DEFAULT_BLOCK = 1 << 18  # elements per block: big enough to amortise per-op overhead (2^16 and 2^17 measured no faster)
+SAMPLE = 1 << 14  # elements of the strided sample a statistic may aim with before its first pass
+KERNELS = ("auto", "fused", "eager")  # --kernels: whether methods may warm up faster kernels (methods.fused)
+FUSE_MIN_ELEMENTS = 1 << 29  # auto: worth seconds of compiling only above this much work (~2 GB of float32 output)
 
 ProgressCallback = Callable[[PlannedTensor, int], None]  # (tensor finished, bytes written for it)
 
@@ -73,7 +80,8 @@ def tune_allocator() -> None:
     that, but it must sit above the merge math's temporaries: at 1 MiB, with 2^18-element float32 blocks, every
     temporary (ties makes ~30 per block) was its own mmap, paid for with 256 page faults and an munmap: 40% of a ties
     merge's time (7.6 s of system time; 12.7 s -> 7.4 s wall at 4 MiB). The trim threshold keeps the heap from being
-    shrunk and regrown between blocks.
+    shrunk and regrown between blocks. One arena for all threads: each extra arena (the statistics thread's, the read
+    workers') kept its own free temporaries, 55 MB more peak RSS in a 64 MB-budget ties merge.
     """
     try:
         import ctypes
@@ -81,12 +89,14 @@ def tune_allocator() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; setting it also turns off the dynamic adjustment
         libc.mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
+        libc.mallopt(-8, 1)  # M_ARENA_MAX; threads created from now on share the main arena
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
 
-def math_threads() -> int:
-    """Threads for the merge math: every core this process may use but one, left to the reader and writer threads.
+def math_threads(with_statistics: bool = False) -> int:
+    """Threads for each op of the merge math: every core this process may use but one, left to the reader and writer
+    threads; half of those when a statistics thread runs ops at the same time (each calling thread gets its own team).
 
     On 2 cores, two math threads made a ties merge no faster (12.5 s either way) for 55% more CPU: each parallel op
     waited for the half that was descheduled by a pread or a sha256 update.
@@ -95,7 +105,7 @@ def math_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, (cores - 1) // 2 if with_statistics else cores - 1)
 
 
 class BufferPool:
@@ -106,12 +116,17 @@ class BufferPool:
     it): row chunks of different tensors differ by a few percent. When the pool is full the oldest buffers go, so sizes
     of tensors long finished do not crowd out the ones in use (with exact sizes and no eviction, 7% of the requests of
     a 3 x 10 GB merge were served). Buffers below the malloc mmap threshold are left to malloc, which reuses them.
+
+    Free buffers may also fill the part of the in-flight budget that is not in use (`room`): they are evicted as soon
+    as a fresh allocation needs that room, so held plus free bytes stay within the budget. With only its fixed share,
+    the pool served 58% of the bytes of a 3 x 10 GB ties merge and the 34 GB of fresh buffers cost ~10 s of page faults.
     """
 
     SLACK = 8  # a buffer may be up to 1/SLACK larger than asked
 
-    def __init__(self, cap: int, smallest: int = MMAP_THRESHOLD) -> None:
+    def __init__(self, cap: int, smallest: int = MMAP_THRESHOLD, room: Optional[Callable[[], int]] = None) -> None:
         self.cap = cap
+        self.room = room
         self.smallest = smallest
         self.free_bytes = 0
         self._free: list[torch.Tensor] = []  # oldest first
@@ -125,16 +140,25 @@ class BufferPool:
                     size, i = min(fits)
                     self.free_bytes -= size
                     return self._free.pop(i)[:nbytes]
+                self._evict()  # the new buffer's bytes are already counted in flight: free what no longer fits
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def give(self, buffers: list[torch.Tensor]) -> None:
         with self._lock:
             for b in buffers:
-                if self.smallest <= b.numel() <= self.cap:
+                if self.smallest <= b.numel() <= self.limit:
                     self._free.append(b)
                     self.free_bytes += b.numel()
-            while self.free_bytes > self.cap:
-                self.free_bytes -= self._free.pop(0).numel()
+            self._evict()
+
+    @property
+    def limit(self) -> int:
+        return self.cap + (max(0, self.room()) if self.room else 0)
+
+    def _evict(self) -> None:
+        limit = self.limit
+        while self.free_bytes > limit:
+            self.free_bytes -= self._free.pop(0).numel()
 
 
 @dataclass(frozen=True)
@@ -143,6 +167,7 @@ class _Job:
     rows: Optional[tuple[int, int]]  # None = whole tensor
     nbytes: int  # budget charge
     reread: bool = False  # the same bytes are read again by a later pass: read them through the page cache
+    stat_pass: Optional[int] = None  # the statistics pass this read serves; None for the merge pass
 
 
 @dataclass
@@ -199,15 +224,18 @@ def schedule_plan(plan: MergePlan, budget: int) -> list[_Schedule]:
     return [schedule_tensor(i, t, in_flight) for i, t in enumerate(plan.tensors)]
 
 
-def _jobs(schedules: list[_Schedule]):
-    """Every read in execution order: statistics passes over the chunks, then the merge pass."""
+def _jobs(schedules: list[_Schedule], skipped: frozenset | set = frozenset()):
+    """Every read in execution order: statistics passes over the chunks, then the merge pass. `skipped` holds
+    (tensor, pass) pairs found unneeded while the reads run ahead; it is consulted as each read comes due."""
     for s in schedules:
         if len(s.chunks) == 1:
             yield _Job(s.tensor, s.chunks[0], s.charge)
             continue
-        for _ in range(s.stat_passes + 1):
+        for p in range(s.stat_passes + 1):
+            stat_pass = p if p < s.stat_passes else None
             for rows in s.chunks:
-                yield _Job(s.tensor, rows, s.charge, reread=s.stat_passes > 0)
+                if (s.tensor, stat_pass) not in skipped:
+                    yield _Job(s.tensor, rows, s.charge, reread=s.stat_passes > 0, stat_pass=stat_pass)
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -250,15 +278,29 @@ def load_inputs(reader: TensorReader, t: PlannedTensor, rows: Optional[tuple[int
     return list(readers.map(read, t.sources))
 
 
+def _cast(t: PlannedTensor, x: torch.Tensor) -> torch.Tensor:
+    """An input as the method computes with it."""
+    if t.load_dtype is not None:
+        x = x.to(t.load_dtype)
+    return x.to(t.compute_dtype)
+
+
+def sample_inputs(t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], size: int = SAMPLE) -> MergeInputs:
+    """About `size` elements at a fixed stride through a chunk's inputs, cast as its blocks are: what a statistic
+    aims with. Deterministic, so the same inputs give the same sample (a statistic must never depend on it for its
+    answer, only for its speed)."""
+    flat = [x.reshape(-1) for x in stored]
+    n = flat[0].numel() if flat else 0
+    stride = max(1, n // size)
+    offset = rows[0] * (t.numel // t.rows) if rows and t.rows else 0
+    return MergeInputs(t.name, [_cast(t, x[::stride][:size]) for x in flat], t.base, t.shared, t.per_input, offset, t.numel, t.seed, shape=tuple(t.shape))
+
+
 def input_blocks(t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], block: int = DEFAULT_BLOCK):
     """(offset in the chunk, MergeInputs) for each cache-sized block of a chunk (the whole chunk for non-elementwise methods)."""
     row_elems = t.numel // t.rows if t.rows else 0
     chunk_offset = rows[0] * row_elems if rows else 0
-
-    def cast(x: torch.Tensor) -> torch.Tensor:
-        if t.load_dtype is not None:
-            x = x.to(t.load_dtype)
-        return x.to(t.compute_dtype)
+    cast = lambda x: _cast(t, x)  # noqa: E731
 
     if not t.method.elementwise:
         yield 0, MergeInputs(t.name, [cast(x) for x in stored], t.base, t.shared, t.per_input, chunk_offset, t.numel, t.seed, shape=tuple(t.shape))
@@ -279,7 +321,11 @@ class Executor:
         progress: Optional[ProgressCallback] = None,
         lookahead: int = 2,
         block: int = DEFAULT_BLOCK,
+        kernels: str = "auto",
     ) -> None:
+        if kernels not in KERNELS:
+            raise MergeEditError(f"--kernels {kernels}: expected one of {', '.join(KERNELS)}")
+        self.kernels = kernels
         self.plan = plan
         self.block = block
         self.writer = writer
@@ -287,13 +333,14 @@ class Executor:
         self.budget_total = budget
         in_flight, pooled = split_budget(budget)
         self.budget = MemoryBudget(in_flight)
-        self.pool = BufferPool(pooled)
+        self.pool = BufferPool(pooled, room=lambda: self.budget.limit - self.budget.in_use)
         self.progress = progress
         self.lookahead = lookahead
         self._readers: Optional[ThreadPoolExecutor] = None  # concurrent reads of one job's inputs, during run()
         self.reader = TensorReader(direct=os.environ.get("MERGEEDIT_DIRECT_READS", "1") != "0")  # 0: always read through the page cache
         self._cancel = threading.Event()
         self._errors: list[BaseException] = []
+        self._skipped: set[tuple[int, Optional[int]]] = set()  # (tensor, statistics pass) whose reads are not needed
 
     # -- threads ------------------------------------------------------------------------------------------------
     def _load(self, job: _Job) -> list[torch.Tensor]:
@@ -306,20 +353,31 @@ class Executor:
         window into a slightly larger buffer)."""
         return [torch.empty(0, dtype=torch.uint8).set_(x.untyped_storage()) if x.numel() else x for x in tensors]
 
-    def _reader_loop(self, jobs, inbox: queue.Queue) -> None:
+    def _stage(self, work: Callable[[], None], out: queue.Queue) -> None:
+        """Run one pipeline stage's work on its thread: an error goes to the main thread (and cancels the run); the end
+        marker None follows, unless the run is cancelled and `out` stays full (nobody reads it any more)."""
         try:
-            for job in jobs:
-                self.budget.acquire(job.nbytes, self._cancel)
-                if self._cancel.is_set():
-                    return
-                inbox.put((job, self._load(job)))
+            work()
         except _Cancelled:
-            return
+            pass
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._errors.append(exc)
             self._cancel.set()
         finally:
-            inbox.put(None)
+            try:
+                self._put(out, None)
+            except _Cancelled:
+                pass
+
+    def _reader_loop(self, jobs, inbox: queue.Queue) -> None:
+        def work() -> None:
+            for job in jobs:
+                self.budget.acquire(job.nbytes, self._cancel)
+                if self._cancel.is_set():
+                    return
+                self._put(inbox, (job, self._load(job)))
+
+        self._stage(work, inbox)
 
     def _writer_loop(self, outbox: queue.Queue) -> None:
         while True:
@@ -348,6 +406,8 @@ class Executor:
             except queue.Empty:
                 if self._errors:
                     raise self._errors[0]
+                if self._cancel.is_set():  # the main thread gave up: a stage waiting on its input stops too
+                    raise _Cancelled() from None
                 continue
             if item is None:
                 raise self._errors[0] if self._errors else RuntimeError("reader stopped early")
@@ -362,28 +422,48 @@ class Executor:
 
     def run(self) -> ExecutionReport:
         threads = torch.get_num_threads()
-        torch.set_num_threads(math_threads())
+        torch.set_num_threads(math_threads(any(t.method.statistics for t in self.plan.tensors)))
+        kernels_were = fused.compiler.enabled
+        fused.compiler.enabled = self.kernels != "eager"
         try:
             return self._run()
         finally:
             torch.set_num_threads(threads)  # a recipe run trains in this process after merging
+            fused.compiler.enabled = kernels_were
+
+    def _warm_up(self) -> None:
+        """Let methods prepare faster kernels (compiled in the background) when the merge is big enough to repay it."""
+        able = [t for t in self.plan.tensors if t.method.warm_up is not None]
+        if self.kernels == "eager" or not able:
+            return
+        if self.kernels == "auto" and sum(t.numel for t in able) < FUSE_MIN_ELEMENTS:
+            return
+        for t in able:
+            t.method.warm_up(_probe(t))
 
     def _run(self) -> ExecutionReport:
         tune_allocator()
         started = time.perf_counter()
+        self._warm_up()
         budget = self.budget_total
         schedules = schedule_plan(self.plan, budget)
         most_inputs = max((len(t.sources) for t in self.plan.tensors), default=1)
         self._readers = ThreadPoolExecutor(max_workers=min(8, most_inputs), thread_name_prefix="mergeedit-read") if most_inputs > 1 else None
         inbox: queue.Queue = queue.Queue(maxsize=self.lookahead)
         outbox: queue.Queue = queue.Queue(maxsize=self.lookahead)
-        reader = threading.Thread(target=self._reader_loop, args=(_jobs(schedules), inbox), name="mergeedit-reader", daemon=True)
+        ready: queue.Queue = queue.Queue(maxsize=1)  # merge-pass inputs with their statistics, one tensor ahead
+        reader = threading.Thread(target=self._reader_loop, args=(_jobs(schedules, self._skipped), inbox), name="mergeedit-reader", daemon=True)
+        statistics = threading.Thread(target=self._statistics_loop, args=(schedules, inbox, ready), name="mergeedit-statistics", daemon=True)
         writer = threading.Thread(target=self._writer_loop, args=(outbox,), name="mergeedit-writer", daemon=True)
-        reader.start()
-        writer.start()
+        for thread in (reader, statistics, writer):
+            thread.start()
         try:
             for s in schedules:
-                self._run_tensor(s, inbox, outbox)
+                t = self.plan.tensors[s.tensor]
+                for k in range(len(s.chunks)):
+                    job, stored, result = self._next(ready)
+                    self._emit(t, result, job, stored, outbox, last=k == len(s.chunks) - 1)
+                    del stored
         except BaseException:
             self._cancel.set()
             raise
@@ -391,11 +471,12 @@ class Executor:
             outbox.put(None)
             writer.join()
             self._cancel.set()
-            while reader.is_alive():  # unblock a reader waiting on a full inbox
-                try:
-                    inbox.get(timeout=0.05)
-                except queue.Empty:
-                    pass
+            for thread, q in ((statistics, ready), (reader, inbox)):  # unblock a thread waiting on a full queue
+                while thread.is_alive():
+                    try:
+                        q.get(timeout=0.05)
+                    except queue.Empty:
+                        pass
             if self._readers is not None:
                 self._readers.shutdown(wait=True)
             self.reader.close()
@@ -412,30 +493,87 @@ class Executor:
             chunked_tensors=sum(len(s.chunks) > 1 for s in schedules),
         )
 
-    def _run_tensor(self, s: _Schedule, inbox: queue.Queue, outbox: queue.Queue) -> None:
+    def _statistics_loop(self, schedules: list[_Schedule], inbox: queue.Queue, ready: queue.Queue) -> None:
+        def work() -> None:
+            for s in schedules:
+                for item in self._prepared(s, inbox):
+                    self._put(ready, item)
+
+        self._stage(work, ready)
+
+    def _put(self, q: queue.Queue, item) -> None:
+        """Put, waiting while `q` is full unless the run is cancelled (its reader may be gone)."""
+        while True:
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._cancel.is_set():
+                    raise _Cancelled() from None
+
+    def _prepared(self, s: _Schedule, inbox: queue.Queue):
+        """(job, inputs, statistics result) for each merge-pass chunk of one tensor, after its statistics passes.
+
+        A statistic may learn that it needs fewer passes than scheduled (their reads are then skipped) or more (a
+        sampled band that missed). A whole tensor is in memory, so any number of passes costs no read; a chunked
+        one reads a pass the schedule did not foresee here, in row pieces small enough for the budget's margin."""
         t = self.plan.tensors[s.tensor]
         stats = build_statistics(t)
+        prepare = getattr(stats, "prepare", None)
         if len(s.chunks) == 1:
             job, stored = self._next(inbox)
             if stats:
-                for p in range(stats.passes):
+                if prepare:
+                    prepare(sample_inputs(t, job.rows, stored))
+                p = 0
+                while p < stats.passes:
                     self._observe(t, stats, p, job, stored)
                     stats.end_pass(p)
-            self._emit(t, stats.result() if stats else None, job, stored, outbox, last=True)
+                    p += 1
+            yield job, stored, stats.result() if stats else None
             return
         if stats:
-            for p in range(stats.passes):
-                for _ in s.chunks:
-                    job, stored = self._next(inbox)
-                    self._observe(t, stats, p, job, stored)
-                    self.pool.give(self._raw(stored))
-                    del stored
-                    self.budget.release(job.nbytes)
+            p = 0
+            while p < stats.passes:
+                if p < s.stat_passes:
+                    for c in range(len(s.chunks)):
+                        job, stored = self._next_for(inbox, s.tensor)
+                        if prepare and p == 0 and c == 0:
+                            prepare(sample_inputs(t, job.rows, stored))
+                        self._observe(t, stats, p, job, stored)
+                        self._drop(job, stored)
+                        del stored
+                else:
+                    self._read_pass(t, s, stats, p)
                 stats.end_pass(p)
+                p += 1
+                self._skipped.update((s.tensor, q) for q in range(stats.passes, s.stat_passes))
         result = stats.result() if stats else None
-        for k in range(len(s.chunks)):
+        for _ in s.chunks:
+            job, stored = self._next_for(inbox, s.tensor)
+            yield job, stored, result
+
+    def _read_pass(self, t: PlannedTensor, s: _Schedule, stats: TensorStatistics, p: int) -> None:
+        """A statistics pass the schedule did not foresee, read by this thread in pieces of about a tenth of the
+        budget (the reader thread keeps prefetching within the rest)."""
+        first, last = s.chunks[0][0], s.chunks[-1][1]
+        chunk_rows = s.chunks[0][1] - s.chunks[0][0]
+        rows = max(1, chunk_rows * (self.budget_total // 10) // max(1, s.charge))
+        for a in range(first, last, rows):
+            job = _Job(s.tensor, (a, min(a + rows, last)), 0)
+            self._observe(t, stats, p, job, load_inputs(self.reader, t, job.rows))
+
+    def _next_for(self, inbox: queue.Queue, tensor: int):
+        """The next read of `tensor` that is still needed: reads made for a pass since found unneeded are dropped."""
+        while True:
             job, stored = self._next(inbox)
-            self._emit(t, result, job, stored, outbox, last=k == len(s.chunks) - 1)
+            if job.stat_pass is None or (tensor, job.stat_pass) not in self._skipped:
+                return job, stored
+            self._drop(job, stored)
+
+    def _drop(self, job: _Job, stored: list[torch.Tensor]) -> None:
+        self.pool.give(self._raw(stored))
+        self.budget.release(job.nbytes)
 
     def _non_finite_error(self, t: PlannedTensor, block: MergeInputs) -> MergeEditError:
         """NaN/Inf in the output: blame the input checkpoint that holds them, else the output dtype's range."""

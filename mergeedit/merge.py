@@ -34,6 +34,7 @@ class MergeOptions:
     save_config: bool = True  # keep the merge config in the output as mergekit_config.yml
     allow_pickle: bool = False  # import pickled (.bin/.pt) inputs with torch.load(weights_only=True)
     resume: bool = False  # continue a killed run's temporary folder, reusing its checksum-verified shards
+    kernels: str = "auto"  # fused | eager | auto: compiled merge formula (executor.KERNELS)
 
 
 @dataclass
@@ -133,7 +134,7 @@ def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress:
                 finished = {e.name for s in shards if s.filename in done for e in s.entries}
                 todo = replace(plan, tensors=[t for t in plan.tensors if t.name not in finished]) if finished else plan
                 try:
-                    report = Executor(todo, writer, options.memory_budget, progress).run()
+                    report = Executor(todo, writer, options.memory_budget, progress, kernels=options.kernels).run()
                 finally:
                     writer.abort()
                 report.resumed_shards = len(done)

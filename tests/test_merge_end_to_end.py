@@ -108,8 +108,9 @@ def test_same_seed_same_bytes_and_budget_does_not_change_results(tmp_path, model
     assert _bytes(tmp_path / "s1") != _bytes(tmp_path / "s3")
 
 
-def test_chunked_ties_equals_whole_ties(tmp_path, models, run_cli):
-    cfg = write_config(tmp_path, f"""
+def _ties_rescale_config(tmp_path, models) -> Path:
+    """Three fine-tunes, a weight gradient, three densities and L1 rescale: every part of TIES' statistics at work."""
+    return write_config(tmp_path, f"""
 merge_method: ties
 base_model: {models['base']}
 models:
@@ -121,11 +122,46 @@ models:
     parameters: {{weight: 0.5, density: 0.9}}
 parameters: {{rescale: true}}
 """)
+
+
+def test_chunked_ties_equals_whole_ties(tmp_path, models, run_cli):
+    cfg = _ties_rescale_config(tmp_path, models)
     assert run_cli("merge", cfg, tmp_path / "whole").code == 0
     result = run_cli("merge", cfg, tmp_path / "chunked", "--memory-budget", "10K", "--dry-run")
     assert "row chunks" in result.stdout and not (tmp_path / "chunked").exists()
     assert run_cli("merge", cfg, tmp_path / "chunked", "--memory-budget", "10K").code == 0
     assert _bytes(tmp_path / "whole") == _bytes(tmp_path / "chunked")
+
+
+@pytest.mark.parametrize("guess", ["right", "wrong"])
+def test_sampled_band_gives_the_radix_bytes_and_skips_a_pass(tmp_path, models, monkeypatch, guess):
+    """TIES thresholds settled from a sampled band (forced on for these tiny tensors) give byte-identical merges to the
+    two radix passes, whole and in row chunks; a chunked tensor whose band settles skips the low pass's reads, and a
+    band guessed wrong falls back to the radix passes (extra in-memory passes for a whole tensor)."""
+    from mergeedit.methods import selection
+
+    cfg = _ties_rescale_config(tmp_path, models)
+
+    def merge(name: str, budget: int):
+        opts = MergeOptions(memory_budget=budget, fsync=False)
+        return write_merge(load_plan(cfg, opts), tmp_path / name, opts)
+
+    monkeypatch.setattr(selection, "BAND_MIN", 1 << 40)
+    radix_whole, radix_chunked = merge("radix", 1 << 30), merge("radix-chunked", 10_000)
+    monkeypatch.setattr(selection, "BAND_MIN", 1)
+    monkeypatch.setattr(selection, "BAND_SAMPLE_MIN", 8)
+    if guess == "wrong":  # a band of the smallest denormal only: it never holds the k-th largest of these deltas
+        monkeypatch.setattr(selection, "guess_band", lambda sample, k, n, z=0: (1, 1))
+    band_whole, band_chunked = merge("band", 1 << 30), merge("band-chunked", 10_000)
+    assert radix_chunked.chunked_tensors > 0
+    expected = _bytes(tmp_path / "radix")
+    assert _bytes(tmp_path / "radix-chunked") == expected
+    assert _bytes(tmp_path / "band") == expected
+    assert _bytes(tmp_path / "band-chunked") == expected
+    assert band_whole.bytes_read == radix_whole.bytes_read
+    # a settled band skips the low pass's reads (a few may be read ahead, then dropped); a missed band costs one more
+    # pass than the radix plan, read by the statistics thread itself
+    assert band_chunked.bytes_read < radix_chunked.bytes_read if guess == "right" else band_chunked.bytes_read > radix_chunked.bytes_read
 
 
 def test_passthrough_slices_stack_layers(tmp_path, models, run_cli):
@@ -266,8 +302,9 @@ def test_all_finite_is_exact_even_when_the_sum_overflows():
 
 
 def test_merge_leaves_the_callers_thread_count_alone(tmp_path, models):
-    """The executor runs its math on all cores but one (the reader and writer need one); a recipe run trains in the
-    same process after merging, so the caller's torch thread count must come back unchanged."""
+    """The executor runs its math on all cores but one (the reader and writer need one; halved when a statistics
+    thread computes too); a recipe run trains in the same process after merging, so the caller's torch thread count
+    must come back unchanged."""
     from mergeedit.executor import math_threads
 
     cfg = _dare_config(tmp_path, models)
@@ -280,9 +317,11 @@ def test_merge_leaves_the_callers_thread_count_alone(tmp_path, models):
         write_merge(load_plan(cfg, options), tmp_path / "out", options)
     finally:
         torch.set_num_threads = original
-    assert seen == [math_threads(), before]
+    assert seen == [math_threads(with_statistics=True), before]  # dare_ties with rescale gathers L1 norms
     assert torch.get_num_threads() == before
-    assert 1 <= math_threads() < max(2, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    assert 1 <= math_threads() < max(2, cores)
+    assert math_threads(with_statistics=True) == max(1, (cores - 1) // 2)
 
 
 def test_buffer_pool_serves_close_sizes_and_evicts_the_oldest():
@@ -306,3 +345,21 @@ def test_buffer_pool_serves_close_sizes_and_evicts_the_oldest():
     before = pool.free_bytes
     pool.give([torch.empty(5, dtype=torch.uint8), torch.empty(500, dtype=torch.uint8)])  # too small / larger than the pool
     assert pool.free_bytes == before
+
+
+def test_buffer_pool_also_fills_the_unused_in_flight_budget():
+    """Free buffers may occupy in-flight room nobody holds; a fresh allocation (whose bytes the budget has just
+    counted) evicts them, so held plus free bytes never pass the budget."""
+    from mergeedit.executor import BufferPool
+
+    room = {"free": 200}
+    pool = BufferPool(cap=50, smallest=10, room=lambda: room["free"])
+    bufs = [torch.empty(100, dtype=torch.uint8) for _ in range(3)]
+    pool.give(bufs[:2])
+    assert pool.free_bytes == 200  # beyond the fixed share of 50: the in-flight budget has room
+    room["free"] = 80  # a read acquired 120 bytes of budget and allocates them fresh (no buffer fits 40)
+    assert pool.take(40).numel() == 40
+    assert pool.free_bytes == 100  # the oldest buffer went: 100 free <= 50 + 80
+    room["free"] = 0
+    pool.give([bufs[2]])
+    assert pool.free_bytes == 0  # a buffer bigger than the fixed share is not kept without room

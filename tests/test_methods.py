@@ -757,7 +757,10 @@ def test_kth_largest_streamed_in_chunks_equals_one_shot(n_chunks, selection_path
 
 def _stream_kth(chunks, k):
     """Feed chunks through both radix passes, as the executor's statistics passes do."""
-    sel = KthLargest(k)
+    return _radix_passes(KthLargest(k), chunks)
+
+
+def _radix_passes(sel: KthLargest, chunks) -> KthLargest:
     for c in chunks:
         sel.observe_high(magnitude_bits(c))
     sel.end_high()
@@ -788,6 +791,92 @@ def test_kth_largest_chunks_with_empty_chunk(selection_path):
         sel.observe_low(magnitude_bits(c))
     sel.end_low()
     assert sel.threshold == 4.0
+
+
+def _band_pass(sel: KthLargest, chunks) -> bool:
+    for c in chunks:
+        sel.observe_band(magnitude_bits(c))
+    return sel.end_band()
+
+
+def _heavy_tailed(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 2)
+
+
+@pytest.mark.parametrize("n_chunks", [1, 7])
+def test_band_settles_the_exact_kth_largest_in_one_pass(n_chunks):
+    n = selection.BAND_MIN + 4099
+    x = _heavy_tailed(n, n_chunks)
+    x[::97] = x[3]  # duplicates, some of them inside the band
+    bits = magnitude_bits(x)
+    for k in (1, 37, n // 10, n // 2, n - 5, n):
+        sel = KthLargest(k)
+        assert sel.aim(bits[:: n // 16384], n)
+        lo, hi = sel.band
+        assert _band_pass(sel, torch.tensor_split(x, n_chunks)), k
+        assert sel.threshold == _kth_ref(x, k), k
+        assert lo <= sel.threshold_bits <= hi
+        sel.observe_low(bits)  # a settled selection ignores any later pass
+        sel.end_low()
+        assert sel.threshold == _kth_ref(x, k)
+
+
+def test_band_is_narrow():
+    n = 1 << 20
+    x = _heavy_tailed(n, 1)
+    bits = magnitude_bits(x)
+    sel = KthLargest(n // 2)
+    sel.aim(bits[:: n // 16384], n)
+    lo, hi = sel.band
+    inside = int(((bits >= lo) & (bits <= hi)).sum())
+    assert 0 < inside < n // 20  # about 2 * 5 sigma of a 2^14 sample: ~4% of the values, and never all of them
+
+
+@pytest.mark.parametrize("wrong", ["high", "low", "wide"])
+def test_band_guessed_wrong_falls_back_to_the_radix_passes(wrong):
+    n = selection.BAND_MIN + 11
+    x = _heavy_tailed(n, 5)
+    bits = magnitude_bits(x)
+    k = n // 3
+    sample = {"high": bits[::16] * 0 + magnitude_bits(T(1e30)), "low": bits[::16] * 0 + 1, "wide": bits[:2048].clone()}[wrong]
+    if wrong == "wide":  # a band from the extremes holds every value: far above the cap, so it is given up
+        sample[: 1024] = int(bits.min())
+        sample[1024:] = int(bits.max())
+    sel = KthLargest(k)
+    assert sel.aim(sample, n)
+    assert not _band_pass(sel, torch.tensor_split(x, 3))
+    assert not sel.done
+    assert _radix_passes(sel, torch.tensor_split(x, 3)).threshold == _kth_ref(x, k)
+
+
+def test_band_over_exact_zeros_and_a_single_repeated_value():
+    n = selection.BAND_MIN * 2
+    x = torch.zeros(n)
+    x[: n // 10] = _heavy_tailed(n // 10, 2)  # an untouched tensor's delta: mostly exact zeros
+    for k in (n // 20, n // 10, n // 10 + 1, n // 2, n):
+        sel = KthLargest(k)
+        assert sel.aim(magnitude_bits(x)[::64], n)
+        assert sel.band[0] >= 1  # zeros never enter the band
+        assert _band_pass(sel, [x])
+        assert sel.threshold == _kth_ref(x, k), k
+    y = torch.full((n,), -0.25)
+    y[:100] = 3.0
+    y[100:200] = 7.0
+    for k in (50, 100, 150, 200, 201, n):
+        sel = KthLargest(k)
+        assert sel.aim(magnitude_bits(y)[::64], n)
+        chunks = torch.tensor_split(y, 4)
+        if not _band_pass(sel, chunks):  # a band reaching down to the mass of 0.25s holds too much: given up
+            _radix_passes(sel, chunks)
+        assert sel.threshold == _kth_ref(y, k), k
+
+
+def test_band_is_not_aimed_for_small_tensors_or_small_samples():
+    assert not KthLargest(10).aim(torch.ones(4096, dtype=torch.int32), selection.BAND_MIN - 1)
+    assert not KthLargest(10).aim(torch.ones(selection.BAND_SAMPLE_MIN - 1, dtype=torch.int32), selection.BAND_MIN)
+    sel = KthLargest(10)
+    assert not sel.end_band()  # nothing aimed: nothing settled, the radix passes run as before
 
 
 # ----------------------------------------------------------------------------------------------------------------------

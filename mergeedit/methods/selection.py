@@ -5,20 +5,47 @@ high 16 bits, then of the low 16 bits inside the one bucket that holds the k-th 
 magnitude with two cheap counting passes: no sort, and the same answer whether the tensor arrives whole or in blocks.
 Small tensors (norms, biases) skip the histograms: their values are kept and selected directly in the first pass.
 Keeping |x| >= threshold reproduces a top-k selection up to elements exactly equal to the threshold.
+
+A cheaper route when a sample of the values is at hand: `aim` guesses, from the sample, a narrow band of bit patterns
+that holds the k-th largest with overwhelming probability; one pass then counts the values at or above the band and
+keeps the few inside it, and the k-th largest is picked from those exactly. A wrong guess is detected (the counts say
+the rank lies outside the band) and the two radix passes answer instead, so the result never depends on the sample.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 _HIGH_BINS = 1 << 15  # the sign bit is always 0 for magnitudes
 _LOW_BINS = 1 << 16
 SMALL = 1 << 16  # up to this many values, select directly instead of histogramming
+BAND_MIN = 1 << 18  # below this many values a band saves too little to be worth a sample
+BAND_Z = 5.0  # the band spans this many standard deviations of the sample rank on each side
+BAND_SAMPLE_MIN = 1024  # a smaller sample guesses too wide a band
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     """int32 bit patterns of |x| as float32, ordered like the magnitudes."""
     return x.abs().to(torch.float32).contiguous().view(torch.int32)
+
+
+def guess_band(sample: torch.Tensor, k: int, n: int, z: float = BAND_Z) -> tuple[int, int]:
+    """Bit patterns [lo, hi] between which the k-th largest of n values lies, judged from `sample` (bit patterns of
+    values drawn across all n): the sample's order statistics z standard deviations of the binomial rank either side
+    of where the k-th largest should fall. lo is at least 1, so exact zeros (often most of an untouched delta) stay out
+    of the band; hi is the largest pattern when the band reaches the top."""
+    flat = sample.reshape(-1)
+    m = flat.numel()
+    p = min(max(k / n, 0.0), 1.0)
+    expected = p * m  # sample values expected at or above the k-th largest
+    spread = z * math.sqrt(m * p * (1 - p)) + 2
+    upper_rank = math.floor(expected - spread)  # 1-based rank from the top of the band's upper end
+    lower_rank = math.ceil(expected + spread)
+    hi = int(torch.kthvalue(flat, m - upper_rank + 1).values) if upper_rank >= 1 else 0x7FFFFFFF
+    lo = int(torch.kthvalue(flat, m - lower_rank + 1).values) if lower_rank <= m else 0
+    return max(lo, 1), max(hi, 1)
 
 
 def _kth_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -41,8 +68,77 @@ class KthLargest:
         self.bucket = -1
         self.rank_in_bucket = 0
         self.threshold_bits: int | None = None
+        self.band: tuple[int, int] | None = None  # set by aim()
+        self._band_seen = 0
+        self._at_least_lo = 0
+        self._inside: list[torch.Tensor] = []
+        self._inside_count = 0
+        self._band_cap = 0
+
+    @property
+    def done(self) -> bool:
+        return self.threshold_bits is not None
+
+    def aim(self, sample: torch.Tensor, n: int) -> bool:
+        """Guess the band from `sample` (bit patterns drawn across all n values). False, and no band, when n is too
+        small for a band to pay off; the radix passes then do the work."""
+        if n < BAND_MIN or sample.numel() < BAND_SAMPLE_MIN or not 1 <= self.k <= n:
+            return False
+        self.band = guess_band(sample, self.k, n)
+        self._band_cap = max(1 << 16, n // 16)  # a band holding more than this was a bad guess: give it up
+        return True
+
+    def observe_band(self, bits: torch.Tensor) -> None:
+        """Count the values at or above the band's lower end and keep those inside it (unless the band was given up)."""
+        if self.band is None or self.done:
+            return
+        flat = bits.reshape(-1)
+        self._band_seen += flat.numel()
+        lo, hi = self.band
+        wide = torch.int64 if flat.numel() >= 1 << 31 else torch.int32
+        # int32 0/1 results: comparisons into a bool tensor cost 4x more in this torch build
+        at_least = torch.ge(flat, lo, out=torch.empty_like(flat))
+        self._at_least_lo += int(at_least.sum(dtype=wide))
+        inside = torch.le(flat, hi, out=torch.empty_like(flat)).bitwise_and_(at_least)
+        if lo == hi:  # one pattern: the count is all that is needed
+            self._inside_count += int(inside.sum(dtype=wide))
+            return
+        if self._inside_count > self._band_cap:
+            return
+        values = flat[inside.bool()]
+        self._inside_count += values.numel()
+        if self._inside_count > self._band_cap:
+            self._inside = []
+        else:
+            self._inside.append(values)
+
+    def end_band(self) -> bool:
+        """Settle the threshold from the band if it holds the k-th largest (True); else leave it to the radix passes."""
+        if self.band is None or self.done:
+            return self.done
+        lo, hi = self.band
+        k = min(self.k, self._band_seen)
+        above = self._at_least_lo - self._inside_count  # values above hi
+        settled = None
+        if above < k <= self._at_least_lo and (lo == hi or self._inside_count <= self._band_cap):
+            if lo == hi:
+                settled = lo
+            else:
+                values = torch.cat(self._inside)
+                settled = int(torch.kthvalue(values, values.numel() - (k - above) + 1).values)
+        elif k > self._at_least_lo and lo == 1:  # everything below the band is exactly zero
+            settled = 0
+        self._inside = []
+        self.band = None
+        if settled is None:
+            return False
+        self.threshold_bits = settled
+        self._high = self._low = self._small = None
+        return True
 
     def observe_high(self, bits: torch.Tensor) -> None:
+        if self.done:
+            return
         flat = bits.reshape(-1)
         self.seen += flat.numel()
         if self._small is not None and self.seen <= SMALL:
@@ -56,6 +152,8 @@ class KthLargest:
         self._high += torch.bincount(flat >> 16, minlength=_HIGH_BINS)
 
     def end_high(self) -> None:
+        if self.done:
+            return
         if self._small is not None:  # everything fit: select exactly now, the low pass has nothing to do
             values = torch.cat(self._small) if self._small else torch.zeros(0, dtype=torch.int32)
             if values.numel() == 0:  # an empty tensor keeps nothing; any threshold will do
@@ -71,7 +169,7 @@ class KthLargest:
         self._low = torch.zeros(_LOW_BINS, dtype=torch.int64)
 
     def observe_low(self, bits: torch.Tensor) -> None:
-        if self._low is None:
+        if self._low is None or self.done:
             return
         # Shift so the bucket's values land on 1..65536 and clamp everything else onto the two end bins, which are
         # dropped: one subtraction and a clamp instead of a boolean gather (nonzero + index) per block.
@@ -80,7 +178,7 @@ class KthLargest:
         self._low += counts[1 : _LOW_BINS + 1]
 
     def end_low(self) -> None:
-        if self._low is None:
+        if self._low is None or self.done:
             return
         low, _ = _kth_from_top(self._low, self.rank_in_bucket)
         self.threshold_bits = (self.bucket << 16) | low

@@ -72,7 +72,11 @@ class MergeInputs:
 
 
 class TensorStatistics(Protocol):
-    """Whole-tensor statistics gathered over every block in `passes` streaming passes before merging."""
+    """Whole-tensor statistics gathered over every block in `passes` streaming passes before merging.
+
+    `passes` may change as the statistic learns: the executor schedules reads for the value it has when built and
+    reads it again after every pass. An optional `prepare(sample: MergeInputs)` is called with a strided sample of
+    the tensor before the first pass (a TIES threshold aims a narrow band with it)."""
 
     passes: int
 
@@ -97,6 +101,9 @@ class MergeMethod:
     elementwise: bool = True
     randomized: bool = False
     description: str = ""
+    # Prepare a faster way to compute blocks like `probe`'s (a compiled kernel, built in the background) for a big
+    # merge; `merge` switches to it once ready, with identical results. None when the method has none.
+    warm_up: Optional[Callable[[MergeInputs], None]] = None
     # Plan-time check of one tensor's resolved parameters; raises ValueError with a user-facing reason.
     check: Optional[Callable[[dict, list[dict]], None]] = None
 

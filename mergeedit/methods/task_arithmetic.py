@@ -15,6 +15,7 @@ from typing import Callable, Literal, Optional, Protocol, Union
 
 import torch
 
+from . import fused
 from .seeded_random import derive_seed, seeded_uniform
 from .selection import KthLargest, magnitude_bits
 from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
@@ -81,47 +82,79 @@ def trim_magnitude(d: torch.Tensor, threshold_bits: int) -> torch.Tensor:
     return d.mul_(magnitude_bits(d) >= threshold_bits)
 
 
+def _l1(a: torch.Tensor) -> float:
+    """Sum of a block of magnitudes in float64: a float32 sum is 3.5x cheaper here, but its rounding would depend on
+    where blocks start, and row chunks start blocks elsewhere than a whole tensor does (the bytes must not depend on
+    the memory budget)."""
+    return float(a.sum(dtype=torch.float64))
+
+
 @dataclass
 class DeltaStatistics:
-    """Per sparsified non-base input j: the exact magnitude threshold and, for rescale, the L1 norms before/after."""
+    """Per sparsified non-base input j: the exact magnitude threshold and, for rescale, the L1 norms before/after.
+
+    The work is a list of phases, one streaming pass each: "high" and "low" (the two radix passes), "band" (a
+    sampled band that usually settles the threshold in one pass: see selection.py), "after" (the kept L1 norm, when
+    rescaling). `prepare` replaces the radix passes by ["band"] once a sample of the tensor is at hand; the radix
+    passes come back only for a band that missed. `passes` is the number of phases as now known: the executor
+    schedules reads for the radix plan and skips those a settled band makes unneeded."""
 
     sparsify: Sparsify
     rescale: bool
     sparse: list[int]
-    passes: int
+    phases: list[str]
     selectors: dict[int, KthLargest] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.before = {j: 0.0 for j in self.sparse}
         self.after = {j: 0.0 for j in self.sparse}
 
+    @property
+    def passes(self) -> int:
+        return len(self.phases)
+
+    def prepare(self, sample: MergeInputs) -> None:
+        """Aim each selector's band from a strided sample of the tensor."""
+        if self.sparsify != "magnitude" or self.phases[:2] != ["high", "low"]:
+            return
+        aimed = [self.selectors[j].aim(magnitude_bits(_delta(sample, j)), sample.numel) for j in self.sparse]
+        if not all(aimed):
+            return
+        self.phases[:2] = ["band"]
+
     def observe(self, pass_index: int, block: MergeInputs) -> None:
+        phase = self.phases[pass_index]
+        first = pass_index == 0
         for j in self.sparse:
             d = _delta(block, j)
             if self.sparsify == "random":
                 a = d.abs()
-                self.before[j] += float(a.sum(dtype=torch.float64))
-                self.after[j] += float((a * random_keep(block, j)).sum(dtype=torch.float64))
+                self.before[j] += _l1(a)
+                self.after[j] += _l1(a.mul_(random_keep(block, j)))
                 continue
-            bits = magnitude_bits(d)
-            if pass_index == 0:
-                self.selectors[j].observe_high(bits)
-            elif pass_index == 1:
-                self.selectors[j].observe_low(bits)
-                if self.rescale:
-                    self.before[j] += float(d.abs().sum(dtype=torch.float64))
-            else:
-                keep = bits >= self.selectors[j].threshold_bits
-                self.after[j] += float((d.abs() * keep).sum(dtype=torch.float64))
+            sel = self.selectors[j]
+            if first and self.rescale:
+                self.before[j] += _l1(d.abs())
+            if phase == "after":
+                keep = magnitude_bits(d) >= sel.threshold_bits
+                self.after[j] += _l1(d.abs() * keep)
+            elif not sel.done:
+                bits = magnitude_bits(d)
+                {"band": sel.observe_band, "high": sel.observe_high, "low": sel.observe_low}[phase](bits)
 
     def end_pass(self, pass_index: int) -> None:
         if self.sparsify != "magnitude":
             return
-        for sel in self.selectors.values():
-            if pass_index == 0:
+        phase = self.phases[pass_index]
+        sels = self.selectors.values()
+        if phase == "high":
+            for sel in sels:
                 sel.end_high()
-            elif pass_index == 1:
+        elif phase == "low":
+            for sel in sels:
                 sel.end_low()
+        elif phase == "band" and not all([sel.end_band() for sel in sels]):
+            self.phases[pass_index + 1 : pass_index + 1] = ["high", "low"]  # for the selectors the band missed
 
     def result(self) -> "DeltaStatistics":
         return self
@@ -144,10 +177,10 @@ def _statistics_for(sparsify: Sparsify):
             return sparsify.statistics(inputs, sparse, rescale)
         if sparsify == "magnitude":
             selectors = {j: KthLargest(keep_count(_density(inputs, j), inputs.numel)) for j in sparse}
-            return DeltaStatistics(sparsify, rescale, sparse, 3 if rescale else 2, selectors)
+            return DeltaStatistics(sparsify, rescale, sparse, ["high", "low"] + (["after"] if rescale else []), selectors)
         if not rescale:
             return None  # a random mask needs no whole-tensor numbers
-        return DeltaStatistics(sparsify, rescale, sparse, 1)
+        return DeltaStatistics(sparsify, rescale, sparse, ["norms"])
 
     return build
 
@@ -173,11 +206,68 @@ def _sparsified_delta(inputs: MergeInputs, j: int, sparsify: Sparsify) -> torch.
     return d
 
 
+def _variant(inputs: MergeInputs, sparsify: Sparsify, consensus: bool) -> Optional[fused.Variant]:
+    """The fused kernel variant for these inputs' parameters; None where only the eager code applies (a sparsifier
+    object, a density of 0, a DARE input kept whole)."""
+    if not isinstance(sparsify, (str, type(None))) or inputs.base is None or not inputs.non_base:
+        return None
+    densities = [_density(inputs, j) for j in range(len(inputs.non_base))]
+    if sparsify is not None and (min(densities) <= 0 or (sparsify == "random" and max(densities) >= 1)):
+        return None
+    kind = {"magnitude": "magnitude", "random": "mask", None: None}[sparsify]
+    return fused.Variant(len(inputs.non_base), kind, consensus, bool(inputs.shared["normalize"]))
+
+
+def _merge_fused(inputs: MergeInputs, v: fused.Variant) -> Optional[torch.Tensor]:
+    """The same numbers as `merge` below, from the compiled kernel: scalars rounded to float32 as eager rounds them.
+    None if the kernel failed (the caller then computes eagerly)."""
+    f32 = fused.as_float32
+    stats = inputs.stats
+    sparse = lambda j: 0 < _density(inputs, j) < 1  # noqa: E731
+    below = [-1.0] * v.inputs  # no trimming: |d| <= -1 never holds
+    masks = []
+    if v.sparsify == "magnitude":
+        for j in range(v.inputs):
+            bits = stats.selectors[j].threshold_bits if sparse(j) else 0
+            if bits > 0:
+                below[j] = torch.tensor([bits - 1], dtype=torch.int32).view(torch.float32).item()
+    elif v.sparsify == "mask":
+        masks = [random_keep(inputs, j).reshape(-1) for j in range(v.inputs)]
+    rescale = stats is not None and stats.rescale
+    scale = [f32(stats.scale(j)) if rescale and sparse(j) else 1.0 for j in range(v.inputs)]
+    weights = [inputs.per_input[i]["weight"] for i in inputs.non_base]
+    total = sum(weights)
+    divisor = total if abs(total) >= 1e-8 else 1.0
+    xs = [inputs.tensors[i] for i in inputs.non_base]
+    base = inputs.tensors[inputs.base]
+    return fused.compiler.run(v, base, xs, masks, below, scale, [f32(w) for w in weights], f32(inputs.shared["lambda"]), f32(divisor))
+
+
+def _fused_ready(inputs: MergeInputs, sparsify: Sparsify, consensus: bool) -> Optional[fused.Variant]:
+    if inputs.base is None or not fused.fits(inputs.tensors) or any(t.requires_grad for t in inputs.tensors):
+        return None
+    v = _variant(inputs, sparsify, consensus)
+    return v if v is not None and fused.compiler.ready(v) else None
+
+
+def _warm_up_for(sparsify: Sparsify, consensus: bool):
+    def warm_up(probe: MergeInputs) -> None:
+        v = _variant(probe, sparsify, consensus)
+        if v is not None:
+            fused.compiler.request(v)
+
+    return warm_up
+
+
 def _merge_for(sparsify: Sparsify, consensus: bool):
     def merge(inputs: MergeInputs) -> torch.Tensor:
         base = inputs.tensors[inputs.base]
         if not inputs.non_base:
             return base.clone()
+        v = _fused_ready(inputs, sparsify, consensus)
+        out = _merge_fused(inputs, v) if v is not None else None
+        if out is not None:
+            return out
         weights = [inputs.per_input[i]["weight"] for i in inputs.non_base]
         deltas = [_sparsified_delta(inputs, j, sparsify) for j in range(len(weights))]
         deltas = [d.mul_(w) if w != 1 else d for d, w in zip(deltas, weights)]
@@ -240,7 +330,7 @@ def _family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, res
     if sparsify is None or isinstance(sparsify, str):
         return MergeMethod(
             name=name, params=params, merge=merge, base_model="required", statistics=_statistics_for(sparsify),
-            randomized=sparsify == "random", description=description,
+            randomized=sparsify == "random", description=description, warm_up=_warm_up_for(sparsify, consensus),
         )
     return MergeMethod(
         name=name,

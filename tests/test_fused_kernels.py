@@ -1,0 +1,157 @@
+"""The compiled (torch.compile) merge formula gives the eager code's bytes, bit for bit, for every variant it serves.
+
+Compiling takes seconds per variant, so the cases share a few variants. Without a C++ compiler torch.compile cannot
+build CPU kernels; those machines skip this module (the merge then stays eager, which every other test covers).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from mergeedit.methods import METHODS, fused
+from mergeedit.methods import task_arithmetic as ta
+from method_harness import per_input_params, run_whole, shared_params
+
+pytestmark = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="torch.compile needs a C++ compiler for CPU kernels"
+)
+
+# (method, models, shared parameters, densities, weights): each line one variant, with its edge cases
+CASES = [
+    ("ties", 2, {}, [0.3, 0.5], [0.5, 0.5]),
+    ("ties", 3, {"lambda": 0.7}, [0.2, 1.0, 0.6], [1.0, -0.4, 0.9]),  # a negative weight, a density of 1
+    ("ties", 2, {"normalize": False, "rescale": True}, [0.5, 0.25], [0.3, 0.8]),
+    ("dare_ties", 2, {}, [0.5, 0.3], [0.6, 0.7]),
+    ("dare_linear", 2, {"normalize": True}, [0.4, 0.9], [0.25, 0.5]),
+    ("task_arithmetic", 3, {"lambda": 1.3}, [1.0, 1.0, 1.0], [0.5, -1.0, 0.75]),
+]
+
+
+def _inputs(models: int, seed: int, n: int = 5000) -> list[torch.Tensor]:
+    """base and fine-tunes, each a view 8 elements into its buffer as the executor's blocks are (see fused.fits)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    base[::11] = -0.0  # signs of zero must survive
+    xs = [base + torch.randn(n, generator=g) * 0.01 for _ in range(models)]
+    xs[0][::7] = base[::7]  # untouched entries: exact zero deltas
+    if models > 1:
+        xs[1][::5] = 2 * base[::5] - xs[0][::5]  # deltas that cancel exactly in the sign election
+    return [torch.cat([torch.zeros(8), x])[8:] for x in [base] + xs]
+
+
+def _merge(method_name, tensors, shared, densities, weights, eager: bool, monkeypatch) -> torch.Tensor:
+    method = METHODS[method_name]
+    n = len(tensors)
+    per_input = per_input_params(n, 0, weight=[None] + weights, density=[None] + densities)
+    with monkeypatch.context() as m:
+        if eager:
+            m.setattr(fused.compiler, "enabled", False)
+        else:
+            calls = []
+            original = ta._merge_fused
+            m.setattr(ta, "_merge_fused", lambda inputs, v: (calls.append(v), original(inputs, v))[1])
+        out = run_whole(method, tensors, 0, shared_params(method, **shared), per_input, seed=3)
+        if not eager:
+            assert calls, f"{method_name}: the fused kernel was not used"
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Request every variant of CASES through the methods' own warm-up, then wait for the compiler: once for this
+    thread count, once for the executor's (compiled code is specific to torch's thread count)."""
+    from mergeedit.executor import math_threads
+    from method_harness import _complete, _probe
+
+    before = torch.get_num_threads()
+    for threads in (before, math_threads(with_statistics=True)):
+        torch.set_num_threads(threads)
+        for name, models, shared, densities, weights in CASES:
+            method = METHODS[name]
+            per_input = _complete(method, 0, per_input_params(models + 1, 0, weight=[None] + weights, density=[None] + densities))
+            method.warm_up(_probe([None] * (models + 1), 0, shared_params(method, **shared), per_input, 5000, 0))
+        ok = fused.compiler.wait()
+        torch.set_num_threads(before)
+        assert ok, f"compiling the fused kernel failed: {fused.compiler.failure}"
+    return fused.compiler
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
+def test_fused_kernel_gives_the_eager_bits(case, compiled, monkeypatch):
+    name, models, shared, densities, weights = case
+    for seed in range(3):
+        tensors = _inputs(models, seed)
+        eager = _merge(name, tensors, shared, densities, weights, True, monkeypatch)
+        fast = _merge(name, tensors, shared, densities, weights, False, monkeypatch)
+        assert torch.equal(eager.view(torch.int32), fast.view(torch.int32)), (name, seed)
+
+
+def test_variants_outside_the_kernel_stay_eager():
+    probe = lambda densities: ta.MergeInputs("t", [None] * 3, 0, {"normalize": False}, [{}, {"density": densities[0]}, {"density": densities[1]}])  # noqa: E731
+    assert ta._variant(probe([0.5, 0.5]), "magnitude", True) == fused.Variant(2, "magnitude", True, False)
+    assert ta._variant(probe([0.5, 1.0]), "magnitude", True) is not None  # kept whole: the threshold is just off
+    assert ta._variant(probe([0.0, 0.5]), "magnitude", True) is None  # density 0: eager zeroes the delta
+    assert ta._variant(probe([0.5, 1.0]), "random", True) is None  # a DARE input kept whole has no mask
+    assert ta._variant(probe([0.5, 0.5]), None, False) == fused.Variant(2, None, False, False)
+
+
+def test_blocks_that_start_a_buffer_stay_eager():
+    view = torch.zeros(40)[8:]
+    assert fused.fits([view, view])
+    assert not fused.fits([view, torch.zeros(32)])  # storage offset 0: the compiled code would recompile
+    assert not fused.fits([view[:8]])  # too small
+    assert not fused.fits([view.double()[0:]]) and not fused.fits([torch.zeros(40, 2)[8:, 0]])  # float64; strided
+
+
+def test_eager_kernels_option_never_uses_the_compiled_formula(compiled, monkeypatch):
+    name, models, shared, densities, weights = CASES[0]
+    calls = []
+    monkeypatch.setattr(ta, "_merge_fused", lambda inputs, v: calls.append(v))
+    monkeypatch.setattr(fused.compiler, "enabled", False)
+    method = METHODS[name]
+    tensors = _inputs(models, 0)
+    per_input = per_input_params(models + 1, 0, weight=[None] + weights, density=[None] + densities)
+    run_whole(method, tensors, 0, shared_params(method, **shared), per_input)
+    assert calls == []
+
+
+def test_fused_merge_writes_the_eager_bytes(tmp_path, compiled, monkeypatch):
+    """A whole merge with --kernels fused (tensors of several 2^18-element blocks, whole and in row chunks) writes the
+    bytes of --kernels eager, and the compiled kernel really served blocks."""
+    from mergeedit.executor import schedule_plan
+    from mergeedit.merge import MergeOptions, load_plan, write_merge
+    from mergeedit.toy_models import LlamaShape, build_llama
+
+    shape = LlamaShape(hidden=512, intermediate=2048, layers=1, heads=4, kv_heads=2, vocab=600)  # MLP: 4 blocks
+    models = {k: build_llama(tmp_path / k, shape, variant=v, noise=0.5) for k, v in (("base", None), ("a", 1), ("b", 2))}
+    cfg = tmp_path / "ties.yaml"
+    cfg.write_text(f"""
+merge_method: ties
+base_model: {models['base']}
+models:
+  - model: {models['a']}
+    parameters: {{weight: 0.5, density: 0.3}}
+  - model: {models['b']}
+    parameters: {{weight: 0.5, density: 0.5}}
+""")
+    calls = []
+    original = ta._merge_fused
+    monkeypatch.setattr(ta, "_merge_fused", lambda inputs, v: (calls.append(v), original(inputs, v))[1])
+
+    def merge(name: str, kernels: str, budget: int = 1 << 30) -> dict[str, bytes]:
+        opts = MergeOptions(memory_budget=budget, fsync=False, kernels=kernels)
+        write_merge(load_plan(cfg, opts), tmp_path / name, opts)
+        return {p.name: p.read_bytes() for p in (tmp_path / name).glob("*.safetensors")}
+
+    eager = merge("eager", "eager")
+    assert calls == []
+    assert merge("fused", "fused") == eager
+    assert calls  # compiled for the executor's thread count by the fixture: used from the first big block
+    calls.clear()
+    chunked = MergeOptions(memory_budget=40 << 20)
+    assert any(len(s.chunks) > 1 for s in schedule_plan(load_plan(cfg, chunked), chunked.memory_budget))
+    assert merge("fused-chunked", "fused", budget=40 << 20) == eager  # MLP matrices in two chunks of two blocks
+    assert calls
