@@ -188,6 +188,8 @@ class ExecutionReport:
     budget_high_water: int
     chunked_tensors: int
     resumed_shards: int = 0  # shards reused from a killed run (--resume), not recomputed
+    fused_blocks: int = 0  # blocks merged by a compiled kernel (--kernels)
+    kernel_failure: Optional[str] = None  # why compiled kernels are not in use, if compiling or running one failed
 
 
 def _probe(t: PlannedTensor) -> MergeInputs:
@@ -425,8 +427,12 @@ class Executor:
         torch.set_num_threads(math_threads(any(t.method.statistics for t in self.plan.tensors)))
         kernels_were = fused.compiler.enabled
         fused.compiler.enabled = self.kernels != "eager"
+        blocks_before = fused.compiler.blocks
         try:
-            return self._run()
+            report = self._run()
+            report.fused_blocks = fused.compiler.blocks - blocks_before
+            report.kernel_failure = fused.compiler.failure if self.kernels != "eager" else None
+            return report
         finally:
             torch.set_num_threads(threads)  # a recipe run trains in this process after merging
             fused.compiler.enabled = kernels_were

@@ -141,15 +141,18 @@ models:
     original = ta._merge_fused
     monkeypatch.setattr(ta, "_merge_fused", lambda inputs, v: (calls.append(v), original(inputs, v))[1])
 
+    reports = []
+
     def merge(name: str, kernels: str, budget: int = 1 << 30) -> dict[str, bytes]:
         opts = MergeOptions(memory_budget=budget, fsync=False, kernels=kernels)
-        write_merge(load_plan(cfg, opts), tmp_path / name, opts)
+        reports.append(write_merge(load_plan(cfg, opts), tmp_path / name, opts))
         return {p.name: p.read_bytes() for p in (tmp_path / name).glob("*.safetensors")}
 
     eager = merge("eager", "eager")
     assert calls == []
     assert merge("fused", "fused") == eager
     assert calls  # compiled for the executor's thread count by the fixture: used from the first big block
+    assert reports[0].fused_blocks == 0 and reports[1].fused_blocks == len(calls)  # what the summary reports
     calls.clear()
     chunked = MergeOptions(memory_budget=40 << 20)
     assert any(len(s.chunks) > 1 for s in schedule_plan(load_plan(cfg, chunked), chunked.memory_budget))

@@ -96,6 +96,7 @@ class _Compiler:
         self._lock = threading.Lock()
         self.failure: Optional[str] = None
         self.enabled = True  # False: merges use the eager code even where a variant is compiled (--kernels eager)
+        self.blocks = 0  # blocks computed by a compiled kernel, for the merge's summary
 
     def request(self, v: Variant) -> None:
         """Compile `v` for torch's present thread count (a merge sets it before asking)."""
@@ -121,7 +122,9 @@ class _Compiler:
         """The kernel's result, or None (the caller computes eagerly) if it failed: it is then not used again."""
         try:
             with torch.no_grad():
-                return self._fns[v](_alias(base), [_alias(x) for x in xs], *args, v)
+                out = self._fns[v](_alias(base), [_alias(x) for x in xs], *args, v)
+            self.blocks += 1
+            return out
         except Exception as exc:  # noqa: BLE001 - e.g. a recompile beyond dynamo's limit: stay eager
             self._ready.discard((v, torch.get_num_threads()))
             self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
