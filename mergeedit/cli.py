@@ -85,12 +85,11 @@ def merge(
 
     CONFIG may hold several YAML documents (mergekit-multi's format): named merges that later ones read by name.
     """
-    from .executor import KERNELS
+    from .executor import check_kernels
     from .memory import current_rss, default_budget
     from .merge import MergeOptions, estimate, load_plan
 
-    if kernels not in KERNELS:
-        raise MergeEditError(f"--kernels {kernels}: expected one of {', '.join(KERNELS)}")
+    check_kernels(kernels)  # before the plan is loaded: a typo costs no header reads
     options = MergeOptions(
         out_shard_size=parse_size(out_shard_size, "--out-shard-size"),
         memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else default_budget(),

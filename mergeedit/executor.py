@@ -37,6 +37,12 @@ SAMPLE = 1 << 14  # elements of the strided sample a statistic may aim with befo
 KERNELS = ("auto", "fused", "eager")  # --kernels: whether methods may warm up faster kernels (methods.fused)
 FUSE_MIN_ELEMENTS = 1 << 29  # auto: worth seconds of compiling only above this much work (~2 GB of float32 output)
 
+
+def check_kernels(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise MergeEditError(f"--kernels {kernels}: expected one of {', '.join(KERNELS)}")
+    return kernels
+
 ProgressCallback = Callable[[PlannedTensor, int], None]  # (tensor finished, bytes written for it)
 
 
@@ -325,9 +331,7 @@ class Executor:
         block: int = DEFAULT_BLOCK,
         kernels: str = "auto",
     ) -> None:
-        if kernels not in KERNELS:
-            raise MergeEditError(f"--kernels {kernels}: expected one of {', '.join(KERNELS)}")
-        self.kernels = kernels
+        self.kernels = check_kernels(kernels)
         self.plan = plan
         self.block = block
         self.writer = writer
@@ -412,7 +416,7 @@ class Executor:
                     raise _Cancelled() from None
                 continue
             if item is None:
-                raise self._errors[0] if self._errors else RuntimeError("reader stopped early")
+                raise self._errors[0] if self._errors else RuntimeError("a pipeline stage stopped early")
             return item
 
     def _blocks(self, t: PlannedTensor, job: _Job, stored: list[torch.Tensor]):
@@ -525,49 +529,43 @@ class Executor:
         one reads a pass the schedule did not foresee here, in row pieces small enough for the budget's margin."""
         t = self.plan.tensors[s.tensor]
         stats = build_statistics(t)
-        prepare = getattr(stats, "prepare", None)
-        if len(s.chunks) == 1:
-            job, stored = self._next(inbox)
-            if stats:
-                if prepare:
-                    prepare(sample_inputs(t, job.rows, stored))
-                p = 0
-                while p < stats.passes:
-                    self._observe(t, stats, p, job, stored)
-                    stats.end_pass(p)
-                    p += 1
-            yield job, stored, stats.result() if stats else None
-            return
+        whole = self._next(inbox) if len(s.chunks) == 1 else None
         if stats:
+            prepare = getattr(stats, "prepare", None)
             p = 0
             while p < stats.passes:
-                if p < s.stat_passes:
-                    for c in range(len(s.chunks)):
-                        job, stored = self._next_for(inbox, s.tensor)
-                        if prepare and p == 0 and c == 0:
-                            prepare(sample_inputs(t, job.rows, stored))
-                        self._observe(t, stats, p, job, stored)
-                        self._drop(job, stored)
-                        del stored
-                else:
-                    self._read_pass(t, s, stats, p)
+                for c, (job, stored) in enumerate(self._pass_reads(t, s, p, inbox, whole)):
+                    if prepare and p == 0 and c == 0:
+                        prepare(sample_inputs(t, job.rows, stored))
+                    self._observe(t, stats, p, job, stored)
                 stats.end_pass(p)
                 p += 1
-                self._skipped.update((s.tensor, q) for q in range(stats.passes, s.stat_passes))
+                if whole is None:
+                    self._skipped.update((s.tensor, q) for q in range(stats.passes, s.stat_passes))
         result = stats.result() if stats else None
+        if whole is not None:
+            yield *whole, result
+            return
         for _ in s.chunks:
-            job, stored = self._next_for(inbox, s.tensor)
-            yield job, stored, result
+            yield *self._next_for(inbox, s.tensor), result
 
-    def _read_pass(self, t: PlannedTensor, s: _Schedule, stats: TensorStatistics, p: int) -> None:
-        """A statistics pass the schedule did not foresee, read by this thread in pieces of about a tenth of the
-        budget (the reader thread keeps prefetching within the rest)."""
-        first, last = s.chunks[0][0], s.chunks[-1][1]
-        chunk_rows = s.chunks[0][1] - s.chunks[0][0]
-        rows = max(1, chunk_rows * (self.budget_total // 10) // max(1, s.charge))
-        for a in range(first, last, rows):
-            job = _Job(s.tensor, (a, min(a + rows, last)), 0)
-            self._observe(t, stats, p, job, load_inputs(self.reader, t, job.rows))
+    def _pass_reads(self, t: PlannedTensor, s: _Schedule, p: int, inbox: queue.Queue, whole):
+        """(job, inputs) for statistics pass p: the whole tensor already in memory, the scheduled chunk reads (each
+        dropped once observed), or, for a pass the schedule did not foresee, rows read here in pieces of about a
+        tenth of the budget (the reader thread keeps prefetching within the rest)."""
+        if whole is not None:
+            yield whole
+        elif p < s.stat_passes:
+            for _ in s.chunks:
+                job, stored = self._next_for(inbox, s.tensor)
+                yield job, stored
+                self._drop(job, stored)
+        else:
+            first, last = s.chunks[0][0], s.chunks[-1][1]
+            rows = max(1, (s.chunks[0][1] - first) * (self.budget_total // 10) // max(1, s.charge))
+            for a in range(first, last, rows):
+                job = _Job(s.tensor, (a, min(a + rows, last)), 0)
+                yield job, load_inputs(self.reader, t, job.rows)
 
     def _next_for(self, inbox: queue.Queue, tensor: int):
         """The next read of `tensor` that is still needed: reads made for a pass since found unneeded are dropped."""

@@ -136,7 +136,7 @@ class TensorReader:
                 except OSError:  # e.g. EINVAL from a device with a larger block size: read through the cache
                     return None
                 if got <= 0 or (got % DIRECT_ALIGN and pos + got < end):  # a short read off a block boundary is EOF
-                    raise OSError(f"{info.path}: unexpected end of file while reading tensor '{info.name}'")
+                    raise _truncated(info)
                 pos += got
             with self._lock:
                 self.bytes_read_direct += end - start
@@ -157,12 +157,16 @@ class TensorReader:
         self.close()
 
 
+def _truncated(info: TensorInfo) -> OSError:
+    return OSError(f"{info.path}: unexpected end of file while reading tensor '{info.name}'")
+
+
 def _pread_exactly(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
-            raise OSError(f"{info.path}: unexpected end of file while reading tensor '{info.name}'")
+            raise _truncated(info)
         done += got
 
 

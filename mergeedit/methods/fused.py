@@ -127,7 +127,7 @@ class _Compiler:
             return out
         except Exception as exc:  # noqa: BLE001 - e.g. a recompile beyond dynamo's limit: stay eager
             self._ready.discard((v, torch.get_num_threads()))
-            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.failure = _describe(exc)
             return None
 
     def _work(self) -> None:
@@ -142,7 +142,7 @@ class _Compiler:
                     self._warm(v)
                     self._ready.add(key)
             except Exception as exc:  # noqa: BLE001 - any failure means: stay eager
-                self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.failure = _describe(exc)
             finally:
                 self._queue.task_done()
 
@@ -159,6 +159,11 @@ class _Compiler:
         weight = [0.5] * v.inputs
         with torch.no_grad():  # not run(): a failure here must reach _work
             self._fns[v](_alias(view(0)), [_alias(x) for x in xs], masks, below, scale, weight, 1.0, 1.0, v)
+
+
+def _describe(exc: Exception) -> str:
+    """One line for the merge's summary: the exception's type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _own_code(fn, n: int):

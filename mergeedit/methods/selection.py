@@ -31,6 +31,11 @@ def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     return x.abs().to(torch.float32).contiguous().view(torch.int32)
 
 
+def float_of_bits(bits: int) -> float:
+    """The float32 whose bit pattern is `bits`."""
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
 def guess_band(sample: torch.Tensor, k: int, n: int, z: float = BAND_Z) -> tuple[int, int]:
     """Bit patterns [lo, hi] between which the k-th largest of n values lies, judged from `sample` (bit patterns of
     values drawn across all n): the sample's order statistics z standard deviations of the binomial rank either side
@@ -187,7 +192,7 @@ class KthLargest:
     @property
     def threshold(self) -> float:
         assert self.threshold_bits is not None
-        return torch.tensor([self.threshold_bits], dtype=torch.int32).view(torch.float32).item()
+        return float_of_bits(self.threshold_bits)
 
 
 def kth_largest_magnitude(x: torch.Tensor, k: int) -> float:

@@ -17,7 +17,7 @@ import torch
 
 from . import fused
 from .seeded_random import derive_seed, seeded_uniform
-from .selection import KthLargest, magnitude_bits
+from .selection import KthLargest, float_of_bits, magnitude_bits
 from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
 
 
@@ -77,9 +77,14 @@ def trim_magnitude(d: torch.Tensor, threshold_bits: int) -> torch.Tensor:
     if threshold_bits <= 0:  # threshold 0: everything is kept
         return d
     if d.dtype == torch.float32:
-        below = torch.tensor([threshold_bits - 1], dtype=torch.int32).view(torch.float32).item()
-        return torch.nn.functional.hardshrink(d, below)
+        return torch.nn.functional.hardshrink(d, float_of_bits(threshold_bits - 1))
     return d.mul_(magnitude_bits(d) >= threshold_bits)
+
+
+def _divisor(weights: list[float]) -> float:
+    """What normalize divides a plain sum of weighted deltas by: the weights' sum, or 1 where it is (nearly) zero."""
+    total = sum(weights)
+    return total if abs(total) >= 1e-8 else 1.0
 
 
 def _l1(a: torch.Tensor) -> float:
@@ -229,18 +234,16 @@ def _merge_fused(inputs: MergeInputs, v: fused.Variant) -> Optional[torch.Tensor
     if v.sparsify == "magnitude":
         for j in range(v.inputs):
             bits = stats.selectors[j].threshold_bits if sparse(j) else 0
-            if bits > 0:
-                below[j] = torch.tensor([bits - 1], dtype=torch.int32).view(torch.float32).item()
+            if bits > 0:  # as trim_magnitude: |d| <= the float just below the threshold is dropped
+                below[j] = float_of_bits(bits - 1)
     elif v.sparsify == "mask":
         masks = [random_keep(inputs, j).reshape(-1) for j in range(v.inputs)]
     rescale = stats is not None and stats.rescale
     scale = [f32(stats.scale(j)) if rescale and sparse(j) else 1.0 for j in range(v.inputs)]
     weights = [inputs.per_input[i]["weight"] for i in inputs.non_base]
-    total = sum(weights)
-    divisor = total if abs(total) >= 1e-8 else 1.0
     xs = [inputs.tensors[i] for i in inputs.non_base]
     base = inputs.tensors[inputs.base]
-    return fused.compiler.run(v, base, xs, masks, below, scale, [f32(w) for w in weights], f32(inputs.shared["lambda"]), f32(divisor))
+    return fused.compiler.run(v, base, xs, masks, below, scale, [f32(w) for w in weights], f32(inputs.shared["lambda"]), f32(_divisor(weights)))
 
 
 def _fused_ready(inputs: MergeInputs, sparsify: Sparsify, consensus: bool) -> Optional[fused.Variant]:
@@ -278,8 +281,7 @@ def _merge_for(sparsify: Sparsify, consensus: bool):
             mixed = deltas[0]
             for d in deltas[1:]:
                 mixed.add_(d)
-            total_weight = sum(weights)
-            divisor = total_weight if abs(total_weight) >= 1e-8 else 1.0
+            divisor = _divisor(weights)
         if normalize:
             mixed = mixed / divisor
         lam = inputs.shared["lambda"]
