@@ -118,18 +118,47 @@ def test_eager_kernels_option_never_uses_the_compiled_formula(compiled, monkeypa
     assert calls == []
 
 
-def test_fused_merge_writes_the_eager_bytes(tmp_path, compiled, monkeypatch):
+def test_norms_kernel_gives_the_eager_rescale_factors(compiled, monkeypatch):
+    """DARE's L1 norms from the compiled kernel: the same float64 sums up to their order of addition, and the same
+    float32 rescale factors the merge multiplies by."""
+    from method_harness import _complete
+
+    method = METHODS["dare_ties"]
+    per_input = _complete(method, 0, per_input_params(3, 0, weight=[None, 0.6, 0.7], density=[None, 0.5, 0.3]))
+    for seed in range(3):
+        tensors = _inputs(2, seed, n=70_000)
+        inputs = ta.MergeInputs("t", tensors, 0, shared_params(method), per_input, 0, 70_000, seed, shape=(70_000,))
+        sums = {}
+        for kernels in (False, True):
+            calls = []
+            with monkeypatch.context() as m:
+                m.setattr(fused.compiler, "enabled", kernels)
+                run = fused.compiler.run
+                m.setattr(fused.compiler, "run", lambda v, *a: (calls.append(v), run(v, *a))[1])
+                stats = method.statistics(inputs)
+                stats.observe(0, inputs)
+            assert calls == ([fused.Norms(2)] if kernels else [])
+            sums[kernels] = stats
+        for j in (0, 1):
+            for eager, fast in ((sums[False].before[j], sums[True].before[j]), (sums[False].after[j], sums[True].after[j])):
+                assert fast == pytest.approx(eager, rel=1e-13) and eager > 0
+            assert fused.as_float32(sums[False].scale(j)) == fused.as_float32(sums[True].scale(j))
+            assert 1.5 < sums[True].scale(j) < 4  # about 1/density
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_fused_merge_writes_the_eager_bytes(method, tmp_path, compiled, monkeypatch):
     """A whole merge with --kernels fused (tensors of several 2^18-element blocks, whole and in row chunks) writes the
-    bytes of --kernels eager, and the compiled kernel really served blocks."""
+    bytes of --kernels eager, and the compiled kernels really served blocks (DARE: its norms too)."""
     from mergeedit.executor import schedule_plan
     from mergeedit.merge import MergeOptions, load_plan, write_merge
     from mergeedit.toy_models import LlamaShape, build_llama
 
     shape = LlamaShape(hidden=512, intermediate=2048, layers=1, heads=4, kv_heads=2, vocab=600)  # MLP: 4 blocks
     models = {k: build_llama(tmp_path / k, shape, variant=v, noise=0.5) for k, v in (("base", None), ("a", 1), ("b", 2))}
-    cfg = tmp_path / "ties.yaml"
+    cfg = tmp_path / f"{method}.yaml"
     cfg.write_text(f"""
-merge_method: ties
+merge_method: {method}
 base_model: {models['base']}
 models:
   - model: {models['a']}
@@ -138,8 +167,8 @@ models:
     parameters: {{weight: 0.5, density: 0.5}}
 """)
     calls = []
-    original = ta._merge_fused
-    monkeypatch.setattr(ta, "_merge_fused", lambda inputs, v: (calls.append(v), original(inputs, v))[1])
+    run = fused.compiler.run
+    monkeypatch.setattr(fused.compiler, "run", lambda v, *a: (calls.append(type(v)), run(v, *a))[1])
 
     reports = []
 
@@ -148,13 +177,14 @@ models:
         reports.append(write_merge(load_plan(cfg, opts), tmp_path / name, opts))
         return {p.name: p.read_bytes() for p in (tmp_path / name).glob("*.safetensors")}
 
+    kinds = {fused.Variant} | ({fused.Norms} if method == "dare_ties" else set())
     eager = merge("eager", "eager")
     assert calls == []
     assert merge("fused", "fused") == eager
-    assert calls  # compiled for the executor's thread count by the fixture: used from the first big block
+    assert set(calls) == kinds  # compiled for the executor's thread count by the fixture: used from the first big block
     assert reports[0].fused_blocks == 0 and reports[1].fused_blocks == len(calls)  # what the summary reports
     calls.clear()
     chunked = MergeOptions(memory_budget=40 << 20)
     assert any(len(s.chunks) > 1 for s in schedule_plan(load_plan(cfg, chunked), chunked.memory_budget))
     assert merge("fused-chunked", "fused", budget=40 << 20) == eager  # MLP matrices in two chunks of two blocks
-    assert calls
+    assert set(calls) == kinds

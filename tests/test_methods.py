@@ -475,8 +475,8 @@ def test_blocked_equals_whole(method, overrides, cuts):
 
 @pytest.mark.parametrize("method", [DARE_TIES, DARE_LINEAR])
 def test_blocked_equals_whole_across_noise_blocks(method, monkeypatch):
-    # blocks of the positional noise (seeded_random.BLOCK) shrunk so merge blocks straddle them
-    monkeypatch.setattr(seeded_random, "BLOCK", 96)
+    # key spans of the positional noise (seeded_random.SPAN) shrunk so merge blocks straddle them
+    monkeypatch.setattr(seeded_random, "SPAN", 96)
     n = 1000
     xs = _rand_models(2, n, seed=5)
     pi = _per_input(3, 0, weight=[None, 0.8, 0.6], density=[None, 0.4, 0.6])
@@ -907,42 +907,72 @@ def _random_splits(n: int, g: torch.Generator, parts: int) -> list[int]:
     return [0, *cuts, n]
 
 
-@pytest.mark.parametrize("block", [1, 7, 64])
-def test_seeded_uniform_any_split_concatenates_to_one_call_small_block(block, monkeypatch):
-    monkeypatch.setattr(seeded_random, "BLOCK", block)
+@pytest.mark.parametrize("span", [1, 7, 64])
+def test_seeded_uniform_any_split_concatenates_to_one_call_small_span(span, monkeypatch):
+    monkeypatch.setattr(seeded_random, "SPAN", span)
     n = 1000
     whole = seeded_uniform(123, 0, n)
-    g = torch.Generator().manual_seed(block)
+    g = torch.Generator().manual_seed(span)
     for trial in range(10):
         bounds = _random_splits(n, g, 1 + trial * 3)
         parts = [seeded_uniform(123, a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
         assert torch.equal(torch.cat(parts), whole)
     # boundary-hugging splits
-    bounds = [0, block - 1, block, block + 1, 3 * block, n]
+    bounds = [0, span - 1, span, span + 1, 3 * span, n]
     bounds = sorted(set(b for b in bounds if 0 <= b <= n))
     assert torch.equal(torch.cat([seeded_uniform(123, a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]), whole)
     # an offset window equals the slice of the whole stream
     assert torch.equal(seeded_uniform(123, 333, 222), whole[333:555])
 
 
-def test_seeded_uniform_split_across_real_block_boundary():
-    B = seeded_random.BLOCK
-    assert B == 1 << 18
-    n = B + 5000
-    whole = seeded_uniform(5, 0, n)
-    for bounds in ([0, B, n], [0, B - 1, B + 1, n], [0, 1000, B - 3000, B + 2500, n]):
+def test_seeded_uniform_split_across_real_span_boundary():
+    S = seeded_random.SPAN
+    assert S == 1 << 32
+    whole = seeded_uniform(5, S - 1000, 2000)
+    for bounds in ([S - 1000, S, S + 1000], [S - 1000, S - 1, S + 1, S + 1000]):
         parts = [seeded_uniform(5, a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
         assert torch.equal(torch.cat(parts), whole)
-    assert torch.equal(seeded_uniform(5, B - 10, 20), whole[B - 10 : B + 10])
+    # the next span has a key of its own: not the first span's values again
+    assert not torch.equal(seeded_uniform(5, S, 1000), seeded_uniform(5, 0, 1000))
 
 
-def test_seeded_uniform_blocks_are_independently_seeded(monkeypatch):
-    monkeypatch.setattr(seeded_random, "BLOCK", 8)
-    v = seeded_uniform(1, 0, 32)
-    g = torch.Generator()
-    for b in range(4):
-        g.manual_seed(derive_seed(1, b))
-        assert torch.equal(v[8 * b : 8 * b + 8], torch.rand(8, generator=g))
+def _triple32_reference(seed: int, p: int) -> int:
+    """The generator written out in plain Python integers: triple32((p mod 2^32) XOR key), top 24 bits."""
+    x = (p % 2**32) ^ (derive_seed(seed, p // 2**32) & 0xFFFFFFFF)
+    for shift, mult in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB), (14, None)):
+        x ^= x >> shift
+        if mult:
+            x = (x * mult) & 0xFFFFFFFF
+    return x >> 8
+
+
+@pytest.mark.parametrize("offset", [0, 1000, 2**31 - 3, 2**32 - 2, 3 * 2**32 + 5])
+def test_seeded_uniform_is_triple32_of_position_xor_key(offset):
+    v = seeded_uniform(77, offset, 5)
+    expected = [_triple32_reference(77, offset + i) / 2**24 for i in range(5)]
+    assert v.tolist() == expected
+
+
+def test_keep_mask_is_uniform_below_density_exactly():
+    u = seeded_uniform(3, 10, 50_000)
+    for density in (0.0, 1e-9, 0.3, 0.5, 1 - 2**-25, 1.0):
+        mask = seeded_random.keep_mask(3, 10, 50_000, density)
+        assert mask.dtype == torch.float32
+        assert torch.equal(mask, (u.double() < density).float())
+    # a value exactly at the density is dropped (u < density, not <=)
+    at = float(u[7])
+    assert seeded_random.keep_mask(3, 17, 1, at).item() == 0.0
+    assert seeded_random.keep_mask(3, 17, 1, math.nextafter(at, 1)).item() == 1.0
+
+
+def test_seeded_uniform_has_no_neighbour_correlation():
+    u = seeded_uniform(11, 0, 1 << 18).double()
+    assert abs(float(u.mean()) - 0.5) < 0.003
+    for lag in (1, 2, 256):
+        assert abs(float(torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1])) < 0.01
+    # two streams at the same positions are uncorrelated too
+    w = seeded_uniform(12, 0, 1 << 18).double()
+    assert abs(float(torch.corrcoef(torch.stack([u, w]))[0, 1])) < 0.01
 
 
 # ----------------------------------------------------------------------------------------------------------------------

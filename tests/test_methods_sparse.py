@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mergeedit.errors import MergeEditError
-from mergeedit.methods import METHODS, MergeInputs, get_method, seeded_random
+from mergeedit.methods import METHODS, MergeInputs, get_method, seeded_random, sparsify
 from mergeedit.methods.sce import SCE, SceStatistics
 from mergeedit.methods.seeded_random import derive_seed, seeded_uniform
 from mergeedit.methods.sparsify import (
@@ -405,8 +405,9 @@ def test_blocked_equals_whole(method, overrides, cuts):
 
 @pytest.mark.parametrize("method", [DELLA, DELLA_LINEAR])
 def test_della_blocked_equals_whole_across_noise_blocks_and_row_groups(method, monkeypatch):
-    # noise blocks (and with them the row groups of a chunk) shrunk to 96 elements: groups of 3 rows of 25 straddle them
-    monkeypatch.setattr(seeded_random, "BLOCK", 96)
+    # noise key spans and the row groups of a chunk shrunk to 96 elements: groups of 3 rows of 25 straddle the spans
+    monkeypatch.setattr(seeded_random, "SPAN", 96)
+    monkeypatch.setattr(sparsify, "ROW_GROUP", 96)
     xs = [x.view(40, 25) for x in rand_models(2, 1000, seed=5)]
     pi = _per_input_full(method, 3, 0, weight=[None, 0.8, 0.6], density=[None, 0.4, 0.6])
     shared = shared_params(method)

@@ -1,4 +1,4 @@
-"""A fused kernel (torch.compile) for the task-arithmetic family's elementwise merge formula.
+"""Fused kernels (torch.compile) for the task-arithmetic family: the elementwise merge formula and DARE's L1 norms.
 
 Eager, a TIES block costs ~25 torch ops, each a pass through memory (1.7 ms per 2^18-element block with two models
 here); compiled into one loop, 0.3 ms. The formula below repeats the eager code's operations in the same order, with
@@ -7,6 +7,11 @@ kernel changes speed, never results. Compiling costs seconds (about 6 s cold, 3 
 is requested only for big merges (`request`) and compiled on a background thread while the eager code runs; a merge
 switches to the kernel once `ready`. Any failure to compile (no C++ compiler, an unsupported torch) leaves the eager
 code in place and is kept in `failure`.
+
+DARE's mask is computed inside both kernels from a three-number key (seeded_random), never read from memory. The
+norms kernel's float64 sums add in another order than eager's: the two agree to ~1e-16 relative, and the rescale
+factor is rounded to float32 before use, so they give the same bytes unless the exact ratio lies within that distance
+of a float32 rounding boundary (odds of order 1e-9 per tensor).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import types
 from typing import NamedTuple, Optional
 
 import torch
+
+from .seeded_random import keep_from_key
 
 MIN_BLOCK = 16  # smaller blocks stay eager (sizes 0 and 1 would make the compiled code specialise and recompile)
 
@@ -35,12 +42,32 @@ def fits(tensors: list[torch.Tensor]) -> bool:
 
 
 class Variant(NamedTuple):
-    """What changes the compiled code: the number of non-base inputs and the formula's static choices."""
+    """What changes the compiled merge formula: the number of non-base inputs and the formula's static choices."""
 
     inputs: int
-    sparsify: Optional[str]  # "magnitude" (trim below a threshold), "mask" (multiply by a 0/1 mask) or None
+    sparsify: Optional[str]  # "magnitude" (trim below a threshold), "mask" (DARE's keep mask, from a key) or None
     consensus: bool
     normalize: bool
+
+    def kernel(self):
+        return formula
+
+    def probe(self, n: int) -> tuple:
+        """Arguments after (base, xs) for a warm-up run on n elements."""
+        masks = [torch.zeros(3, dtype=torch.int32) for _ in range(self.inputs)] if self.sparsify == "mask" else []
+        return masks, [0.5] * self.inputs, [1.0] * self.inputs, [0.5] * self.inputs, 1.0, 1.0
+
+
+class Norms(NamedTuple):
+    """DARE's rescale statistics for `inputs` non-base inputs: L1 norms of the delta before and after the mask."""
+
+    inputs: int
+
+    def kernel(self):
+        return norms
+
+    def probe(self, n: int) -> tuple:
+        return ([torch.zeros(3, dtype=torch.int32) for _ in range(self.inputs)],)
 
 
 def formula(base, xs: list, masks: list, below: list, scale: list, weight: list, lam: float, divisor: float, v: Variant):
@@ -51,7 +78,7 @@ def formula(base, xs: list, masks: list, below: list, scale: list, weight: list,
         if v.sparsify == "magnitude":
             d = torch.where(d.abs() <= below[j], 0.0, d)  # hardshrink(d, below[j]), NaN kept as hardshrink keeps it
         elif v.sparsify == "mask":
-            d = d * masks[j]
+            d = d * keep_from_key(d.shape[0], masks[j])
         deltas.append(d * scale[j] * weight[j])  # multiplying by 1.0 is exact: no need to skip it as eager does
     if v.consensus:
         total = deltas[0] + deltas[1] if v.inputs > 1 else deltas[0]
@@ -78,6 +105,16 @@ def formula(base, xs: list, masks: list, below: list, scale: list, weight: list,
     return base + mixed * lam
 
 
+def norms(base, xs: list, keys: list, v: Norms):
+    """(inputs, 2) float64: per input, sum |x - base| and the same sum over DARE's kept entries, as
+    DeltaStatistics sums them eagerly (the mask from `keys`, see seeded_random.key)."""
+    rows = []
+    for x, k in zip(xs, keys):
+        a = (x - base).abs()
+        rows.append(torch.stack([a.sum(dtype=torch.float64), (a * keep_from_key(a.shape[0], k)).sum(dtype=torch.float64)]))
+    return torch.stack(rows)
+
+
 def as_float32(x: float) -> float:
     """x rounded to float32, as eager kernels round a Python scalar before multiplying a float32 tensor."""
     return torch.tensor(x, dtype=torch.float32).item()
@@ -98,7 +135,7 @@ class _Compiler:
         self.enabled = True  # False: merges use the eager code even where a variant is compiled (--kernels eager)
         self.blocks = 0  # blocks computed by a compiled kernel, for the merge's summary
 
-    def request(self, v: Variant) -> None:
+    def request(self, v: "Variant | Norms") -> None:
         """Compile `v` for torch's present thread count (a merge sets it before asking)."""
         with self._lock:
             key = (v, torch.get_num_threads())
@@ -138,7 +175,7 @@ class _Compiler:
                     if torch.get_num_threads() != threads:  # a thread's own setting (OpenMP), like the merge thread's
                         torch.set_num_threads(threads)
                     if v not in self._fns:
-                        self._fns[v] = torch.compile(_own_code(formula, len(self._fns)), dynamic=True, fullgraph=True)
+                        self._fns[v] = torch.compile(_own_code(v.kernel(), len(self._fns)), dynamic=True, fullgraph=True)
                     self._warm(v)
                     self._ready.add(key)
             except Exception as exc:  # noqa: BLE001 - any failure means: stay eager
@@ -146,19 +183,15 @@ class _Compiler:
             finally:
                 self._queue.task_done()
 
-    def _warm(self, v: Variant) -> None:
+    def _warm(self, v) -> None:
         """Compile by running the variant once on small tensors laid out as the blocks it will serve are (inputs:
-        views at an offset into a buffer, see `fits`; masks: fresh tensors), so they hit it without a guard failing."""
+        views at an offset into a buffer, see `fits`), so they hit it without a guard failing."""
         n = 1024
         pool = torch.zeros(n * (v.inputs + 2))
         view = lambda i: pool[n * i + 8 : n * (i + 1) + 8]  # noqa: E731
         xs = [view(1 + j) for j in range(v.inputs)]  # run() makes them aliases, as it does the real blocks
-        masks = [torch.zeros(n) for _ in range(v.inputs)] if v.sparsify == "mask" else []
-        below = [0.5] * v.inputs
-        scale = [1.0] * v.inputs
-        weight = [0.5] * v.inputs
         with torch.no_grad():  # not run(): a failure here must reach _work
-            self._fns[v](_alias(view(0)), [_alias(x) for x in xs], masks, below, scale, weight, 1.0, 1.0, v)
+            self._fns[v](_alias(view(0)), [_alias(x) for x in xs], *v.probe(n), v)
 
 
 def _describe(exc: Exception) -> str:

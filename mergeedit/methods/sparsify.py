@@ -24,12 +24,12 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ..errors import MergeEditError
-from . import seeded_random
 from .seeded_random import derive_seed, seeded_uniform
 from .selection import KthLargest, magnitude_bits
 from .spec import MergeInputs, Param
 from .task_arithmetic import RESCALE_EPS, _delta, _density, _family
 
+ROW_GROUP = 1 << 18  # elements per group of rows a row-wise merge handles at once: its temporaries stay in cache
 BreadcrumbCounts = tuple[int, int]  # (largest entries skipped, entries kept after them)
 
 
@@ -55,7 +55,7 @@ def row_groups(inputs: MergeInputs, max_elems: Optional[int] = None) -> Iterator
             f"tensor '{inputs.name}': a row-wise method got a chunk that cuts a row of {row} elements; "
             "raise --memory-budget so this tensor is merged whole"
         )
-    step = row * max(1, (max_elems or seeded_random.BLOCK) // row)
+    step = row * max(1, (max_elems or ROW_GROUP) // row)
     flat = [x.reshape(-1) for x in inputs.tensors]
     for a in range(0, n, step):
         yield replace(inputs, tensors=[x[a : a + step] for x in flat], offset=inputs.offset + a)

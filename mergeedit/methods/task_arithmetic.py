@@ -15,8 +15,8 @@ from typing import Callable, Literal, Optional, Protocol, Union
 
 import torch
 
-from . import fused
-from .seeded_random import derive_seed, seeded_uniform
+from . import fused, seeded_random
+from .seeded_random import derive_seed
 from .selection import KthLargest, float_of_bits, magnitude_bits
 from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
 
@@ -58,14 +58,27 @@ def _delta(inputs: MergeInputs, j: int) -> torch.Tensor:
     return inputs.tensors[inputs.non_base[j]] - inputs.tensors[inputs.base]
 
 
+def _stream(inputs: MergeInputs, j: int) -> int:
+    """The seed of non-base input j's DARE mask: the tensor's seed (run seed and name) and the model's index."""
+    return derive_seed(inputs.seed, inputs.non_base[j])
+
+
 def random_keep(inputs: MergeInputs, j: int) -> torch.Tensor:
     """DARE's Bernoulli(density) keep mask for non-base input j, addressed by element position, as float32 1/0.
 
-    A float mask, written over the noise it came from: multiplying by a bool mask converts it first, which cost
-    more than the comparison and the multiplication together."""
+    A float mask: multiplying by a bool mask converts it first, which cost more than the multiplication."""
     n = inputs.tensors[inputs.base].numel()
-    noise = seeded_uniform(derive_seed(inputs.seed, inputs.non_base[j]), inputs.offset, n)
-    return torch.lt(noise, _density(inputs, j), out=noise).view(inputs.tensors[inputs.base].shape)
+    mask = seeded_random.keep_mask(_stream(inputs, j), inputs.offset, n, _density(inputs, j))
+    return mask.view(inputs.tensors[inputs.base].shape)
+
+
+def _mask_keys(inputs: MergeInputs, js) -> Optional[list[torch.Tensor]]:
+    """The fused kernels' form of random_keep for inputs js (seeded_random.key); None for a block that crosses a
+    key span (a tensor of 2^32+ elements), left to the eager code."""
+    n = inputs.tensors[inputs.base].numel()
+    if n and inputs.offset // seeded_random.SPAN != (inputs.offset + n - 1) // seeded_random.SPAN:
+        return None
+    return [seeded_random.key(_stream(inputs, j), inputs.offset, seeded_random.keep_limit(_density(inputs, j))) for j in js]
 
 
 def trim_magnitude(d: torch.Tensor, threshold_bits: int) -> torch.Tensor:
@@ -128,15 +141,13 @@ class DeltaStatistics:
         self.phases[:2] = ["band"]
 
     def observe(self, pass_index: int, block: MergeInputs) -> None:
+        if self.sparsify == "random":
+            self._observe_norms(block)
+            return
         phase = self.phases[pass_index]
         first = pass_index == 0
         for j in self.sparse:
             d = _delta(block, j)
-            if self.sparsify == "random":
-                a = d.abs()
-                self.before[j] += _l1(a)
-                self.after[j] += _l1(a.mul_(random_keep(block, j)))
-                continue
             sel = self.selectors[j]
             if first and self.rescale:
                 self.before[j] += _l1(d.abs())
@@ -146,6 +157,23 @@ class DeltaStatistics:
             elif not sel.done:
                 bits = magnitude_bits(d)
                 {"band": sel.observe_band, "high": sel.observe_high, "low": sel.observe_low}[phase](bits)
+
+    def _observe_norms(self, block: MergeInputs) -> None:
+        """DARE's L1 norms before and after the mask, from the fused kernel when it is compiled (fused.norms)."""
+        base = block.tensors[block.base]
+        xs = [block.tensors[block.non_base[j]] for j in self.sparse]
+        v = fused.Norms(len(xs))
+        keys = _mask_keys(block, self.sparse) if fused.fits([base, *xs]) and fused.compiler.ready(v) else None
+        sums = fused.compiler.run(v, base, xs, keys) if keys is not None else None
+        if sums is not None:
+            for j, (before, after) in zip(self.sparse, sums.tolist()):
+                self.before[j] += before
+                self.after[j] += after
+            return
+        for j in self.sparse:
+            a = _delta(block, j).abs_()
+            self.before[j] += _l1(a)
+            self.after[j] += _l1(a.mul_(random_keep(block, j)))
 
     def end_pass(self, pass_index: int) -> None:
         if self.sparsify != "magnitude":
@@ -237,7 +265,9 @@ def _merge_fused(inputs: MergeInputs, v: fused.Variant) -> Optional[torch.Tensor
             if bits > 0:  # as trim_magnitude: |d| <= the float just below the threshold is dropped
                 below[j] = float_of_bits(bits - 1)
     elif v.sparsify == "mask":
-        masks = [random_keep(inputs, j).reshape(-1) for j in range(v.inputs)]
+        masks = _mask_keys(inputs, range(v.inputs))
+        if masks is None:
+            return None
     rescale = stats is not None and stats.rescale
     scale = [f32(stats.scale(j)) if rescale and sparse(j) else 1.0 for j in range(v.inputs)]
     weights = [inputs.per_input[i]["weight"] for i in inputs.non_base]
@@ -256,8 +286,12 @@ def _fused_ready(inputs: MergeInputs, sparsify: Sparsify, consensus: bool) -> Op
 def _warm_up_for(sparsify: Sparsify, consensus: bool):
     def warm_up(probe: MergeInputs) -> None:
         v = _variant(probe, sparsify, consensus)
-        if v is not None:
-            fused.compiler.request(v)
+        if v is None:
+            return
+        fused.compiler.request(v)
+        stats = _statistics_for(sparsify)(probe)
+        if sparsify == "random" and stats is not None:
+            fused.compiler.request(fused.Norms(len(stats.sparse)))
 
     return warm_up
 
