@@ -13,7 +13,10 @@ Run by hand, not in CI (it writes gigabytes). What it does, in one run:
 5. with --mergekit, runs mergekit-yaml on the same configs and reports it side by side.
 
 Page cache: unless the inputs exceed RAM, the floor and all merges read the inputs from the page cache (the build or
-the first read warms it). Every run starts after os.sync() so no one pays for the previous run's dirty pages.
+the first read warms it). Every run starts after os.sync() so no one pays for the previous run's dirty pages. With
+--cold, the inputs' cached pages are dropped (posix_fadvise DONTNEED, no privileges needed) before every floor
+repetition and every merge, so each reads from disk: use it when the inputs exceed RAM, where otherwise whatever part
+of them the previous run left cached (which depends on how that run read and wrote) speeds up the next one.
 
 Examples:
     python benchmarks/merge_throughput.py --mergekit /tmp/mkvenv/bin/mergekit-yaml
@@ -228,10 +231,23 @@ def floor_once(inputs: list[Path], out_bytes: int, shard_bytes: int, scratch: Pa
     return read_s, write_s, read
 
 
-def measure_floor(inputs: list[Path], out_bytes: int, shard_bytes: int, scratch: Path, repetitions: int) -> Floor:
+def settle(inputs: list[Path], cold: bool) -> None:
+    """Before a timed run: flush dirty pages and, when `cold`, drop the inputs' pages from the page cache."""
+    os.sync()
+    if not cold:
+        return
+    for path in inputs:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def measure_floor(inputs: list[Path], out_bytes: int, shard_bytes: int, scratch: Path, repetitions: int, cold: bool = False) -> Floor:
     best: Optional[tuple[float, float, int]] = None
     for r in range(repetitions):
-        os.sync()
+        settle(inputs, cold)
         got = floor_once(inputs, out_bytes, shard_bytes, scratch, f"{os.getpid()}-{r}-{time.time_ns()}")
         console.print(f"  floor {r + 1}/{repetitions}: read {got[0]:.2f} s + write {got[1]:.2f} s = {got[0] + got[1]:.2f} s")
         if best is None or got[0] + got[1] < best[0] + best[1]:
@@ -302,7 +318,7 @@ def child_env(args) -> Optional[dict]:
     return env
 
 
-def run_merges(tool: str, configs: dict[str, Path], outputs: Path, args, itemsize: int, keep_last: bool) -> dict[str, MergeResult]:
+def run_merges(tool: str, configs: dict[str, Path], outputs: Path, args, itemsize: int, keep_last: bool, inputs: list[Path]) -> dict[str, MergeResult]:
     results = {}
     for method, config in configs.items():
         res = MergeResult(tool, method)
@@ -311,7 +327,7 @@ def run_merges(tool: str, configs: dict[str, Path], outputs: Path, args, itemsiz
             out = outputs / f"{tool}-{method}-{r}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = mergeedit_cmd(config, out, args) if tool == "mergeedit" else mergekit_cmd(config, out, args, itemsize)
-            os.sync()
+            settle(inputs, args.cold)
             run = run_child(cmd, env=child_env(args) if tool == "mergeedit" else None)
             started = time.perf_counter()
             os.sync()
@@ -389,7 +405,8 @@ def print_report(info: dict, floor: Floor, ours: dict[str, MergeResult], theirs:
         f"[bold]baselines[/] python + import torch: {torch_rss / MB:.0f} MB RSS, {baselines['import_torch_s']:.2f} s; "
         f"mergeedit merge --dry-run: {baselines['dry_run_rss'] / MB:.0f} MB RSS, {baselines['dry_run_s']:.2f} s"
     )
-    table = Table(title=f"mergeedit merge, memory budget {info['memory_budget']}, wall seconds = best of {info['repeat']}", title_justify="left")
+    cache = ", inputs dropped from the page cache before every run" if info.get("cold") else ""
+    table = Table(title=f"mergeedit merge, memory budget {info['memory_budget']}, wall seconds = best of {info['repeat']}{cache}", title_justify="left")
     table.add_column("method")
     table.add_column("wall s", justify="right")
     table.add_column("engine s", justify="right")
@@ -486,6 +503,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(TIME_TARGET)}")
     p.add_argument("--repeat", type=int, default=2, help="merges per method and tool; the best wall time is reported")
     p.add_argument("--floor-repeat", type=int, default=3, help="I/O floor repetitions; the best is reported")
+    p.add_argument("--cold", action="store_true", help="drop the inputs from the page cache before every timed run (see above)")
     p.add_argument("--memory-budget", default="256M")
     p.add_argument("--out-shard-size", default="5G", help="bytes (mergekit gets the same size in parameters)")
     p.add_argument("--random-seed", type=int, default=0)
@@ -541,15 +559,15 @@ def main(argv=None) -> int:
         baselines = {"import_torch_rss": torch_run.peak_rss, "import_torch_s": torch_run.seconds, "dry_run_rss": dry.peak_rss, "dry_run_s": dry.seconds}
 
         console.print("I/O floor ...")
-        floor = measure_floor(inputs, model, parse_size(args.out_shard_size), outputs, args.floor_repeat)
+        floor = measure_floor(inputs, model, parse_size(args.out_shard_size), outputs, args.floor_repeat, args.cold)
 
         console.print("mergeedit ...")
-        ours = run_merges("mergeedit", configs, outputs, args, itemsize, keep_last=bool(args.mergekit))
+        ours = run_merges("mergeedit", configs, outputs, args, itemsize, keep_last=bool(args.mergekit), inputs=inputs)
         theirs: dict[str, MergeResult] = {}
         diffs: dict[str, float] = {}
         if args.mergekit:
             console.print("mergekit ...")
-            theirs = run_merges("mergekit", configs, outputs, args, itemsize, keep_last=True)
+            theirs = run_merges("mergekit", configs, outputs, args, itemsize, keep_last=True, inputs=inputs)
             for method in args.methods:
                 a, b = outputs / f"mergeedit-{method}-{args.repeat - 1}", outputs / f"mergekit-{method}-{args.repeat - 1}"
                 if method not in RANDOMIZED and a.exists() and b.exists():
@@ -561,6 +579,7 @@ def main(argv=None) -> int:
             "shape": asdict(shape), "dtype": args.dtype, "parameters": params, "model_bytes": model, "shards": args.shards,
             "memory_budget": args.memory_budget, "out_shard_size": args.out_shard_size, "repeat": args.repeat,
             "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "cpus": os.cpu_count(), "build_s": build_s, "env": args.env,
+            "cold": args.cold,
         }
         print_report(info, floor, ours, theirs, baselines, diffs)
         if args.compare:

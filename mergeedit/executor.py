@@ -172,7 +172,7 @@ class _Job:
     tensor: int  # index into plan.tensors
     rows: Optional[tuple[int, int]]  # None = whole tensor
     nbytes: int  # budget charge
-    reread: bool = False  # the same bytes are read again by a later pass: read them through the page cache
+    reread: bool = False  # the same bytes are read again by a later pass: map them from the page cache
     stat_pass: Optional[int] = None  # the statistics pass this read serves; None for the merge pass
 
 
@@ -351,6 +351,7 @@ class Executor:
     # -- threads ------------------------------------------------------------------------------------------------
     def _load(self, job: _Job) -> list[torch.Tensor]:
         self.reader.keep_in_cache = job.reread  # set by the reader thread only, before the reads it governs
+        self.reader.drop_after = job.reread and job.stat_pass is None  # the merge pass: the chunk's last read
         return load_inputs(self.reader, self.plan.tensors[job.tensor], job.rows, alloc=self.pool.take, readers=self._readers)
 
     @staticmethod
@@ -358,6 +359,11 @@ class Executor:
         """The whole uint8 buffers behind tensors, to hand back to the pool (a direct read's tensor is an aligned
         window into a slightly larger buffer)."""
         return [torch.empty(0, dtype=torch.uint8).set_(x.untyped_storage()) if x.numel() else x for x in tensors]
+
+    def _reusable(self, job: _Job, stored: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What of a job's inputs goes back to the pool: nothing for a re-read job, whose inputs are views of file
+        mappings (TensorReader.keep_in_cache), freed (unmapped) with their last view."""
+        return [] if job.reread else self._raw(stored)
 
     def _stage(self, work: Callable[[], None], out: queue.Queue) -> None:
         """Run one pipeline stage's work on its thread: an error goes to the main thread (and cancels the run); the end
@@ -576,7 +582,7 @@ class Executor:
             self._drop(job, stored)
 
     def _drop(self, job: _Job, stored: list[torch.Tensor]) -> None:
-        self.pool.give(self._raw(stored))
+        self.pool.give(self._reusable(job, stored))
         self.budget.release(job.nbytes)
 
     def _non_finite_error(self, t: PlannedTensor, block: MergeInputs) -> MergeEditError:
@@ -600,6 +606,6 @@ class Executor:
         bad = merge_chunk(t, job.rows, stored, stats, out, self.block)
         if bad is not None:
             raise self._non_finite_error(t, bad)
-        buffers = self._raw(stored) + self._raw([out])
+        buffers = self._reusable(job, stored) + self._raw([out])
         del stored
         outbox.put((t.name, out, job.nbytes, (t, t.bytes_out) if last else None, buffers))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -12,7 +13,7 @@ from .io.output_dir import GENERATION_FILES, TOKENIZER_FILES, AtomicOutputDir, c
 from .errors import MergeEditError
 from .io.integrity import OutputLock, check_free_space, is_disk_full, write_manifest
 from .io.resume import Journal, find_resumable, fingerprint, verified_prefix
-from .io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards
+from .io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards, stage_size
 from .memory import default_budget
 from .chat_templates import write_chat_template
 from .merge_config import load_merge_config
@@ -130,7 +131,10 @@ def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress:
             with AtomicOutputDir(out_dir, adopt=adopt) as tmp:
                 done = verified_prefix(tmp, [s.filename for s in shards], claimed)
                 journal = Journal(tmp, key, done)
-                writer = ShardWriter(tmp, shards, fsync=options.fsync, done=done, on_shard_done=journal.record)
+                writer = ShardWriter(
+                    tmp, shards, fsync=options.fsync, done=done, on_shard_done=journal.record,
+                    direct=os.environ.get("MERGEEDIT_DIRECT_WRITES", "1") != "0", stage_bytes=stage_size(options.memory_budget),
+                )
                 finished = {e.name for s in shards if s.filename in done for e in s.entries}
                 todo = replace(plan, tensors=[t for t in plan.tensors if t.name not in finished]) if finished else plan
                 try:

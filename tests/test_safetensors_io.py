@@ -111,21 +111,90 @@ def test_direct_reads_equal_cached_reads(tmp_path, monkeypatch, cached_prefix):
             assert plain.bytes_read_direct == 0
 
 
-def test_reads_meant_to_be_repeated_stay_in_the_page_cache(tmp_path, monkeypatch):
-    """The executor marks reads that a later statistics pass repeats: those go through the cache, never direct."""
+def _mapped(x, path) -> bool:
+    """Whether x's first byte lies in a mapping of `path` (/proc/self/maps); with x None, whether any mapping of it
+    remains."""
+    import gc
+
+    gc.collect()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            if x is None or lo <= x.data_ptr() < hi:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings from /proc")
+def test_reads_meant_to_be_repeated_are_mapped_from_the_page_cache(tmp_path, monkeypatch):
+    """The executor marks reads that a later pass repeats: those are views of a file mapping (never direct, never
+    copied), with the bytes of a plain read, whole and in row ranges at unaligned offsets, in every dtype; writing
+    into one changes a private copy, not the file; small ones are copied through the cache."""
     from mergeedit.io import tensor_reader
 
     tensors, infos = _direct_read_file(tmp_path)
     monkeypatch.setattr(tensor_reader, "_pread_cached", lambda fd, view, offset: 0)
     with TensorReader() as reader:
         reader.keep_in_cache = True
-        assert torch.equal(reader.read(infos["f32"]), tensors["f32"])
+        for name, expected in tensors.items():
+            for rows in (None, (1, expected.shape[0] - 1)):
+                got = reader.read(infos[name], rows, alloc=_garbage_alloc)
+                assert torch.equal(got, expected[slice(*rows) if rows else slice(None)])
+                assert _mapped(got, infos[name].path) == (got.nbytes >= tensor_reader.MAP_MIN_BYTES)
         assert reader.bytes_read_direct == 0
+        mapped = reader.read(infos["f32"])
+        mapped.zero_()  # copy-on-write: the file keeps its bytes
+        assert torch.equal(reader.read(infos["f32"]), tensors["f32"])
+        assert _mapped(mapped, infos["f32"].path)
+        del mapped, got
+        assert not _mapped(None, infos["f32"].path)  # unmapped with its last view
+        small = reader.read(infos["head"])  # below MAP_MIN_BYTES: copied through the cache
+        assert torch.equal(small, tensors["head"]) and not _mapped(small, infos["head"].path)
         reader.keep_in_cache = False
         assert torch.equal(reader.read(infos["f32"], (5, 300)), tensors["f32"][5:300])
-        small = reader.read(infos["head"])  # below DIRECT_MIN_BYTES: through the cache
-        assert torch.equal(small, tensors["head"])
         assert reader.bytes_read_direct in (0, 295 * 1021 * 4)  # 0 where the file system refuses O_DIRECT
+
+
+def test_the_last_mapped_read_drops_its_range_from_the_page_cache(tmp_path):
+    """A chunk's last read (drop_after) leaves the page cache once its last view is freed; earlier reads keep it."""
+    from mergeedit.io import tensor_reader
+
+    tensors, infos = _direct_read_file(tmp_path)
+    info = infos["f32"]
+    fd = os.open(info.path, os.O_RDONLY)
+    cached = lambda: tensor_reader._pread_cached(fd, memoryview(bytearray(info.nbytes)), info.start)  # noqa: E731
+    try:
+        os.fsync(fd)
+        tensor_reader._drop_from_cache(str(info.path), 0, 0)
+        if cached() == info.nbytes:
+            pytest.skip("this file system keeps pages that fadvise asked to drop (tmpfs)")
+        with TensorReader() as reader:
+            reader.keep_in_cache = True
+            kept = reader.read(info)
+            assert torch.equal(kept, tensors["f32"])
+            del kept
+            assert cached() == info.nbytes  # a statistics pass's read stays cached for the merge pass
+            reader.drop_after = True
+            last = reader.read(info)
+            assert torch.equal(last, tensors["f32"])
+            assert cached() == info.nbytes  # still mapped: still cached
+            del last
+            assert cached() < info.nbytes
+    finally:
+        os.close(fd)
+
+
+def test_a_mapped_read_past_the_end_of_a_truncated_file_is_an_error(tmp_path):
+    """Mapping bytes the file no longer has would kill the process (SIGBUS) on first touch: it is refused first."""
+    tensors, infos = _direct_read_file(tmp_path)
+    info = infos["f64"]
+    with open(info.path, "r+b") as f:
+        f.truncate(info.end - 8)
+    with TensorReader() as reader:
+        reader.keep_in_cache = True
+        with pytest.raises(OSError, match="unexpected end of file.*'f64'"):
+            reader.read(info)
 
 
 def test_the_page_cache_probe_reads_cached_bytes(tmp_path):
@@ -217,6 +286,74 @@ def test_streamed_shards_load_with_reference_library(tmp_path):
         loaded.update(load_file(tmp_path / shard.filename))
     for name, t in tensors.items():
         assert torch.equal(loaded[name], t)
+
+
+def _write_shards(folder, tensors: dict, direct: bool, stage: int = 4096):
+    entries = [OutputEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    shards = layout_shards(entries, 30_000)
+    writer = ShardWriter(folder, shards, direct=direct, stage_bytes=stage)
+    for name, t in tensors.items():
+        half = t.shape[0] // 2
+        writer.write(name, t[:half])
+        writer.write(name, t[half:])
+    writer.finish()
+    return shards, writer
+
+
+def test_direct_shard_writes_give_the_buffered_bytes(tmp_path, monkeypatch):
+    """Shards written with O_DIRECT through a staging buffer (shrunk to two pages, so tensors straddle many flushes
+    and every shard ends in an unaligned tail) hold the bytes of plain buffered writes; the streamed sha256 matches
+    the file."""
+    import hashlib
+
+    from mergeedit.io import shard_writer
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(37 + 11 * i, 29, generator=g) for i in range(6)}
+    tensors["bf"] = torch.randn(1001, 3, generator=g).to(torch.bfloat16)
+    (tmp_path / "direct").mkdir()
+    (tmp_path / "plain").mkdir()
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(shard_writer.os, "open", lambda path, flags, *a: (opened.append(flags), real_open(path, flags, *a))[1])
+    shards, direct = _write_shards(tmp_path / "direct", tensors, True, stage=2 * shard_writer.DIRECT_ALIGN)
+    _, plain = _write_shards(tmp_path / "plain", tensors, False)
+    assert len(shards) > 1
+    for shard in shards:
+        a, b = (tmp_path / "direct" / shard.filename).read_bytes(), (tmp_path / "plain" / shard.filename).read_bytes()
+        assert a == b and len(a) % shard_writer.DIRECT_ALIGN  # an unaligned tail
+        assert direct.digests[shard.filename] == hashlib.sha256(a).hexdigest() == plain.digests[shard.filename]
+    loaded = {}
+    for shard in shards:
+        loaded.update(load_file(tmp_path / "direct" / shard.filename))
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert any(f & os.O_DIRECT for f in opened) and not all(f & os.O_DIRECT for f in opened)
+    # the staging buffer a merge gets: 1/32 of its budget, in whole pages, within 1 MiB .. 32 MiB
+    assert shard_writer.stage_size(1 << 30) == 32 << 20 and shard_writer.stage_size(64 << 20) == 2 << 20
+    assert shard_writer.stage_size(1 << 20) == 1 << 20 and shard_writer.stage_size(300_000_000) == 9371648
+
+
+def test_direct_shard_writes_fall_back_when_the_file_system_refuses_them(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses the writes (EINVAL) gets the same bytes, written buffered."""
+    import errno
+    import fcntl
+
+    from mergeedit.io import shard_writer
+
+    real_write = os.write
+
+    def refusing(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(shard_writer.os, "write", refusing)
+    tensors = {"a": torch.randn(300, 7), "b": torch.arange(5000, dtype=torch.int64)}
+    shards, _ = _write_shards(tmp_path, tensors, True)
+    loaded = {}
+    for shard in shards:
+        loaded.update(load_file(tmp_path / shard.filename))
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
 
 
 def test_writer_refuses_out_of_order_tensors(tmp_path):

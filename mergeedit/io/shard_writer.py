@@ -2,12 +2,19 @@
 
 The plan knows every output name, dtype and shape before any data exists, so each shard's header (and the index) is
 fixed up front: a shard file is its header followed by tensor bytes appended in order as they are computed.
+
+Shard bytes go to disk with O_DIRECT through a small aligned staging buffer (`DirectFile`): a buffered write here cost
+~0.5 s of CPU per GB in the kernel's page-cache copy, and its dirty pages pushed out the input pages a chunked merge
+reads twice; the staging copy costs ~0.1 s per GB. File systems that refuse O_DIRECT get buffered writes.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import mmap
 import os
 import signal
 from dataclasses import dataclass
@@ -88,6 +95,90 @@ def _fault_injection_point() -> Optional[int]:
     return int(value) if value.isdigit() else None
 
 
+STAGE_BYTES = 32 << 20  # the largest O_DIRECT write: 4 MiB writes (one at a time) left a linear merge 20% slower
+DIRECT_ALIGN = 4096  # stage sizes are multiples of this, so of any device's block size
+
+
+def stage_size(memory_budget: int) -> int:
+    """The staging buffer for a memory budget: 1/32 of it, between 1 MiB and STAGE_BYTES, in whole pages."""
+    size = min(STAGE_BYTES, max(1 << 20, memory_budget // 32))
+    return size - size % DIRECT_ALIGN
+
+
+class DirectFile:
+    """A new file written sequentially: whole staging buffers with O_DIRECT, the unaligned tail buffered at close.
+
+    With `direct` False, or where the file system refuses O_DIRECT (tmpfs; some refuse only at the first write), every
+    byte is written buffered, as a plain file would be."""
+
+    def __init__(self, path: Path, direct: bool = True, stage_bytes: Optional[int] = None) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct = False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o666)
+                self.direct = True
+            except OSError:
+                pass
+        if not self.direct:
+            self.fd = os.open(path, flags, 0o666)
+        self._size = stage_bytes or STAGE_BYTES
+        self._map = mmap.mmap(-1, self._size) if self.direct else None  # anonymous: page aligned
+        self._stage = memoryview(self._map) if self._map is not None else None
+        self._fill = 0
+
+    def write(self, view: memoryview) -> None:
+        while view and self.direct:
+            take = min(len(view), self._size - self._fill)
+            self._stage[self._fill : self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill == self._size:
+                self._flush_stage()
+        if view:  # buffered from the start, or since a refused direct write (which emptied the stage)
+            _write_all(self.fd, view)
+
+    def _flush_stage(self) -> None:
+        try:
+            _write_all(self.fd, self._stage[: self._fill])
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # O_DIRECT accepted at open but not for writing; anything else is real
+                raise
+            self._buffered()
+            _write_all(self.fd, self._stage[: self._fill])
+        self._fill = 0
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
+    def close(self, fsync: bool) -> None:
+        """Write the staged tail (buffered: its length is not aligned), optionally fsync, and close."""
+        try:
+            if self._fill:
+                if self.direct:
+                    self._buffered()
+                _write_all(self.fd, self._stage[: self._fill])
+            if fsync:
+                os.fsync(self.fd)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._map is not None:
+            self._stage.release()
+            self._map.close()
+            self._map = self._stage = None
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class ShardWriter:
     """Accepts tensor bytes in plan order (whole tensors or consecutive row chunks) and appends them to shard files.
 
@@ -101,12 +192,17 @@ class ShardWriter:
         fsync: bool = True,
         done: Optional[dict[str, str]] = None,
         on_shard_done: Optional[Callable[[str, str], None]] = None,
+        direct: bool = True,
+        stage_bytes: Optional[int] = None,
     ) -> None:
         """`done`: shards already complete on disk (filename -> sha256, from a resumed run); they are not rewritten and
-        their tensors must not be sent. `on_shard_done(filename, sha256)` runs once a shard is fsynced and closed."""
+        their tensors must not be sent. `on_shard_done(filename, sha256)` runs once a shard is fsynced and closed.
+        `direct`: write shard bytes with O_DIRECT where the file system allows, `stage_bytes` at a time (DirectFile)."""
         self.folder = Path(folder)
         self.shards = shards
         self.fsync = fsync
+        self.direct = direct
+        self.stage_bytes = stage_bytes
         self.on_shard_done = on_shard_done
         self._order = [(si, e) for si, s in enumerate(shards) if s.filename not in (done or {}) for e in s.entries]
         self._fault_after = _fault_injection_point()
@@ -122,18 +218,16 @@ class ShardWriter:
     def _open_shard(self, si: int) -> None:
         self._close_file()
         self._shard_index = si
-        self._file = open(self.folder / self.shards[si].filename, "wb", buffering=0)
+        self._file = DirectFile(self.folder / self.shards[si].filename, self.direct, self.stage_bytes)
         self._hash = hashlib.sha256()
         header = self.shards[si].header_bytes()
-        self._file.write(header)
+        self._file.write(memoryview(header))
         self._hash.update(header)
         self.bytes_written += len(header)
 
     def _close_file(self) -> None:
         if self._file is not None:
-            if self.fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()
+            self._file.close(self.fsync)
             self._file = None
             filename = self.shards[self._shard_index].filename
             self.digests[filename] = self._hash.hexdigest()
@@ -152,8 +246,7 @@ class ShardWriter:
         data = tensor.contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
         view = memoryview(data.numpy())
         self._hash.update(view)
-        while view:
-            view = view[self._file.write(view):]
+        self._file.write(view)
         self._written_in_tensor += data.numel()
         self.bytes_written += data.numel()
         if self._written_in_tensor > entry.nbytes:
@@ -175,5 +268,5 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
+            self._file.abort()
             self._file = None

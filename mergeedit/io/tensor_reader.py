@@ -6,15 +6,23 @@ asked for, so resident memory stays bounded by what the executor has in flight, 
 Bytes not in the page cache are read with O_DIRECT. On these virtual machines a buffered read from disk cost 0.95 s of
 CPU per GB (10 GB: 10.9 s wall, 9.5 s CPU) against 0.035 s for a direct read (8.2 s wall, 0.33 s CPU); with inputs
 larger than RAM the buffered reader alone used a whole core. Bytes already cached are taken from the cache first (a
-non-blocking read, RWF_NOWAIT), since a direct read would go back to the disk. Callers that will read the same bytes
-again soon (statistics passes over row chunks) ask for `keep_in_cache`, which reads through the cache as before.
+non-blocking read, RWF_NOWAIT), since a direct read would go back to the disk.
+
+Callers that will read the same bytes again soon (a row-chunked tensor's statistics pass, then its merge pass) ask
+for `keep_in_cache`: those bytes are mapped (a private copy-on-write mapping, asked to be read ahead) rather than
+copied. From disk that cost 0.22 s of CPU per GB against 1.0-1.96 s for a buffered pread; from the cache 0.05 s
+against 0.23 s. A mapping lives as long as the tensors viewing it; its pages count as resident only while mapped.
+The last of those reads (`drop_after`) drops its range from the cache once unmapped: inputs larger than RAM would
+otherwise fill the cache, and every later page would cost a reclaim (a 3 x 10 GB TIES merge used 16 s more CPU).
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -44,6 +52,7 @@ def bytes_per_element_to_read(info: TensorInfo) -> int:
 
 DIRECT_ALIGN = 4096  # O_DIRECT wants the buffer, the file offset and the length aligned to the device block size
 DIRECT_MIN_BYTES = 1 << 20  # smaller reads go through the cache: alignment padding and a syscall outweigh the copy
+MAP_MIN_BYTES = 1 << 20  # smaller kept-in-cache reads are copied: a mapping costs syscalls and a descriptor
 
 
 class TensorReader:
@@ -54,7 +63,8 @@ class TensorReader:
         self._direct_fds: dict[str, Optional[int]] = {}
         self._lock = threading.Lock()
         self.direct = direct and hasattr(os, "O_DIRECT")
-        self.keep_in_cache = False  # set by the executor around reads that will be repeated
+        self.keep_in_cache = False  # set by the executor around reads that will be repeated (mapped, see above)
+        self.drop_after = False  # set by the executor around the last of those reads
         self.bytes_read = 0
         self.bytes_read_direct = 0
 
@@ -99,7 +109,9 @@ class TensorReader:
         nbytes = end - start
         dtype = info.torch_dtype
         data = None
-        if self.direct and not self.keep_in_cache and nbytes >= DIRECT_MIN_BYTES and start % itemsize(dtype) == 0:
+        if self.keep_in_cache and nbytes >= MAP_MIN_BYTES and start % itemsize(dtype) == 0:
+            data = self._map(info, start, end)
+        elif self.direct and not self.keep_in_cache and nbytes >= DIRECT_MIN_BYTES and start % itemsize(dtype) == 0:
             dfd = self._direct_fd(info.path)
             if dfd is not None:
                 data = self._read_uncached(info, dfd, start, end, alloc)
@@ -112,6 +124,23 @@ class TensorReader:
         if math.prod(shape) == 0:
             return torch.empty(shape, dtype=dtype)
         return data.view(dtype).reshape(shape)
+
+    def _map(self, info: TensorInfo, start: int, end: int) -> Optional[torch.Tensor]:
+        """Bytes [start, end) as a uint8 view of a private mapping of the file, its read-ahead started. None where the
+        file cannot be mapped (the caller then reads through the cache)."""
+        fd = self._fd(info.path)
+        if os.fstat(fd).st_size < end:  # a mapping past the end would fault (SIGBUS) instead of failing
+            raise _truncated(info)
+        lo = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapping = mmap.mmap(fd, end - lo, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lo)
+        except (OSError, ValueError):
+            return None
+        if hasattr(mmap, "MADV_WILLNEED"):
+            mapping.madvise(mmap.MADV_WILLNEED)
+        if self.drop_after:
+            weakref.finalize(mapping, _drop_from_cache, str(info.path), lo, end - lo)
+        return torch.frombuffer(mapping, dtype=torch.uint8, offset=start - lo, count=end - start)
 
     def _read_uncached(self, info: TensorInfo, dfd: int, start: int, end: int, alloc) -> Optional[torch.Tensor]:
         """Bytes [start, end) as a uint8 view into an aligned buffer: what the page cache holds from `start` on is
@@ -155,6 +184,20 @@ class TensorReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _drop_from_cache(path: str, offset: int, length: int) -> None:
+    """Ask the kernel to drop a file range's (clean) pages from the page cache; a file since removed is no matter."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _truncated(info: TensorInfo) -> OSError:
