@@ -27,7 +27,7 @@ from .errors import MergeEditError
 from .io.shard_writer import ShardWriter
 from .io.source_reader import read_input
 from .io.tensor_reader import TensorReader
-from .memory import peak_rss
+from .memory import peak_rss, total_ram
 from .methods import fused
 from .methods.spec import MergeInputs, TensorStatistics
 from .plan import MergePlan, PlannedTensor
@@ -347,11 +347,14 @@ class Executor:
         self._cancel = threading.Event()
         self._errors: list[BaseException] = []
         self._skipped: set[tuple[int, Optional[int]]] = set()  # (tensor, statistics pass) whose reads are not needed
+        # inputs that could not stay cached anyway: re-read chunks leave the page cache after their last read (see
+        # TensorReader.drop_after); smaller ones stay, as other reads would have left them, for the next merge
+        self._inputs_exceed_cache = plan.bytes_in > total_ram() // 2
 
     # -- threads ------------------------------------------------------------------------------------------------
     def _load(self, job: _Job) -> list[torch.Tensor]:
         self.reader.keep_in_cache = job.reread  # set by the reader thread only, before the reads it governs
-        self.reader.drop_after = job.reread and job.stat_pass is None  # the merge pass: the chunk's last read
+        self.reader.drop_after = job.reread and job.stat_pass is None and self._inputs_exceed_cache  # its last read
         return load_inputs(self.reader, self.plan.tensors[job.tensor], job.rows, alloc=self.pool.take, readers=self._readers)
 
     @staticmethod

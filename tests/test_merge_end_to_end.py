@@ -164,6 +164,35 @@ def test_sampled_band_gives_the_radix_bytes_and_skips_a_pass(tmp_path, models, m
     assert band_chunked.bytes_read < radix_chunked.bytes_read if guess == "right" else band_chunked.bytes_read > radix_chunked.bytes_read
 
 
+def test_chunks_read_twice_are_mapped_and_leave_the_cache_only_when_inputs_exceed_it(tmp_path, models, monkeypatch):
+    """Row chunks that a statistics pass and the merge pass both read are file mappings (forced on for these tiny
+    tensors), with the bytes of a whole merge; the merge pass's mappings drop their pages from the page cache only when
+    the inputs exceed half of RAM (pretended here), so smaller inputs stay cached for the next merge."""
+    from mergeedit import executor
+    from mergeedit.io import tensor_reader
+
+    cfg = _ties_rescale_config(tmp_path, models)
+    monkeypatch.setattr(tensor_reader, "MAP_MIN_BYTES", 1)
+    mapped = []
+    real_map = tensor_reader.TensorReader._map
+    monkeypatch.setattr(tensor_reader.TensorReader, "_map", lambda self, *a: (mapped.append(self.drop_after), real_map(self, *a))[1])
+
+    def merge(name: str, budget: int):
+        opts = MergeOptions(memory_budget=budget, fsync=False)
+        return write_merge(load_plan(cfg, opts), tmp_path / name, opts)
+
+    merge("whole", 1 << 30)
+    assert mapped == []  # whole tensors are read once: direct reads
+    assert merge("chunked", 10_000).chunked_tensors > 0
+    assert mapped and not any(mapped)
+    assert _bytes(tmp_path / "chunked") == _bytes(tmp_path / "whole")
+    mapped.clear()
+    monkeypatch.setattr(executor, "total_ram", lambda: 1024)
+    merge("chunked-big", 10_000)
+    assert any(mapped) and not all(mapped)  # merge-pass reads drop their range; statistics-pass reads keep it
+    assert _bytes(tmp_path / "chunked-big") == _bytes(tmp_path / "whole")
+
+
 def test_passthrough_slices_stack_layers(tmp_path, models, run_cli):
     cfg = write_config(tmp_path, f"""
 merge_method: passthrough

@@ -129,7 +129,8 @@ class KthLargest:
             if lo == hi:
                 settled = lo
             else:
-                values = torch.cat(self._inside)
+                values = self._inside[0] if len(self._inside) == 1 else torch.cat(self._inside)
+                self._inside = []  # kthvalue copies `values`: free the pieces first (at small budgets this is the peak)
                 settled = int(torch.kthvalue(values, values.numel() - (k - above) + 1).values)
         elif k > self._at_least_lo and lo == 1:  # everything below the band is exactly zero
             settled = 0
