@@ -275,12 +275,18 @@ def merge_chunk(
     return None
 
 
-def load_inputs(reader: TensorReader, t: PlannedTensor, rows: Optional[tuple[int, int]], alloc=None, readers: Optional[ThreadPoolExecutor] = None) -> list[torch.Tensor]:
+def load_inputs(
+    reader: TensorReader, t: PlannedTensor, rows: Optional[tuple[int, int]], alloc=None, readers: Optional[ThreadPoolExecutor] = None,
+    keep_in_cache: bool = False, drop_after: bool = False,
+) -> list[torch.Tensor]:
     """The inputs of `t` for rows [a, b) (or whole), as its method must see them (adapters folded, vocabularies mapped).
 
     With `readers`, the inputs are read at the same time: direct reads from several files keep the disk busy where
-    one synchronous read at a time left it idle between requests."""
-    read = lambda src: read_input(reader, src.stored, src.row_map, rows, alloc=alloc)  # noqa: E731
+    one synchronous read at a time left it idle between requests. `keep_in_cache`, `drop_after`: TensorReader.mode."""
+
+    def read(src):
+        with reader.mode(keep_in_cache, drop_after):
+            return read_input(reader, src.stored, src.row_map, rows, alloc=alloc)
     if readers is None or len(t.sources) < 2:
         return [read(src) for src in t.sources]
     return list(readers.map(read, t.sources))
@@ -353,9 +359,9 @@ class Executor:
 
     # -- threads ------------------------------------------------------------------------------------------------
     def _load(self, job: _Job) -> list[torch.Tensor]:
-        self.reader.keep_in_cache = job.reread  # set by the reader thread only, before the reads it governs
-        self.reader.drop_after = job.reread and job.stat_pass is None and self._inputs_exceed_cache  # its last read
-        return load_inputs(self.reader, self.plan.tensors[job.tensor], job.rows, alloc=self.pool.take, readers=self._readers)
+        drop = job.reread and job.stat_pass is None and self._inputs_exceed_cache  # the merge pass: the last read
+        t = self.plan.tensors[job.tensor]
+        return load_inputs(self.reader, t, job.rows, alloc=self.pool.take, readers=self._readers, keep_in_cache=job.reread, drop_after=drop)
 
     @staticmethod
     def _raw(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

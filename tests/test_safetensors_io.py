@@ -185,6 +185,21 @@ def test_the_last_mapped_read_drops_its_range_from_the_page_cache(tmp_path):
         os.close(fd)
 
 
+def test_read_settings_belong_to_the_reading_thread():
+    """The statistics thread's reads and the reader thread's run at once: one's settings must not steer the other's."""
+    import threading
+
+    with TensorReader() as reader:
+        seen = {}
+        with reader.mode(keep_in_cache=True, drop_after=True):
+            other = threading.Thread(target=lambda: seen.update(keep=reader.keep_in_cache, drop=reader.drop_after))
+            other.start()
+            other.join()
+            assert reader.keep_in_cache and reader.drop_after
+        assert seen == {"keep": False, "drop": False}
+        assert not reader.keep_in_cache and not reader.drop_after  # restored after the block
+
+
 def test_a_mapped_read_past_the_end_of_a_truncated_file_is_an_error(tmp_path):
     """Mapping bytes the file no longer has would kill the process (SIGBUS) on first touch: it is refused first."""
     tensors, infos = _direct_read_file(tmp_path)

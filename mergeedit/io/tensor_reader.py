@@ -23,8 +23,9 @@ import mmap
 import os
 import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -63,10 +64,37 @@ class TensorReader:
         self._direct_fds: dict[str, Optional[int]] = {}
         self._lock = threading.Lock()
         self.direct = direct and hasattr(os, "O_DIRECT")
-        self.keep_in_cache = False  # set by the executor around reads that will be repeated (mapped, see above)
-        self.drop_after = False  # set by the executor around the last of those reads
+        self._mode = threading.local()  # per thread: reads of several jobs run at once
         self.bytes_read = 0
         self.bytes_read_direct = 0
+
+    @property
+    def keep_in_cache(self) -> bool:
+        """This thread's reads will be repeated soon: map them (see above)."""
+        return getattr(self._mode, "keep_in_cache", False)
+
+    @keep_in_cache.setter
+    def keep_in_cache(self, value: bool) -> None:
+        self._mode.keep_in_cache = value
+
+    @property
+    def drop_after(self) -> bool:
+        """This thread's mapped reads are the last of their bytes: drop them from the page cache once unmapped."""
+        return getattr(self._mode, "drop_after", False)
+
+    @drop_after.setter
+    def drop_after(self, value: bool) -> None:
+        self._mode.drop_after = value
+
+    @contextmanager
+    def mode(self, keep_in_cache: bool = False, drop_after: bool = False) -> Iterator[None]:
+        """Reads on this thread, within the block, with these settings."""
+        was = self.keep_in_cache, self.drop_after
+        self.keep_in_cache, self.drop_after = keep_in_cache, drop_after
+        try:
+            yield
+        finally:
+            self.keep_in_cache, self.drop_after = was
 
     def _fd(self, path) -> int:
         fd = self._open(self._fds, path, os.O_RDONLY)
