@@ -54,7 +54,7 @@ def _merge_with_progress(plan, out_dir: Path, options, est) -> None:
     summary.add_row("written", f"{format_size(report.bytes_written)} ({format_size(report.bytes_written / max(report.seconds, 1e-9))}/s)")
     summary.add_row("peak memory", f"{format_size(report.peak_rss)} RSS (budget {format_size(report.budget)}, in flight at most {format_size(report.budget_high_water)})")
     if report.fused_blocks or report.kernel_failure:
-        kernels = f"fused formula for {report.fused_blocks:,} blocks" if report.fused_blocks else "eager"
+        kernels = f"fused kernels for {report.fused_blocks:,} blocks" if report.fused_blocks else "eager"
         summary.add_row("kernels", kernels + (f" (compiling failed, eager instead: {report.kernel_failure})" if report.kernel_failure else ""))
     out.print(summary)
 

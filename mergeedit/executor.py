@@ -194,7 +194,7 @@ class ExecutionReport:
     budget_high_water: int
     chunked_tensors: int
     resumed_shards: int = 0  # shards reused from a killed run (--resume), not recomputed
-    fused_blocks: int = 0  # blocks merged by a compiled kernel (--kernels)
+    fused_blocks: int = 0  # blocks computed by a compiled kernel (--kernels): merge formula, DARE norms
     kernel_failure: Optional[str] = None  # why compiled kernels are not in use, if compiling or running one failed
 
 
