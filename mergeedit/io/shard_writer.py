@@ -25,6 +25,7 @@ import torch
 
 from .dtypes import TORCH_TO_SAFETENSORS, itemsize
 from .model_source import INDEX_NAME, SINGLE_NAME
+from .tensor_reader import DIRECT_ALIGN
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,6 @@ def _fault_injection_point() -> Optional[int]:
 
 
 STAGE_BYTES = 32 << 20  # the largest O_DIRECT write: 4 MiB writes (one at a time) left a linear merge 20% slower
-DIRECT_ALIGN = 4096  # stage sizes are multiples of this, so of any device's block size
 
 
 def stage_size(memory_budget: int) -> int:

@@ -56,6 +56,11 @@ DIRECT_MIN_BYTES = 1 << 20  # smaller reads go through the cache: alignment padd
 MAP_MIN_BYTES = 1 << 20  # smaller kept-in-cache reads are copied: a mapping costs syscalls and a descriptor
 
 
+def _thread_setting(name: str, doc: str) -> property:
+    """A read setting of the calling thread (False until set): the reader and statistics threads read at once."""
+    return property(lambda self: getattr(self._mode, name, False), lambda self, value: setattr(self._mode, name, value), doc=doc)
+
+
 class TensorReader:
     """Thread-safe reader over many files; keeps their descriptors open for the life of a merge."""
 
@@ -68,23 +73,8 @@ class TensorReader:
         self.bytes_read = 0
         self.bytes_read_direct = 0
 
-    @property
-    def keep_in_cache(self) -> bool:
-        """This thread's reads will be repeated soon: map them (see above)."""
-        return getattr(self._mode, "keep_in_cache", False)
-
-    @keep_in_cache.setter
-    def keep_in_cache(self, value: bool) -> None:
-        self._mode.keep_in_cache = value
-
-    @property
-    def drop_after(self) -> bool:
-        """This thread's mapped reads are the last of their bytes: drop them from the page cache once unmapped."""
-        return getattr(self._mode, "drop_after", False)
-
-    @drop_after.setter
-    def drop_after(self, value: bool) -> None:
-        self._mode.drop_after = value
+    keep_in_cache = _thread_setting("keep_in_cache", "This thread's reads will be repeated soon: map them (see above).")
+    drop_after = _thread_setting("drop_after", "This thread's mapped reads are their bytes' last: drop them from the cache once unmapped.")
 
     @contextmanager
     def mode(self, keep_in_cache: bool = False, drop_after: bool = False) -> Iterator[None]:
@@ -137,9 +127,11 @@ class TensorReader:
         nbytes = end - start
         dtype = info.torch_dtype
         data = None
-        if self.keep_in_cache and nbytes >= MAP_MIN_BYTES and start % itemsize(dtype) == 0:
-            data = self._map(info, start, end)
-        elif self.direct and not self.keep_in_cache and nbytes >= DIRECT_MIN_BYTES and start % itemsize(dtype) == 0:
+        aligned = start % itemsize(dtype) == 0
+        if self.keep_in_cache:
+            if nbytes >= MAP_MIN_BYTES and aligned:
+                data = self._map(info, start, end)
+        elif self.direct and nbytes >= DIRECT_MIN_BYTES and aligned:
             dfd = self._direct_fd(info.path)
             if dfd is not None:
                 data = self._read_uncached(info, dfd, start, end, alloc)

@@ -150,6 +150,10 @@ class _Compiler:
     def ready(self, v: Variant) -> bool:
         return self.enabled and (v, torch.get_num_threads()) in self._ready
 
+    def serves(self, v, tensors: list[torch.Tensor]) -> bool:
+        """Whether `v`'s kernel is ready and takes these blocks as they are (see `fits`; no autograd)."""
+        return fits(tensors) and not any(t.requires_grad for t in tensors) and self.ready(v)
+
     def wait(self) -> bool:
         """Block until every requested variant is compiled or compiling failed (tests, benchmarks). True if all ready."""
         self._queue.join()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Optional
 
 import torch
 
@@ -51,6 +52,12 @@ def key(seed: int, offset: int, limit: int = 0) -> torch.Tensor:
     return torch.tensor([_int32(offset % SPAN), _int32(derive_seed(seed, offset // SPAN)), limit], dtype=torch.int32)
 
 
+def kernel_key(seed: int, offset: int, count: int, density: float) -> Optional[torch.Tensor]:
+    """key() of keep_mask(seed, offset, count, density) for a kernel; None when the range crosses a SPAN."""
+    pieces = list(_pieces(offset, count))
+    return key(seed, offset, keep_limit(density)) if len(pieces) <= 1 else None
+
+
 def hashed(count: int, k: torch.Tensor) -> torch.Tensor:
     """The top 24 bits of triple32(position XOR key) for `count` positions from k[0], as non-negative int32.
 
@@ -59,11 +66,11 @@ def hashed(count: int, k: torch.Tensor) -> torch.Tensor:
     x = torch.arange(count, dtype=torch.int32)
     x.add_(k[0]).bitwise_xor_(k[1])
     t = torch.empty_like(x)
-    for i, shift in enumerate(_SHIFTS):
+    for shift, mult in zip(_SHIFTS, (*_MULTS32, None)):
         torch.bitwise_right_shift(x, shift, out=t).bitwise_and_((1 << (32 - shift)) - 1)
         x.bitwise_xor_(t)
-        if i < len(_MULTS32):
-            x.mul_(_MULTS32[i])
+        if mult is not None:
+            x.mul_(mult)
     x.bitwise_right_shift_(32 - UNIFORM_BITS)
     return x.bitwise_and_((1 << UNIFORM_BITS) - 1)
 
@@ -82,17 +89,17 @@ def _pieces(offset: int, count: int):
         pos += take
 
 
-def _concat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32)
 
 
 def seeded_uniform(seed: int, offset: int, count: int) -> torch.Tensor:
     """Uniform [0, 1) float32 values (multiples of 2^-24) for flat elements [offset, offset + count) of stream `seed`."""
     parts = [hashed(n, key(seed, start)).to(torch.float32).mul_(2.0**-UNIFORM_BITS) for start, n in _pieces(offset, count)]
-    return _concat(parts, torch.float32)
+    return _concat(parts)
 
 
 def keep_mask(seed: int, offset: int, count: int, density: float) -> torch.Tensor:
     """Float32 1/0 mask, 1 where seeded_uniform(seed, offset, count) < density: DARE's Bernoulli(density) keep."""
     limit = keep_limit(density)
-    return _concat([keep_from_key(n, key(seed, start, limit)) for start, n in _pieces(offset, count)], torch.float32)
+    return _concat([keep_from_key(n, key(seed, start, limit)) for start, n in _pieces(offset, count)])

@@ -73,12 +73,11 @@ def random_keep(inputs: MergeInputs, j: int) -> torch.Tensor:
 
 
 def _mask_keys(inputs: MergeInputs, js) -> Optional[list[torch.Tensor]]:
-    """The fused kernels' form of random_keep for inputs js (seeded_random.key); None for a block that crosses a
-    key span (a tensor of 2^32+ elements), left to the eager code."""
+    """The fused kernels' form of random_keep for inputs js; None for a block that crosses a key span (a tensor of
+    2^32+ elements), left to the eager code."""
     n = inputs.tensors[inputs.base].numel()
-    if n and inputs.offset // seeded_random.SPAN != (inputs.offset + n - 1) // seeded_random.SPAN:
-        return None
-    return [seeded_random.key(_stream(inputs, j), inputs.offset, seeded_random.keep_limit(_density(inputs, j))) for j in js]
+    keys = [seeded_random.kernel_key(_stream(inputs, j), inputs.offset, n, _density(inputs, j)) for j in js]
+    return None if any(k is None for k in keys) else keys
 
 
 def trim_magnitude(d: torch.Tensor, threshold_bits: int) -> torch.Tensor:
@@ -163,7 +162,7 @@ class DeltaStatistics:
         base = block.tensors[block.base]
         xs = [block.tensors[block.non_base[j]] for j in self.sparse]
         v = fused.Norms(len(xs))
-        keys = _mask_keys(block, self.sparse) if fused.fits([base, *xs]) and fused.compiler.ready(v) else None
+        keys = _mask_keys(block, self.sparse) if fused.compiler.serves(v, [base, *xs]) else None
         sums = fused.compiler.run(v, base, xs, keys) if keys is not None else None
         if sums is not None:
             for j, (before, after) in zip(self.sparse, sums.tolist()):
@@ -277,10 +276,8 @@ def _merge_fused(inputs: MergeInputs, v: fused.Variant) -> Optional[torch.Tensor
 
 
 def _fused_ready(inputs: MergeInputs, sparsify: Sparsify, consensus: bool) -> Optional[fused.Variant]:
-    if inputs.base is None or not fused.fits(inputs.tensors) or any(t.requires_grad for t in inputs.tensors):
-        return None
     v = _variant(inputs, sparsify, consensus)
-    return v if v is not None and fused.compiler.ready(v) else None
+    return v if v is not None and fused.compiler.serves(v, inputs.tensors) else None
 
 
 def _warm_up_for(sparsify: Sparsify, consensus: bool):
@@ -289,9 +286,8 @@ def _warm_up_for(sparsify: Sparsify, consensus: bool):
         if v is None:
             return
         fused.compiler.request(v)
-        stats = _statistics_for(sparsify)(probe)
-        if sparsify == "random" and stats is not None:
-            fused.compiler.request(fused.Norms(len(stats.sparse)))
+        if v.sparsify == "mask" and probe.shared["rescale"]:  # every DARE input is sparse here (see _variant)
+            fused.compiler.request(fused.Norms(v.inputs))
 
     return warm_up
 
