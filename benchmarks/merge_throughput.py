@@ -47,8 +47,8 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mergeedit.toy_models import BENCH_170M, LlamaShape, build_llama, parameter_count  # noqa: E402
-from mergeedit.units import parse_size  # noqa: E402
+from mergeedit.core.units import parse_size  # noqa: E402
+from mergeedit.models.toy import BENCH_170M, LlamaShape, build_llama, parameter_count  # noqa: E402
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 ITERATIVE = ("karcher",)  # iterative math: its ratio is reported, no target

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from .errors import MergeEditError
-from .units import format_size, parse_size
+from .core.errors import MergeEditError
+from .core.units import format_size, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge editing by R-SFT + model merging, and a streaming merge engine.")
 console = Console(stderr=True)
@@ -30,7 +30,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _merge_with_progress(plan, out_dir: Path, options, est) -> None:
     """Run the merge with a live progress bar, then print the closing summary."""
-    from .merge import write_merge
+    from .merging.merge import write_merge
 
     with Progress(
         TextColumn("[bold]merging"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
@@ -85,9 +85,9 @@ def merge(
 
     CONFIG may hold several YAML documents (mergekit-multi's format): named merges that later ones read by name.
     """
-    from .executor import check_kernels
-    from .memory import current_rss, default_budget
-    from .merge import MergeOptions, estimate, load_plan
+    from .core.memory import current_rss, default_budget
+    from .merging.executor import check_kernels
+    from .merging.merge import MergeOptions, estimate, load_plan
 
     check_kernels(kernels)  # before the plan is loaded: a typo costs no header reads
     options = MergeOptions(
@@ -122,7 +122,7 @@ def merge(
         _print_merge_graph(plan, out_dir, keep_intermediates)
         return
     if keep_intermediates is not None:
-        from .merge_graph import write_intermediates
+        from .merging.graph import write_intermediates
 
         plan = write_intermediates(config, options, keep_intermediates, lambda p, d: _merge_with_progress(p, d, options, estimate(p, options)))
         est = estimate(plan, options)
@@ -131,7 +131,7 @@ def merge(
 
 def _print_merge_graph(plan, out_dir: Path, keep_dir: Optional[Path]) -> None:
     """--dry-run of a merge graph: the named merges the final one reads, in the order they are computed."""
-    from .merge_graph import upstream_merges
+    from .merging.graph import upstream_merges
 
     steps = upstream_merges(plan)
     if not steps:
@@ -148,7 +148,7 @@ def _print_merge_graph(plan, out_dir: Path, keep_dir: Optional[Path]) -> None:
 @app.command()
 def inspect(model: str = typer.Argument(..., help="Model folder, .safetensors file or hub id.")) -> None:
     """Summarise a model from its safetensors headers alone (no tensor data is read)."""
-    from .model_summary import summarize
+    from .io.model_summary import summarize
 
     s = summarize(model)
     table = Table(show_header=False, box=None)
@@ -171,8 +171,8 @@ def demo(
     out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Where the demo's models and merges go."),
 ) -> None:
     """Build three small Llama-style models (no download), TIES-merge them, and check the result loads."""
-    from .demo import build_inputs, check_loads
-    from .merge import MergeOptions, estimate, load_plan
+    from .merging.merge import MergeOptions, estimate, load_plan
+    from .models.demo import build_inputs, check_loads
 
     inputs = out_dir / "inputs"
     out.print(f"[bold]1/3[/] building a base and two fine-tunes in {inputs} (3 shards each)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergeedit.toy_models import LlamaShape, build_llama
+from mergeedit.models.toy import LlamaShape, build_llama
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=3, heads=4, kv_heads=2, vocab=128)
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from mergeedit.methods import MergeInputs, MergeMethod
-from mergeedit.methods.spec import REQUIRED
-
+from mergeedit.merging.methods import MergeInputs, MergeMethod
+from mergeedit.merging.methods.spec import REQUIRED
 
 
 def shared_params(method: MergeMethod, **overrides) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mergeedit.architecture import layer_count, parse_layer_name, split_roles, tied_embedding_name
+from mergeedit.io.architecture import layer_count, parse_layer_name, split_roles, tied_embedding_name
 from mergeedit.io.model_source import ModelSource
 
 

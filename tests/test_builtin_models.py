@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mergeedit import builtin_models
-from mergeedit.builtin_models import MARKER, is_builtin, materialize
-from mergeedit.errors import MergeEditError
+from mergeedit.core.errors import MergeEditError
+from mergeedit.models import builtin as builtin_models
+from mergeedit.models.builtin import MARKER, is_builtin, materialize
 
 NAME = "smollm2-135m-instruct"
 

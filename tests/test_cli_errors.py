@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import write_config
+from safetensors.torch import load_file, save_file
 
 
 def _assert_clean_failure(result, out: Path, *needles: str) -> None:

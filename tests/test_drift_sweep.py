@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mergeedit.errors import MergeEditError
+from mergeedit.core.errors import MergeEditError
 from mergeedit.evaluation import drift
-from mergeedit.merge_config import MergeConfig
-from mergeedit.pipeline.sweep import apply_point, grid_points, parse_grid, pareto_front, validation_split
+from mergeedit.merging.schema import MergeConfig
+from mergeedit.pipeline.sweep import apply_point, grid_points, pareto_front, parse_grid, validation_split
 
 WORDS = ["<pad>", "<s>", "</s>", "<user>", "<bot>"] + [f"w{i}" for i in range(40)] + ["what", "is", "the", "of", "capital", "color", "?"]
 EDITS = [

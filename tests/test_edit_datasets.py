@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mergeedit.core.errors import MergeEditError
 from mergeedit.editing.datasets import load_edits
 from mergeedit.editing.records import EditRecord, Probe
-from mergeedit.errors import MergeEditError
 
 ZSRE = Path(__file__).resolve().parent.parent / "data" / "zsre" / "zsre_mend_eval_first1000.json"
 

@@ -15,12 +15,12 @@ import math
 import pytest
 import torch
 
+from mergeedit.core.errors import MergeEditError
 from mergeedit.editing.records import EditRecord, Probe
-from mergeedit.errors import MergeEditError
+from mergeedit.editing.tokens import encode_prompt_target
 from mergeedit.evaluation import metrics
 from mergeedit.evaluation.evaluate import EvalResult, evaluate_edits, reference_outputs
 from mergeedit.evaluation.metrics import (
-    encode_prompt_target,
     exact_match,
     generate_answers,
     locality,

@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 import torch
-
-from mergeedit.methods import METHODS, fused
-from mergeedit.methods import task_arithmetic as ta
 from method_harness import per_input_params, run_whole, shared_params
+
+from mergeedit.merging.methods import METHODS, fused
+from mergeedit.merging.methods import task_arithmetic as ta
 
 pytestmark = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="torch.compile needs a C++ compiler for CPU kernels"
@@ -63,8 +63,9 @@ def _merge(method_name, tensors, shared, densities, weights, eager: bool, monkey
 def compiled():
     """Request every variant of CASES through the methods' own warm-up, then wait for the compiler: once for this
     thread count, once for the executor's (compiled code is specific to torch's thread count)."""
-    from mergeedit.executor import math_threads
     from method_harness import _complete, _probe
+
+    from mergeedit.merging.executor import math_threads
 
     before = torch.get_num_threads()
     for threads in (before, math_threads(with_statistics=True)):
@@ -134,7 +135,7 @@ def test_norms_kernel_gives_the_eager_rescale_factors(compiled, monkeypatch):
             with monkeypatch.context() as m:
                 m.setattr(fused.compiler, "enabled", kernels)
                 run = fused.compiler.run
-                m.setattr(fused.compiler, "run", lambda v, *a: (calls.append(v), run(v, *a))[1])
+                m.setattr(fused.compiler, "run", lambda v, *a, calls=calls, run=run: (calls.append(v), run(v, *a))[1])
                 stats = method.statistics(inputs)
                 stats.observe(0, inputs)
             assert calls == ([fused.Norms(2)] if kernels else [])
@@ -150,9 +151,9 @@ def test_norms_kernel_gives_the_eager_rescale_factors(compiled, monkeypatch):
 def test_fused_merge_writes_the_eager_bytes(method, tmp_path, compiled, monkeypatch):
     """A whole merge with --kernels fused (tensors of several 2^18-element blocks, whole and in row chunks) writes the
     bytes of --kernels eager, and the compiled kernels really served blocks (DARE: its norms too)."""
-    from mergeedit.executor import schedule_plan
-    from mergeedit.merge import MergeOptions, load_plan, write_merge
-    from mergeedit.toy_models import LlamaShape, build_llama
+    from mergeedit.merging.executor import schedule_plan
+    from mergeedit.merging.merge import MergeOptions, load_plan, write_merge
+    from mergeedit.models.toy import LlamaShape, build_llama
 
     shape = LlamaShape(hidden=512, intermediate=2048, layers=1, heads=4, kv_heads=2, vocab=600)  # MLP: 4 blocks
     models = {k: build_llama(tmp_path / k, shape, variant=v, noise=0.5) for k, v in (("base", None), ("a", 1), ("b", 2))}

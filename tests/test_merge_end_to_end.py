@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from mergeedit.merge import MergeOptions, load_plan, write_merge
-from mergeedit.toy_models import load_state_dict
-
 from conftest import SHAPE, ties_reference, write_config
+
+from mergeedit.merging.merge import MergeOptions, load_plan, write_merge
+from mergeedit.models.toy import load_state_dict
 
 
 def _logits(folder_or_state, reference_folder: Path) -> torch.Tensor:
@@ -138,7 +137,7 @@ def test_sampled_band_gives_the_radix_bytes_and_skips_a_pass(tmp_path, models, m
     """TIES thresholds settled from a sampled band (forced on for these tiny tensors) give byte-identical merges to the
     two radix passes, whole and in row chunks; a chunked tensor whose band settles skips the low pass's reads, and a
     band guessed wrong falls back to the radix passes (extra in-memory passes for a whole tensor)."""
-    from mergeedit.methods import selection
+    from mergeedit.merging.methods import selection
 
     cfg = _ties_rescale_config(tmp_path, models)
 
@@ -168,8 +167,8 @@ def test_chunks_read_twice_are_mapped_and_leave_the_cache_only_when_inputs_excee
     """Row chunks that a statistics pass and the merge pass both read are file mappings (forced on for these tiny
     tensors), with the bytes of a whole merge; the merge pass's mappings drop their pages from the page cache only when
     the inputs exceed half of RAM (pretended here), so smaller inputs stay cached for the next merge."""
-    from mergeedit import executor
     from mergeedit.io import tensor_reader
+    from mergeedit.merging import executor
 
     cfg = _ties_rescale_config(tmp_path, models)
     monkeypatch.setattr(tensor_reader, "MAP_MIN_BYTES", 1)
@@ -317,7 +316,7 @@ def test_killed_merge_never_leaves_a_partial_output(tmp_path, models, signal_nam
 def test_all_finite_is_exact_even_when_the_sum_overflows():
     import torch
 
-    from mergeedit.executor import all_finite
+    from mergeedit.merging.executor import all_finite
 
     big = torch.full((1000,), 6.0e4, dtype=torch.float16)  # finite, but its sum overflows float16 (and not float32)
     assert all_finite(big)
@@ -334,7 +333,7 @@ def test_merge_leaves_the_callers_thread_count_alone(tmp_path, models):
     """The executor runs its math on all cores but one (the reader and writer need one; halved when a statistics
     thread computes too); a recipe run trains in the same process after merging, so the caller's torch thread count
     must come back unchanged."""
-    from mergeedit.executor import math_threads
+    from mergeedit.merging.executor import math_threads
 
     cfg = _dare_config(tmp_path, models)
     before = torch.get_num_threads()
@@ -356,7 +355,7 @@ def test_merge_leaves_the_callers_thread_count_alone(tmp_path, models):
 def test_buffer_pool_serves_close_sizes_and_evicts_the_oldest():
     """Row chunks of different tensors differ by a few percent: a free buffer up to 1/8 larger serves a request (its
     first bytes); when full, the pool drops its oldest buffers, not the newest; small buffers are left to malloc."""
-    from mergeedit.executor import BufferPool
+    from mergeedit.merging.executor import BufferPool
 
     pool = BufferPool(cap=100, smallest=10)
     a, b = torch.empty(40, dtype=torch.uint8), torch.empty(50, dtype=torch.uint8)
@@ -379,7 +378,7 @@ def test_buffer_pool_serves_close_sizes_and_evicts_the_oldest():
 def test_buffer_pool_also_fills_the_unused_in_flight_budget():
     """Free buffers may occupy in-flight room nobody holds; a fresh allocation (whose bytes the budget has just
     counted) evicts them, so held plus free bytes never pass the budget."""
-    from mergeedit.executor import BufferPool
+    from mergeedit.merging.executor import BufferPool
 
     room = {"free": 200}
     pool = BufferPool(cap=50, smallest=10, room=lambda: room["free"])

@@ -13,11 +13,10 @@ from string import Template
 
 import pytest
 import torch
-
-from mergeedit.merge import MergeOptions, load_plan
-from mergeedit.toy_models import load_state_dict
-
 from conftest import write_config
+
+from mergeedit.merging.merge import MergeOptions, load_plan
+from mergeedit.models.toy import load_state_dict
 
 # Each graph: (node name or None for the unnamed final merge, YAML with $a $b $c $base and $<node> references).
 LINEAR_THEN_TIES = [
@@ -333,7 +332,7 @@ def test_module_other_than_default_is_one_line_error(models, tmp_path, run_cli):
 def test_resume_fingerprint_sees_upstream_inputs_of_a_graph(models, tmp_path):
     """A resumed graph merge must not reuse shards when a model only an upstream merge reads has changed."""
     from mergeedit.io.shard_writer import layout_shards
-    from mergeedit.merge import output_entries, plan_fingerprint
+    from mergeedit.merging.merge import output_entries, plan_fingerprint
 
     cfg = write_graph(tmp_path, models, LINEAR_THEN_TIES)
     plan = load_plan(cfg, MergeOptions())

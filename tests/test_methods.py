@@ -1,4 +1,4 @@
-"""Unit tests for the merge methods (mergeedit.methods), driven the way the executor drives them.
+"""Unit tests for the merge methods (mergeedit.merging.methods), driven the way the executor drives them.
 
 Expected numbers are worked out by hand (and written as literals) or come from plain reference implementations of
 mergekit 0.1.5's generalized task arithmetic written here (argsort top-k, stacked sign masks), never from the code
@@ -11,14 +11,32 @@ import math
 
 import pytest
 import torch
+from method_harness import (
+    T,
+    _probe,
+    run_blocked,
+    run_whole,
+)
+from method_harness import (
+    per_input_params as _per_input,
+)
+from method_harness import (
+    rand_models as _rand_models,
+)
+from method_harness import (
+    shared_params as _shared,
+)
+from method_harness import (
+    tie_free_models as _tie_free_models,
+)
 
-from mergeedit.errors import MergeEditError
-from mergeedit.methods import METHODS, MergeInputs, MergeMethod, get_method
-from mergeedit.methods import seeded_random, selection
-from mergeedit.methods.passthrough import COPY, PASSTHROUGH
-from mergeedit.methods.seeded_random import derive_seed, seeded_uniform
-from mergeedit.methods.selection import KthLargest, kth_largest_magnitude, magnitude_bits
-from mergeedit.methods.task_arithmetic import (
+from mergeedit.core.errors import MergeEditError
+from mergeedit.merging.methods import METHODS, MergeInputs, get_method, seeded_random, selection
+from mergeedit.merging.methods.linear import LINEAR
+from mergeedit.merging.methods.passthrough import COPY, PASSTHROUGH
+from mergeedit.merging.methods.seeded_random import derive_seed, seeded_uniform
+from mergeedit.merging.methods.selection import KthLargest, kth_largest_magnitude, magnitude_bits
+from mergeedit.merging.methods.task_arithmetic import (
     DARE_LINEAR,
     DARE_TIES,
     RESCALE_EPS,
@@ -26,19 +44,6 @@ from mergeedit.methods.task_arithmetic import (
     TIES,
     keep_count,
     random_keep,
-)
-from mergeedit.methods.linear import LINEAR
-from mergeedit.methods.spec import REQUIRED
-from method_harness import (
-    T,
-    _complete,
-    _probe,
-    per_input_params as _per_input,
-    rand_models as _rand_models,
-    run_blocked,
-    run_whole,
-    shared_params as _shared,
-    tie_free_models as _tie_free_models,
 )
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -513,7 +518,9 @@ def test_dare_different_seed_different_mask(method):
     b = run_whole(method, xs, 0, _shared(method), pi, seed=43)
     assert not torch.equal(a, b)
     # the masks themselves: overlap of two independent Bernoulli(0.3) masks ~ 0.09, not 0.3
-    inputs = lambda s: MergeInputs("t", xs, 0, _shared(method), pi, 0, xs[0].numel(), s)
+    def inputs(s):
+        return MergeInputs("t", xs, 0, _shared(method), pi, 0, xs[0].numel(), s)
+
     m42, m43 = random_keep(inputs(42), 0), random_keep(inputs(43), 0)
     assert not torch.equal(m42, m43)
     assert float((m42 * m43).mean()) < 0.15  # float 1/0 masks

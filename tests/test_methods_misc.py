@@ -6,21 +6,19 @@ formulas written here from the method definitions, never from the code under tes
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
-
-from mergeedit.errors import MergeEditError
-from mergeedit.methods import METHODS, arcee_fusion
-from mergeedit.methods.arcee_fusion import ARCEE_FUSION
-from mergeedit.methods.nearswap import NEARSWAP
-from mergeedit.methods.quantiles import ExactOrderStatistics, key_to_value, order_keys
-from mergeedit.methods.ram import RAM, RAMPLUS_TL
-from mergeedit.toy_models import load_state_dict
-
 from conftest import write_config
 from method_harness import T, rand_models, run_blocked, run_whole, shared_params
+
+from mergeedit.core.errors import MergeEditError
+from mergeedit.merging.methods import METHODS, arcee_fusion
+from mergeedit.merging.methods.arcee_fusion import ARCEE_FUSION
+from mergeedit.merging.methods.nearswap import NEARSWAP
+from mergeedit.merging.methods.quantiles import ExactOrderStatistics, key_to_value, order_keys
+from mergeedit.merging.methods.ram import RAM, RAMPLUS_TL
+from mergeedit.models.toy import load_state_dict
 
 
 # ---- plain references ---------------------------------------------------------------------------------------------

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_harness import T, per_input_params, rand_models, run_blocked, run_whole, shared_params, tie_free_models
 
-from mergeedit.errors import MergeEditError
-from mergeedit.methods import METHODS, MergeInputs, get_method, seeded_random, sparsify
-from mergeedit.methods.sce import SCE, SceStatistics
-from mergeedit.methods.seeded_random import derive_seed, seeded_uniform
-from mergeedit.methods.sparsify import (
+from mergeedit.core.errors import MergeEditError
+from mergeedit.merging.methods import METHODS, MergeInputs, get_method, seeded_random, sparsify
+from mergeedit.merging.methods.sce import SCE, SceStatistics
+from mergeedit.merging.methods.seeded_random import derive_seed, seeded_uniform
+from mergeedit.merging.methods.sparsify import (
     BREADCRUMBS,
     BREADCRUMBS_TIES,
     DELLA,
@@ -23,8 +24,7 @@ from mergeedit.methods.sparsify import (
     rank_keep_probability,
     row_length,
 )
-from mergeedit.methods.task_arithmetic import RESCALE_EPS
-from method_harness import T, per_input_params, rand_models, run_blocked, run_whole, shared_params, tie_free_models
+from mergeedit.merging.methods.task_arithmetic import RESCALE_EPS
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Plain references

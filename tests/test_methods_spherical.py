@@ -1,4 +1,4 @@
-"""slerp, nuslerp, multislerp, karcher and model_stock (mergeedit.methods.spherical / model_stock / gram).
+"""slerp, nuslerp, multislerp, karcher and model_stock (mergeedit.merging.methods.spherical / model_stock / gram).
 
 The methods compute coefficients from a streamed Gram matrix; the references here compute mergekit 0.1.5's formulas
 directly on whole stacked tensors in float64, and small cases are worked out by hand.
@@ -10,16 +10,16 @@ import math
 
 import pytest
 import torch
-
 from conftest import write_config
 from method_harness import per_input_params, rand_models, run_blocked, run_whole, shared_params
-from mergeedit.errors import MergeEditError
-from mergeedit.merge_config import load_merge_config
-from mergeedit.methods import METHODS
-from mergeedit.methods.gram import group_count, group_ids
-from mergeedit.methods.model_stock import MODEL_STOCK
-from mergeedit.methods.spherical import KARCHER, MULTISLERP, NUSLERP, SLERP
-from mergeedit.plan import build_plan
+
+from mergeedit.core.errors import MergeEditError
+from mergeedit.merging.config import load_merge_config
+from mergeedit.merging.methods import METHODS
+from mergeedit.merging.methods.gram import group_count, group_ids
+from mergeedit.merging.methods.model_stock import MODEL_STOCK
+from mergeedit.merging.methods.spherical import KARCHER, MULTISLERP, NUSLERP, SLERP
+from mergeedit.merging.plan import build_plan
 
 R2 = math.sqrt(0.5)
 F64 = torch.float64

@@ -1,12 +1,12 @@
-"""Unit tests for mergeedit.parameters: setting forms (scalar, gradient, filter list) and scope precedence."""
+"""Unit tests for mergeedit.merging.parameters: setting forms (scalar, gradient, filter list) and scope precedence."""
 
 from __future__ import annotations
 
 import pytest
 
-from mergeedit.merge_config import ConditionalParameter
-from mergeedit.methods.spec import Param
-from mergeedit.parameters import evaluate_setting, resolve
+from mergeedit.merging.methods.spec import Param
+from mergeedit.merging.parameters import evaluate_setting, resolve
+from mergeedit.merging.schema import ConditionalParameter
 
 WEIGHT = Param("weight", float, "input")  # required
 DENSITY = Param("density", float, "non_base", 1.0)

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import write_config
+from safetensors.torch import load_file
 
 CONFIG = """\
 merge_method: linear

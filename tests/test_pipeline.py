@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergeedit.errors import MergeEditError
+from mergeedit.core.errors import MergeEditError
+from mergeedit.models.toy import load_state_dict
 from mergeedit.pipeline.runner import RecipeRun
-from mergeedit.toy_models import load_state_dict
 
 WORDS = ["<pad>", "<s>", "</s>", "<user>", "<bot>"] + [f"w{i}" for i in range(40)] + ["what", "is", "the", "of", "capital", "color", "?"]
 CHAT = "{% for m in messages %}<user> {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} <bot> {% endif %}"

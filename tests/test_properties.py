@@ -12,9 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergeedit.errors import MergeEditError
+from mergeedit.core.errors import MergeEditError
 from mergeedit.io.safetensors_header import parse_header_bytes, read_header
-from mergeedit.merge_config import load_merge_config
+from mergeedit.merging.config import load_merge_config
 from mergeedit.pipeline.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -47,7 +47,7 @@ def _check_header(tmp: Path, content: bytes) -> None:
     for t in tensors.values():
         assert 8 <= t.start <= t.end <= size
         assert t.end - t.start == t.numel * t.torch_dtype.itemsize
-    for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+    for (_s0, e0), (s1, _e1) in zip(spans, spans[1:]):
         assert s1 >= e0
 
 

@@ -39,7 +39,7 @@ def test_recipe_schema_file_is_current(run_cli):
 
 
 def test_readme_lists_every_merge_method():
-    from mergeedit.methods import METHODS
+    from mergeedit.merging.methods import METHODS
 
     readme = (ROOT / "README.md").read_text()
     for name in METHODS:

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
+
 from mergeedit.io.integrity import MANIFEST, sha256_file
 from mergeedit.io.output_dir import TMP_MARK
 from mergeedit.io.resume import JOURNAL, read_journal
-from mergeedit.merge import MergeOptions, load_plan, output_entries
 from mergeedit.io.shard_writer import layout_shards
+from mergeedit.merging.merge import MergeOptions, load_plan, output_entries
 
 SHARD_SIZE = "40K"
 CONFIG = """\

@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mergeedit.errors import MergeEditError
+from mergeedit.core.errors import MergeEditError
+from mergeedit.core.units import format_size, parse_size
 from mergeedit.io.model_source import open_model
 from mergeedit.io.safetensors_header import read_header
 from mergeedit.io.shard_writer import OutputEntry, ShardWriter, layout_shards
 from mergeedit.io.tensor_reader import TensorReader
-from mergeedit.units import format_size, parse_size
 
 ALL_DTYPES = [
     torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,

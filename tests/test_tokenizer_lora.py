@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_config
 from safetensors.torch import save_file
 
-from mergeedit.chat_templates import BUILTIN_TEMPLATES
-from mergeedit.toy_models import LlamaShape, build_llama, load_state_dict
-
-from conftest import write_config
+from mergeedit.merging.chat_templates import BUILTIN_TEMPLATES
+from mergeedit.models.toy import LlamaShape, build_llama, load_state_dict
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 SMALL = dict(hidden=8, intermediate=16, layers=1, heads=2, kv_heads=1)

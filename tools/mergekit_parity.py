@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
-from mergeedit.toy_models import LlamaShape, build_llama
+from mergeedit.models.toy import LlamaShape, build_llama
 
 SHAPE = LlamaShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256)
 SHAPE_TIED = LlamaShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256, tied=True)

@@ -6,13 +6,22 @@ by token through each output's tokenizer; padding rows and every other tensor ar
 
     python tools/parity_tokenizer_lora.py [CASE ...]     (mergekit from /tmp/mkvenv, run as a subprocess)
 """
-import json, subprocess, sys, random, shutil, tempfile
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
-import torch, yaml
+
+import torch
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "tests"))
-from mergeedit.toy_models import LlamaShape, build_llama, load_state_dict  # noqa: E402
 from test_tokenizer_lora import save_tokenizer, write_adapter  # noqa: E402
+
+from mergeedit.models.toy import LlamaShape, build_llama, load_state_dict  # noqa: E402
 
 root = Path(tempfile.mkdtemp(prefix="parity-tok-lora-"))
 rng = random.Random(0)

@@ -57,7 +57,7 @@ PROMPTS = [
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergeedit.builtin_models import materialize
+    from mergeedit.models.builtin import materialize
 
     folder = materialize("smollm2-135m-instruct", dtype="float32")
     tok = AutoTokenizer.from_pretrained(folder)

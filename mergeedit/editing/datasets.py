@@ -15,8 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..errors import MergeEditError
-from ..yaml_source import did_you_mean
+from ..core.errors import MergeEditError
+from ..core.yaml_source import did_you_mean
 from .records import EditRecord, Probe
 
 _log = logging.getLogger(__name__)

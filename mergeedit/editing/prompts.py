@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..evaluation.metrics import encode_prompt_target
+from .tokens import encode_prompt_target
 
 
 @dataclass(frozen=True)
@@ -27,7 +25,7 @@ class PromptFormat:
         if setting == "auto":
             return cls("both") if has_chat else cls("raw")
         if setting in ("chat", "both") and not has_chat:
-            from ..errors import MergeEditError
+            from ..core.errors import MergeEditError
 
             raise MergeEditError(f"dataset.prompt '{setting}': the tokenizer has no chat template; use raw or a template")
         if setting in ("chat", "raw", "both"):
@@ -67,17 +65,3 @@ def training_pairs(tokenizer, fmt: PromptFormat, question: str, answer: str) -> 
     if fmt.uses_chat:
         pairs.append(chat_pair(tokenizer, question, answer))
     return pairs
-
-
-def pad_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (-100 everywhere but the answer tokens)."""
-    width = max(len(p) + len(a) for p, a in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for row, (p, a) in enumerate(pairs):
-        n = len(p) + len(a)
-        ids[row, :n] = torch.tensor(p + a)
-        labels[row, len(p) : n] = torch.tensor(a)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

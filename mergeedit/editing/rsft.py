@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .prompts import pad_batch
+from .tokens import pad_batch
 
 
 @dataclass(frozen=True)

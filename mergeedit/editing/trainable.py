@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from ..architecture import parse_layer_name
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
+from ..io.architecture import parse_layer_name
 
 
 def select_trainable(names: list[str], patterns: list[str], layers: Optional[tuple[int, int]], where: str) -> list[str]:

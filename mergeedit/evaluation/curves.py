@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
 
 PLOT_EXTRA = "pip install 'mergeedit[plot]' (matplotlib>=3.8)"
 EDIT_METRICS = ("rel", "gen", "loc", "port")

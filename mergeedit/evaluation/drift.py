@@ -10,7 +10,7 @@ Edits should change a few facts and nothing else; these two numbers say how much
 
 The reference side (`drift_reference`) is computed once on the unedited model and kept (the pipeline caches it in a
 stage), so the edited model is scored without loading the reference again. Batches are sorted by length and padded
-like the edit metrics (metrics._pad: attention mask and explicit position ids), so padding does not change a number.
+like the edit metrics (editing.tokens.pad_sequences: attention mask and explicit position ids), so padding does not change a number.
 
 The shipped text set, data/drift/generic.jsonl, holds 40 generic prompts and SmolLM2-135M-Instruct's own greedy
 continuations of them (see data/drift/README.md); any JSONL of ``{"prompt", "text"}`` lines can replace it.
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import MergeEditError
-from .metrics import _pad_id, batched_logits
+from ..core.errors import MergeEditError
+from ..editing.tokens import pad_token_id
+from .metrics import batched_logits
 
 __all__ = [
     "DEFAULT_DRIFT_TEXTS",
@@ -105,7 +106,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16, 
 
     seqs = _encode(tokenizer, texts, 2, "text")
     total, count = 0.0, 0
-    for batch, logits, offsets in batched_logits(model, seqs, _pad_id(tokenizer, model), batch_size, padding_side):
+    for batch, logits, offsets in batched_logits(model, seqs, pad_token_id(tokenizer, model), batch_size, padding_side):
         for r, i in enumerate(batch):
             seq, off = seqs[i], offsets[r]
             nxt = torch.tensor(seq[1:], device=logits.device)
@@ -122,7 +123,7 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size:
 
     seqs = _encode(tokenizer, prompts, 1, "prompt")
     out: list = [None] * len(seqs)
-    for batch, logits, offsets in batched_logits(model, seqs, _pad_id(tokenizer, model), batch_size, padding_side):
+    for batch, logits, offsets in batched_logits(model, seqs, pad_token_id(tokenizer, model), batch_size, padding_side):
         for r, i in enumerate(batch):
             last = offsets[r] + len(seqs[i]) - 1
             out[i] = _log_probs(logits, r, slice(last, last + 1))[0].cpu()

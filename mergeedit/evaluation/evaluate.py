@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ..core.errors import MergeEditError
 from ..editing.records import EditRecord
-from ..errors import MergeEditError
 from . import metrics
 
 __all__ = ["EvalResult", "PROTOCOLS", "reference_outputs", "evaluate_edits"]
@@ -141,7 +141,7 @@ def evaluate_edits(
             kinds.append((i, kind))
             prompts.append(prompt)
             targets.append(target)
-    scored = metrics._teacher_forced(model, tokenizer, prompts, targets, batch_size, padding_side)
+    scored = metrics.teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size, padding_side)
 
     per: list[dict] = [{"rel": [], "gen": [], "port": [], "loc_tokens": []} for _ in records]
     for (i, kind), (pred, gold) in zip(kinds, scored):
@@ -165,7 +165,7 @@ def evaluate_edits(
 
     continuations: list[str] = []
     if fluency:
-        continuations = metrics._generate(
+        continuations = metrics.generate_continuations(
             model,
             tokenizer,
             [r.prompt for r in records],

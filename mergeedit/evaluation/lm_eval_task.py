@@ -12,12 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
 
 LMEVAL_EXTRA = "pip install 'mergeedit[lmeval]' (lm-eval[hf]==0.4.13)"
 
 
-def _import_lm_eval():
+def import_lm_eval():
     # Offline: local data files only, never a hub lookup for the dataset.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
@@ -64,7 +64,7 @@ def localize_task(task_yaml: Path, folder: Path) -> str:
 
 def run_lm_eval_task(model_folder: Path, task_yaml: Path, *, limit: Optional[int] = None, batch_size: int = 8, device: str = "cpu") -> dict:
     """``{"task", "metrics": {name: value}, "samples"}`` of one local task on one Hugging Face model folder."""
-    lm_eval, TaskManager = _import_lm_eval()
+    lm_eval, TaskManager = import_lm_eval()
     with tempfile.TemporaryDirectory(prefix="mergeedit-lmeval-") as tmp:
         name = localize_task(task_yaml, Path(tmp))
         results = lm_eval.simple_evaluate(

@@ -50,7 +50,8 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
+from ..editing.tokens import encode_prompt_target, pad_sequences, pad_token_id
 
 __all__ = [
     "teacher_forced_accuracy",
@@ -61,57 +62,9 @@ __all__ = [
     "exact_match",
     "ngram_entropy",
     "text_ngram_entropy",
-    "encode_prompt_target",
 ]
 
 STOP_CHARS = ("\n", ".")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenization
-
-
-def encode_prompt_target(tokenizer, prompt: str, target: str) -> tuple[list[int], int, int]:
-    """Token ids of ``prompt + " " + target`` and the target token range ``[start, end)`` in them.
-
-    The ids returned stop at ``end`` (trailing special tokens such as an appended EOS are dropped).
-    """
-    full = prompt + " " + target
-    cut = len(prompt)
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(full, return_offsets_mapping=True, return_special_tokens_mask=True)
-        ids = list(enc["input_ids"])
-        special = enc["special_tokens_mask"]
-        target_idx = [i for i, ((_, end), sp) in enumerate(zip(enc["offset_mapping"], special)) if not sp and end > cut]
-        if not target_idx:
-            raise MergeEditError(f"target {target!r} of prompt {prompt!r} has no tokens: an empty answer cannot be scored")
-        start, stop = target_idx[0], target_idx[-1] + 1
-    else:
-        ids = list(tokenizer(full)["input_ids"])
-        prompt_ids = list(tokenizer(prompt)["input_ids"])
-        start = 0
-        while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
-            start += 1
-        specials = set(getattr(tokenizer, "all_special_ids", []) or [])
-        stop = len(ids)
-        while stop > start and ids[stop - 1] in specials:
-            stop -= 1
-        if stop <= start:
-            raise MergeEditError(f"target {target!r} of prompt {prompt!r} has no tokens: an empty answer cannot be scored")
-    if start == 0:
-        raise MergeEditError(f"prompt {prompt!r} gives no token before the target {target!r}: nothing predicts its first token")
-    return ids[:stop], start, stop
-
-
-def _pad_id(tokenizer, model=None) -> int:
-    for candidate in (
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-        getattr(getattr(model, "generation_config", None), "pad_token_id", None),
-    ):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,25 +110,6 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str):
-    """(input_ids, attention_mask, position_ids, offsets): offsets[r] is where row r's first real token sits."""
-    import torch
-
-    if side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    offsets = []
-    for r, s in enumerate(seqs):
-        off = width - len(s) if side == "left" else 0
-        ids[r, off : off + len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[r, off : off + len(s)] = 1
-        offsets.append(off)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions, offsets
-
-
 def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, padding_side: str):
     """Yields (batch indices, logits [rows, width, vocab], left-pad offsets) for length-sorted padded batches of `seqs`,
     in inference mode, with position ids that ignore padding when the model takes them."""
@@ -184,7 +118,7 @@ def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size
     no_cache = _accepts(model, "use_cache")
     with _inference(model):
         for batch in _batches([len(s) for s in seqs], batch_size):
-            ids, mask, positions, offsets = _pad([seqs[i] for i in batch], pad_id, padding_side)
+            ids, mask, positions, offsets = pad_sequences([seqs[i] for i in batch], pad_id, padding_side)
             kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
             if with_positions:
                 kwargs["position_ids"] = positions.to(device)
@@ -195,7 +129,7 @@ def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size
             del logits
 
 
-def _teacher_forced(model, tokenizer, prompts, targets, batch_size: int, padding_side: str):
+def teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size: int, padding_side: str):
     """Per pair: (predicted ids, target ids) over the target positions."""
     prompts, targets = list(prompts), list(targets)
     if len(prompts) != len(targets):
@@ -204,7 +138,7 @@ def _teacher_forced(model, tokenizer, prompts, targets, batch_size: int, padding
     results: list[tuple[list[int], list[int]] | None] = [None] * len(encoded)
     if not encoded:
         return []
-    pad_id = _pad_id(tokenizer, model)
+    pad_id = pad_token_id(tokenizer, model)
     for batch, logits, offsets in batched_logits(model, [e[0] for e in encoded], pad_id, batch_size, padding_side):
         for r, i in enumerate(batch):
             seq, start, stop = encoded[i]
@@ -218,7 +152,7 @@ def teacher_forced_tokens(
     model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 16, padding_side: str = "right"
 ) -> list[list[int]]:
     """Argmax token id at each target position of ``prompt + " " + target`` (used for pre-vs-post locality)."""
-    return [pred for pred, _ in _teacher_forced(model, tokenizer, prompts, targets, batch_size, padding_side)]
+    return [pred for pred, _ in teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size, padding_side)]
 
 
 def teacher_forced_accuracy(
@@ -226,7 +160,7 @@ def teacher_forced_accuracy(
 ) -> list[float]:
     """Fraction of target tokens the model predicts (argmax) when fed ``prompt + " " + target``; one per pair."""
     out = []
-    for pred, gold in _teacher_forced(model, tokenizer, prompts, targets, batch_size, padding_side):
+    for pred, gold in teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size, padding_side):
         out.append(sum(int(p == g) for p, g in zip(pred, gold)) / len(gold))
     return out
 
@@ -273,7 +207,7 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return ids
 
 
-def _generate(
+def generate_continuations(
     model,
     tokenizer,
     prompts: Sequence[str],
@@ -291,7 +225,7 @@ def _generate(
     if not prompts:
         return []
     inputs = _generation_inputs(tokenizer, prompts, chat_template)
-    pad_id = _pad_id(tokenizer, model)
+    pad_id = pad_token_id(tokenizer, model)
     eos = _eos_ids(tokenizer, model)
     device = _device(model)
 
@@ -309,7 +243,7 @@ def _generate(
     answers: list[str | None] = [None] * len(prompts)
     with _inference(model):
         for batch in _batches([len(x) for x in inputs], batch_size):
-            ids, mask, _, _ = _pad([inputs[i] for i in batch], pad_id, "left")
+            ids, mask, _, _ = pad_sequences([inputs[i] for i in batch], pad_id, "left")
             width = ids.shape[1]
             criteria = StoppingCriteriaList([StopOnText(width)]) if stop_chars else None
             out = model.generate(
@@ -353,7 +287,7 @@ def generate_answers(
     chat_template: True wraps each question in the tokenizer's chat template (error if it has none), False feeds the
     raw question, None (auto) uses the template when the tokenizer has one.
     """
-    texts = _generate(
+    texts = generate_continuations(
         model,
         tokenizer,
         prompts,

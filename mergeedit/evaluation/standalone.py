@@ -31,15 +31,15 @@ def evaluate_folder(
     """Per-edit and aggregate scores (when `dataset` is given); locality and drift need `reference` (the unedited
     model) to compare against. Keys: aggregate, settings, records, and drift / lm_eval when measured."""
     from ..editing.datasets import load_edits
-    from ..pipeline.model_loading import load_model_and_tokenizer, pick_device, resolve_base_folder
+    from ..models.loading import load_model_and_tokenizer, pick_device, resolve_base_folder
     from . import drift as drift_metrics
     from .evaluate import evaluate_edits, reference_outputs
 
     lm_eval_result = None
     if lm_eval_task is not None:  # first: a missing extra or a bad task file fails before any model loads
-        from .lm_eval_task import _import_lm_eval, localize_task
+        from .lm_eval_task import import_lm_eval, localize_task
 
-        _import_lm_eval()
+        import_lm_eval()
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:

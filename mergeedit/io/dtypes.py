@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
 
 
 def _optional(name: str) -> torch.dtype | None:

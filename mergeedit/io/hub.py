@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
 
 NEEDED_FILES = [
     "*.safetensors",

@@ -10,8 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import MergeEditError
-from ..units import format_size
+from ..core.errors import MergeEditError
+from ..core.units import format_size
 
 MANIFEST = "mergeedit-manifest.json"
 

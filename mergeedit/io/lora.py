@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
 from .safetensors_header import TensorInfo, read_header
 
 ADAPTER_CONFIG = "adapter_config.json"

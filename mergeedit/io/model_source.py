@@ -12,14 +12,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
 from .lora import LowRankUpdate, load_adapter, split_lora_ref
+from .pickle_import import PICKLE_SUFFIXES, import_pickled_folder
 from .safetensors_header import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 @dataclass
@@ -102,8 +102,6 @@ def open_local(ref: str, path: Path, allow_pickle: bool = False) -> ModelSource:
         folder = path.parent
     else:
         if allow_pickle and path.is_dir() and _is_pickle_only(path):
-            from .pickle_import import import_pickled_folder
-
             path = import_pickled_folder(path)
         folder = path
         files = _folder_files(folder)
@@ -130,7 +128,7 @@ def open_model(ref: str, *, allow_download: bool = True, allow_pickle: bool = Fa
     path = Path(name).expanduser()
     if path.exists():
         return open_local(ref, path, allow_pickle=allow_pickle)
-    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+    if HUB_ID.match(name) and not name.startswith((".", "/")):
         from .hub import resolve_hub_model
 
         return open_local(ref, resolve_hub_model(name, revision, allow_download=allow_download))

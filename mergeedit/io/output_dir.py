@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
 
 TMP_MARK = ".mergeedit-tmp-"
 TOKENIZER_FILES = (

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
 from .output_dir import TOKENIZER_FILES, AtomicOutputDir, cache_root, copy_files
-from .model_source import PICKLE_SUFFIXES
 from .resume import fingerprint
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 _COPIED = ("config.json", "generation_config.json")
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def pickle_files(folder: Path) -> list[Path]:

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MergeEditError
+from ..core.errors import MergeEditError
 from .dtypes import SAFETENSORS_TO_TORCH, itemsize
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
@@ -84,7 +84,7 @@ def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> tuple[dict[str
         ranges.append((offsets[0], offsets[1], name))
         tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], data_start + offsets[1])
     ranges.sort()
-    for (s0, e0, n0), (s1, e1, n1) in zip(ranges, ranges[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
         if s1 < e0:
             raise _bad(path, f"tensors '{n0}' and '{n1}' overlap")
     return tensors, metadata

@@ -35,8 +35,8 @@ class RecipePlan:
 
 def _base_folder_if_available(run: RecipeRun) -> Path | None:
     """The base's folder when it can be found without converting or downloading anything."""
-    from .. import builtin_models
-    from .model_loading import resolve_base_folder
+    from ..models import builtin as builtin_models
+    from ..models.loading import resolve_base_folder
 
     ref = run.recipe.model.base
     if builtin_models.is_builtin(ref):

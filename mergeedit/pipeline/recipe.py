@@ -1,6 +1,6 @@
 """The recipe schema: one YAML file declaring the edits, the R-SFT stage, the merge and the evaluation.
 
-Every reconstructed choice of the method (../shared/docs/method.md) is a field here, so recipes can sweep it.
+Every reconstructed choice of the method (docs/method.md) is a field here, so recipes can sweep it.
 Validation errors name the recipe file, the YAML line and the key path, with a did-you-mean hint.
 """
 
@@ -12,9 +12,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import MergeEditError
-from ..merge_config import MergeConfig, validation_error_line
-from ..yaml_source import YamlDocument, load_yaml
+from ..core.errors import MergeEditError
+from ..core.yaml_source import YamlDocument, load_yaml
+from ..merging.schema import MergeConfig, validation_error_line
 
 DEFAULT_TRAINABLE = [r"mlp\.(gate_proj|up_proj|down_proj)\.weight$", r"mlp\.(c_fc|c_proj)\.weight$"]
 

@@ -17,22 +17,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..core.errors import MergeEditError
+from ..core.units import parse_size
+from ..core.yaml_source import YamlDocument
 from ..editing.datasets import load_edits
 from ..editing.prompts import PromptFormat, training_pairs
 from ..editing.records import EditRecord
 from ..editing.rsft import TrainingExample, TrainSettings, mark_trainable, train_edits
 from ..editing.trainable import select_trainable
-from ..errors import MergeEditError
-from ..io.model_source import ModelSource, open_local, overlay
-from ..merge import MergeOptions, write_merge
-from ..merge_config import MergeConfig
-from ..plan import build_plan
-from ..units import parse_size
-from ..yaml_source import YamlDocument
-from .recipe import DEFAULT_TRAINABLE, Recipe, load_recipe
 from ..io.integrity import add_to_manifest
+from ..io.model_source import ModelSource, open_local, overlay
+from ..merging.merge import MergeOptions, write_merge
+from ..merging.plan import build_plan
+from ..merging.schema import MergeConfig
 from .distributed import Distributed
 from .evaluation_stage import DriftSetup
+from .recipe import DEFAULT_TRAINABLE, Recipe, load_recipe
 from .run_dir import RunDir, stable_hash
 
 DELTA_FILE = "model.safetensors"
@@ -203,7 +203,7 @@ class RecipeRun:
     # main ---------------------------------------------------------------------------------------------------------
     def open_session(self) -> Session:
         """Records, base model, trainable tensors and tokenized edits: what every stage needs (no stage runs here)."""
-        from .model_loading import load_model_and_tokenizer, pick_device, resolve_base_folder
+        from ..models.loading import load_model_and_tokenizer, pick_device, resolve_base_folder
 
         recipe = self.recipe
         records = self.load_records()

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from ..core.errors import MergeEditError
+from ..core.yaml_source import did_you_mean
 from ..editing.records import EditRecord
-from ..errors import MergeEditError
-from ..merge_config import MergeConfig
-from ..methods import get_method
-from ..yaml_source import did_you_mean
+from ..merging.methods import get_method
+from ..merging.schema import MergeConfig
 from .run_dir import stable_hash
 from .runner import RecipeRun, Reporter, RunResult
 

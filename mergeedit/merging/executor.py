@@ -23,11 +23,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import MergeEditError
-from .io.shard_writer import ShardWriter
-from .io.source_reader import read_input
-from .io.tensor_reader import TensorReader
-from .memory import peak_rss, total_ram
+from ..core.errors import MergeEditError
+from ..core.memory import peak_rss, total_ram
+from ..io.shard_writer import ShardWriter
+from ..io.source_reader import read_input
+from ..io.tensor_reader import TensorReader
 from .methods import fused
 from .methods.spec import MergeInputs, TensorStatistics
 from .plan import MergePlan, PlannedTensor
@@ -426,7 +426,7 @@ class Executor:
                 item = inbox.get(timeout=0.1)
             except queue.Empty:
                 if self._errors:
-                    raise self._errors[0]
+                    raise self._errors[0] from None
                 if self._cancel.is_set():  # the main thread gave up: a stage waiting on its input stops too
                     raise _Cancelled() from None
                 continue

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import torch
 from safetensors.torch import save_file
 
-from .methods.seeded_random import derive_seed
+from ..merging.methods.seeded_random import derive_seed
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from .errors import MergeEditError
-from .yaml_source import YamlDocument, did_you_mean, load_yaml
+from ..core.errors import MergeEditError
+from ..core.yaml_source import YamlDocument, did_you_mean
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -200,11 +199,3 @@ def parse_merge_config(doc: YamlDocument) -> MergeConfig:
     except ValidationError as exc:
         raise MergeEditError(validation_error_line(doc, exc, MergeConfig)) from None
     return config
-
-
-def load_merge_config(path: Path | str) -> tuple[MergeConfig, YamlDocument]:
-    """The config with a `modules:` layout already rewritten as the `models`/`slices` one the planner reads."""
-    from .modules_layout import flatten_modules  # imports this module's schema
-
-    doc = load_yaml(path, "merge config")
-    return flatten_modules(parse_merge_config(doc), doc)

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..errors import MergeEditError
+from ...core.errors import MergeEditError
 from .gram import GramStatistics, Grouping, Mix, apply_mix
 from .spec import MergeInputs, MergeMethod, Param
 

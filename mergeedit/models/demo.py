@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .toy_models import LlamaShape, build_llama, load_state_dict
+from .toy import LlamaShape, build_llama, load_state_dict
 
 DEMO_SHAPE = LlamaShape(hidden=256, intermediate=688, layers=6, heads=8, kv_heads=4, vocab=4096)
 

@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import MergeEditError
+from ...core.errors import MergeEditError
 from .quantiles import ExactOrderStatistics
 from .spec import MergeInputs, MergeMethod
 

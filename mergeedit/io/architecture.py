@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .io.model_source import ModelSource
+from .model_source import ModelSource
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
 _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings")

@@ -8,16 +8,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from .executor import ExecutionReport, Executor, ProgressCallback, schedule_plan
-from .io.output_dir import GENERATION_FILES, TOKENIZER_FILES, AtomicOutputDir, check_output_location, copy_files, write_json
-from .errors import MergeEditError
-from .io.integrity import OutputLock, check_free_space, is_disk_full, write_manifest
-from .io.resume import Journal, find_resumable, fingerprint, verified_prefix
-from .io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards, stage_size
-from .memory import default_budget
+from ..core.errors import MergeEditError
+from ..core.memory import default_budget
+from ..io.integrity import OutputLock, check_free_space, is_disk_full, write_manifest
+from ..io.output_dir import GENERATION_FILES, TOKENIZER_FILES, AtomicOutputDir, check_output_location, copy_files, write_json
+from ..io.resume import Journal, find_resumable, fingerprint, verified_prefix
+from ..io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards, stage_size
 from .chat_templates import write_chat_template
-from .merge_config import load_merge_config
-from .merge_graph import ComputedModel, is_merge_graph, plan_merge_graph, upstream_merges
+from .config import load_merge_config
+from .executor import ExecutionReport, Executor, ProgressCallback, schedule_plan
+from .graph import ComputedModel, is_merge_graph, plan_merge_graph, upstream_merges
 from .plan import MergePlan, build_plan
 
 DEFAULT_SHARD_SIZE = 5 * 10**9

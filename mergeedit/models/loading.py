@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MergeEditError
-from ..io.model_source import _HUB_ID, split_revision
+from ..core.errors import MergeEditError
+from ..io.model_source import HUB_ID, split_revision
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_base_folder(ref: str, recipe_dir: Path, dtype: str = "float32") -> Path:
-    from .. import builtin_models
+    from . import builtin as builtin_models
 
     if builtin_models.is_builtin(ref):
         return builtin_models.materialize(ref, dtype=dtype)
@@ -27,7 +27,7 @@ def resolve_base_folder(ref: str, recipe_dir: Path, dtype: str = "float32") -> P
     if local.exists():
         return local
     name, revision = split_revision(ref)
-    if _HUB_ID.match(name):
+    if HUB_ID.match(name):
         from ..io.hub import resolve_hub_model
 
         return resolve_hub_model(name, revision)

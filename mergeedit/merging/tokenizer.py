@@ -23,9 +23,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import MergeEditError
-from .io.source_reader import FILL, PAD, RowFill, RowMap, StoredTensor
-from .merge_config import MergeConfig, ModelTokenEmbedding, TokenEmbedding, ZeroEmbedding
+from ..core.errors import MergeEditError
+from ..io.source_reader import FILL, PAD, RowFill, RowMap, StoredTensor
+from .schema import MergeConfig, ModelTokenEmbedding, TokenEmbedding, ZeroEmbedding
 
 VOCAB_SUFFIXES = (
     "embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight", "lm_head.weight", "embed_out.weight",

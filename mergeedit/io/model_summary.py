@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from ..core.units import format_size
 from . import architecture as arch
-from .io.model_source import open_model
-from .units import format_size
+from .model_source import open_model
 
 
 @dataclass

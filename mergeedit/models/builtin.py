@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MergeEditError
-from .io.dtypes import dtype_name, parse_user_dtype
-from .io.output_dir import AtomicOutputDir, cache_root
+from ..core.errors import MergeEditError
+from ..io.dtypes import dtype_name, parse_user_dtype
+from ..io.output_dir import AtomicOutputDir, cache_root
 
 MARKER = "mergeedit-builtin.json"
 

@@ -23,11 +23,11 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..errors import MergeEditError
+from ...core.errors import MergeEditError
 from .seeded_random import derive_seed, seeded_uniform
 from .selection import KthLargest, magnitude_bits
 from .spec import MergeInputs, Param
-from .task_arithmetic import RESCALE_EPS, _delta, _density, _family
+from .task_arithmetic import RESCALE_EPS, density_of, task_arithmetic_family, task_delta
 
 ROW_GROUP = 1 << 18  # elements per group of rows a row-wise merge handles at once: its temporaries stay in cache
 BreadcrumbCounts = tuple[int, int]  # (largest entries skipped, entries kept after them)
@@ -94,7 +94,7 @@ class MaskStatistics:
         for part in parts:
             part.stats = self
             for j in self.sparse:
-                d = _delta(part, j)
+                d = task_delta(part, j)
                 if self.selecting and pass_index < 2:
                     bits = magnitude_bits(d)
                     for sel in self.selectors.get(j, ()):
@@ -136,7 +136,7 @@ class MagnitudeBand:
 
     @staticmethod
     def counts(inputs: MergeInputs, j: int) -> BreadcrumbCounts:
-        return breadcrumb_counts(_density(inputs, j), inputs.per_input[inputs.non_base[j]]["gamma"], inputs.numel)
+        return breadcrumb_counts(density_of(inputs, j), inputs.per_input[inputs.non_base[j]]["gamma"], inputs.numel)
 
     def statistics(self, inputs: MergeInputs, sparse: list[int], rescale: bool) -> Optional[MaskStatistics]:
         selectors = {}
@@ -208,7 +208,7 @@ class RankedBernoulli:
 
 BAND = MagnitudeBand()
 RANKED = RankedBernoulli()
-BREADCRUMBS = _family("breadcrumbs", BAND, False, False, False, "drop the largest gamma and the smallest deltas, weighted sum (Model Breadcrumbs)")
-BREADCRUMBS_TIES = _family("breadcrumbs_ties", BAND, True, False, False, "breadcrumbs sparsification, then sign election (Breadcrumbs-TIES)")
-DELLA = _family("della", RANKED, True, True, True, "magnitude-ranked random drop with L1 rescale, then sign election (DELLA)")
-DELLA_LINEAR = _family("della_linear", RANKED, False, False, True, "magnitude-ranked random drop with L1 rescale, weighted sum (DELLA)")
+BREADCRUMBS = task_arithmetic_family("breadcrumbs", BAND, False, False, False, "drop the largest gamma and the smallest deltas, weighted sum (Model Breadcrumbs)")
+BREADCRUMBS_TIES = task_arithmetic_family("breadcrumbs_ties", BAND, True, False, False, "breadcrumbs sparsification, then sign election (Breadcrumbs-TIES)")
+DELLA = task_arithmetic_family("della", RANKED, True, True, True, "magnitude-ranked random drop with L1 rescale, then sign election (DELLA)")
+DELLA_LINEAR = task_arithmetic_family("della_linear", RANKED, False, False, True, "magnitude-ranked random drop with L1 rescale, weighted sum (DELLA)")

@@ -45,7 +45,7 @@ Sparsify = Optional[Union[Literal["magnitude", "random"], MaskSparsifier]]
 RESCALE_EPS = 1e-7  # below this L1 norm mergekit leaves a masked delta unscaled
 
 
-def _density(inputs: MergeInputs, j: int) -> float:
+def density_of(inputs: MergeInputs, j: int) -> float:
     return inputs.per_input[inputs.non_base[j]]["density"]
 
 
@@ -54,7 +54,7 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-def _delta(inputs: MergeInputs, j: int) -> torch.Tensor:
+def task_delta(inputs: MergeInputs, j: int) -> torch.Tensor:
     return inputs.tensors[inputs.non_base[j]] - inputs.tensors[inputs.base]
 
 
@@ -68,7 +68,7 @@ def random_keep(inputs: MergeInputs, j: int) -> torch.Tensor:
 
     A float mask: multiplying by a bool mask converts it first, which cost more than the multiplication."""
     n = inputs.tensors[inputs.base].numel()
-    mask = seeded_random.keep_mask(_stream(inputs, j), inputs.offset, n, _density(inputs, j))
+    mask = seeded_random.keep_mask(_stream(inputs, j), inputs.offset, n, density_of(inputs, j))
     return mask.view(inputs.tensors[inputs.base].shape)
 
 
@@ -76,7 +76,7 @@ def _mask_keys(inputs: MergeInputs, js) -> Optional[list[torch.Tensor]]:
     """The fused kernels' form of random_keep for inputs js; None for a block that crosses a key span (a tensor of
     2^32+ elements), left to the eager code."""
     n = inputs.tensors[inputs.base].numel()
-    keys = [seeded_random.kernel_key(_stream(inputs, j), inputs.offset, n, _density(inputs, j)) for j in js]
+    keys = [seeded_random.kernel_key(_stream(inputs, j), inputs.offset, n, density_of(inputs, j)) for j in js]
     return None if any(k is None for k in keys) else keys
 
 
@@ -134,7 +134,7 @@ class DeltaStatistics:
         """Aim each selector's band from a strided sample of the tensor."""
         if self.sparsify != "magnitude" or self.phases[:2] != ["high", "low"]:
             return
-        aimed = [self.selectors[j].aim(magnitude_bits(_delta(sample, j)), sample.numel) for j in self.sparse]
+        aimed = [self.selectors[j].aim(magnitude_bits(task_delta(sample, j)), sample.numel) for j in self.sparse]
         if not all(aimed):
             return
         self.phases[:2] = ["band"]
@@ -146,7 +146,7 @@ class DeltaStatistics:
         phase = self.phases[pass_index]
         first = pass_index == 0
         for j in self.sparse:
-            d = _delta(block, j)
+            d = task_delta(block, j)
             sel = self.selectors[j]
             if first and self.rescale:
                 self.before[j] += _l1(d.abs())
@@ -170,7 +170,7 @@ class DeltaStatistics:
                 self.after[j] += after
             return
         for j in self.sparse:
-            a = _delta(block, j).abs_()
+            a = task_delta(block, j).abs_()
             self.before[j] += _l1(a)
             self.after[j] += _l1(a.mul_(random_keep(block, j)))
 
@@ -202,13 +202,13 @@ def _statistics_for(sparsify: Sparsify):
         if sparsify is None or inputs.base is None:
             return None
         rescale = bool(inputs.shared["rescale"])
-        sparse = [j for j in range(len(inputs.non_base)) if 0 < _density(inputs, j) < 1]
+        sparse = [j for j in range(len(inputs.non_base)) if 0 < density_of(inputs, j) < 1]
         if not sparse:
             return None
         if not isinstance(sparsify, str):
             return sparsify.statistics(inputs, sparse, rescale)
         if sparsify == "magnitude":
-            selectors = {j: KthLargest(keep_count(_density(inputs, j), inputs.numel)) for j in sparse}
+            selectors = {j: KthLargest(keep_count(density_of(inputs, j), inputs.numel)) for j in sparse}
             return DeltaStatistics(sparsify, rescale, sparse, ["high", "low"] + (["after"] if rescale else []), selectors)
         if not rescale:
             return None  # a random mask needs no whole-tensor numbers
@@ -218,8 +218,8 @@ def _statistics_for(sparsify: Sparsify):
 
 
 def _sparsified_delta(inputs: MergeInputs, j: int, sparsify: Sparsify) -> torch.Tensor:
-    d = _delta(inputs, j)
-    density = _density(inputs, j)
+    d = task_delta(inputs, j)
+    density = density_of(inputs, j)
     if sparsify is None or density >= 1:
         return d
     if density <= 0:
@@ -243,7 +243,7 @@ def _variant(inputs: MergeInputs, sparsify: Sparsify, consensus: bool) -> Option
     object, a density of 0, a DARE input kept whole)."""
     if not isinstance(sparsify, (str, type(None))) or inputs.base is None or not inputs.non_base:
         return None
-    densities = [_density(inputs, j) for j in range(len(inputs.non_base))]
+    densities = [density_of(inputs, j) for j in range(len(inputs.non_base))]
     if sparsify is not None and (min(densities) <= 0 or (sparsify == "random" and max(densities) >= 1)):
         return None
     kind = {"magnitude": "magnitude", "random": "mask", None: None}[sparsify]
@@ -255,7 +255,7 @@ def _merge_fused(inputs: MergeInputs, v: fused.Variant) -> Optional[torch.Tensor
     None if the kernel failed (the caller then computes eagerly)."""
     f32 = fused.as_float32
     stats = inputs.stats
-    sparse = lambda j: 0 < _density(inputs, j) < 1  # noqa: E731
+    sparse = lambda j: 0 < density_of(inputs, j) < 1  # noqa: E731
     below = [-1.0] * v.inputs  # no trimming: |d| <= -1 never holds
     masks = []
     if v.sparsify == "magnitude":
@@ -349,7 +349,7 @@ def _sign_consensus(deltas: list[torch.Tensor], weights: list[float], normalize:
     return mixed.mul_(elected), divisor
 
 
-def _family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, rescale: bool, description: str) -> MergeMethod:
+def task_arithmetic_family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, rescale: bool, description: str) -> MergeMethod:
     params = (
         Param("int8_mask", bool, "shared", False),  # accepted for mergekit configs; masks here are always compact
         Param("normalize", bool, "shared", normalize),
@@ -377,7 +377,7 @@ def _family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, res
     )
 
 
-TASK_ARITHMETIC = _family("task_arithmetic", None, False, False, False, "base + lambda * sum of weighted task vectors")
-TIES = _family("ties", "magnitude", True, True, False, "top-k magnitude trim, sign election, disjoint mean (TIES)")
-DARE_TIES = _family("dare_ties", "random", True, False, True, "random drop with L1 rescale, then sign election (DARE-TIES)")
-DARE_LINEAR = _family("dare_linear", "random", False, False, True, "random drop with L1 rescale, weighted sum (DARE)")
+TASK_ARITHMETIC = task_arithmetic_family("task_arithmetic", None, False, False, False, "base + lambda * sum of weighted task vectors")
+TIES = task_arithmetic_family("ties", "magnitude", True, True, False, "top-k magnitude trim, sign election, disjoint mean (TIES)")
+DARE_TIES = task_arithmetic_family("dare_ties", "random", True, False, True, "random drop with L1 rescale, then sign election (DARE-TIES)")
+DARE_LINEAR = task_arithmetic_family("dare_linear", "random", False, False, True, "random drop with L1 rescale, weighted sum (DARE)")

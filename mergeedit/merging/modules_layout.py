@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .errors import MergeEditError
-from .merge_config import ConditionalParameter, MergeConfig, Parameters
-from .yaml_source import YamlDocument
+from ..core.errors import MergeEditError
+from ..core.yaml_source import YamlDocument
+from .schema import ConditionalParameter, MergeConfig, Parameters
 
 SINGLE_MODULE = "default"  # mergekit's name for the one module of a decoder-only architecture
 

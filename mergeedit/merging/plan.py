@@ -7,30 +7,30 @@ a missing parameter) is found here, before a byte is written.
 from __future__ import annotations
 
 import math
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from . import architecture as arch
-from .errors import MergeEditError
-from .io.dtypes import compute_dtype_for, dtype_name, itemsize, parse_user_dtype
-from .io.model_source import ModelSource, open_model
-from .io.lora import LowRankUpdate
-from .io.safetensors_header import TensorInfo
-from .io.source_reader import RowMap, StoredTensor, row_bytes
-from .io.tensor_reader import bytes_per_element_to_read
-from .merge_config import InputSlice, MergeConfig
+from ..core.errors import MergeEditError
+from ..core.yaml_source import YamlDocument, did_you_mean
+from ..io import architecture as arch
+from ..io.dtypes import compute_dtype_for, dtype_name, itemsize, parse_user_dtype
+from ..io.lora import LowRankUpdate
+from ..io.model_source import ModelSource, open_model
+from ..io.safetensors_header import TensorInfo
+from ..io.source_reader import RowMap, StoredTensor, row_bytes
+from ..io.tensor_reader import bytes_per_element_to_read
+from .chat_templates import resolve_chat_template
 from .methods import all_parameter_names, get_method
 from .methods.passthrough import COPY
 from .methods.seeded_random import derive_seed
 from .methods.spec import MergeMethod, Param
 from .parameters import resolve
-from .chat_templates import resolve_chat_template
-from .tokenizer_merge import VocabularyPlan, is_vocabulary_tensor, plan_vocabulary, tokenizer_setting
-from .yaml_source import YamlDocument, did_you_mean
+from .schema import InputSlice, MergeConfig
+from .tokenizer import VocabularyPlan, is_vocabulary_tensor, plan_vocabulary, tokenizer_setting
 
 
 @dataclass(frozen=True)

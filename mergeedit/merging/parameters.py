@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-from .merge_config import ConditionalParameter
 from .methods.spec import Param
+from .schema import ConditionalParameter
 
 _MISSING = object()
 

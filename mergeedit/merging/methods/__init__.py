@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import MergeEditError
-from ..yaml_source import did_you_mean
+from ...core.errors import MergeEditError
+from ...core.yaml_source import did_you_mean
 from .arcee_fusion import ARCEE_FUSION
 from .linear import LINEAR
 from .model_stock import MODEL_STOCK

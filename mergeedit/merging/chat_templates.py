@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .errors import MergeEditError
+from ..core.errors import MergeEditError
 
 TEMPLATE_FILE = "chat_template.jinja"
 

@@ -23,15 +23,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import MergeEditError
+from ..core.errors import MergeEditError
+from ..core.yaml_source import YamlDocument, count_yaml_documents, did_you_mean, load_yaml_documents
+from ..io.dtypes import TORCH_TO_SAFETENSORS, itemsize
+from ..io.model_source import ModelSource, open_model
+from ..io.tensor_reader import ComputedTensorInfo, TensorReader
+from .config import config_from_document
 from .executor import DEFAULT_BLOCK, build_statistics, input_blocks, load_inputs, merge_chunk
-from .io.dtypes import TORCH_TO_SAFETENSORS, itemsize
-from .io.model_source import ModelSource, open_model
-from .io.tensor_reader import ComputedTensorInfo, TensorReader
-from .merge_config import MergeConfig, parse_merge_config
-from .modules_layout import flatten_modules
 from .plan import MergePlan, PlannedTensor, build_plan
-from .yaml_source import YamlDocument, count_yaml_documents, did_you_mean, load_yaml_documents
+from .schema import MergeConfig
 
 Rows = Optional[tuple[int, int]]  # rows [a, b) of a tensor's first dimension; None = all of it
 _CACHED_STATISTICS = 4  # whole-tensor statistics kept per merge: a tensor's row chunks are read one after another
@@ -111,7 +111,7 @@ def _parse_node(doc: YamlDocument) -> GraphNode:
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise MergeEditError(f"{doc.where(('name',))}: a merge name must be a non-empty string, got {name!r}")
     try:
-        config, located = flatten_modules(parse_merge_config(doc), doc)
+        config, located = config_from_document(doc)
     except MergeEditError as exc:
         raise MergeEditError(f"{exc} (in merge '{name}')" if name else str(exc)) from None
     return GraphNode(name, config, located)
