@@ -145,7 +145,7 @@ def test_bad_drift_text_files_fail_with_one_line(tmp_path):
         drift.load_drift_texts(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{oops\n')
-    with pytest.raises(MergeEditError, match=r"bad.jsonl:2: not a JSON object"):
+    with pytest.raises(MergeEditError, match=r"bad.jsonl: line 2 is not valid JSON"):
         drift.load_drift_texts(bad)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..core.errors import MergeEditError
+from ..core.text_files import json_type, read_json_array, read_jsonl, read_text_file
 from ..core.yaml_source import did_you_mean
 from .records import EditRecord, Probe
 
@@ -52,12 +53,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(type(value), "number")
-
-
 def _missing(obj: dict, key: str, note: str = "", fix: str | None = None) -> _Invalid:
     """`has no 'src' field (it has: a, b)`: listing the keys present makes a wrong format or mapping obvious."""
     present = ", ".join(map(str, list(obj)[:12])) + (", ..." if len(obj) > 12 else "")
@@ -70,7 +65,7 @@ def _dig(obj: Any, dotted: str, prefix: str = "") -> Any:
     name = prefix + dotted
     for depth, key in enumerate(dotted.split(".")):
         if not isinstance(obj, dict):
-            raise _Invalid(f"has {name!r} inside a {_json_type(obj)}, not an object")
+            raise _Invalid(f"has {name!r} inside a {json_type(obj)}, not an object")
         if obj.get(key) is None:
             raise _missing(obj, name) if depth == 0 and not prefix else _Invalid(f"has no {name!r} field")
         obj = obj[key]
@@ -386,45 +381,6 @@ def _guess_format(record: Any) -> str | None:
 # ---------------------------------------------------------------------------------------------- reading files
 
 
-def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise MergeEditError(f"{path}: no such file; check the path (relative paths start from {Path.cwd()})")
-    if path.is_dir():
-        raise MergeEditError(f"{path}: is a folder, not a dataset file; name the .json/.jsonl/.csv file inside it")
-    try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a byte-order mark
-    except UnicodeDecodeError as exc:
-        raise MergeEditError(f"{path}: not UTF-8 text (bad byte at offset {exc.start}); re-save the file as UTF-8") from None
-    except OSError as exc:
-        raise MergeEditError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
-
-
-def _read_json_array(path: Path, text: str) -> list:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MergeEditError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix the file") from None
-    if not isinstance(data, list):
-        raise MergeEditError(f"{path}: holds a JSON {_json_type(data)}, not a list of records; write [record, ...] or one record per line")
-    return data
-
-
-def _read_jsonl(path: Path, text: str) -> list:
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if lineno == 1 and text.lstrip().startswith("{"):
-                _read_json_array(path, text)  # one pretty-printed object: say so rather than blame line 1
-            raise MergeEditError(
-                f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno}); each line of a JSONL file must hold one record"
-            ) from None
-    return records
-
-
 def _read_csv(path: Path, text: str) -> list[dict]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
@@ -435,10 +391,10 @@ def _read_csv(path: Path, text: str) -> list[dict]:
 
 def read_records(path: Path, format: str) -> list:
     """The raw records: CSV with a header for `csv`; otherwise a JSON array or JSONL, told apart by the first character."""
-    text = _read_text(path)
+    text = read_text_file(path, "dataset file")
     if format == "csv":
         return _read_csv(path, text)
-    return _read_json_array(path, text) if text.lstrip().startswith("[") else _read_jsonl(path, text)
+    return read_json_array(path, text) if text.lstrip().startswith("[") else read_jsonl(path, text)
 
 
 # ---------------------------------------------------------------------------------------------- load_edits
@@ -522,7 +478,7 @@ def load_edits(
         record = records[index]
         try:
             if not isinstance(record, dict):
-                raise _Invalid(f"is a JSON {_json_type(record)}, not an object", fix='each record must be {"key": value, ...}')
+                raise _Invalid(f"is a JSON {json_type(record)}, not an object", fix='each record must be {"key": value, ...}')
             edits.extend(parse(record, index))
         except _EmptyTarget as exc:
             if not skip_empty_targets:

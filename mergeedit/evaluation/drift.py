@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..core.errors import MergeEditError
+from ..core.text_files import read_jsonl_lines, read_text_file
 from ..editing.tokens import pad_token_id
 from .metrics import batched_logits
 
@@ -60,13 +61,7 @@ def load_drift_texts(path: Optional[Path | str] = None) -> DriftTexts:
     if not path.is_file():
         raise MergeEditError(f"drift text set {path} not found; pass a JSONL of {{'prompt', 'text'}} lines (--drift-texts / eval.drift_texts)")
     prompts, texts = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise MergeEditError(f"{path}:{n}: not a JSON object; each line must be {{\"prompt\": ..., \"text\": ...}}") from None
+    for n, row in read_jsonl_lines(path, read_text_file(path, "drift text set")):
         if not isinstance(row, dict) or not ({"prompt", "text"} & set(row)):
             raise MergeEditError(f"{path}:{n}: a line needs a 'prompt' or a 'text' key")
         if row.get("prompt"):
