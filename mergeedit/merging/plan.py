@@ -260,10 +260,41 @@ class Planner:
         return info
 
     def _plan_tensor(self, out_name: str, in_names: list[str], sl: _Slice, t: float) -> PlannedTensor:
+        """One output tensor: its inputs checked against each other and the method, parameters resolved, dtypes chosen."""
         srcs = sl.sources
         infos = [self._input_info(s.model, n, out_name, p) for s, n, p in zip(srcs, in_names, sl.source_paths)]
         refs = [s.model for s in srcs]
         row_maps = self._row_maps(out_name, refs, infos, sl.base_ref)
+        dtypes, floating = self._check_alike(out_name, refs, infos, row_maps)
+        base = refs.index(sl.base_ref) if sl.base_ref in refs else None
+        method = self.method
+        paths = sl.source_paths
+        if not floating:
+            method = COPY  # integer/bool buffers: no arithmetic applies; keep the base's (or first) tensor
+            keep = base if base is not None else 0
+            infos, srcs, refs, paths, base = [infos[keep]], [srcs[keep]], [refs[keep]], [paths[keep]], 0
+        else:
+            self._check_inputs(method, sl, refs, base)
+        shared, per_input = self._parameters(method, sl, srcs, infos, paths, base, out_name, t)
+        load, compute, out = self._dtypes(method, dtypes, infos[base if base is not None else 0].torch_dtype)
+        return PlannedTensor(
+            name=out_name,
+            shape=infos[0].shape if row_maps is None else (self.vocabulary.out_rows, *infos[0].shape[1:]),
+            sources=[
+                TensorSource(self._model_index[r], i, self.model(r).lora.get(i.name), (row_maps or {}).get((r, i.name))) for r, i in zip(refs, infos)
+            ],
+            base=base,
+            method=method,
+            shared=shared,
+            per_input=per_input,
+            load_dtype=load,
+            compute_dtype=compute,
+            out_dtype=out,
+            seed=derive_seed(self.random_seed, out_name),
+        )
+
+    def _check_alike(self, out_name: str, refs: list[str], infos: list[TensorInfo], row_maps: Optional[dict]) -> tuple[set, bool]:
+        """The inputs' dtypes and whether they are floating point, once their shapes and dtypes are known to agree."""
         shapes = {i.shape if row_maps is None else i.shape[1:] for i in infos}
         if len(shapes) > 1:
             detail = ", ".join(f"{r}: {list(i.shape)}" for r, i in zip(refs, infos))
@@ -278,32 +309,31 @@ class Planner:
                 f"{self.doc.path}: tensor '{out_name}' has different dtypes across models ({detail}); "
                 "set 'dtype: float32' (or bfloat16) in the config to choose the dtype they are merged in"
             )
-        base = refs.index(sl.base_ref) if sl.base_ref in refs else None
-        method = self.method
-        if not all(floats):
-            method = COPY  # integer/bool buffers: no arithmetic applies; keep the base's (or first) tensor
-            keep = base if base is not None else 0
-            infos, srcs, refs, paths, base = [infos[keep]], [srcs[keep]], [refs[keep]], [sl.source_paths[keep]], 0
-        else:
-            paths = sl.source_paths
-            if method.base_model == "required" and base is None:
-                raise MergeEditError(
-                    f"{self.doc.where(sl.where)}: {method.name} needs a base model among the inputs; "
-                    "set base_model (and list it as a source of every slice)"
-                )
-            if method.max_inputs is not None and len(srcs) > method.max_inputs:
-                raise MergeEditError(
-                    f"{self.doc.where(sl.where)}: {method.name} takes at most {method.max_inputs} input{'s' if method.max_inputs > 1 else ''} "
-                    f"per tensor but gets {len(srcs)} "
-                    f"({', '.join(refs)}); "
-                    + (("give one source per slice" + (" and drop base_model" if sl.base_ref else "")) if method.max_inputs == 1
-                       else f"list at most {method.max_inputs} models" + (", base_model included" if sl.base_ref else ""))
-                )
-            if len(srcs) < method.min_inputs:
-                raise MergeEditError(
-                    f"{self.doc.where(sl.where)}: {method.name} needs at least {method.min_inputs} inputs per tensor "
-                    f"(base model included) but gets {len(srcs)} ({', '.join(refs)}); list more models"
-                )
+        return dtypes, all(floats)
+
+    def _check_inputs(self, method: MergeMethod, sl: _Slice, refs: list[str], base: Optional[int]) -> None:
+        """The method's needs: a base model where it requires one, and its minimum and maximum number of inputs."""
+        if method.base_model == "required" and base is None:
+            raise MergeEditError(
+                f"{self.doc.where(sl.where)}: {method.name} needs a base model among the inputs; "
+                "set base_model (and list it as a source of every slice)"
+            )
+        if method.max_inputs is not None and len(refs) > method.max_inputs:
+            raise MergeEditError(
+                f"{self.doc.where(sl.where)}: {method.name} takes at most {method.max_inputs} input{'s' if method.max_inputs > 1 else ''} "
+                f"per tensor but gets {len(refs)} "
+                f"({', '.join(refs)}); "
+                + (("give one source per slice" + (" and drop base_model" if sl.base_ref else "")) if method.max_inputs == 1
+                   else f"list at most {method.max_inputs} models" + (", base_model included" if sl.base_ref else ""))
+            )
+        if len(refs) < method.min_inputs:
+            raise MergeEditError(
+                f"{self.doc.where(sl.where)}: {method.name} needs at least {method.min_inputs} inputs per tensor "
+                f"(base model included) but gets {len(refs)} ({', '.join(refs)}); list more models"
+            )
+
+    def _parameters(self, method: MergeMethod, sl: _Slice, srcs, infos, paths, base: Optional[int], out_name: str, t: float) -> tuple[dict, list[dict]]:
+        """(shared parameters, per-input parameters) of one tensor, resolved source > slice > global and checked."""
         shared = {
             p.name: self._resolve(p, [sl.parameters, self.config.parameters], out_name, t, "the merge", sl.where + ("parameters",))
             for p in method.params
@@ -322,29 +352,16 @@ class Planner:
                 method.check(shared, per_input)
             except ValueError as exc:
                 raise MergeEditError(f"{self.doc.where(sl.where)}: {method.name} on tensor '{out_name}': {exc}") from None
-        stored = infos[base if base is not None else 0].torch_dtype
+        return shared, per_input
+
+    def _dtypes(self, method: MergeMethod, dtypes: set, stored: torch.dtype) -> tuple[Optional[torch.dtype], torch.dtype, torch.dtype]:
+        """(load, compute, out) dtypes: a copied tensor keeps its stored dtype; merged ones load in the config's
+        `dtype`, compute as io.dtypes.compute_dtype_for says and are saved in the output dtype."""
         if method is COPY:
-            load = None
-            compute = out = stored
-        else:
-            load = parse_user_dtype(self.config.dtype, self.doc.where(("dtype",))) if self.config.dtype else None
-            compute = compute_dtype_for({load} if load else dtypes)
-            out = self._out_dtype() or load or stored
-        return PlannedTensor(
-            name=out_name,
-            shape=infos[0].shape if row_maps is None else (self.vocabulary.out_rows, *infos[0].shape[1:]),
-            sources=[
-                TensorSource(self._model_index[r], i, self.model(r).lora.get(i.name), (row_maps or {}).get((r, i.name))) for r, i in zip(refs, infos)
-            ],
-            base=base,
-            method=method,
-            shared=shared,
-            per_input=per_input,
-            load_dtype=load,
-            compute_dtype=compute,
-            out_dtype=out,
-            seed=derive_seed(self.random_seed, out_name),
-        )
+            return None, stored, stored
+        load = parse_user_dtype(self.config.dtype, self.doc.where(("dtype",))) if self.config.dtype else None
+        compute = compute_dtype_for({load} if load else dtypes)
+        return load, compute, self._out_dtype() or load or stored
 
     def _row_maps(self, out_name: str, refs: list[str], infos: list[TensorInfo], base_ref: Optional[str]) -> Optional[dict]:
         """(model, tensor) -> its row map, for vocabulary tensors when a tokenizer merge is configured; else None."""
