@@ -85,7 +85,7 @@ def merge(
 
     CONFIG may hold several YAML documents (mergekit-multi's format): named merges that later ones read by name.
     """
-    from .core.memory import current_rss, default_budget
+    from .core.memory import default_budget
     from .merging.executor import check_kernels
     from .merging.merge import MergeOptions, estimate, load_plan
 
@@ -106,20 +106,7 @@ def merge(
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     est = estimate(plan, options)
     if dry_run:
-        table = Table(title=f"{plan.method.name} merge of {len(plan.models)} models -> {out_dir}", show_lines=False)
-        for col in ("output tensor", "shape", "dtype", "inputs", "chunks"):
-            table.add_column(col)
-        for t, chunks in zip(plan.tensors, est.chunks):
-            inputs = ", ".join(plan.models[src.model].ref + ("*" if k == t.base else "") for k, src in enumerate(t.sources))
-            table.add_row(t.name, "x".join(map(str, t.shape)), str(t.out_dtype).removeprefix("torch."), inputs, str(chunks))
-        out.print(table)
-        out.print(f"* base model. {est.tensors} tensors in {est.shards} shard(s); layers out: {plan.layers_out}")
-        out.print(f"read {format_size(est.bytes_read)}, write {format_size(est.bytes_written)} (disk needed: {format_size(est.bytes_written)})")
-        out.print(
-            f"memory: budget {format_size(options.memory_budget)}, estimated peak {format_size(current_rss() + est.peak_in_flight)} "
-            f"(process {format_size(current_rss())} + in flight {format_size(est.peak_in_flight)}); {est.chunked_tensors} tensor(s) in row chunks"
-        )
-        _print_merge_graph(plan, out_dir, keep_intermediates)
+        _print_dry_run(plan, est, options, out_dir, keep_intermediates)
         return
     if keep_intermediates is not None:
         from .merging.graph import write_intermediates
@@ -127,6 +114,26 @@ def merge(
         plan = write_intermediates(config, options, keep_intermediates, lambda p, d: _merge_with_progress(p, d, options, estimate(p, options)))
         est = estimate(plan, options)
     _merge_with_progress(plan, out_dir, options, est)
+
+
+def _print_dry_run(plan, est, options, out_dir: Path, keep_dir: Optional[Path]) -> None:
+    """--dry-run: every output tensor with its inputs and row chunks, then the work and memory estimate."""
+    from .core.memory import current_rss
+
+    table = Table(title=f"{plan.method.name} merge of {len(plan.models)} models -> {out_dir}", show_lines=False)
+    for col in ("output tensor", "shape", "dtype", "inputs", "chunks"):
+        table.add_column(col)
+    for t, chunks in zip(plan.tensors, est.chunks):
+        inputs = ", ".join(plan.models[src.model].ref + ("*" if k == t.base else "") for k, src in enumerate(t.sources))
+        table.add_row(t.name, "x".join(map(str, t.shape)), str(t.out_dtype).removeprefix("torch."), inputs, str(chunks))
+    out.print(table)
+    out.print(f"* base model. {est.tensors} tensors in {est.shards} shard(s); layers out: {plan.layers_out}")
+    out.print(f"read {format_size(est.bytes_read)}, write {format_size(est.bytes_written)} (disk needed: {format_size(est.bytes_written)})")
+    out.print(
+        f"memory: budget {format_size(options.memory_budget)}, estimated peak {format_size(current_rss() + est.peak_in_flight)} "
+        f"(process {format_size(current_rss())} + in flight {format_size(est.peak_in_flight)}); {est.chunked_tensors} tensor(s) in row chunks"
+    )
+    _print_merge_graph(plan, out_dir, keep_dir)
 
 
 def _print_merge_graph(plan, out_dir: Path, keep_dir: Optional[Path]) -> None:

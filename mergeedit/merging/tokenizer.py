@@ -197,40 +197,13 @@ def plan_vocabulary(
     setting = tokenizer_setting(config)
     path = ("tokenizer", "source") if config.tokenizer is not None else ("tokenizer_source",)
     base_ref = refs[0]
-    tokenizers: dict[str, Any] = {}
-    vocabs: dict[str, ModelVocabulary] = {}
-    for ref in refs:
-        try:
-            tokenizers[ref] = load_tokenizer(folders[ref])
-        except Exception as exc:  # noqa: BLE001 - any loader failure means "no usable tokenizer here"
-            if ref == base_ref:
-                raise MergeEditError(
-                    f"{where(path)}: cannot load the tokenizer of '{ref}' from {folders[ref]} ({exc.__class__.__name__}); add tokenizer files there"
-                ) from None
-            warnings.append(f"{where(path)}: cannot load the tokenizer of '{ref}' ({exc.__class__.__name__}); assuming it is '{base_ref}'s")
-            continue
-        vocabs[ref] = _model_vocabulary(tokenizers[ref], config_vocab_size(model_configs.get(ref)))
-    for ref in refs:
-        vocabs.setdefault(ref, ModelVocabulary(dict(vocabs[base_ref].rows), vocabs[base_ref].ids))
-    base_tok = tokenizers[base_ref]
+    tokenizers, vocabs = _input_vocabularies(refs, folders, model_configs, lambda: where(path), warnings)
     beyond = len(vocabs[base_ref].ids) - len(vocabs[base_ref].rows)
     if beyond and setting in ("base", "union"):
         raise MergeEditError(
             f"{where(path)}: the tokenizer of '{base_ref}' has {beyond} tokens beyond its vocab_size; trim the tokenizer or choose another source"
         )
-    if setting == "base":
-        out_tok = base_tok
-    elif setting == "union":
-        out_tok = _union_tokenizer(base_tok, [(tokenizers[r], vocabs[r]) for r in refs if r in tokenizers])
-    elif setting in tokenizers:  # one of the inputs, already loaded above
-        out_tok = tokenizers[setting]
-    else:
-        try:
-            out_tok = load_tokenizer(folders[setting])
-        except Exception as exc:  # noqa: BLE001
-            raise MergeEditError(
-                f"{where(path)}: cannot load a tokenizer from '{setting}' ({exc.__class__.__name__}); point it at a folder with tokenizer files"
-            ) from None
+    out_tok = _output_tokenizer(setting, refs, tokenizers, vocabs, folders, lambda: where(path))
     tokens = dict((config.tokenizer.tokens or {}) if config.tokenizer else {})
     existing = set(out_tok.get_vocab())
     for tok in tokens:
@@ -243,3 +216,41 @@ def plan_vocabulary(
     multiple = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
     out_rows = -(-len(vocab) // multiple) * multiple if multiple else len(vocab)
     return VocabularyPlan(out_tok, vocab, out_rows, vocabs, tokens, base_ref, where)
+
+
+def _input_vocabularies(refs, folders, model_configs, where: Callable[[], str], warnings: list[str]) -> tuple[dict, dict]:
+    """(tokenizer, vocabulary) of every input; an input other than the base without a usable tokenizer is assumed to
+    share the base's (with a warning)."""
+    base_ref = refs[0]
+    tokenizers: dict[str, Any] = {}
+    vocabs: dict[str, ModelVocabulary] = {}
+    for ref in refs:
+        try:
+            tokenizers[ref] = load_tokenizer(folders[ref])
+        except Exception as exc:  # noqa: BLE001 - any loader failure means "no usable tokenizer here"
+            if ref == base_ref:
+                raise MergeEditError(
+                    f"{where()}: cannot load the tokenizer of '{ref}' from {folders[ref]} ({exc.__class__.__name__}); add tokenizer files there"
+                ) from None
+            warnings.append(f"{where()}: cannot load the tokenizer of '{ref}' ({exc.__class__.__name__}); assuming it is '{base_ref}'s")
+            continue
+        vocabs[ref] = _model_vocabulary(tokenizers[ref], config_vocab_size(model_configs.get(ref)))
+    for ref in refs:
+        vocabs.setdefault(ref, ModelVocabulary(dict(vocabs[base_ref].rows), vocabs[base_ref].ids))
+    return tokenizers, vocabs
+
+
+def _output_tokenizer(setting: str, refs, tokenizers: dict, vocabs: dict, folders, where: Callable[[], str]):
+    """The tokenizer the output gets: the base's, the union of the inputs', or one named model's."""
+    if setting == "base":
+        return tokenizers[refs[0]]
+    if setting == "union":
+        return _union_tokenizer(tokenizers[refs[0]], [(tokenizers[r], vocabs[r]) for r in refs if r in tokenizers])
+    if setting in tokenizers:  # one of the inputs, already loaded
+        return tokenizers[setting]
+    try:
+        return load_tokenizer(folders[setting])
+    except Exception as exc:  # noqa: BLE001
+        raise MergeEditError(
+            f"{where()}: cannot load a tokenizer from '{setting}' ({exc.__class__.__name__}); point it at a folder with tokenizer files"
+        ) from None
