@@ -84,8 +84,8 @@ def child(recipe_path: Path, out_path: Path) -> None:
 
     started = time.perf_counter()
     result = RecipeRun(recipe_path).run()
-    metrics = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in (result.metrics or {}).items()}
-    pre = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in (result.pre_metrics or {}).items()}
+    metrics = {k: v["value"] for k, v in (result.metrics or {}).items()}
+    pre = {k: v["value"] for k, v in (result.pre_metrics or {}).items()}
     out_path.write_text(json.dumps({
         "metrics": metrics, "pre_metrics": pre, "seconds": time.perf_counter() - started, "run_seconds": result.seconds,
         "peak_rss": peak_rss_bytes(), "batches": result.batches, "edits": result.edits,

@@ -226,10 +226,6 @@ class _RichReporter:
             self._bar = None
 
 
-def _metric_value(entry):
-    return entry.get("value") if isinstance(entry, dict) else entry
-
-
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML: edits -> R-SFT -> merge -> evaluation."),
@@ -243,10 +239,9 @@ def run(
     for col in ("metric", "protocol", "before", "after"):
         table.add_column(col)
     for name, entry in (result.metrics or {}).items():
-        before = _metric_value((result.pre_metrics or {}).get(name))
-        after = _metric_value(entry)
+        before = (result.pre_metrics or {}).get(name, {}).get("value")
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        table.add_row(name, entry.get("protocol", "") if isinstance(entry, dict) else "", fmt(before), fmt(after))
+        table.add_row(name, entry["protocol"], fmt(before), fmt(entry["value"]))
     if result.metrics:
         out.print(table)
     for ex in result.examples:
@@ -289,10 +284,10 @@ def evaluate(
         drift=drift, drift_texts=drift_texts, lm_eval_task=lm_eval_task, lm_eval_limit=lm_eval_limit,
     )
     table = Table(title=f"{model}" + (f" on {dataset.name} ({len(result['records'])} edits)" if dataset else ""))
-    for col in ("metric", "protocol", "mean", "n"):
+    for col in ("metric", "protocol", "value", "n"):
         table.add_column(col)
     for name, agg in result["aggregate"].items():
-        table.add_row(name, agg["protocol"], "-" if agg["mean"] is None else f"{agg['mean']:.3f}", str(agg["n"]))
+        table.add_row(name, agg["protocol"], "-" if agg["value"] is None else f"{agg['value']:.3f}", str(agg["n"]))
     if "drift" in result:
         d = result["drift"]
         table.add_row("ppl", "drift vs reference", f"{d['ppl']:.3f} (ref {d['ppl_ref']:.3f})", str(d["texts"]))

@@ -358,16 +358,16 @@ def test_evaluate_edits_end_to_end(base, edited, tok):
     assert r1["fluency"] == pytest.approx(text_ngram_entropy(r1["continuation"]))
 
     agg = res.aggregate
-    assert agg["rel"] == {"mean": 0.75, "n": 2, "protocol": "teacher-forced"}
-    assert agg["gen"] == {"mean": 0.5, "n": 1, "protocol": "teacher-forced"}
-    assert agg["loc"]["mean"] == pytest.approx((2 / 3 + 1.0) / 2) and agg["loc"]["protocol"] == "pre-vs-post"
-    assert agg["port"] == {"mean": 1.0, "n": 1, "protocol": "teacher-forced"}
-    assert agg["rel_em"] == {"mean": 0.5, "n": 2, "protocol": "generation"}
-    assert agg["gen_em"] == {"mean": 0.0, "n": 1, "protocol": "generation"}
+    assert agg["rel"] == {"value": 0.75, "n": 2, "protocol": "teacher-forced"}
+    assert agg["gen"] == {"value": 0.5, "n": 1, "protocol": "teacher-forced"}
+    assert agg["loc"]["value"] == pytest.approx((2 / 3 + 1.0) / 2) and agg["loc"]["protocol"] == "pre-vs-post"
+    assert agg["port"] == {"value": 1.0, "n": 1, "protocol": "teacher-forced"}
+    assert agg["rel_em"] == {"value": 0.5, "n": 2, "protocol": "generation"}
+    assert agg["gen_em"] == {"value": 0.0, "n": 1, "protocol": "generation"}
     assert agg["fluency"]["protocol"] == "generation" and agg["fluency"]["n"] == 2
 
     back = json.loads(res.to_json())
-    assert back["aggregate"]["rel"]["mean"] == 0.75 and back["records"][0]["case_id"] == "1"
+    assert back["aggregate"]["rel"]["value"] == 0.75 and back["records"][0]["case_id"] == "1"
 
 
 def test_evaluate_edits_unedited_model_has_full_locality(base, tok):
@@ -375,13 +375,13 @@ def test_evaluate_edits_unedited_model_has_full_locality(base, tok):
     res = evaluate_edits(base, tok, RECORDS, pre=pre, generation=False, batch_size=16)
     assert [r["loc"] for r in res.records] == [1.0, 1.0]
     assert res.records[0]["rel"] == 1.0 and res.records[0]["rel_em"] is None and "answers" not in res.records[0]
-    assert res.aggregate["rel_em"] == {"mean": None, "n": 0, "protocol": "generation"}
+    assert res.aggregate["rel_em"] == {"value": None, "n": 0, "protocol": "generation"}
 
 
 def test_evaluate_edits_without_pre_has_no_locality(edited, tok):
     res = evaluate_edits(edited, tok, RECORDS, generation=False, batch_size=2)
     assert [r["loc"] for r in res.records] == [None, None]
-    assert res.aggregate["loc"] == {"mean": None, "n": 0, "protocol": "pre-vs-post"}
+    assert res.aggregate["loc"] == {"value": None, "n": 0, "protocol": "pre-vs-post"}
 
 
 def test_evaluate_edits_rejects_mismatched_pre(base, tok):

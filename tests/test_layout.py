@@ -163,3 +163,18 @@ def test_top_level_is_thin():
     assert top == ["__init__.py", "cli.py"], top
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
     assert folders == ["core", "editing", "evaluation", "io", "merging", "models", "pipeline"], folders
+
+
+def test_merge_options_and_cli_flags_match():
+    """Every MergeOptions field with a flag is a `mergeedit merge` option, and every option of the command is either
+    such a field or one of the command's own (config, output, --dry-run, --keep-intermediates)."""
+    import typer
+
+    from mergeedit.cli import app
+    from mergeedit.merging.merge import MergeOptions
+
+    command = typer.main.get_command(app).commands["merge"]
+    options = {opt for p in command.params for opt in p.opts if opt.startswith("--")}
+    flags = MergeOptions.cli_flags()
+    assert flags and set(flags.values()) <= options, set(flags.values()) - options
+    assert options - set(flags.values()) == {"--dry-run", "--keep-intermediates"}, options - set(flags.values())

@@ -229,10 +229,10 @@ def test_eval_command_scores_a_folder_against_its_reference(tmp_path, tiny_model
                      "--reference", tiny_model, "--json", out, "--no-generation")
     assert result.code == 0, result.stderr
     data = json.loads(out.read_text())
-    assert data["aggregate"]["rel"]["mean"] > 0.9 and data["aggregate"]["loc"]["protocol"] == "pre-vs-post"
+    assert data["aggregate"]["rel"]["value"] > 0.9 and data["aggregate"]["loc"]["protocol"] == "pre-vs-post"
     same = run_cli("eval", tiny_model, "--dataset", tmp_path / "edits.jsonl", "--format", "jsonl", "--reference", tiny_model,
                    "--json", out, "--no-generation")
-    assert same.code == 0 and json.loads(out.read_text())["aggregate"]["loc"]["mean"] == 1.0
+    assert same.code == 0 and json.loads(out.read_text())["aggregate"]["loc"]["value"] == 1.0
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,12 @@ PROTOCOLS: dict[str, str] = {
 }
 
 
+def metric(value: float | None, protocol: str, n: int) -> dict:
+    """The one shape of a metric everywhere (evaluation results, run stages, model cards, CLI tables, JSON):
+    its value (None when nothing was scored), the protocol that produced it, and how many items it averages."""
+    return {"value": value, "protocol": protocol, "n": n}
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -50,7 +56,7 @@ def _mean(values: Sequence[float]) -> float | None:
 @dataclass
 class EvalResult:
     """Per-edit scores (`records`, one dict per edit, input order) and their means (`aggregate`, per metric:
-    ``{"mean", "n", "protocol"}``; mean None when no edit has the metric)."""
+    a `metric` record ``{"value", "protocol", "n"}``; value None when no edit has the metric)."""
 
     records: list[dict]
     aggregate: dict[str, dict]
@@ -64,7 +70,7 @@ class EvalResult:
 
     def summary(self) -> dict[str, float | None]:
         """metric -> mean, for quick printing."""
-        return {k: v["mean"] for k, v in self.aggregate.items()}
+        return {k: v["value"] for k, v in self.aggregate.items()}
 
 
 def _check_unique(records: Sequence[EditRecord]) -> None:
@@ -204,7 +210,7 @@ def evaluate_edits(
     aggregate: dict[str, dict] = {}
     for name, protocol in PROTOCOLS.items():
         values = [rec[name] for rec in out_records if rec[name] is not None]
-        aggregate[name] = {"mean": _mean(values), "n": len(values), "protocol": protocol}
+        aggregate[name] = metric(_mean(values), protocol, len(values))
 
     settings = {
         "n_edits": len(records),

@@ -7,10 +7,20 @@ a merge graph alike.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from ..core.yaml_source import YamlDocument, load_yaml
 from .modules_layout import flatten_modules
 from .schema import MergeConfig, parse_merge_config
+
+
+def locate_model(ref: str, config_path: Path) -> Optional[Path]:
+    """Where a model reference points on disk: from the working directory, then from the config's folder; None when
+    neither exists (a hub id, or a name a merge graph defines)."""
+    for candidate in (Path(ref).expanduser(), Path(config_path).parent / ref):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def config_from_document(doc: YamlDocument) -> tuple[MergeConfig, YamlDocument]:

@@ -336,6 +336,7 @@ class Executor:
         lookahead: int = 2,
         block: int = DEFAULT_BLOCK,
         kernels: str = "auto",
+        direct_reads: bool = True,
     ) -> None:
         self.kernels = check_kernels(kernels)
         self.plan = plan
@@ -349,7 +350,7 @@ class Executor:
         self.progress = progress
         self.lookahead = lookahead
         self._readers: Optional[ThreadPoolExecutor] = None  # concurrent reads of one job's inputs, during run()
-        self.reader = TensorReader(direct=os.environ.get("MERGEEDIT_DIRECT_READS", "1") != "0")  # 0: always read through the page cache
+        self.reader = TensorReader(direct=direct_reads)  # False: always read through the page cache (MergeOptions)
         self._cancel = threading.Event()
         self._errors: list[BaseException] = []
         self._skipped: set[tuple[int, Optional[int]]] = set()  # (tensor, statistics pass) whose reads are not needed

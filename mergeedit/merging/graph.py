@@ -28,7 +28,7 @@ from ..core.yaml_source import YamlDocument, count_yaml_documents, did_you_mean,
 from ..io.dtypes import TORCH_TO_SAFETENSORS, itemsize
 from ..io.model_source import ModelSource, open_model
 from ..io.tensor_reader import ComputedTensorInfo, TensorReader
-from .config import config_from_document
+from .config import config_from_document, locate_model
 from .executor import DEFAULT_BLOCK, build_statistics, input_blocks, load_inputs, merge_chunk
 from .plan import MergePlan, PlannedTensor, build_plan
 from .schema import MergeConfig
@@ -80,32 +80,6 @@ class MergeGraph:
         return [n for n in self.nodes.values() if n.name not in needed]
 
 
-def _model_refs(config: MergeConfig) -> list[tuple[str, tuple]]:
-    """Every model reference of a config, with the key path that names it."""
-    refs: list[tuple[str, tuple]] = []
-    if config.base_model:
-        refs.append((config.base_model, ("base_model",)))
-    for i, m in enumerate(config.models or []):
-        refs.append((m.model, ("models", i, "model")))
-    for i, s in enumerate(config.slices or []):
-        refs += [(src.model, ("slices", i, "sources", j, "model")) for j, src in enumerate(s.sources)]
-        if s.base_model:
-            refs.append((s.base_model, ("slices", i, "base_model")))
-    if config.tokenizer_source not in (None, "base", "union"):
-        refs.append((config.tokenizer_source, ("tokenizer_source",)))
-    if config.tokenizer is not None and config.tokenizer.source not in (None, "base", "union"):
-        refs.append((config.tokenizer.source, ("tokenizer", "source")))
-    return refs
-
-
-def existing_path(ref: str, config_path: Path) -> Optional[Path]:
-    """Where a model reference points on disk: from the working directory, then from the config's folder."""
-    for candidate in (Path(ref).expanduser(), config_path.parent / ref):
-        if candidate.exists():
-            return candidate
-    return None
-
-
 def _parse_node(doc: YamlDocument) -> GraphNode:
     name = doc.data.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip()):
@@ -140,8 +114,8 @@ def load_merge_graph(config_path: Path | str) -> MergeGraph:
 def _link(graph: MergeGraph) -> None:
     names = sorted(n for n in graph.nodes if n is not None)
     for node in graph.nodes.values():
-        for ref, key in _model_refs(node.config):
-            found = existing_path(ref, graph.path)
+        for ref, key in node.config.model_references():
+            found = locate_model(ref, graph.path)
             if ref in graph.nodes:
                 if found is not None:
                     raise MergeEditError(
@@ -303,7 +277,7 @@ class GraphPlanner:
     def _open(self, node: GraphNode, ref: str) -> ModelSource:
         if ref in node.inputs:
             return self.sources[ref]
-        found = existing_path(ref, self.graph.path)
+        found = locate_model(ref, self.graph.path)
         target = str(found) if found is not None else ref
         return open_model(target, allow_pickle=self.options.allow_pickle)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,19 +24,43 @@ from .plan import MergePlan, build_plan
 DEFAULT_SHARD_SIZE = 5 * 10**9
 
 
+@functools.cache
+def environment_switches() -> dict[str, bool]:
+    """The environment's say in a merge, read once per process and only here: MERGEEDIT_DIRECT_READS=0 and
+    MERGEEDIT_DIRECT_WRITES=0 send reads and writes through the page cache (file systems without O_DIRECT)."""
+    return {
+        "direct_reads": os.environ.get("MERGEEDIT_DIRECT_READS", "1") != "0",
+        "direct_writes": os.environ.get("MERGEEDIT_DIRECT_WRITES", "1") != "0",
+    }
+
+
+def _flag(name: str) -> dict:
+    return {"flag": name}
+
+
 @dataclass
 class MergeOptions:
-    out_shard_size: int = DEFAULT_SHARD_SIZE
-    memory_budget: int = field(default_factory=default_budget)
-    random_seed: int = 0
-    out_dtype: Optional[str] = None
-    copy_tokenizer: bool = True
-    overwrite: bool = False
+    """Everything a merge is run with besides its config. Fields with a `flag` are `mergeedit merge` options (the CLI
+    test checks the two match); the others are set by callers (recipe runs) or by the environment."""
+
+    out_shard_size: int = field(default=DEFAULT_SHARD_SIZE, metadata=_flag("--out-shard-size"))
+    memory_budget: int = field(default_factory=default_budget, metadata=_flag("--memory-budget"))
+    random_seed: int = field(default=0, metadata=_flag("--random-seed"))
+    out_dtype: Optional[str] = field(default=None, metadata=_flag("--dtype"))
+    copy_tokenizer: bool = field(default=True, metadata=_flag("--copy-tokenizer"))
+    overwrite: bool = field(default=False, metadata=_flag("--overwrite"))
     fsync: bool = True
     save_config: bool = True  # keep the merge config in the output as mergekit_config.yml
-    allow_pickle: bool = False  # import pickled (.bin/.pt) inputs with torch.load(weights_only=True)
-    resume: bool = False  # continue a killed run's temporary folder, reusing its checksum-verified shards
-    kernels: str = "auto"  # fused | eager | auto: compiled merge formula (executor.KERNELS)
+    allow_pickle: bool = field(default=False, metadata=_flag("--allow-pickle"))  # torch.load(weights_only=True), converted once
+    resume: bool = field(default=False, metadata=_flag("--resume"))  # reuse a killed run's checksum-verified shards
+    kernels: str = field(default="auto", metadata=_flag("--kernels"))  # fused | eager | auto (executor.KERNELS)
+    direct_reads: bool = field(default_factory=lambda: environment_switches()["direct_reads"])
+    direct_writes: bool = field(default_factory=lambda: environment_switches()["direct_writes"])
+
+    @classmethod
+    def cli_flags(cls) -> dict[str, str]:
+        """field name -> the `mergeedit merge` flag that sets it."""
+        return {f.name: f.metadata["flag"] for f in fields(cls) if "flag" in f.metadata}
 
 
 @dataclass
@@ -134,12 +159,12 @@ def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress:
                 journal = Journal(tmp, key, done)
                 writer = ShardWriter(
                     tmp, shards, fsync=options.fsync, done=done, on_shard_done=journal.record,
-                    direct=os.environ.get("MERGEEDIT_DIRECT_WRITES", "1") != "0", stage_bytes=stage_size(options.memory_budget),
+                    direct=options.direct_writes, stage_bytes=stage_size(options.memory_budget),
                 )
                 finished = {e.name for s in shards if s.filename in done for e in s.entries}
                 todo = replace(plan, tensors=[t for t in plan.tensors if t.name not in finished]) if finished else plan
                 try:
-                    report = Executor(todo, writer, options.memory_budget, progress, kernels=options.kernels).run()
+                    report = Executor(todo, writer, options.memory_budget, progress, kernels=options.kernels, direct_reads=options.direct_reads).run()
                 finally:
                     writer.abort()
                 report.resumed_shards = len(done)

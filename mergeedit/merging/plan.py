@@ -24,6 +24,7 @@ from ..io.safetensors_header import TensorInfo
 from ..io.source_reader import RowMap, StoredTensor, row_bytes
 from ..io.tensor_reader import bytes_per_element_to_read
 from .chat_templates import resolve_chat_template
+from .config import locate_model
 from .methods import all_parameter_names, get_method
 from .methods.passthrough import COPY
 from .methods.seeded_random import derive_seed
@@ -151,32 +152,21 @@ class Planner:
         self.vocabulary: Optional[VocabularyPlan] = None  # set by plan() when a tokenizer merge is configured
 
     # -- models -------------------------------------------------------------------------------------------------
-    def _ref_paths(self) -> dict[str, tuple]:
-        paths: dict[str, tuple] = {}
-        c = self.config
-        if c.base_model:
-            paths.setdefault(c.base_model, ("base_model",))
-        for i, m in enumerate(c.models or []):
-            paths.setdefault(m.model, ("models", i, "model"))
-        for i, s in enumerate(c.slices or []):
-            for j, src in enumerate(s.sources):
-                paths.setdefault(src.model, ("slices", i, "sources", j, "model"))
-            if s.base_model:
-                paths.setdefault(s.base_model, ("slices", i, "base_model"))
-        if c.tokenizer_source and c.tokenizer_source not in ("base", "union"):
-            paths.setdefault(c.tokenizer_source, ("tokenizer_source",))
-        return paths
-
     def _resolve_ref(self, ref: str) -> str:
-        """Relative paths are taken from the working directory, then from the config's folder."""
-        if not self.opens_paths or Path(ref).expanduser().exists() or Path(ref).is_absolute():
+        """Relative paths are taken from the working directory, then from the config's folder (merging.config)."""
+        if not self.opens_paths:
             return ref
-        beside = self.doc.path.parent / ref
-        return str(beside) if beside.exists() else ref
+        found = locate_model(ref, self.doc.path)
+        return str(found) if found is not None else ref
 
     def open_models(self) -> None:
-        for ref, path in self._ref_paths().items():
-            self._open(ref, path)
+        """Every model the config names (a `tokenizer:` block's source is read as a tokenizer folder, not opened)."""
+        paths: dict[str, tuple] = {}
+        for ref, key in self.config.model_references():
+            if key != ("tokenizer", "source"):
+                paths.setdefault(ref, key)
+        for ref, key in paths.items():
+            self._open(ref, key)
 
     def _open(self, ref: str, path: tuple) -> None:
         """Open one referenced model; its errors are prefixed with where the config names it."""

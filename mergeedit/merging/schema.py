@@ -138,17 +138,29 @@ class MergeConfig(_Strict):
             raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
         return self
 
-    def referenced_models(self) -> list[str]:
-        refs: list[str] = []
-        if self.models:
-            refs += [m.model for m in self.models]
-        for s in self.slices or []:
-            refs += [src.model for src in s.sources]
-            if s.base_model:
-                refs.append(s.base_model)
+    def model_references(self, tokenizers: bool = True) -> list[tuple[str, tuple]]:
+        """Every model reference of the config with the key path that names it, in config order (base_model, models,
+        slices; then, with `tokenizers`, tokenizer_source and tokenizer.source unless they are `base` or `union`).
+        The one walker: the planner, the merge graph and the recipe checks all read references through it."""
+        refs: list[tuple[str, tuple]] = []
         if self.base_model:
-            refs.append(self.base_model)
-        return list(dict.fromkeys(refs))
+            refs.append((self.base_model, ("base_model",)))
+        for i, m in enumerate(self.models or []):
+            refs.append((m.model, ("models", i, "model")))
+        for i, s in enumerate(self.slices or []):
+            refs += [(src.model, ("slices", i, "sources", j, "model")) for j, src in enumerate(s.sources)]
+            if s.base_model:
+                refs.append((s.base_model, ("slices", i, "base_model")))
+        if tokenizers:
+            if self.tokenizer_source not in (None, "base", "union"):
+                refs.append((self.tokenizer_source, ("tokenizer_source",)))
+            if self.tokenizer is not None and self.tokenizer.source not in (None, "base", "union"):
+                refs.append((self.tokenizer.source, ("tokenizer", "source")))
+        return refs
+
+    def referenced_models(self) -> list[str]:
+        """The distinct models whose tensors the merge reads (tokenizer sources aside), in config order."""
+        return list(dict.fromkeys(ref for ref, _ in self.model_references(tokenizers=False)))
 
 
 def validation_error_line(doc: YamlDocument, exc: ValidationError, model: type[BaseModel]) -> str:

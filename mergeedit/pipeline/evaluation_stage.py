@@ -8,13 +8,13 @@ from pathlib import Path
 from ..editing.prompts import PromptFormat
 from ..editing.records import EditRecord
 from ..evaluation import drift as drift_metrics
-from ..evaluation.evaluate import evaluate_edits, reference_outputs
+from ..evaluation.evaluate import evaluate_edits, metric, reference_outputs
 
 DRIFT = "drift vs reference"
 
 
 def _labelled(result) -> dict:
-    return {name: {"value": agg["mean"], "protocol": agg["protocol"], "n": agg["n"]} for name, agg in result.aggregate.items() if agg["mean"] is not None}
+    return {name: agg for name, agg in result.aggregate.items() if agg["value"] is not None}
 
 
 def _eval(model, tokenizer, records, fmt: PromptFormat, cfg, pre=None):
@@ -42,18 +42,18 @@ class DriftSetup:
         """The unedited model's side, for the before column: its perplexity, zero drift and zero KL."""
         n = len(self.texts.texts)
         return {
-            "ppl": {"value": self.reference.ppl["ppl"], "protocol": DRIFT, "n": n},
-            "ppl_drift_pct": {"value": 0.0, "protocol": DRIFT, "n": n},
-            "kl": {"value": 0.0, "protocol": DRIFT, "n": len(self.texts.prompts)},
+            "ppl": metric(self.reference.ppl["ppl"], DRIFT, n),
+            "ppl_drift_pct": metric(0.0, DRIFT, n),
+            "kl": metric(0.0, DRIFT, len(self.texts.prompts)),
         }
 
     def metrics(self, model, tokenizer, batch_size: int) -> tuple[dict, dict]:
         """(labelled metrics, full drift scores) of `model` against the reference."""
         scores = drift_metrics.drift_scores(model, tokenizer, self.texts, self.reference, batch_size=batch_size)
         labelled = {
-            "ppl": {"value": scores["ppl"], "protocol": DRIFT, "n": scores["texts"]},
-            "ppl_drift_pct": {"value": scores["ppl_drift_pct"], "protocol": DRIFT, "n": scores["texts"]},
-            "kl": {"value": scores["kl"], "protocol": DRIFT, "n": scores["prompts"]},
+            "ppl": metric(scores["ppl"], DRIFT, scores["texts"]),
+            "ppl_drift_pct": metric(scores["ppl_drift_pct"], DRIFT, scores["texts"]),
+            "kl": metric(scores["kl"], DRIFT, scores["prompts"]),
         }
         return labelled, scores
 
@@ -65,7 +65,7 @@ def drift_texts_path(cfg, recipe_dir: Path) -> Path:
     return path if path.is_absolute() else recipe_dir / path
 
 
-def drift_reference_stage(run, base_key: dict, model, tokenizer, cfg, recipe_dir: Path, dist, reporter, result) -> DriftSetup | None:
+def drift_reference_stage(run, base_key: dict, model, tokenizer, cfg, recipe_dir: Path, result) -> DriftSetup | None:
     """Stage `pre-drift`: the unedited model's perplexity and next-token log-probs on the drift set, cached.
 
     None (with a note) when the recipe names no text set and the shipped one is absent (an install without data/)."""
@@ -76,18 +76,12 @@ def drift_reference_stage(run, base_key: dict, model, tokenizer, cfg, recipe_dir
         result.notes.append(f"no drift scores: the shipped text set {path} is not installed; set eval.drift_texts")
         return None
     texts = drift_metrics.load_drift_texts(path)
-    stage = run.stage("pre-drift", {"base": base_key, "texts": stable_hash([texts.prompts, texts.texts]), "batch_size": cfg.batch_size})
-    if stage.done:
-        reporter.stage(stage.name, True)
-        result.stages_cached.append(stage.name)
-    else:
-        reporter.stage(stage.name, False, f"{len(texts.texts)} texts from {path.name}")
-        with dist.main_first() as main:
-            if main:
-                reference = drift_metrics.drift_reference(model, tokenizer, texts, batch_size=cfg.batch_size)
-                with stage.writing() as tmp:
-                    drift_metrics.save_reference(reference, tmp)
-        result.stages_run.append(stage.name)
+    inputs = {"base": base_key, "texts": stable_hash([texts.prompts, texts.texts]), "batch_size": cfg.batch_size}
+
+    def write(tmp: Path) -> None:
+        drift_metrics.save_reference(drift_metrics.drift_reference(model, tokenizer, texts, batch_size=cfg.batch_size), tmp)
+
+    stage = run.produce("pre-drift", inputs, write, detail=f"{len(texts.texts)} texts from {path.name}")
     return DriftSetup(texts, drift_metrics.load_reference(stage.path), stage.output_id)
 
 

@@ -25,9 +25,8 @@ def _metrics_table(pre: dict | None, post: dict | None) -> str:
         return "Evaluation was disabled in the recipe.\n"
     rows = ["| metric | protocol | before | after |", "|---|---|---|---|"]
     for name, entry in post.items():
-        before = (pre or {}).get(name, {}).get("value") if isinstance((pre or {}).get(name), dict) else None
-        value = entry["value"] if isinstance(entry, dict) else entry
-        protocol = entry.get("protocol", "") if isinstance(entry, dict) else ""
+        before = (pre or {}).get(name, {}).get("value")
+        value, protocol = entry["value"], entry["protocol"]
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         rows.append(f"| {name} | {protocol} | {fmt(before)} | {fmt(value)} |")
     return "\n".join(rows) + "\n"

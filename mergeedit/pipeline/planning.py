@@ -9,7 +9,7 @@ from pathlib import Path
 from ..editing.trainable import select_trainable
 from ..io.dtypes import itemsize, parse_user_dtype
 from ..io.model_source import open_local
-from .runner import RecipeRun, train_settings
+from .runner import RecipeRun, stage_names, train_settings
 
 
 @dataclass
@@ -52,16 +52,7 @@ def plan_recipe(path: Path) -> RecipePlan:
     records = run.load_records()
     batches = run.batches(records)
     n = len(batches)
-    stages = (["pre-eval"] if recipe.eval.enabled else []) + (["pre-drift"] if recipe.eval.enabled and recipe.eval.drift else [])
-    for b in range(n):
-        stages.append(f"rsft-{b:03d}")
-        if recipe.merge is not None and recipe.sequential.strategy == "chained":
-            stages.append(f"merge-{b:03d}")
-    if recipe.merge is not None and recipe.sequential.strategy == "anchored":
-        stages.append("merge")
-    every = recipe.eval.curve_every if recipe.eval.enabled else None
-    stages += [f"curve-{b:03d}" for b in range(n) if every and ((b + 1) % every == 0 or b + 1 == n)]
-    stages += ["export"] + (["eval"] if recipe.eval.enabled else [])
+    stages = stage_names(recipe, n)
     plan = RecipePlan(
         recipe_path=path, edits=len(records), batches=n, strategy=recipe.sequential.strategy, stages=stages, base=recipe.model.base,
         base_folder=None, model_parameters=None, model_bytes=None, trainable_tensors=None, trainable_parameters=None, delta_bytes=None,

@@ -2,6 +2,11 @@
 
 Each stage's folder is written atomically and holds `stage.json` with the hash of everything it was computed from and
 an output id. Later stages hash their upstream stages' output ids, so redoing a stage redoes everything after it.
+
+`RunDir.produce` is the one rule every stage follows: reuse it when it is done; otherwise compute (on every process,
+for work such as DDP training that all of them share), write on the main process into a temporary sibling that
+becomes the stage's folder only when complete, and let the other processes go on once it is there. The run directory
+records which stages ran and which were reused, in order.
 """
 
 from __future__ import annotations
@@ -12,11 +17,29 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 from ..io.output_dir import AtomicOutputDir
 
 STAGE_FILE = "stage.json"
+RESULT_FILE = "result.json"
+
+
+class StageReporter(Protocol):
+    def stage(self, name: str, cached: bool, detail: str = "") -> None: ...
+
+
+class _Quiet:
+    def stage(self, name: str, cached: bool, detail: str = "") -> None:
+        pass
+
+
+class _SingleProcess:
+    is_main = True
+
+    @contextmanager
+    def main_first(self) -> Iterator[bool]:
+        yield True
 
 
 def stable_hash(value: Any) -> str:
@@ -53,14 +76,64 @@ class Stage:
 
 
 class RunDir:
-    def __init__(self, root: Path, force: list[str] | None = None) -> None:
+    def __init__(self, root: Path, force: list[str] | None = None, reporter: Optional[StageReporter] = None, dist=None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.force = list(force or [])
         self.order: list[str] = []
+        self.reporter = reporter or _Quiet()
+        self.dist = dist or _SingleProcess()  # anything with `is_main` and `main_first()` (pipeline.distributed)
+        self.ran: list[str] = []
+        self.reused: list[str] = []
 
     def stage(self, name: str, inputs: Any) -> Stage:
         """`--force rsft` redoes every stage named rsft or rsft-*; stages that depend on it follow by their keys."""
         forced = any(name == f or name.startswith(f + "-") for f in self.force)
         self.order.append(name)
         return Stage(name, self.root / "stages" / name, stable_hash({"stage": name, "inputs": inputs}), forced)
+
+    def produce(
+        self,
+        name: str,
+        inputs: Any,
+        write: Callable[..., None],
+        *,
+        compute: Optional[Callable[[], Any]] = None,
+        detail: str = "",
+    ) -> Stage:
+        """The stage `name` for `inputs`, made if it is not done: `compute()` runs on every process (its value is
+        passed on), then `write(tmp[, value])` fills the stage's temporary folder on the main process."""
+        stage = self.stage(name, inputs)
+        if stage.done:
+            self.reporter.stage(name, True)
+            self.reused.append(name)
+            return stage
+        self.reporter.stage(name, False, detail)
+        value = compute() if compute is not None else None
+        with self.dist.main_first() as main:
+            if main:
+                with stage.writing() as tmp:
+                    write(tmp, value) if compute is not None else write(tmp)
+        self.ran.append(name)
+        return stage
+
+    def produce_json(self, name: str, inputs: Any, compute: Callable[[], dict], detail: str = "") -> tuple[Stage, dict]:
+        """A stage whose output is one JSON document, computed on the main process only."""
+
+        def write(tmp: Path) -> None:
+            (tmp / RESULT_FILE).write_text(json.dumps(compute(), indent=2))
+
+        stage = self.produce(name, inputs, write, detail=detail)
+        return stage, json.loads((stage.path / RESULT_FILE).read_text())
+
+    def output_id(self, name: str) -> Optional[str]:
+        """The output id of a finished stage, or None when it was never made."""
+        meta = self.root / "stages" / name / STAGE_FILE
+        return json.loads(meta.read_text())["output_id"] if meta.is_file() else None
+
+    def discard(self, name: str) -> None:
+        """Remove a scratch stage (the sweep's per-point merge): its output is not kept."""
+        import shutil
+
+        if self.dist.is_main:
+            shutil.rmtree(self.root / "stages" / name, ignore_errors=True)

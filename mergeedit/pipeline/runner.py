@@ -38,6 +38,45 @@ from .run_dir import RunDir, stable_hash
 DELTA_FILE = "model.safetensors"
 
 
+# -- stage names: the runner, `mergeedit plan` and the sweep name stages only through these ---------------------------
+def rsft_stage_name(batch: int) -> str:
+    return f"rsft-{batch:03d}"
+
+
+def merge_stage_name(batch: int) -> str:
+    return f"merge-{batch:03d}"
+
+
+def curve_stage_name(batch: int) -> str:
+    return f"curve-{batch:03d}"
+
+
+ANCHORED_MERGE = "merge"
+
+
+def stage_names(recipe: Recipe, batches: int, prefix: str = "") -> list[str]:
+    """Every stage a run of `recipe` over `batches` sequential batches goes through, in order."""
+    ev = recipe.eval
+    names = ([f"{prefix}pre-eval"] if ev.enabled else []) + (["pre-drift"] if ev.enabled and ev.drift else [])
+    for b in range(batches):
+        names.append(rsft_stage_name(b))
+        if recipe.merge is not None and recipe.sequential.strategy == "chained":
+            names.append(merge_stage_name(b))
+    if recipe.merge is not None and recipe.sequential.strategy == "anchored":
+        names.append(ANCHORED_MERGE)
+    every = ev.curve_every if ev.enabled else None
+    names += [curve_stage_name(b) for b in range(batches) if every and ((b + 1) % every == 0 or b + 1 == batches)]
+    return names + ["export"] + (["eval"] if ev.enabled else [])
+
+
+def load_delta(model, delta: ModelSource) -> None:
+    """Overwrite the model's trained tensors with a delta checkpoint's (the other tensors are untouched)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in delta.files:
+        tensors.update(load_file(f))
+    model.load_state_dict(tensors, strict=False)
+
+
 class Reporter(Protocol):
     def stage(self, name: str, cached: bool, detail: str = "") -> None: ...
     def training(self, learned: int, total: int, loss: float, steps: int) -> None: ...
@@ -207,12 +246,12 @@ class RecipeRun:
 
         recipe = self.recipe
         records = self.load_records()
-        run = RunDir(self.root, self.force)
+        dist = self.dist = Distributed()
+        run = RunDir(self.root, self.force, self.reporter, dist)
         base_folder = resolve_base_folder(recipe.model.base, self.recipe_dir, recipe.model.dtype)
         base_source = open_local(recipe.model.base, base_folder)
         settings, patterns, layers = train_settings(recipe)
         trainable = select_trainable(list(base_source.tensors), patterns, layers, self.doc.where(("rsft", "trainable")))
-        dist = self.dist = Distributed()
         device = dist.device(pick_device(recipe.model.device))
         model, tokenizer = load_model_and_tokenizer(base_folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
         if recipe.rsft.gradient_checkpointing:
@@ -243,12 +282,12 @@ class RecipeRun:
             return None, None
         from .evaluation_stage import drift_reference_stage, pre_edit_outputs
 
-        stage = s.run.stage(f"{prefix}pre-eval", {"base": s.base_key, "records": stable_hash([r.__dict__ for r in records]), "format": s.fmt.describe(), "eval": self._eval_key()})
-        pre = self._cached_json(stage, result, lambda: pre_edit_outputs(s.model, s.tokenizer, records, s.fmt, recipe.eval))
+        inputs = {"base": s.base_key, "records": stable_hash([r.__dict__ for r in records]), "format": s.fmt.describe(), "eval": self.eval_key()}
+        _, pre = s.run.produce_json(f"{prefix}pre-eval", inputs, lambda: pre_edit_outputs(s.model, s.tokenizer, records, s.fmt, recipe.eval))
         result.pre_metrics = pre.get("metrics")
         drift = None
         if recipe.eval.drift:
-            drift = drift_reference_stage(s.run, s.base_key, s.model, s.tokenizer, recipe.eval, self.recipe_dir, self.dist, self.reporter, result)
+            drift = drift_reference_stage(s.run, s.base_key, s.model, s.tokenizer, recipe.eval, self.recipe_dir, result)
             if drift is not None:
                 result.pre_metrics = {**(result.pre_metrics or {}), **drift.reference_metrics()}
         return pre, drift
@@ -262,30 +301,25 @@ class RecipeRun:
         current_delta: Optional[ModelSource] = None  # chained: base + this delta is the current model
         trained = Trained()
         for b, batch in enumerate(self.batches(s.records)):
-            tag = f"{b:03d}"
             if strategy == "anchored":
                 s.model.load_state_dict(s.initial, strict=False)
-            rsft_stage = s.run.stage(
-                f"rsft-{tag}",
-                {"upstream": upstream if strategy == "chained" else stable_hash(s.base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": s.fmt.describe(), "trainable": s.trainable},
-            )
-            if rsft_stage.done:
-                self.reporter.stage(rsft_stage.name, True)
-                result.stages_cached.append(rsft_stage.name)
-            else:
-                self.reporter.stage(rsft_stage.name, False, f"{len(batch)} edits, {sum(named[n].numel() for n in s.trainable):,} trainable parameters")
+
+            def train(batch=batch):
                 examples = [ex for r in batch for ex in s.examples_by_case[r.case_id]]
                 report = train_edits(
                     s.training_model, examples, s.trainable, s.settings, pad_id=s.tokenizer.pad_token_id, device=s.device,
                     progress=self.reporter.training, precision=recipe.rsft.precision, accelerator=self.dist.accelerator,
                 )
                 self.reporter.training_done()
-                with self.dist.main_first() as main:
-                    if main:
-                        with rsft_stage.writing() as tmp:
-                            save_file({n: named[n].detach().to("cpu").contiguous() for n in s.trainable}, tmp / DELTA_FILE, metadata={"format": "pt"})
-                            (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
-                result.stages_run.append(rsft_stage.name)
+                return report
+
+            def write_delta(tmp: Path, report) -> None:
+                save_file({n: named[n].detach().to("cpu").contiguous() for n in s.trainable}, tmp / DELTA_FILE, metadata={"format": "pt"})
+                (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
+
+            inputs = {"upstream": upstream if strategy == "chained" else stable_hash(s.base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": s.fmt.describe(), "trainable": s.trainable}
+            detail = f"{len(batch)} edits, {sum(named[n].numel() for n in s.trainable):,} trainable parameters"
+            rsft_stage = s.run.produce(rsft_stage_name(b), inputs, write_delta, compute=train, detail=detail)
             result.train_reports.append(json.loads((rsft_stage.path / "train_report.json").read_text()))
             rsft_delta = open_local(f"rsft.{b}", rsft_stage.path)
             trained.rsft_deltas.append(rsft_delta)
@@ -293,26 +327,25 @@ class RecipeRun:
             upstream = rsft_stage.output_id
             if strategy == "chained":
                 if merge and self.merge_config is not None:
-                    merge_stage = s.run.stage(f"merge-{tag}", {"upstream": upstream, "merge": self.merge_config.model_dump()})
                     current_ref = overlay(s.base_source, current_delta, "base") if current_delta else s.base_source
                     sources = {"base": current_ref, "rsft": overlay(s.base_source, rsft_delta, "rsft")}
-                    self._merge_delta(merge_stage, self.merge_config, sources, set(s.trainable), result)
+                    inputs = {"upstream": upstream, "merge": self.merge_config.model_dump()}
+                    merge_stage = self._merge_delta(s.run, merge_stage_name(b), inputs, self.merge_config, sources, set(s.trainable))
                     current_delta = open_local("merged", merge_stage.path)
                     upstream = merge_stage.output_id
                 else:
                     current_delta = rsft_delta
-                self._load_delta(s.model, current_delta)
+                load_delta(s.model, current_delta)
                 trained.checkpoints.append((upstream, current_delta))
         trained.current_delta, trained.upstream = current_delta, upstream
         return trained
 
-    def anchored_merge(self, s: Session, deltas: list[ModelSource], ids: list[str], config: MergeConfig, name: str, result: RunResult) -> tuple[ModelSource, str]:
+    def anchored_merge(self, s: Session, deltas: list[ModelSource], ids: list[str], config: MergeConfig, name: str) -> tuple[ModelSource, str]:
         """Task vectors of `deltas` (each trained from the base) merged into the base by `config`; a cached stage."""
-        stage = s.run.stage(name, {"rsft": ids, "merge": config.model_dump()})
         sources = {"base": s.base_source, **{f"rsft.{i}": overlay(s.base_source, d, f"rsft.{i}") for i, d in enumerate(deltas)}}
         if len(deltas) == 1:
             sources["rsft"] = sources.pop("rsft.0")
-        self._merge_delta(stage, expand_rsft(config, len(deltas)), sources, set(s.trainable), result)
+        stage = self._merge_delta(s.run, name, {"rsft": ids, "merge": config.model_dump()}, expand_rsft(config, len(deltas)), sources, set(s.trainable))
         return open_local("merged", stage.path), stage.output_id
 
     def curve(
@@ -333,17 +366,17 @@ class RecipeRun:
                 if b + 1 == len(batches):
                     delta, delta_id = final
                 else:
-                    delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], self.merge_config, f"curve-merge-{b:03d}", result)
+                    delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], self.merge_config, f"curve-{merge_stage_name(b)}")
             else:
                 delta_id, delta = trained.checkpoints[b]
             so_far = s.records[:done]
-            stage = s.run.stage(f"curve-{b:03d}", {"upstream": delta_id, "pre": self._stage_id(s.run, "pre-eval"), "drift": drift.stage_id if drift else None, "eval": self._eval_key(), "edits": done})
+            inputs = {"upstream": delta_id, "pre": s.run.output_id("pre-eval"), "drift": drift.stage_id if drift else None, "eval": self.eval_key(), "edits": done}
 
             def compute(delta=delta, so_far=so_far, b=b):
-                self._load_delta(s.model, delta)
+                load_delta(s.model, delta)
                 return curve_point(s.model, s.tokenizer, so_far, self.recipe.eval, pre, drift, batch=b + 1)
 
-            points.append(self._cached_json(stage, result, compute))
+            points.append(s.run.produce_json(curve_stage_name(b), inputs, compute)[1])
         return points
 
     def run(self) -> RunResult:
@@ -351,7 +384,7 @@ class RecipeRun:
         recipe = self.recipe
         s = self.open_session()
         records, model, tokenizer, fmt, run = s.records, s.model, s.tokenizer, s.fmt, s.run
-        result = RunResult(self.root, self.root / "model", len(records), len(self.batches(records)), [], None, None)
+        result = self.new_result(s)
 
         # 1. pre-edit reference outputs (locality is post-vs-pre; drift is against the unedited model)
         pre, drift = self.pre_edit_stages(s, records, result)
@@ -360,32 +393,26 @@ class RecipeRun:
         trained = self.train_batches(s, result)
         current_delta, upstream = trained.current_delta, trained.upstream
         if recipe.sequential.strategy == "anchored":
-            current_delta, upstream = self.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, self.merge_config, "merge", result)
+            current_delta, upstream = self.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, self.merge_config, ANCHORED_MERGE)
         if recipe.eval.enabled and recipe.eval.curve_every:
             from ..evaluation.curves import write_curve
 
             result.curve = self.curve(s, trained, pre, drift, result, final=(current_delta, upstream))
             result.notes += write_curve(result.curve, self.root)
         if current_delta is not None:
-            self._load_delta(model, current_delta)
+            load_delta(model, current_delta)
 
         # 3. export the edited model as a Hugging Face folder
-        export = run.stage("export", {"upstream": upstream, "dtype": recipe.model.dtype, "shard": recipe.output.shard_size})
         final_source = overlay(s.base_source, current_delta, "edited") if current_delta else s.base_source
-        if export.done:
-            self.reporter.stage(export.name, True)
-            result.stages_cached.append(export.name)
-        else:
-            self.reporter.stage(export.name, False, str(result.model_dir))
-            self._export(export, final_source, s.base_folder)
-            result.stages_run.append(export.name)
+        export_inputs = {"upstream": upstream, "dtype": recipe.model.dtype, "shard": recipe.output.shard_size}
+        export = run.produce("export", export_inputs, lambda tmp: self._export(tmp, final_source, s.base_folder), detail=str(result.model_dir))
 
         # 4. evaluate the final model against the pre-edit reference
         if recipe.eval.enabled:
             from .evaluation_stage import post_edit_evaluation
 
-            stage = run.stage("eval", {"upstream": export.output_id, "pre": self._stage_id(run, "pre-eval"), "drift": drift.stage_id if drift else None, "eval": self._eval_key()})
-            post = self._cached_json(stage, result, lambda: post_edit_evaluation(model, tokenizer, records, fmt, recipe.eval, pre, drift))
+            inputs = {"upstream": export.output_id, "pre": run.output_id("pre-eval"), "drift": drift.stage_id if drift else None, "eval": self.eval_key()}
+            _, post = run.produce_json("eval", inputs, lambda: post_edit_evaluation(model, tokenizer, records, fmt, recipe.eval, pre, drift))
             result.metrics = post["metrics"]
             result.examples = post.get("examples", [])
         result.seconds = time.perf_counter() - started
@@ -393,66 +420,41 @@ class RecipeRun:
         return result
 
     # helpers --------------------------------------------------------------------------------------------------------
-    def _eval_key(self) -> dict:
+    def new_result(self, s: Session) -> RunResult:
+        """The result of a run over this session; its stage lists are the run directory's own record."""
+        result = RunResult(self.root, self.root / "model", len(s.records), len(self.batches(s.records)), [], None, None)
+        result.stages_run, result.stages_cached = s.run.ran, s.run.reused
+        return result
+
+    def eval_key(self) -> dict:
         """The eval settings that change scores (how often the curve is sampled does not)."""
         return self.recipe.eval.model_dump(exclude={"curve_every"})
-    @staticmethod
-    def _stage_id(run: RunDir, name: str) -> Optional[str]:
-        meta = run.root / "stages" / name / "stage.json"
-        return json.loads(meta.read_text())["output_id"] if meta.is_file() else None
 
-    def _cached_json(self, stage, result: RunResult, compute) -> dict:
-        if stage.done:
-            self.reporter.stage(stage.name, True)
-            result.stages_cached.append(stage.name)
-        else:
-            self.reporter.stage(stage.name, False)
-            with self.dist.main_first() as main:
-                if main:
-                    data = compute()
-                    with stage.writing() as tmp:
-                        (tmp / "result.json").write_text(json.dumps(data, indent=2))
-            result.stages_run.append(stage.name)
-        return json.loads((stage.path / "result.json").read_text())
-
-    def _merge_delta(self, stage, config: MergeConfig, sources: dict[str, ModelSource], names: set[str], result: RunResult) -> None:
-        """Merge only the trained tensors (every other tensor of the result is the base's, bit for bit)."""
-        if stage.done:
-            self.reporter.stage(stage.name, True)
-            result.stages_cached.append(stage.name)
-            return
-        self.reporter.stage(stage.name, False, f"{config.merge_method} of {len(sources) - 1} R-SFT model(s) into the base")
+    def _merge_delta(self, run: RunDir, name: str, inputs: dict, config: MergeConfig, sources: dict[str, ModelSource], names: set[str]):
+        """Stage `name`: merge only the trained tensors (every other tensor of the result is the base's, bit for bit)."""
 
         def opener(ref: str) -> ModelSource:
             if ref not in sources:
                 raise MergeEditError(f"unknown model reference '{ref}' in the recipe's merge; use base or rsft")
             return sources[ref]
 
-        plan = build_plan(config, _merge_doc(self.doc), opener=opener, only=names, out_dtype="float32")
-        options = MergeOptions(overwrite=True, copy_tokenizer=False)
-        if self.recipe.output.memory_budget:
-            options.memory_budget = parse_size(self.recipe.output.memory_budget, "output.memory_budget")
-        done = [0]
+        def write(tmp: Path) -> None:
+            plan = build_plan(config, _merge_doc(self.doc), opener=opener, only=names, out_dtype="float32")
+            options = MergeOptions(overwrite=True, copy_tokenizer=False)
+            if self.recipe.output.memory_budget:
+                options.memory_budget = parse_size(self.recipe.output.memory_budget, "output.memory_budget")
+            done = [0]
 
-        def progress(t, nbytes):
-            done[0] += 1
-            self.reporter.merging(done[0], len(plan.tensors))
+            def progress(t, nbytes):
+                done[0] += 1
+                self.reporter.merging(done[0], len(plan.tensors))
 
-        with self.dist.main_first() as main:
-            if main:
-                with stage.writing() as tmp:
-                    write_merge(plan, tmp / "delta", options, progress=progress)
-                    (tmp / "delta" / DELTA_FILE).rename(tmp / DELTA_FILE)
-        result.stages_run.append(stage.name)
+            write_merge(plan, tmp / "delta", options, progress=progress)
+            (tmp / "delta" / DELTA_FILE).rename(tmp / DELTA_FILE)
 
-    @staticmethod
-    def _load_delta(model, delta: ModelSource) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        for f in delta.files:
-            tensors.update(load_file(f))
-        model.load_state_dict(tensors, strict=False)
+        return run.produce(name, inputs, write, detail=f"{config.merge_method} of {len(sources) - 1} R-SFT model(s) into the base")
 
-    def _export(self, stage, source: ModelSource, base_folder: Path) -> None:
+    def _export(self, tmp: Path, source: ModelSource, base_folder: Path) -> None:
         """Stream base + delta into a sharded Hugging Face folder, with the base's config and tokenizer."""
         config = MergeConfig(merge_method="passthrough", models=[{"model": "edited"}], out_dtype=self.recipe.model.dtype)
         doc = YamlDocument(self.recipe_path, {}, {})
@@ -460,10 +462,7 @@ class RecipeRun:
         plan.tokenizer_model = open_local("base", base_folder)
         plan.base_model = plan.tokenizer_model
         options = MergeOptions(overwrite=True, out_shard_size=parse_size(self.recipe.output.shard_size, "output.shard_size"), save_config=False)
-        with self.dist.main_first() as main:
-            if main:
-                with stage.writing() as tmp:
-                    write_merge(plan, tmp / "model", options)
+        write_merge(plan, tmp / "model", options)
 
     def _publish(self, result: RunResult, export) -> None:
         """Place the exported model at run_dir/model with its model card (recipe, edits, metrics, versions)."""

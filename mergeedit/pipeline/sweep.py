@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..editing.records import EditRecord
 from ..merging.methods import get_method
 from ..merging.schema import MergeConfig
 from .run_dir import stable_hash
-from .runner import RecipeRun, Reporter, RunResult
+from .runner import RecipeRun, Reporter, load_delta
 
 SCORES = ("rel", "gen", "loc", "port", "rel_em", "gen_em", "ppl_drift_pct", "kl")
 SCRATCH_MERGE = "sweep-merge"
@@ -161,7 +160,7 @@ def run_sweep(
     size = validation if validation is not None else cfg.validation
     split_seed = seed if seed is not None else cfg.seed
     val_records = validation_split(s.records, size, split_seed)
-    result = RunResult(rr.root, rr.root / "model", len(s.records), len(rr.batches(s.records)), [], None, None)
+    result = rr.new_result(s)
     pre, drift = rr.pre_edit_stages(s, val_records, result, prefix="sweep-")
     trained = rr.train_batches(s, result, merge=False)
 
@@ -169,18 +168,17 @@ def run_sweep(
 
     out = SweepResult(str(recipe_path), grid, {"size": len(val_records), "of": len(s.records), "seed": split_seed, "case_ids": [r.case_id for r in val_records]})
     for point, config in zip(points, configs):
-        key = {"rsft": trained.rsft_ids, "merge": config.model_dump(), "pre": rr._stage_id(s.run, "sweep-pre-eval"), "drift": drift.stage_id if drift else None, "eval": rr._eval_key()}
-        stage = s.run.stage(f"sweep-eval-{stable_hash(key)[:8]}", key)
+        key = {"rsft": trained.rsft_ids, "merge": config.model_dump(), "pre": s.run.output_id("sweep-pre-eval"), "drift": drift.stage_id if drift else None, "eval": rr.eval_key()}
 
         def compute(config=config):
-            delta, _ = rr.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, config, SCRATCH_MERGE, result)
-            rr._load_delta(s.model, delta)
+            delta, _ = rr.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, config, SCRATCH_MERGE)
+            load_delta(s.model, delta)
             scored = post_edit_evaluation(s.model, s.tokenizer, val_records, s.fmt, recipe.eval, pre, drift)
             return {"metrics": scored["metrics"]}
 
-        scored = rr._cached_json(stage, result, compute)
+        _, scored = s.run.produce_json(f"sweep-eval-{stable_hash(key)[:8]}", key, compute)
         out.points.append({"params": point, "scores": {k: scored["metrics"].get(k, {}).get("value") for k in SCORES}})
-    shutil.rmtree(s.run.root / "stages" / SCRATCH_MERGE, ignore_errors=True)  # a full delta per point would fill the disk
+    s.run.discard(SCRATCH_MERGE)  # a full delta per point would fill the disk
     for p, on_front in zip(out.points, pareto_front([(p["scores"]["rel"], p["scores"]["loc"]) for p in out.points])):
         p["pareto"] = on_front
     out.seconds = time.perf_counter() - started
