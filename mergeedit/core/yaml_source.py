@@ -10,6 +10,7 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import MergeEditError
+from .paths import read_regular_bytes
 
 KeyPath = tuple[Any, ...]
 
@@ -52,13 +53,77 @@ def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> None:
             _walk(item, path + (i,), lines)
 
 
+MAX_YAML_BYTES = 64 << 20
+ALIAS_NODE_BUDGET = 10_000  # nodes reached again through aliases; a config reusing anchors needs a few hundred at most
+
+
 def _read_text(path: Path, what: str) -> str:
+    if not path.exists() and not path.is_symlink():
+        raise MergeEditError(f"{path}: {what} file not found; check the path")
     try:
-        return path.read_text()
-    except FileNotFoundError:
-        raise MergeEditError(f"{path}: {what} file not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        return read_regular_bytes(path, f"{what} file", MAX_YAML_BYTES).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise MergeEditError(f"{path}: cannot read the {what} file ({exc})") from None
+
+
+def check_alias_budget(root: yaml.Node, path: Path, what: str) -> None:
+    """Refuse a document whose aliases expand into more than ALIAS_NODE_BUDGET extra nodes (a "billion laughs" bomb
+    expands a few hundred bytes into billions of nodes): counted on the composed graph, stopping at the budget."""
+    distinct: set[int] = set()
+    stack = [root]
+    while stack:  # every node once: linear in the text
+        node = stack.pop()
+        if id(node) in distinct:
+            continue
+        distinct.add(id(node))
+        stack.extend(_children(node))
+    limit = len(distinct) + ALIAS_NODE_BUDGET
+    visits = 0
+    stack = [root]
+    while stack:  # every node as often as aliases repeat it, until the budget runs out
+        node = stack.pop()
+        visits += 1
+        if visits > limit:
+            line = root.start_mark.line + 1
+            raise MergeEditError(
+                f"{path}:{line}: the {what} uses YAML aliases (*name) that expand to more than {ALIAS_NODE_BUDGET:,} extra nodes; "
+                "write the repeated parts out or reuse fewer anchors"
+            )
+        stack.extend(_children(node))
+
+
+def _children(node: yaml.Node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _compose_all(text: str, path: Path, what: str) -> list:
+    """The documents' node graphs, each checked against the alias budget before anything is constructed from it."""
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        raise _syntax_error(path, exc) from None
+    except RecursionError:
+        raise MergeEditError(f"{path}: the {what} is nested too deeply to read; flatten it") from None
+    for node in nodes:
+        if node is not None:
+            check_alias_budget(node, path, what)
+    return nodes
+
+
+def _construct(node: yaml.Node, path: Path, what: str) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise _syntax_error(path, exc) from None
+    except RecursionError:
+        raise MergeEditError(f"{path}: the {what} is nested too deeply to read; flatten it") from None
+    finally:
+        loader.dispose()
 
 
 def _syntax_error(path: Path, exc: yaml.YAMLError) -> MergeEditError:
@@ -72,11 +137,11 @@ def load_yaml(path: Path | str, what: str = "config") -> YamlDocument:
     """Parse a YAML file, turning every failure into one clear line."""
     path = Path(path)
     text = _read_text(path, what)
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        raise _syntax_error(path, exc) from None
+    nodes = _compose_all(text, path, what)
+    if len(nodes) > 1:
+        raise MergeEditError(f"{path}: the {what} holds {len(nodes)} YAML documents (separated by ---); keep one")
+    node = nodes[0] if nodes else None
+    data = _construct(node, path, what) if node is not None else None
     if not isinstance(data, dict):
         raise MergeEditError(f"{path}: the {what} must be a YAML mapping of keys to values, got {type(data).__name__}")
     lines: dict[KeyPath, int] = {}
@@ -88,8 +153,9 @@ def load_yaml(path: Path | str, what: str = "config") -> YamlDocument:
 def count_yaml_documents(path: Path | str) -> int:
     """How many non-empty documents a YAML file holds (0 when it cannot be read or parsed: load_yaml then says why)."""
     try:
-        return sum(node is not None for node in yaml.compose_all(Path(path).read_text()))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        text = read_regular_bytes(Path(path), "config file", MAX_YAML_BYTES).decode("utf-8-sig")
+        return sum(node is not None for node in yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except (MergeEditError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         return 0
 
 
@@ -97,10 +163,7 @@ def load_yaml_documents(path: Path | str, what: str = "config") -> list[YamlDocu
     """Every non-empty document of a multi-document YAML file (`---` separated), each with its own line numbers."""
     path = Path(path)
     text = _read_text(path, what)
-    try:
-        pairs = [(data, node) for data, node in zip(yaml.safe_load_all(text), yaml.compose_all(text)) if node is not None]
-    except yaml.YAMLError as exc:
-        raise _syntax_error(path, exc) from None
+    pairs = [(_construct(node, path, what), node) for node in _compose_all(text, path, what) if node is not None]
     docs = []
     for data, node in pairs:
         if not isinstance(data, dict):

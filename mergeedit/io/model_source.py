@@ -7,12 +7,15 @@ Accepted: a Hugging Face folder (model.safetensors, or shards listed in model.sa
 
 from __future__ import annotations
 
-import json
+import errno
+import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..core.errors import MergeEditError
+from ..core.json_shape import MODEL_CONFIG, SAFETENSORS_INDEX, read_json
+from ..core.paths import contained_path, is_regular_file, kind_of, require_regular
 from .lora import LowRankUpdate, load_adapter, split_lora_ref
 from .pickle_import import PICKLE_SUFFIXES, import_pickled_folder
 from .safetensors_header import TensorInfo, read_header
@@ -52,33 +55,41 @@ def split_revision(ref: str) -> tuple[str, str | None]:
 
 def _load_config(folder: Path) -> dict | None:
     cfg = folder / "config.json"
-    if not cfg.is_file():
+    if not os.path.lexists(cfg):
         return None
-    try:
-        return json.loads(cfg.read_text())
-    except (OSError, ValueError) as exc:
-        raise MergeEditError(f"{cfg}: cannot parse config.json ({exc}); fix or remove the file") from None
+    return read_json(cfg, MODEL_CONFIG, what="model config.json", fix="fix or re-download the file")
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file), shape-checked."""
+    return read_json(index, SAFETENSORS_INDEX, what="safetensors index", fix="re-export or re-download the model")["weight_map"]
+
+
+def _regular_shards(folder: Path, files: list[Path]) -> list[Path]:
+    for f in files:
+        require_regular(f, "weight file")
+    return files
+
+
+def _folder_files(folder: Path, root: Path | None = None) -> list[Path]:
     index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise MergeEditError(f"{index}: not a valid safetensors index ({exc.__class__.__name__}: {exc}); re-export the model") from None
-        files = []
-        for name in dict.fromkeys(weight_map.values()):
-            f = folder / name
-            if not f.is_file():
+    if os.path.lexists(index):
+        weight_map = _read_index(index)
+        first_tensor: dict[str, str] = {}
+        for tensor, name in weight_map.items():
+            first_tensor.setdefault(name, tensor)
+        paths = []
+        for name, tensor in first_tensor.items():
+            f = contained_path(name, folder, source=index, what=f"weight_map entry for '{tensor}'", root=root)
+            if not os.path.lexists(f):
                 raise MergeEditError(f"{index}: lists shard '{name}', which is missing from {folder}; re-download the model")
-            files.append(f)
-        return files
-    if (folder / SINGLE_NAME).is_file():
-        return [folder / SINGLE_NAME]
+            paths.append(require_regular(f, "weight file"))
+        return paths
+    if os.path.lexists(folder / SINGLE_NAME):
+        return _regular_shards(folder, [folder / SINGLE_NAME])
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
-        return shards
+        return _regular_shards(folder, shards)
     pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickled:
         raise MergeEditError(
@@ -92,8 +103,14 @@ def _is_pickle_only(folder: Path) -> bool:
     return not any(folder.glob("*.safetensors")) and any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir())
 
 
-def open_local(ref: str, path: Path, allow_pickle: bool = False) -> ModelSource:
-    """Index a local folder or .safetensors file from its headers (a pickled folder only with `allow_pickle`)."""
+def open_local(ref: str, path: Path, allow_pickle: bool = False, root: Path | None = None) -> ModelSource:
+    """Index a local folder or .safetensors file from its headers (a pickled folder only with `allow_pickle`).
+
+    Shards an index names must lie inside the folder (`root`, when given: a hub cache repo whose snapshot links into
+    its blobs), after resolving symlinks; only regular files are read."""
+    path = Path(path)
+    if not path.is_dir() and not is_regular_file(path):
+        raise MergeEditError(f"{path}: the model is {kind_of(path)}; expected a model folder or a .safetensors file")
     if path.is_file():
         if path.suffix != ".safetensors":
             hint = " (pickled weights: point to their folder and pass --allow-pickle)" if path.suffix in PICKLE_SUFFIXES else ""
@@ -104,7 +121,7 @@ def open_local(ref: str, path: Path, allow_pickle: bool = False) -> ModelSource:
         if allow_pickle and path.is_dir() and _is_pickle_only(path):
             path = import_pickled_folder(path)
         folder = path
-        files = _folder_files(folder)
+        files = _folder_files(folder, root)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         found, _ = read_header(f)
@@ -113,10 +130,14 @@ def open_local(ref: str, path: Path, allow_pickle: bool = False) -> ModelSource:
                 raise MergeEditError(f"{folder}: tensor '{name}' appears in both {tensors[name].path.name} and {f.name}; the checkpoint is inconsistent")
             tensors[name] = info
     index = folder / INDEX_NAME
-    if path.is_dir() and index.is_file():
-        missing = set(json.loads(index.read_text())["weight_map"]) - set(tensors)
+    if path.is_dir() and os.path.lexists(index):
+        weight_map = _read_index(index)
+        missing = set(weight_map) - set(tensors)
         if missing:
             raise MergeEditError(f"{index}: lists tensor '{sorted(missing)[0]}' that no shard holds; re-download the model")
+        misplaced = next((n for n, f in weight_map.items() if tensors[n].path.name != PurePosixPath(f).name), None)
+        if misplaced is not None:
+            raise MergeEditError(f"{index}: says tensor '{misplaced}' is in '{weight_map[misplaced]}' but it is in {tensors[misplaced].path.name}; re-export the model")
     return ModelSource(ref=ref, path=path, tensors=tensors, config=_load_config(folder), files=files)
 
 
@@ -128,11 +149,23 @@ def open_model(ref: str, *, allow_download: bool = True, allow_pickle: bool = Fa
     path = Path(name).expanduser()
     if path.exists():
         return open_local(ref, path, allow_pickle=allow_pickle)
+    if os.path.lexists(path) or _ends_in_a_loop(path):
+        raise MergeEditError(f"model '{ref}': {path} is {kind_of(path)}; fix the link or give the model's real folder")
     if HUB_ID.match(name) and not name.startswith((".", "/")):
         from .hub import resolve_hub_model
 
-        return open_local(ref, resolve_hub_model(name, revision, allow_download=allow_download))
+        snapshot = resolve_hub_model(name, revision, allow_download=allow_download)
+        return open_local(ref, snapshot, root=snapshot.parent.parent if snapshot.parent.name == "snapshots" else None)
     raise MergeEditError(f"model '{ref}': no such file or folder, and not a hub id (org/name); check the path")
+
+
+def _ends_in_a_loop(path: Path) -> bool:
+    """Whether some part of `path` is a symlink loop (os.stat says ELOOP), which exists() reports as plain absence."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def _open_with_adapter(ref: str, *, allow_download: bool, allow_pickle: bool) -> ModelSource:

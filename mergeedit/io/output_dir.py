@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.errors import MergeEditError
+from ..core.paths import kind_of
 
 TMP_MARK = ".mergeedit-tmp-"
 TOKENIZER_FILES = (
@@ -24,21 +25,61 @@ def cache_root() -> Path:
     return Path(os.environ.get("MERGEEDIT_CACHE") or Path.home() / ".cache" / "mergeedit").expanduser()
 
 
-def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse outputs that would clobber something: an existing folder (without --overwrite) or an input's folder."""
-    out = out.resolve()
+def check_output_location(out: Path, inputs: list[Path], overwrite: bool, protect: tuple[Path, ...] = ()) -> None:
+    """Refuse outputs that would clobber something. Never an output: the current folder or a folder above it, an input
+    model's folder (or one inside or above it), a folder holding `protect` (the config file). An existing folder is
+    replaced only with --overwrite, and only when it is empty or mergeedit wrote it (its manifest lists exactly the
+    files there, at their sizes); anything else is refused with the reason."""
+    restore_interrupted_replacement(Path(out))
+    out = Path(out).absolute()
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        what = "the current folder" if resolved == cwd else f"a folder above the current folder {cwd}"
+        raise MergeEditError(f"{out}: the output folder is {what}; choose a new folder for the output")
     for src in inputs:
-        src = src.resolve()
-        if out == src or src in out.parents or out in src.parents:
+        src = Path(src).resolve()
+        if resolved == src or src in resolved.parents or resolved in src.parents:
             raise MergeEditError(f"{out}: the output folder overlaps the input model folder {src}; choose a separate output folder")
-    if out.exists() and not overwrite:
+    for keep in protect:
+        keep = Path(keep).resolve()
+        if resolved == keep or resolved in keep.parents:
+            raise MergeEditError(f"{out}: the output folder holds {keep}, which the merge reads; choose a separate output folder")
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise MergeEditError(f"{out}: exists and is not a folder ({kind_of(out)}); remove it or choose another path")
+    if not overwrite:
         raise MergeEditError(f"{out}: already exists; pass --overwrite to replace it or choose another folder")
-    if out.exists() and not out.is_dir():
-        raise MergeEditError(f"{out}: exists and is not a folder; remove it or choose another path")
+    problem = replaceable_problem(out)
+    if problem is not None:
+        raise MergeEditError(
+            f"{out}: --overwrite replaces only an empty folder or one mergeedit wrote, and {problem}; "
+            "move or delete it yourself, or choose another folder"
+        )
+
+
+def replaceable_problem(folder: Path) -> Optional[str]:
+    """Why `folder` is neither empty nor a mergeedit output whose manifest lists exactly its files; None if it is."""
+    from .integrity import MANIFEST, manifest_problem
+
+    try:
+        if not any(folder.iterdir()):
+            return None
+    except OSError as exc:
+        return f"it cannot be listed ({exc.strerror})"
+    if not os.path.lexists(folder / MANIFEST):
+        return f"it holds no {MANIFEST}, so it is not a mergeedit output"
+    problem = manifest_problem(folder, hash_files=False)
+    return None if problem is None else f"it does not match its {MANIFEST}: {problem}"
 
 
 class AtomicOutputDir:
-    """Context manager yielding a temporary folder that replaces `final` only when the block completes."""
+    """Context manager yielding a temporary folder that replaces `final` only when the block completes.
+
+    The old `final`, if any, stays in place until the new one takes its name: both are swapped in one atomic
+    renameat2(RENAME_EXCHANGE) where the file system has it; elsewhere the old folder is renamed aside first, to a name
+    no cleanup deletes (`.NAME.mergeedit-old-*`), and put back by the next run if the process dies in between."""
 
     def __init__(self, final: Path, adopt: Optional[Path] = None) -> None:
         self.final = Path(final).absolute()
@@ -46,6 +87,7 @@ class AtomicOutputDir:
         self.adopt = adopt  # an abandoned temporary sibling to continue (--resume) instead of starting empty
 
     def __enter__(self) -> Path:
+        restore_interrupted_replacement(self.final)
         if self.adopt is not None:
             os.rename(self.adopt, self.tmp)  # now owned by this (live) process, so the cleanup below spares it
         remove_stale_siblings(self.final)
@@ -74,30 +116,68 @@ class AtomicOutputDir:
                 _fsync_dir(f)  # data of every file (and every folder's entries) on disk before the rename publishes them
         self.tmp.chmod(0o755)
         _fsync_dir(self.tmp)
-        trash = None
-        if self.final.exists():
-            trash = self.final.parent / f".{self.final.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.final, trash)
+        if os.path.lexists(self.final) and _exchange(self.tmp, self.final):
+            _fsync_dir(self.final.parent)  # the new output is in place; self.tmp now holds the old one
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if os.path.lexists(self.final):
+            old = self.final.parent / f".{self.final.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
+            os.rename(self.final, old)
         os.rename(self.tmp, self.final)
         _fsync_dir(self.final.parent)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+OLD_MARK = ".mergeedit-old-"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the system or file system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def restore_interrupted_replacement(final: Path) -> None:
+    """A run that died between renaming the previous output aside and renaming the new one in leaves `final` missing and
+    the previous output at `.NAME.mergeedit-old-*`: put the newest such folder back under its name."""
+    final = Path(final).absolute()
+    if os.path.lexists(final) or not final.parent.is_dir():
+        return
+    prefixes = (f".{final.name}{OLD_MARK}", f".{final.name}{TMP_MARK}old-")  # the second: the name earlier versions gave it
+    olds = [p for p in final.parent.iterdir() if p.name.startswith(prefixes) and p.is_dir() and not p.is_symlink()]
+    if olds:
+        newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
+        os.rename(newest, final)
 
 
 def remove_stale_siblings(final: Path) -> None:
-    """Delete temporary folders left next to `final` by runs that were killed (their process no longer exists)."""
+    """Delete temporary folders left next to `final` by runs that were killed (their process no longer exists).
+
+    Only `.NAME.mergeedit-tmp-<pid>-<id>` folders qualify, and only when no process `pid` lives: a previous output set
+    aside during a replacement (`.NAME.mergeedit-old-*`) is never one of them."""
     prefix = f".{final.name}{TMP_MARK}"
     if not final.parent.is_dir():
         return
     for p in final.parent.iterdir():
-        if p.name.startswith(prefix) and is_abandoned(p, prefix):
+        if p.name.startswith(prefix) and is_abandoned(p, prefix) and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
 
 
 def is_abandoned(p: Path, prefix: str) -> bool:
-    """A temporary sibling whose writing process no longer exists."""
-    pid = p.name[len(prefix):].split("-")[0]
-    return not (pid.isdigit() and _alive(int(pid)))
+    """A temporary sibling written by a process (its pid is in the name) that no longer exists."""
+    pid, sep, rest = p.name[len(prefix):].partition("-")
+    return pid.isdigit() and bool(sep) and bool(rest) and not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:

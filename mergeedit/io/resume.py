@@ -15,6 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from ..core.errors import MergeEditError
+from ..core.json_shape import JOURNAL as JOURNAL_SHAPE
+from ..core.json_shape import read_json
+from ..core.paths import containment_problem, is_regular_file
 from .integrity import sha256_file
 from .output_dir import TMP_MARK, is_abandoned
 
@@ -59,11 +63,16 @@ class Journal:
 
 
 def read_journal(folder: Path) -> Optional[dict]:
-    try:
-        data = json.loads((Path(folder) / JOURNAL).read_text())
-    except (OSError, ValueError):
+    """A temporary folder's journal, or None when it has none or one of the wrong shape (that folder is not resumed:
+    a journal is only ever trusted for what it can prove, and its shard names must be plain files of that folder)."""
+    path = Path(folder) / JOURNAL
+    if not os.path.lexists(path):
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("shards"), dict):
+    try:
+        data = read_json(path, JOURNAL_SHAPE, what="resume journal", fix="it is ignored")
+    except MergeEditError:
+        return None
+    if any(containment_problem(name, folder) or "/" in name for name in data["shards"]):
         return None
     return data
 
@@ -88,7 +97,7 @@ def verified_prefix(folder: Path, shard_names: list[str], claimed: dict[str, str
     for name in shard_names:
         digest = claimed.get(name)
         path = Path(folder) / name
-        if digest is None or not path.is_file() or sha256_file(path) != digest:
+        if digest is None or path.is_symlink() or not is_regular_file(path) or sha256_file(path) != digest:
             break
         kept[name] = digest
     return kept

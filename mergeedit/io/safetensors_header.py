@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import MergeEditError
+from ..core.paths import open_regular
 from .dtypes import SAFETENSORS_TO_TORCH, itemsize
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
@@ -94,8 +95,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read only the header of `path`: 8 bytes plus the JSON, whatever the file's size."""
     path = Path(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path, "safetensors file") as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise _bad(path, f"file has {size} bytes, fewer than the 8-byte header length")

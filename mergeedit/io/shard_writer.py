@@ -169,14 +169,23 @@ class DirectFile:
             os.close(self.fd)
             self.fd = -1
         if self._map is not None:
-            self._stage.release()
-            self._map.close()
+            stage, mapping = self._stage, self._map
             self._map = self._stage = None
+            try:
+                stage.release()
+                mapping.close()
+            except BufferError:
+                # A failed write (a full disk) left slices of the stage alive in its traceback; the mapping is unmapped
+                # when the last of them goes, so dropping our references is all that is left to do.
+                pass
 
 
 def _write_all(fd: int, view: memoryview) -> None:
     while view:
-        view = view[os.write(fd, view) :]
+        n = os.write(fd, view)
+        if n <= 0:  # a file system that takes no more bytes without saying why: treat it as full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]
 
 
 class ShardWriter:

@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..core.errors import MergeEditError
 from ..core.memory import default_budget
-from ..io.integrity import OutputLock, check_free_space, is_disk_full, write_manifest
+from ..io.integrity import OutputLock, check_free_space, write_errors_named, write_manifest
 from ..io.output_dir import GENERATION_FILES, TOKENIZER_FILES, AtomicOutputDir, check_output_location, copy_files, write_json
 from ..io.resume import Journal, find_resumable, fingerprint, verified_prefix
 from ..io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards, stage_size
@@ -146,10 +146,11 @@ def write_tokenizer(plan: MergePlan, folder: Path, copy_tokenizer: bool) -> None
 def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress: Optional[ProgressCallback] = None) -> ExecutionReport:
     every_plan = [plan] + [p for _, p in upstream_merges(plan)]
     folders = [m.folder for p in every_plan for m in p.models if not isinstance(m, ComputedModel)]  # intermediates have none
-    check_output_location(out_dir, folders, options.overwrite)
+    config_files = [p.doc.path for p in every_plan if p.doc.path.is_file()]
+    check_output_location(out_dir, folders, options.overwrite, protect=tuple(config_files))
     shards = layout_shards(output_entries(plan), options.out_shard_size)
     check_free_space(out_dir, sum(s.nbytes for s in shards))
-    try:
+    with write_errors_named(out_dir, "merge"):
         with OutputLock(out_dir):
             key = plan_fingerprint(plan, shards)
             adopt, claimed = find_resumable(out_dir, key) if options.resume else (None, {})
@@ -176,8 +177,4 @@ def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress:
                 if options.save_config and plan.doc.path.is_file():
                     (tmp / "mergekit_config.yml").write_text(plan.doc.path.read_text())
                 write_manifest(tmp, writer.digests)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise MergeEditError(f"{out_dir}: the disk filled up while writing; the partial output was removed; free space or choose another folder") from None
-        raise
     return report
