@@ -408,12 +408,20 @@ def main() -> None:
         console.print("[bold red]interrupted:[/] nothing was written to the output folder", highlight=False)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence
-        import click
+        # Usage mistakes (unknown command or option, missing argument): the usage line, the did-you-mean, exit 2.
+        # typer >= 0.20 raises its own copies of click's classes (typer._click), older typers raise click's: both.
+        usage: tuple[type, ...] = (typer.TyperException,)
+        aborts: tuple[type, ...] = (typer.Abort,)
+        try:
+            import click
 
-        if isinstance(exc, click.exceptions.ClickException):
+            usage, aborts = (*usage, click.exceptions.ClickException), (*aborts, click.exceptions.Abort)
+        except ImportError:  # typer >= 0.20 does not need click
+            pass
+        if isinstance(exc, usage) and callable(getattr(exc, "show", None)):
             exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(getattr(exc, "exit_code", 2))
+        if isinstance(exc, aborts):
             sys.exit(130)
         if os.environ.get("MERGEEDIT_DEBUG"):
             raise

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -221,6 +223,13 @@ def write_adapter(folder: Path, base: Path, r: int = 2, alpha: float = 6.0, **cf
     return pairs
 
 
+def folded(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A written plainly as the fold defines it: per element, the float64 products B[i, k] * A[k, j]
+    added in order k = 0, 1, ..., times scale, plus W, rounded once to W's dtype."""
+    terms = [b[:, k : k + 1].double() * a[k : k + 1].double() for k in range(a.shape[0])]
+    return (functools.reduce(torch.add, terms) * scale + w.double()).to(w.dtype)
+
+
 @pytest.mark.parametrize("rslora, budget", [(False, None), (False, "3K"), (True, None)])
 def test_lora_fold_equals_w_plus_scaled_ba(models, tmp_path, run_cli, rslora, budget):
     pairs = write_adapter(tmp_path / "adapter", models["base"], use_rslora=rslora)
@@ -233,9 +242,44 @@ def test_lora_fold_equals_w_plus_scaled_ba(models, tmp_path, run_cli, rslora, bu
     for name, tensor in base.items():
         if name in pairs:
             a, b = pairs[name]
-            assert torch.equal(merged[name], tensor + (b @ a) * scale), name
+            assert torch.equal(merged[name], folded(tensor, a, b, scale)), name
+            # and it is peft's W + scale * B @ A up to the float32 matmul's own rounding
+            torch.testing.assert_close(merged[name], tensor + (b @ a) * scale, rtol=1e-6, atol=1e-6)
         else:
             assert torch.equal(merged[name], tensor), name
+
+
+def test_lora_fold_bytes_do_not_depend_on_rows_threads_or_budget(models, tmp_path, run_cli):
+    """Row chunks of every size (budgets that cut the folded tensors at different rows), 1 and 2 torch threads: the
+    same bytes. The fold is elementwise float64 in a fixed order, so no BLAS kernel choice can enter."""
+    from mergeedit.io.lora import low_rank_product
+
+    gen = torch.Generator().manual_seed(11)
+    a, b = torch.randn(5, 37, generator=gen), torch.randn(29, 5, generator=gen) * 1e-3
+    whole = low_rank_product(b, a, 0.7)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for step in (1, 2, 3, 7, 29):
+                parts = torch.cat([low_rank_product(b[i : i + step], a, 0.7) for i in range(0, 29, step)])
+                assert torch.equal(parts, whole), (n, step)
+    finally:
+        torch.set_num_threads(threads)
+
+    write_adapter(tmp_path / "adapter", models["base"], r=8)
+    cfg = write_config(tmp_path, f"merge_method: passthrough\nmodels:\n  - model: {models['base']}+{tmp_path / 'adapter'}\n")
+    outputs, chunked = {}, {}
+    for budget in ("1G", "40K", "11K", "3K", "1K"):
+        dry = run_cli("merge", cfg, tmp_path / budget, "--memory-budget", budget, "--dry-run")
+        chunked[budget] = int(re.search(r"(\d+) tensor\(s\) in row chunks", dry.stdout).group(1))
+        assert run_cli("merge", cfg, tmp_path / budget, "--memory-budget", budget).code == 0
+        outputs[budget] = load_state_dict(tmp_path / budget)
+    assert chunked["1G"] == 0 and len(set(chunked.values())) >= 3, chunked  # the budgets really cut differently
+    reference = outputs.pop("1G")
+    for budget, state in outputs.items():
+        for name in TARGETS:
+            assert torch.equal(state[f"{name}.weight"], reference[f"{name}.weight"]), (budget, name)
 
 
 def test_lora_merge_loads_with_transformers(models, tmp_path, run_cli):
@@ -266,7 +310,7 @@ def test_lora_fan_in_fan_out_reads_transposed_weights(tmp_path):
         stored = StoredTensor(tensors["h.0.attn.c_attn.weight"], update)
         whole = read_input(reader, stored, None, None)
         rows = read_input(reader, stored, None, (2, 5))
-    assert torch.equal(whole, w + (b @ a).t())
+    assert torch.equal(whole, folded(w.t(), a, b, 1.0).t())
     assert torch.equal(rows, whole[2:5])
 
 

@@ -1,9 +1,15 @@
 """PEFT LoRA adapters folded into their base weights on load: W' = W + scale * B @ A, one tensor (or row range) at a time.
 
 mergekit folds `model+adapter` references by loading both with peft and writing a merged copy; we read the adapter's
-safetensors directly and apply the update while streaming, so nothing is copied and no pickle is ever loaded. The
-arithmetic follows peft's LoraLayer.merge: the update is computed in float32 and added to the weight in float32, then
-rounded to the weight's stored dtype. scale is lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA.
+safetensors directly and apply the update while streaming, so nothing is copied and no pickle is ever loaded.
+
+The arithmetic follows peft's LoraLayer.merge (W + scale * B @ A, rounded once to the weight's stored dtype; scale is
+lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA), but the product is not a BLAS matmul: a matmul's low bits depend on
+how many rows it is given and on the CPU's kernels (MKL's AVX2 kernels gave different bits for a few rows of B @ A than
+for the whole product), so a fold done per row chunk would make the bytes depend on the memory budget. Each element is
+instead the float64 sum, in the fixed order k = 0 .. r-1, of B[i, k] * A[k, j] (each product of two float32 values is
+exact in float64), times scale, plus W[i, j], all in float64 and rounded once: elementwise IEEE operations only, so an
+element's bits depend on nothing but its own inputs, whatever the rows, the threads or the processor.
 """
 
 from __future__ import annotations
@@ -38,17 +44,45 @@ class LowRankUpdate:
         return self.a.nbytes + self.b.nbytes
 
     def delta_rows(self, read: Callable[..., torch.Tensor], rows: Optional[tuple[int, int]]) -> torch.Tensor:
-        """scale * (B @ A) for rows [a, b) of W (all rows when None), in float32. `read(info, rows)` is the reader's: only
-        the rows of B that W's rows need are read (with fan_in_fan_out, W's rows are columns of A, so A is sliced)."""
+        """scale * (B @ A) for rows [a, b) of W (all rows when None), in float64, split-invariant (see the module
+        docstring). `read(info, rows)` is the reader's: only the rows of B that W's rows need are read (with
+        fan_in_fan_out, W's rows are columns of A, so A is sliced)."""
         if self.fan_in_fan_out:  # W stores the transpose: its rows are input features, i.e. columns of A
-            a, b = read(self.a, None).float(), read(self.b, None).float()
-            return (b @ (a if rows is None else a[:, rows[0] : rows[1]])).t() * self.scale
-        return (read(self.b, rows).float() @ read(self.a, None).float()) * self.scale
+            a, b = read(self.a, None), read(self.b, None)
+            a = a if rows is None else a[:, rows[0] : rows[1]]
+            return low_rank_product(a.t(), b.t(), self.scale)  # (B @ A).t() = A.t() @ B.t()
+        return low_rank_product(read(self.b, rows), read(self.a, None), self.scale)
 
     @staticmethod
     def fold_into(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """weight += delta, added in float32 and rounded once to the weight's dtype (as peft's merge does); in place."""
-        return weight.copy_(delta.add_(weight))
+        """weight += delta, added in float64 and rounded once to the weight's dtype; in place."""
+        return weight.copy_(delta.add_(weight.to(torch.float64)))
+
+
+FOLD_BLOCK = 1 << 16  # float64 elements of the product computed at a time (512 KiB: the r passes stay in cache)
+
+
+def low_rank_product(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * (left @ right) in float64 as elementwise operations in a fixed order: out[i, j] = (sum over k = 0 .. r-1,
+    in that order, of left[i, k] * right[k, j]) * scale. No BLAS: every element's bits depend only on its own inputs
+    (not on how many rows are computed together, the thread count or the CPU), so row chunks give the bytes of the
+    whole. Computed a few rows at a time so the r accumulation passes run in cache."""
+    left, right = left.to(torch.float64), right.to(torch.float64)
+    rows, r = left.shape
+    cols = right.shape[1]
+    out = torch.empty(rows, cols, dtype=torch.float64)
+    if r == 0 or rows == 0:
+        return out.zero_()
+    step = max(1, FOLD_BLOCK // max(cols, 1))
+    term = torch.empty(min(step, rows), cols, dtype=torch.float64)
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        acc, tmp = out[a:b], term[: b - a]
+        torch.mul(left[a:b, 0:1], right[0:1], out=acc)
+        for k in range(1, r):
+            acc.add_(torch.mul(left[a:b, k : k + 1], right[k : k + 1], out=tmp))
+        acc.mul_(scale)
+    return out
 
 
 def split_lora_ref(ref: str) -> tuple[str, Optional[str]]:

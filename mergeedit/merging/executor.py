@@ -334,13 +334,13 @@ class Executor:
         budget: int,
         progress: Optional[ProgressCallback] = None,
         lookahead: int = 2,
-        block: int = DEFAULT_BLOCK,
+        block: Optional[int] = None,
         kernels: str = "auto",
         direct_reads: bool = True,
     ) -> None:
         self.kernels = check_kernels(kernels)
         self.plan = plan
-        self.block = block
+        self.block = block or DEFAULT_BLOCK  # read here, not at import: tests vary it (the bytes must not depend on it)
         self.writer = writer
         # Bytes in flight get most of the budget; buffers kept for reuse get the rest.
         self.budget_total = budget

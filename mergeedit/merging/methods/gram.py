@@ -18,6 +18,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from .ordered import ordered_sum
 from .spec import MergeInputs
 
 Grouping = Literal["tensor", "last_axis", "first_axis"]
@@ -100,8 +101,10 @@ class GramStatistics:
         base = xs[self.base].to(torch.float64) if self.base is not None else None
         v = torch.stack([xs[i].to(torch.float64) - base if base is not None else xs[i].to(torch.float64) for i in self.vectors])
         ids = group_ids(self.shape, self.grouping, block.offset, v.shape[1])
-        if ids is None:
-            self._sums[:, :, 0] += v @ v.T
+        if ids is None:  # element order, not a BLAS product: the same additions however the tensor is cut
+            for a in range(len(self.vectors)):
+                for b in range(a + 1):
+                    self._sums[a, b, 0] = ordered_sum(v[a] * v[b], float(self._sums[a, b, 0]))
             return
         for a in range(len(self.vectors)):
             for b in range(a + 1):

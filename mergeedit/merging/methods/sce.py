@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .ordered import ordered_sum
 from .selection import KthLargest, magnitude_bits
 from .spec import MergeInputs, MergeMethod, Param
 
@@ -75,7 +76,7 @@ class SceStatistics:
             return
         self.apply_selection(tvs)
         for i in range(self.models):
-            self.sum_squares[i] += float(tvs[i].square().sum(dtype=torch.float64))
+            self.sum_squares[i] = ordered_sum(tvs[i].square(), self.sum_squares[i])  # element order
 
     def end_pass(self, pass_index: int) -> None:
         if self.select is None or pass_index >= 2 or self.keep_none:

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ...core.errors import MergeEditError
+from .ordered import ordered_sum
 from .seeded_random import derive_seed, seeded_uniform
 from .selection import KthLargest, magnitude_bits
 from .spec import MergeInputs, Param
@@ -102,8 +103,8 @@ class MaskStatistics:
                             (sel.observe_high if pass_index == 0 else sel.observe_low)(bits)
                     continue
                 a = d.abs()
-                self.before[j] += float(a.sum(dtype=torch.float64))
-                self.after[j] += float((a * self.sparsifier.keep(part, j, d)).sum(dtype=torch.float64))
+                self.before[j] = ordered_sum(a, self.before[j])  # element order: the same sum however it is cut
+                self.after[j] = ordered_sum(a * self.sparsifier.keep(part, j, d), self.after[j])
 
     def end_pass(self, pass_index: int) -> None:
         if not self.selecting or pass_index >= 2:

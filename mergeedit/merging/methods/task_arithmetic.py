@@ -16,6 +16,7 @@ from typing import Callable, Literal, Optional, Protocol, Union
 import torch
 
 from . import fused, seeded_random
+from .ordered import ordered_sum
 from .seeded_random import derive_seed
 from .selection import KthLargest, float_of_bits, magnitude_bits
 from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
@@ -99,11 +100,10 @@ def _divisor(weights: list[float]) -> float:
     return total if abs(total) >= 1e-8 else 1.0
 
 
-def _l1(a: torch.Tensor) -> float:
-    """Sum of a block of magnitudes in float64: a float32 sum is 3.5x cheaper here, but its rounding would depend on
-    where blocks start, and row chunks start blocks elsewhere than a whole tensor does (the bytes must not depend on
-    the memory budget)."""
-    return float(a.sum(dtype=torch.float64))
+def _l1(a: torch.Tensor, start: float = 0.0) -> float:
+    """start + the block's magnitudes, added in element order in float64 (ordered.py): the same additions however
+    the budget cuts the tensor into row chunks and blocks, whatever the threads or the CPU."""
+    return ordered_sum(a, start)
 
 
 @dataclass
@@ -149,10 +149,10 @@ class DeltaStatistics:
             d = task_delta(block, j)
             sel = self.selectors[j]
             if first and self.rescale:
-                self.before[j] += _l1(d.abs())
+                self.before[j] = _l1(d.abs(), self.before[j])
             if phase == "after":
                 keep = magnitude_bits(d) >= sel.threshold_bits
-                self.after[j] += _l1(d.abs() * keep)
+                self.after[j] = _l1(d.abs() * keep, self.after[j])
             elif not sel.done:
                 bits = magnitude_bits(d)
                 {"band": sel.observe_band, "high": sel.observe_high, "low": sel.observe_low}[phase](bits)
@@ -171,8 +171,8 @@ class DeltaStatistics:
             return
         for j in self.sparse:
             a = task_delta(block, j).abs_()
-            self.before[j] += _l1(a)
-            self.after[j] += _l1(a.mul_(random_keep(block, j)))
+            self.before[j] = _l1(a, self.before[j])
+            self.after[j] = _l1(a.mul_(random_keep(block, j)), self.after[j])
 
     def end_pass(self, pass_index: int) -> None:
         if self.sparsify != "magnitude":

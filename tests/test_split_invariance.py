@@ -1,0 +1,104 @@
+"""The bytes of a merge do not depend on the memory budget, the block size, the number of row chunks or the thread
+count: every merge method (and LoRA folds, tests/test_tokenizer_lora.py) is run whole and cut in other places, and
+the output files must be identical. Whole-tensor statistics add in element order (methods/ordered.py), so the run
+that cuts a tensor at other rows adds the same numbers in the same order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import write_config
+
+from mergeedit.merging import executor
+from mergeedit.merging.merge import MergeOptions, load_plan, write_merge
+from mergeedit.merging.methods import METHODS
+from mergeedit.merging.methods.ordered import ordered_row_sums, ordered_sum
+
+
+def _models(names, params=None):
+    params = params or {}
+    return "".join(f"  - model: @{n}\n" + (f"    parameters: {params[n]}\n" if n in params else "") for n in names)
+
+
+W = {"a": "{weight: 0.6, density: 0.4}", "b": "{weight: 0.3, density: 0.7}", "c": "{weight: 0.5, density: 0.55}"}
+CONFIGS = {
+    "linear": ("models:\n" + _models("abc", {k: "{weight: %s}" % w for k, w in zip("abc", (0.6, 0.3, 0.5))}), ""),
+    "task_arithmetic": ("base_model: @base\nmodels:\n" + _models("abc", W), "parameters: {lambda: 0.9}\n"),
+    "ties": ("base_model: @base\nmodels:\n" + _models("abc", W), "parameters: {rescale: true}\n"),
+    "dare_ties": ("base_model: @base\nmodels:\n" + _models("abc", W), ""),
+    "dare_linear": ("base_model: @base\nmodels:\n" + _models("abc", W), ""),
+    "breadcrumbs": ("base_model: @base\nmodels:\n" + _models("abc", W), "parameters: {gamma: 0.05}\n"),
+    "breadcrumbs_ties": ("base_model: @base\nmodels:\n" + _models("abc", W), "parameters: {gamma: 0.05, rescale: true}\n"),
+    "della": ("base_model: @base\nmodels:\n" + _models("abc", W), ""),
+    "della_linear": ("base_model: @base\nmodels:\n" + _models("abc", W), ""),
+    "sce": ("base_model: @base\nmodels:\n" + _models("abc"), "parameters: {select_topk: 0.5}\n"),
+    "slerp": ("base_model: @base\nmodels:\n" + _models(["base", "a"]), "parameters: {t: 0.3}\n"),
+    "nuslerp": ("base_model: @base\nmodels:\n" + _models("ab", {"a": "{weight: 0.3}", "b": "{weight: 0.9}"}), "parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n"),
+    "multislerp": ("base_model: @base\nmodels:\n" + _models("abc", {k: "{weight: %s}" % w for k, w in zip("abc", (0.6, 0.3, 0.5))}), ""),
+    "karcher": ("models:\n" + _models("abc"), ""),
+    "model_stock": ("base_model: @base\nmodels:\n" + _models("abc"), "parameters: {filter_wise: true}\n"),
+    "passthrough": ("models:\n" + _models("a", {"a": "{scale: 0.7}"}), ""),
+    "ram": ("base_model: @base\nmodels:\n" + _models("abc"), "parameters: {epsilon: 0.2}\n"),
+    "ramplus_tl": ("base_model: @base\nmodels:\n" + _models("abc"), "parameters: {epsilon: 0.2, r: 0.5, alpha: 1.0}\n"),
+    "nearswap": ("base_model: @base\nmodels:\n" + _models("a"), "parameters: {t: 0.3}\n"),
+    "arcee_fusion": ("base_model: @base\nmodels:\n" + _models("a"), ""),
+}
+# (memory budget, elements per block, torch threads): the first is the reference (whole tensors, default blocks)
+RUNS = [(1 << 30, None, 1), (1 << 30, 997, 2), (9_000, None, 2), (5_000, 331, 1), (2_500, None, 1)]
+
+
+def test_every_method_has_a_case():
+    assert set(CONFIGS) == set(METHODS)
+
+
+def _merge(cfg, out, budget, block, threads, monkeypatch):
+    monkeypatch.setattr(executor, "DEFAULT_BLOCK", block or (1 << 18))
+    monkeypatch.setattr(executor, "math_threads", lambda with_statistics=False: threads)
+    opts = MergeOptions(memory_budget=budget, fsync=False, random_seed=5)
+    plan = load_plan(cfg, opts)
+    cuts = tuple(tuple(s.chunks) for s in executor.schedule_plan(plan, budget) if len(s.chunks) > 1)
+    write_merge(plan, out, opts)
+    return cuts, {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_bytes_do_not_depend_on_budget_blocks_or_threads(method, dtype, models, tmp_path, monkeypatch):
+    head, tail = CONFIGS[method]
+    text = f"merge_method: {method}\n{head}{tail}dtype: {dtype}\n"
+    for key in ("base", "a", "b", "c"):
+        text = text.replace(f"@{key}\n", f"{models[key]}\n")
+    cfg = write_config(tmp_path, text)
+    outputs, chunked = [], []
+    for i, (budget, block, threads) in enumerate(RUNS):
+        cuts, files = _merge(cfg, tmp_path / f"out{i}", budget, block, threads, monkeypatch)
+        outputs.append(files)
+        chunked.append(cuts)
+    assert not chunked[0] and all(chunked[2:]) and len(set(chunked[2:])) == 3  # the small budgets cut, at different rows
+    for i, files in enumerate(outputs[1:], 1):
+        assert files == outputs[0], (method, dtype, RUNS[i])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ordered_sums_are_the_sequential_sums(threads):
+    """torch.cumsum over a 1-D float64 tensor is the plain left-to-right scan: the same bits as a Python loop, with 1
+    or 2 threads, and a running total carried over any cut gives the whole's bits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(70_001, generator=g, dtype=torch.float64) * torch.rand(70_001, generator=g, dtype=torch.float64).pow(6) * 1e4
+        loop = 0.25
+        for v in x.tolist():
+            loop += v
+        assert ordered_sum(x, 0.25) == loop
+        assert float(x.sum()) + 0.25 != loop  # the precondition: torch's own sum adds in another order here
+        for cuts in ([5, 33_000], [1, 2, 3, 65_536], list(range(0, 70_001, 4099))):
+            total = 0.25
+            for a, b in zip([0, *cuts], [*cuts, x.numel()]):
+                total = ordered_sum(x[a:b], total)
+            assert total == loop, cuts
+        rows = x[:70_000].view(7, 10_000)
+        assert torch.equal(ordered_row_sums(rows)[3:4], ordered_row_sums(rows[3:4]))
+    finally:
+        torch.set_num_threads(before)
