@@ -104,17 +104,18 @@ def test_full_kl_equals_the_plain_formula_and_top_k_never_exceeds_it(toy_folder)
     with torch.no_grad():
         post.model.layers[1].mlp.down_proj.weight.add_(0.5 * torch.randn(post.model.layers[1].mlp.down_proj.weight.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     # plain reference: sum_v p(v) (log p(v) - log q(v)) at every predicted position, one sequence at a time
-    terms = []
-    for s in SEQS:
-        ids = torch.tensor([s])
-        p = torch.log_softmax(base(ids).logits[0, :-1], -1)
-        q = torch.log_softmax(post(ids).logits[0, :-1], -1)
-        terms.append((p.exp() * (p - q)).sum(-1))
-    reference = torch.cat(terms).mean()
-    got = full.kl(post, 0)
-    assert float(reference) > 1e-3
-    assert torch.allclose(got, reference, rtol=1e-9, atol=0)
-    assert 0 < float(top.kl(post, 0)) <= float(got)
+    with torch.no_grad():
+        terms = []
+        for s in SEQS:
+            ids = torch.tensor([s])
+            p = torch.log_softmax(base(ids).logits[0, :-1], -1)
+            q = torch.log_softmax(post(ids).logits[0, :-1], -1)
+            terms.append((p.exp() * (p - q)).sum(-1))
+        reference = torch.cat(terms).mean()
+        got = full.kl(post, 0)
+        assert float(reference) > 1e-3
+        assert torch.allclose(got, reference, rtol=1e-9, atol=0)
+        assert 0 < float(top.kl(post, 0)) <= float(got)
 
 
 def test_coarsened_kl_by_hand():
