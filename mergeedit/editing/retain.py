@@ -1,0 +1,293 @@
+"""Retain regularisation: a ``weight * KL(base || current)`` term on unrelated text, mixed into a training step.
+
+Editing should change a few facts and nothing else. This term keeps the edited model's next-token distributions on a
+set of generic texts (the *retain set*) close to the unedited model's:
+
+    loss_retain(step) = weight * mean over the predicted positions p of the mini-batch of KL(base_p || current_p)
+
+The base side is computed once, from the unedited model, before training starts (`RetainKL.build`); each training
+step then calls ``retain(model, step)`` and adds the returned differentiable scalar to its own loss. The mini-batches
+are fixed at build time (texts sorted by token length, then cut into groups of ``batch_size``) and step ``s`` uses
+group ``s % len(retain)``, so a run is reproducible and every text is visited once per ``len(retain)`` steps.
+
+Memory is bounded by keeping only the base's top-k next tokens at each position (``top_k``, default 64) plus the
+probability mass of everything else ("the rest" bucket). The KL is then the exact KL between the two distributions
+coarsened to those k + 1 outcomes:
+
+    KL_k = sum_{v in top-k} p_b(v) (log p_b(v) - log p_c(v)) + r_b (log r_b - log r_c),   r = 1 - sum_{top-k} p
+
+which is 0 when the model equals the base, never exceeds the full KL (the coarsening can only lose information) and
+has the same minimum. ``top_k=None`` keeps the full distribution (exact KL; [positions, vocab] float32 in memory,
+refused above ``max_reference_bytes``). On SmolLM2-135M-Instruct the top-64 tokens of the base hold most of the mass
+on its own continuations (benchmarks/retain_kl.py measures the share and the cost per step).
+
+The retain set must not be the set the drift metric is scored on (mergeedit.evaluation.drift, data/drift/): training
+on the evaluation texts would make the drift figure meaningless. `load_retain_texts` refuses a file that shares a
+prompt or a text with the drift set (by default the shipped data/drift/generic.jsonl; the caller passes the run's own
+drift file when it uses another one).
+
+For the term to be exactly 0 before the first optimizer step, the base must be computed with the model in the same
+precision (and on the same device) as the training forward passes; under bf16 autocast, build it under the same
+autocast.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..core.errors import MergeEditError
+from ..core.text_files import read_jsonl_lines, read_text_file
+from .tokens import pad_sequences
+
+__all__ = [
+    "DEFAULT_RETAIN_TEXTS",
+    "DRIFT_EVAL_TEXTS",
+    "RetainTexts",
+    "RetainKL",
+    "load_retain_texts",
+    "check_disjoint",
+    "coarsened_kl",
+]
+
+_DATA = Path(__file__).resolve().parents[2] / "data"
+DEFAULT_RETAIN_TEXTS = _DATA / "retain" / "retain.jsonl"
+# The shipped drift-evaluation set (mergeedit.evaluation.drift.DEFAULT_DRIFT_TEXTS; editing may not import evaluation).
+DRIFT_EVAL_TEXTS = _DATA / "drift" / "generic.jsonl"
+
+
+@dataclass(frozen=True)
+class RetainTexts:
+    """Generic texts to keep unchanged; ``prompts`` are kept only to check the set against the drift set."""
+
+    prompts: list[str]
+    texts: list[str]
+    source: str = ""
+
+
+def _read_pairs(path: Path, what: str) -> RetainTexts:
+    prompts, texts = [], []
+    for n, row in read_jsonl_lines(path, read_text_file(path, what)):
+        if not isinstance(row, dict) or not row.get("text"):
+            raise MergeEditError(f"{path}:{n}: a {what} line needs a non-empty 'text' key (and optionally 'prompt'): {{\"prompt\": ..., \"text\": ...}}")
+        texts.append(str(row["text"]))
+        if row.get("prompt"):
+            prompts.append(str(row["prompt"]))
+    if not texts:
+        raise MergeEditError(f"{path}: the {what} holds no line; write one {{\"prompt\": ..., \"text\": ...}} JSON object per line")
+    return RetainTexts(prompts, texts, str(path))
+
+
+def check_disjoint(retain: RetainTexts, evaluation: RetainTexts) -> None:
+    """Raise a one-line MergeEditError when the retain set shares a prompt or a text with the evaluation set."""
+    for kind, ours, theirs in (("prompt", retain.prompts, evaluation.prompts), ("text", retain.texts, evaluation.texts)):
+        shared = [x for x in dict.fromkeys(ours) if x in set(theirs)]
+        if shared:
+            raise MergeEditError(
+                f"{retain.source or 'retain set'}: shares {len(shared)} {kind}(s) with the drift evaluation set {evaluation.source} "
+                f"(first: {shared[0][:60]!r}); training on the evaluation texts makes the drift figure meaningless: "
+                f"use another retain file (the shipped one is {DEFAULT_RETAIN_TEXTS.relative_to(_DATA.parent)})"
+            )
+
+
+def load_retain_texts(
+    path: Optional[Union[Path, str]] = None, *, drift_texts: Sequence[Union[Path, str]] = (DRIFT_EVAL_TEXTS,)
+) -> RetainTexts:
+    """Read a retain JSONL of ``{"prompt", "text"}`` lines (default: the shipped data/retain/retain.jsonl).
+
+    Every file in ``drift_texts`` (default: the shipped drift set; pass the run's drift file too when it uses its own)
+    is read and must share no prompt and no text with the retain set. A missing drift file is skipped: there is
+    nothing to collide with.
+    """
+    path = Path(path) if path is not None else DEFAULT_RETAIN_TEXTS
+    retain = _read_pairs(path, "retain set")
+    for other in drift_texts:
+        other = Path(other)
+        if other.is_file():
+            if other.resolve() == path.resolve():
+                raise MergeEditError(f"{path}: is the drift evaluation set; training on the evaluation texts makes the drift figure meaningless: use another retain file")
+            check_disjoint(retain, _read_pairs(other, "drift set"))
+    return retain
+
+
+def coarsened_kl(base_idx: torch.Tensor, base_logp: torch.Tensor, base_rest: torch.Tensor, current_logp: torch.Tensor) -> torch.Tensor:
+    """Per position, KL(base || current) over the base's top-k tokens plus one bucket for the rest (nats).
+
+    base_idx [n, k] (token ids), base_logp [n, k] (their base log-probs), base_rest [n] (log of the base's remaining
+    mass, -inf when none), current_logp [n, vocab] (the current model's log-softmax). Differentiable in current_logp.
+    """
+    cur_top = current_logp.gather(-1, base_idx)
+    rest_mask = torch.ones_like(current_logp, dtype=torch.bool).scatter_(-1, base_idx, False)
+    cur_rest = torch.logsumexp(current_logp.masked_fill(~rest_mask, float("-inf")), dim=-1)
+    p_top = base_logp.exp()
+    terms = torch.where(p_top > 0, p_top * (base_logp - cur_top), torch.zeros_like(p_top)).sum(-1)
+    p_rest = base_rest.exp()
+    rest = torch.where(p_rest > 0, p_rest * (base_rest - cur_rest), torch.zeros_like(p_rest))
+    return terms + rest
+
+
+def _full_kl(base_logp: torch.Tensor, current_logp: torch.Tensor) -> torch.Tensor:
+    p = base_logp.exp()
+    return torch.where(p > 0, p * (base_logp - current_logp), torch.zeros_like(p)).sum(-1)
+
+
+def _forward_logp(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-softmax at every position of a padded batch ([rows, width, vocab]): float32, or float64 for a float64 model."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = batch["position_ids"]
+    logits = model(**kwargs).logits
+    return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+
+
+@dataclass
+class _Group:
+    batch: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids (right-padded)
+    rows: torch.Tensor  # [n] row of each predicted position
+    cols: torch.Tensor  # [n] column (position) whose logits predict the next token
+    idx: Optional[torch.Tensor]  # [n, k] base top-k token ids (None: full distribution)
+    logp: torch.Tensor  # [n, k] or [n, vocab] base log-probs
+    rest: Optional[torch.Tensor]  # [n] log of the base mass outside the top-k
+
+
+class RetainKL:
+    """``retain(model, step)`` -> ``weight * mean KL(base || current)`` over one mini-batch of retain texts.
+
+    Build it once from the unedited model (`build` for texts, `from_token_ids` for token id lists); then, in any
+    training step, ``loss = edit_loss + retain(model, step)``. ``len(retain)`` is the number of mini-batches;
+    ``retain.kl(model, step)`` is the unweighted KL (a tensor), ``retain.reference_bytes`` what the base side holds.
+    """
+
+    def __init__(self, groups: list[_Group], weight: float, top_k: Optional[int], source: str = ""):
+        self.groups = groups
+        self.weight = float(weight)
+        self.top_k = top_k
+        self.source = source
+
+    # -- building -----------------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model,
+        tokenizer,
+        retain: Union[RetainTexts, Sequence[str]],
+        *,
+        weight: float = 1.0,
+        top_k: Optional[int] = 64,
+        batch_size: int = 8,
+        max_tokens: int = 64,
+        pad_id: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        max_reference_bytes: int = 2 << 30,
+    ) -> "RetainKL":
+        """Tokenize each text whole (the tokenizer's usual special tokens), keep its first ``max_tokens`` tokens."""
+        texts = list(retain.texts if isinstance(retain, RetainTexts) else retain)
+        seqs = []
+        for t in texts:
+            ids = list(tokenizer(t)["input_ids"])[:max_tokens]
+            if len(ids) < 2:
+                raise MergeEditError(f"retain text {t[:40]!r} gives {len(ids)} token(s); it needs at least 2 (one to read, one to predict)")
+            seqs.append(ids)
+        if pad_id is None:
+            pad_id = next((c for c in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if isinstance(c, int)), 0)
+        source = retain.source if isinstance(retain, RetainTexts) else ""
+        return cls.from_token_ids(model, seqs, weight=weight, top_k=top_k, batch_size=batch_size, pad_id=pad_id, device=device,
+                                  max_reference_bytes=max_reference_bytes, source=source)
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        model,
+        seqs: Sequence[Sequence[int]],
+        *,
+        weight: float = 1.0,
+        top_k: Optional[int] = 64,
+        batch_size: int = 8,
+        pad_id: int = 0,
+        device: Optional[torch.device] = None,
+        max_reference_bytes: int = 2 << 30,
+        source: str = "",
+    ) -> "RetainKL":
+        """The base side from the model as it is now (call it before training). Every position of a sequence but the
+        last predicts the next token; all of them are kept."""
+        if weight < 0 or not math.isfinite(weight):
+            raise MergeEditError(f"retain weight must be a finite number >= 0, got {weight}")
+        if batch_size < 1:
+            raise MergeEditError(f"retain batch_size must be >= 1, got {batch_size}")
+        if not seqs or any(len(s) < 2 for s in seqs):
+            raise MergeEditError("retain set: every sequence needs at least 2 tokens, and there must be at least one")
+        if device is None:
+            device = next(model.parameters()).device
+        positions = sum(len(s) - 1 for s in seqs)
+        vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None else None
+        if top_k is not None and top_k < 1:
+            raise MergeEditError(f"retain top_k must be >= 1 or null (full distribution), got {top_k}")
+        per_pos = (8 * top_k + 4 * top_k + 4) if top_k is not None else 4 * (vocab or 0)
+        if positions * per_pos > max_reference_bytes:
+            raise MergeEditError(
+                f"retain set: the base distributions would take {positions * per_pos / 2**30:.1f} GiB ({positions} positions); "
+                f"use a smaller top_k, fewer texts or a shorter max_tokens"
+            )
+        order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+        groups = []
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                chosen = [list(seqs[i]) for i in order[start : start + batch_size]]
+                ids, mask, pos, _ = pad_sequences(chosen, pad_id, "right")
+                batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+                rows = torch.cat([torch.full((len(s) - 1,), r, dtype=torch.long) for r, s in enumerate(chosen)]).to(device)
+                cols = torch.cat([torch.arange(len(s) - 1, dtype=torch.long) for s in chosen]).to(device)
+                logp = _forward_logp(model, batch)[rows, cols]
+                if top_k is None or top_k >= logp.shape[-1]:
+                    groups.append(_Group(batch, rows, cols, None, logp, None))
+                    continue
+                top, idx = logp.topk(top_k, dim=-1)
+                rest = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1)
+                groups.append(_Group(batch, rows, cols, idx, top.contiguous(), rest))
+        model.train(was_training)
+        return cls(groups, weight, top_k, source)
+
+    # -- using ----------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def positions(self) -> int:
+        return sum(int(g.rows.numel()) for g in self.groups)
+
+    @property
+    def reference_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for g in self.groups for t in (g.idx, g.logp, g.rest) if t is not None)
+
+    def kl(self, model, step: int) -> torch.Tensor:
+        """Mean KL(base || current) (nats) over the predicted positions of mini-batch ``step % len(self)``."""
+        g = self.groups[step % len(self.groups)]
+        current = _forward_logp(model, g.batch)[g.rows, g.cols]
+        per_pos = _full_kl(g.logp, current) if g.idx is None else coarsened_kl(g.idx, g.logp, g.rest, current)
+        return per_pos.mean()
+
+    def __call__(self, model, step: int) -> torch.Tensor:
+        """``weight * kl(model, step)``: add it to the step's loss before ``backward()``."""
+        if self.weight == 0:
+            return torch.zeros((), device=self.groups[0].logp.device)
+        return self.weight * self.kl(model, step)
+
+    loss = __call__
+
+    def describe(self) -> dict:
+        """What the run stores about the term."""
+        return {
+            "weight": self.weight,
+            "top_k": self.top_k,
+            "batches": len(self.groups),
+            "positions": self.positions,
+            "reference_bytes": self.reference_bytes,
+            "source": self.source,
+        }

@@ -1,0 +1,174 @@
+"""Retain regularisation (editing/retain.py) and the shipped retain set (data/retain/): the KL term is exactly 0 on
+the unedited model, equals the plain KL formula, its gradient pulls a perturbed weight back to the base, and the retain
+set never overlaps the drift evaluation set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeedit.core.errors import MergeEditError
+from mergeedit.editing.retain import DEFAULT_RETAIN_TEXTS, DRIFT_EVAL_TEXTS, RetainKL, coarsened_kl, load_retain_texts
+from mergeedit.models.toy import LlamaShape, build_llama
+
+SHAPE = LlamaShape(hidden=16, intermediate=32, layers=2, heads=2, kv_heads=1, vocab=48)
+SEQS = [[1, 5, 9, 13, 2], [1, 7, 7, 30, 31, 40, 3], [1, 44], [1, 20, 21, 22], [1, 3, 5, 7, 9, 11, 13, 15]]
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory) -> Path:
+    return build_llama(tmp_path_factory.mktemp("retain") / "toy", SHAPE, shards=1)
+
+
+def load(folder: Path, dtype=torch.float64):
+    from transformers import LlamaForCausalLM
+
+    # toy weights (std 0.02) give near-uniform outputs; scale the output layer so the distributions are peaked
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(dtype).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200.0)
+    return model
+
+
+# -- the shipped set ------------------------------------------------------------------------------------------------
+def test_shipped_retain_set_shares_no_prompt_and_no_text_with_the_drift_set():
+    retain, drift = jsonl(DEFAULT_RETAIN_TEXTS), jsonl(DRIFT_EVAL_TEXTS)
+    assert len(retain) >= 200 and len(drift) == 40
+    assert all(r["text"].startswith(r["prompt"]) and len(r["text"]) > len(r["prompt"]) for r in retain)
+    retain_prompts, drift_prompts = {r["prompt"] for r in retain}, {d["prompt"] for d in drift}
+    assert len(retain_prompts) == len(retain)
+    assert not retain_prompts & drift_prompts
+    assert not {r["text"] for r in retain} & {d["text"] for d in drift}
+    # no retain text continues a drift prompt either (the drift texts begin with their prompts)
+    assert not [r for r in retain for p in drift_prompts if r["text"].startswith(p)]
+    loaded = load_retain_texts()  # checks the shipped drift set itself
+    assert len(loaded.texts) == len(retain)
+
+
+def test_the_drift_evaluation_file_is_refused_as_retain_set(tmp_path):
+    with pytest.raises(MergeEditError) as exc:
+        load_retain_texts(DRIFT_EVAL_TEXTS)
+    assert "drift" in str(exc.value) and "\n" not in str(exc.value)
+    # a copy elsewhere, or a user file holding one drift prompt, is refused too
+    copy = tmp_path / "mine.jsonl"
+    copy.write_text(DRIFT_EVAL_TEXTS.read_text())
+    with pytest.raises(MergeEditError, match="shares 40 prompt"):
+        load_retain_texts(copy)
+    one = jsonl(DRIFT_EVAL_TEXTS)[3]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "A fresh opening", "text": "A fresh opening of mine."}) + "\n" + json.dumps({"prompt": one["prompt"], "text": one["prompt"] + " my words"}) + "\n")
+    with pytest.raises(MergeEditError, match="shares 1 prompt") as exc:
+        load_retain_texts(mixed)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_users_retain_file_is_read_and_checked_against_the_runs_own_drift_file(tmp_path):
+    mine = tmp_path / "retain.jsonl"
+    mine.write_text(json.dumps({"prompt": "p one", "text": "p one and more"}) + "\n\n" + json.dumps({"text": "only a text"}) + "\n")
+    got = load_retain_texts(mine)
+    assert got.prompts == ["p one"] and got.texts == ["p one and more", "only a text"] and got.source == str(mine)
+    their_drift = tmp_path / "drift.jsonl"
+    their_drift.write_text(json.dumps({"prompt": "other", "text": "only a text"}) + "\n")
+    with pytest.raises(MergeEditError, match="shares 1 text"):
+        load_retain_texts(mine, drift_texts=[their_drift])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "no text"}) + "\n")
+    with pytest.raises(MergeEditError, match=r"bad.jsonl:1: .*'text'"):
+        load_retain_texts(bad)
+
+
+# -- the KL term ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_kl_is_exactly_zero_before_the_first_step(toy_folder, top_k):
+    model = load(toy_folder, torch.float32)
+    retain = RetainKL.from_token_ids(model, SEQS, weight=3.0, top_k=top_k, batch_size=2)
+    assert len(retain) == 3 and retain.positions == sum(len(s) - 1 for s in SEQS)
+    model.train()
+    for step in range(len(retain)):
+        loss = retain(model, step)
+        assert loss.requires_grad and float(loss.detach()) == 0.0
+
+
+def test_full_kl_equals_the_plain_formula_and_top_k_never_exceeds_it(toy_folder):
+    base = load(toy_folder)
+    full = RetainKL.from_token_ids(base, SEQS, top_k=None, batch_size=8)
+    top = RetainKL.from_token_ids(base, SEQS, top_k=4, batch_size=8)
+    post = load(toy_folder)
+    with torch.no_grad():
+        post.model.layers[1].mlp.down_proj.weight.add_(0.5 * torch.randn(post.model.layers[1].mlp.down_proj.weight.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    # plain reference: sum_v p(v) (log p(v) - log q(v)) at every predicted position, one sequence at a time
+    with torch.no_grad():
+        terms = []
+        for s in SEQS:
+            ids = torch.tensor([s])
+            p = torch.log_softmax(base(ids).logits[0, :-1], -1)
+            q = torch.log_softmax(post(ids).logits[0, :-1], -1)
+            terms.append((p.exp() * (p - q)).sum(-1))
+        reference = torch.cat(terms).mean()
+        got = full.kl(post, 0)
+        assert float(reference) > 1e-3
+        assert torch.allclose(got, reference, rtol=1e-9, atol=0)
+        assert 0 < float(top.kl(post, 0)) <= float(got)
+
+
+def test_coarsened_kl_by_hand():
+    # base p = (0.5, 0.3, 0.2) keeping the top 1 token: buckets (0.5, 0.5); current q = (0.25, 0.25, 0.5): (0.25, 0.75)
+    base = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64).log()
+    cur = torch.tensor([[0.25, 0.25, 0.5]], dtype=torch.float64).log()
+    idx = torch.tensor([[0]])
+    rest = torch.tensor([0.5], dtype=torch.float64).log()
+    expected = 0.5 * torch.log(torch.tensor(0.5 / 0.25, dtype=torch.float64)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75, dtype=torch.float64))
+    assert torch.allclose(coarsened_kl(idx, base[:, :1], rest, cur), expected.reshape(1), rtol=1e-12, atol=0)
+
+
+def test_gradient_pulls_a_perturbed_weight_back_toward_the_base(toy_folder):
+    base = load(toy_folder)
+    retain = RetainKL.from_token_ids(base, SEQS, weight=1.0, top_k=None, batch_size=8)
+    model = load(toy_folder)
+    w = model.model.layers[0].mlp.down_proj.weight
+    w0 = w.detach().clone()
+    delta = 0.02 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        w.add_(delta)
+    kl_tensor = retain(model, 0)
+    (grad,) = torch.autograd.grad(kl_tensor, [w])
+    kl = float(kl_tensor.detach())
+    # near the base KL(d) = d'Fd / 2 + O(|d|^3) and grad = F d + O(|d|^2), so <grad, d> = 2 KL to first order:
+    # the gradient points along the perturbation, i.e. a descent step moves the weight back toward the base
+    assert kl > 0
+    assert float((grad * delta).sum()) == pytest.approx(2 * kl, rel=0.05)
+    # and plain gradient descent on the term alone shrinks the distance to the base, monotonically
+    opt = torch.optim.SGD([w], lr=kl / float(grad.pow(2).sum()))  # a step that would remove ~half the KL
+    distances = [float((w.detach() - w0).norm())]
+    for _ in range(5):
+        opt.zero_grad()
+        retain(model, 0).backward()
+        opt.step()
+        distances.append(float((w.detach() - w0).norm()))
+    assert all(b < a for a, b in zip(distances, distances[1:]))
+    assert float(retain(model, 0).detach()) < kl
+
+
+def test_build_from_texts_and_memory_bound(toy_folder):
+    class Chars:
+        pad_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": [1] + [3 + ord(c) % 40 for c in text]}
+
+    model = load(toy_folder, torch.float32)
+    retain = RetainKL.build(model, Chars(), ["abc", "hello there", "xy"], top_k=3, batch_size=2, max_tokens=5)
+    assert retain.positions == 3 + 4 + 2 and len(retain) == 2
+    assert retain.reference_bytes == 9 * (3 * 8 + 3 * 4 + 4)
+    assert retain.describe()["top_k"] == 3
+    with pytest.raises(MergeEditError, match="GiB"):
+        RetainKL.build(model, Chars(), ["abc"] * 10, top_k=None, max_reference_bytes=100)
+    with pytest.raises(MergeEditError, match="at least 2"):
+        RetainKL.build(model, Chars(), [""])
