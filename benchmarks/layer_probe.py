@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--train-check", type=str, default="", help="comma-separated layers: train each one's down_proj alone (Adam lr 5e-4) on the first 20 edits for --check-steps steps and report the answer loss")
+    ap.add_argument("--check-steps", type=int, default=8)
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,6 +85,18 @@ def main() -> None:
             print(f"{i:5d}  {grad[i]:9.4f}  {rel[i]:.3e}")
         print("picks:", entry["pick"])
 
+    # stability: does each half of the edits pick the same layer? (down_proj, gradient norm)
+    trainable = select_trainable(names, SETS["mlp.down_proj"], None, "benchmark")
+    half = len(records) // 2
+    halves = []
+    for part in (records[:half], records[half:]):
+        part_pairs = [p for r in part for p in training_pairs(tok, fmt, r.prompt, r.target)]
+        s = probe_layer_scores(model, part_pairs, trainable, pad_id=pad, batch_size=args.batch_size)
+        top3 = sorted(range(len(s)), key=lambda i: -s[i])[:3]
+        halves.append({"edits": len(part), "pick": list(best_window(s, 1)), "top3": top3, "scores": s})
+    out["halves"] = halves
+    print("\nhalves (down_proj):", [(h["edits"], h["pick"], h["top3"]) for h in halves])
+
     # baseline in the same run: one AdamW step on a batch of 10 edits' pairs over every MLP matrix
     trainable = select_trainable(names, SETS["mlp (gate, up, down)"], None, "benchmark")
     for n, p in model.named_parameters():
@@ -99,6 +113,30 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     out["train_step_seconds_batch10"] = sorted(times)[1]
     print(f"\none training step (10 edits, {len(batch['input_ids'])} pairs, every MLP): {out['train_step_seconds_batch10']:.2f} s (median of 3)")
+    if args.train_check:
+        # does the probe's pick learn faster? one layer's down_proj at a time, from the same base weights
+        check_pairs = [p for r in records[:20] for p in training_pairs(tok, fmt, r.prompt, r.target)]
+        check = pad_batch(check_pairs, pad)
+        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out["train_check"] = {}
+        for layer in [int(x) for x in args.train_check.split(",")]:
+            name = f"model.layers.{layer}.mlp.down_proj.weight"
+            for n, p in model.named_parameters():
+                p.requires_grad_(n == name)
+            param = dict(model.named_parameters())[name]
+            opt = torch.optim.Adam([param], lr=5e-4)
+            losses = []
+            for _ in range(args.check_steps):
+                loss = model(input_ids=check["input_ids"], attention_mask=check["attention_mask"], labels=check["labels"]).loss
+                losses.append(float(loss.detach()))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                losses.append(float(model(input_ids=check["input_ids"], attention_mask=check["attention_mask"], labels=check["labels"]).loss))
+                param.copy_(saved[name])
+            out["train_check"][layer] = losses
+            print(f"layer {layer:2d} down_proj alone, answer loss over {args.check_steps} Adam steps: {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"CPU: {out['cpu']}, torch threads {out['threads']}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

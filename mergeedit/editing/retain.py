@@ -18,8 +18,11 @@ coarsened to those k + 1 outcomes:
 
 which is 0 when the model equals the base, never exceeds the full KL (the coarsening can only lose information) and
 has the same minimum. ``top_k=None`` keeps the full distribution (exact KL; [positions, vocab] float32 in memory,
-refused above ``max_reference_bytes``). On SmolLM2-135M-Instruct the top-64 tokens of the base hold most of the mass
-on its own continuations (benchmarks/retain_kl.py measures the share and the cost per step).
+refused above ``max_reference_bytes``). Measured on SmolLM2-135M-Instruct and the shipped set (benchmarks/retain_kl.py,
+results-retain-kl.json; 210 texts cut at 64 tokens = 10,990 positions): the full distributions would take 2.0 GiB,
+top-64 takes 8 MiB and leaves 9.6% of the base mass in the rest bucket; after 11 AdamW edit steps the top-16 / 64 /
+256 KL is 0.70 / 0.84 / 0.92 of the full KL. top-64 is the default: memory stays small for sets 100x larger, and the
+step cost does not depend on k (the current model's full log-softmax is computed either way).
 
 The retain set must not be the set the drift metric is scored on (mergeedit.evaluation.drift, data/drift/): training
 on the evaluation texts would make the drift figure meaningless. `load_retain_texts` refuses a file that shares a
