@@ -156,7 +156,7 @@ def shape_problem(value: Any, shape: Any, path: str = "") -> Optional[str]:
     if isinstance(shape, Obj):
         if not isinstance(value, dict):
             return f"{at}: expected an object, got {json_kind(value)}"
-        for key, sub in shape.required.items():
+        for key in shape.required:
             if key not in value:
                 return f"{_entry(path, key)}: required key is missing"
         for key, sub in {**shape.required, **shape.optional}.items():

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
-from ..core.errors import MergeEditError
 from ..core.memory import default_budget
 from ..io.integrity import OutputLock, check_free_space, write_errors_named, write_manifest
 from ..io.output_dir import GENERATION_FILES, TOKENIZER_FILES, AtomicOutputDir, check_output_location, copy_files, write_json
