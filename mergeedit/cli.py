@@ -384,8 +384,34 @@ def schema() -> None:
     print(recipe_json_schema())
 
 
-def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the interrupt test in a subprocess
-    raise KeyboardInterrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so every atomic folder and lock cleans up on the way out."""
+
+
+_TERMINATED: list[bool] = []  # set by the SIGTERM handler: typer turns every KeyboardInterrupt into exit code 130
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the hardening tests in a subprocess
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup runs once, not cut short by a second TERM
+    _TERMINATED.append(True)
+    raise Terminated
+
+
+def _interrupted(exc: Optional[BaseException] = None) -> None:
+    """One line, and the shell's convention for the signal: 130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
+    chain = [exc, getattr(exc, "__context__", None), getattr(exc, "__cause__", None)]
+    terminated = bool(_TERMINATED) or any(isinstance(e, Terminated) for e in chain)
+    what = "terminated (SIGTERM)" if terminated else "interrupted"
+    console.print(f"[bold red]interrupted:[/] {what}; nothing was written to the output folder", highlight=False)
+    sys.exit(143 if terminated else 130)
+
+
+def _bad_option_value(exc: BaseException) -> None:
+    """An option or argument value of the wrong type (typer's BadParameter): one line naming the option, status 2."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(exc.format_message())}; see --help", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 def main() -> None:
@@ -396,6 +422,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(standalone_mode=False)
+        if code == 130:  # typer's answer to a KeyboardInterrupt (Ctrl-C, or SIGTERM through _on_sigterm)
+            _interrupted()
         sys.exit(code if isinstance(code, int) else 0)
     except MergeEditError as exc:
         from rich.markup import escape  # messages may hold brackets (pip install 'mergeedit[lmeval]'), not markup
@@ -404,9 +432,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] nothing was written to the output folder", highlight=False)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     except Exception as exc:  # noqa: BLE001 - the last line of defence
         # Usage mistakes (unknown command or option, missing argument): the usage line, the did-you-mean, exit 2.
         # typer >= 0.20 raises its own copies of click's classes (typer._click), older typers raise click's: both.
@@ -418,6 +445,10 @@ def main() -> None:
             usage, aborts = (*usage, click.exceptions.ClickException), (*aborts, click.exceptions.Abort)
         except ImportError:  # typer >= 0.20 does not need click
             pass
+        if isinstance(exc, typer.BadParameter):
+            _bad_option_value(exc)
+        if type(exc).__name__ == "Abort" and isinstance(exc.__context__, KeyboardInterrupt):
+            _interrupted(exc)
         if isinstance(exc, usage) and callable(getattr(exc, "show", None)):
             exc.show()
             sys.exit(getattr(exc, "exit_code", 2))

@@ -247,6 +247,11 @@ def test_overwrite_replaces_only_when_asked(tmp_path, models, run_cli):
     (out / "marker").write_text("old")
     refused = run_cli("merge", cfg, out)
     assert refused.code == 2 and "--overwrite" in refused.stderr and (out / "marker").exists()
+    # A file mergeedit did not write: --overwrite refuses to delete it (issue 15); without it, the folder is replaced.
+    foreign = run_cli("merge", cfg, out, "--overwrite")
+    assert foreign.code == 2 and "marker" in foreign.stderr and (out / "marker").read_text() == "old"
+    (out / "marker").unlink()
+    (out / "model.safetensors").touch()  # same name, new mtime: still the folder mergeedit wrote
     assert run_cli("merge", cfg, out, "--overwrite").code == 0
     assert not (out / "marker").exists() and (out / "model.safetensors").exists()
 
@@ -304,7 +309,7 @@ def test_killed_merge_never_leaves_a_partial_output(tmp_path, models, signal_nam
     assert not out.exists()
     leftovers = [p for p in tmp_path.iterdir() if ".mergeedit-tmp-" in p.name]
     if signal_name == "SIGTERM":  # a catchable signal cleans up its temporary folder too
-        assert proc.returncode == 130 and not leftovers
+        assert proc.returncode == 143 and not leftovers  # the shell convention for SIGTERM (issue 15)
     else:  # SIGKILL cannot be caught; the next merge to the same folder removes the leftover
         assert leftovers
         from mergeedit.io.output_dir import remove_stale_siblings

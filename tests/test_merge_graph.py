@@ -206,6 +206,7 @@ def test_nan_in_an_intermediate_names_the_merge(models, tmp_path, run_cli):
     bad = tmp_path / "bad"
     bad.mkdir()
     save_file(state, bad / "model.safetensors")
+    (bad / "config.json").write_bytes((models["a"] / "config.json").read_bytes())  # a folder without one is refused
     graph = [
         ("ab", linear("$bad", "$b", weight="0.5")),
         (None, linear("$ab", "$c", weight="0.5")),

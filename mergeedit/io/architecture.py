@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from ..core.errors import MergeEditError
 from .model_source import ModelSource
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -62,6 +63,20 @@ def tied_embedding_name(model: ModelSource) -> str | None:
         return known
     found = [n for n in model.tensors if parse_layer_name(n) is None and n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
     return found[0] if len(found) == 1 else None
+
+
+def check_head(model: ModelSource) -> None:
+    """A model without `lm_head.weight` whose config says `tie_word_embeddings: false` has lost its head: refused,
+    instead of taking its embeddings as the head (only a tied model's head is its embeddings)."""
+    cfg = model.config or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+    if TIED_HEAD in model.tensors or tie is not False or tied_embedding_name(model) is None:
+        return
+    raise MergeEditError(
+        f"{model.path}: has no {TIED_HEAD} and its config.json says tie_word_embeddings: false, so its output head is missing "
+        "(the embeddings are not its head); re-export the model with its lm_head, or set tie_word_embeddings: true if it is tied"
+    )
 
 
 def guess_architecture(model: ModelSource) -> str:

@@ -14,8 +14,8 @@ element's bits depend on nothing but its own inputs, whatever the rows, the thre
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,6 +23,9 @@ from typing import Callable, Optional
 import torch
 
 from ..core.errors import MergeEditError
+from ..core.json_shape import ADAPTER_CONFIG as ADAPTER_CONFIG_SHAPE
+from ..core.json_shape import read_json
+from ..core.paths import require_regular
 from .safetensors_header import TensorInfo, read_header
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -97,12 +100,9 @@ def split_lora_ref(ref: str) -> tuple[str, Optional[str]]:
 
 def _adapter_config(folder: Path) -> dict:
     path = folder / ADAPTER_CONFIG
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise MergeEditError(f"{folder}: no {ADAPTER_CONFIG}; a LoRA reference 'model+adapter' needs a PEFT adapter folder")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise MergeEditError(f"{path}: cannot parse ({exc}); fix or re-save the adapter") from None
+    cfg = read_json(path, ADAPTER_CONFIG_SHAPE, what="PEFT adapter config", fix="fix or re-save the adapter")
     kind = str(cfg.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise MergeEditError(f"{path}: peft_type '{kind}' is not supported; only LoRA adapters can be folded")
@@ -120,8 +120,8 @@ def _adapter_config(folder: Path) -> dict:
 
 def _weights_file(folder: Path) -> Path:
     path = folder / ADAPTER_WEIGHTS
-    if path.is_file():
-        return path
+    if os.path.lexists(path):
+        return require_regular(path, "adapter weights")
     if (folder / "adapter_model.bin").is_file():
         raise MergeEditError(
             f"{folder}: holds only adapter_model.bin (pickle, which can run code when loaded); convert it to {ADAPTER_WEIGHTS}"

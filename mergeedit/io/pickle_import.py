@@ -10,9 +10,13 @@ modification times, and written atomically.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 from ..core.errors import MergeEditError
+from ..core.json_shape import SAFETENSORS_INDEX, read_json
+from ..core.paths import contained_path, is_regular_file, require_regular
 from .output_dir import TOKENIZER_FILES, AtomicOutputDir, cache_root, copy_files
 from .resume import fingerprint
 
@@ -25,16 +29,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 def pickle_files(folder: Path) -> list[Path]:
     """The pickled weight files of a folder, in index order when it has an index."""
     index = folder / PICKLE_INDEX
-    if index.is_file():
-        try:
-            names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise MergeEditError(f"{index}: not a valid index ({exc.__class__.__name__}); re-download the model") from None
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise MergeEditError(f"{index}: lists '{missing[0]}', which is missing from {folder}; re-download the model")
-        return [folder / n for n in names]
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES and not p.name.startswith("optimizer"))
+    if os.path.lexists(index):
+        weight_map = read_json(index, SAFETENSORS_INDEX, what="pytorch_model.bin index", fix="re-download the model")["weight_map"]
+        first_tensor: dict[str, str] = {}
+        for tensor, name in weight_map.items():
+            first_tensor.setdefault(name, tensor)
+        files = []
+        for name, tensor in first_tensor.items():
+            f = contained_path(name, folder, source=index, what=f"weight_map entry for '{tensor}'")
+            if not os.path.lexists(f):
+                raise MergeEditError(f"{index}: lists '{name}', which is missing from {folder}; re-download the model")
+            files.append(require_regular(f, "weight file"))
+        return files
+    return sorted(p for p in folder.iterdir() if is_regular_file(p) and p.suffix in PICKLE_SUFFIXES and not p.name.startswith("optimizer"))
 
 
 def converted_folder(folder: Path, files: list[Path]) -> Path:
@@ -79,13 +86,30 @@ def load_weights_only(path: Path) -> dict:
             warnings.simplefilter("ignore")
             obj = _torch_load(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise MergeEditError(f"{path}: refused by torch.load(weights_only=True): {reason[:200]}; convert it to safetensors with a tool you trust") from None
+        raise MergeEditError(
+            f"{path}: refused by torch.load(weights_only=True): {refusal_reason(exc)}; mergeedit loads pickles only that way "
+            "and did not load this file otherwise; convert it to safetensors with a tool you trust"
+        ) from None
     if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model", "module") and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise MergeEditError(f"{path}: does not hold a flat dict of named tensors (a state dict); re-save it with torch.save(model.state_dict())")
     return obj
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """What torch.load(weights_only=True) objected to, without torch's advice to re-run it with weights_only=False
+    (which mergeedit never does, and which would read as if it had)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if found:
+        reason = found.group(1).strip().splitlines()[0]
+    else:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln and "Re-running" not in ln]
+        reason = lines[0] if lines else exc.__class__.__name__
+    reason = re.sub(r"\s*Please file an issue.*$", "", reason)
+    reason = re.split(r"\bCheck the documentation of torch\.load\b", reason)[0].strip()
+    return f"the file holds {reason[:200].rstrip('. ')}, which a weights-only load does not rebuild" if found else f"not a weights-only checkpoint ({reason[:200]})"
 
 
 def _torch_load(path: Path):

@@ -91,9 +91,14 @@ def write_index(folder: Path, shards: list[Shard]) -> None:
 
 def _fault_injection_point() -> Optional[int]:
     """MERGEEDIT_KILL_AFTER_TENSORS=N makes the process SIGKILL itself once N tensors are written: the resume tests use
-    it to die at exact points (between shards, mid-shard) instead of racing a timer."""
+    it to die at exact points (between shards, mid-shard) instead of racing a timer. MERGEEDIT_KILL_SIGNAL=TERM sends
+    SIGTERM instead (the interrupt tests)."""
     value = os.environ.get("MERGEEDIT_KILL_AFTER_TENSORS", "")
     return int(value) if value.isdigit() else None
+
+
+def _fault_signal() -> int:
+    return signal.SIGTERM if os.environ.get("MERGEEDIT_KILL_SIGNAL", "").upper() in ("TERM", "SIGTERM") else signal.SIGKILL
 
 
 STAGE_BYTES = 32 << 20  # the largest O_DIRECT write: 4 MiB writes (one at a time) left a linear merge 20% slower
@@ -265,7 +270,7 @@ class ShardWriter:
             self._written_in_tensor = 0
             self._tensors_written += 1
             if self._tensors_written == self._fault_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), _fault_signal())
 
     def finish(self) -> None:
         """Close the last shard and write the index; every planned byte must have arrived."""

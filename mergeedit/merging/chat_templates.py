@@ -16,11 +16,14 @@ that way; we do the same and drop the stale entry so the two never disagree.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 from ..core.errors import MergeEditError
+from ..core.json_shape import TOKENIZER_CONFIG, read_json
+from ..core.paths import read_regular_bytes
 
 TEMPLATE_FILE = "chat_template.jinja"
 
@@ -70,27 +73,45 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 def folder_chat_template(folder: Path) -> Optional[str]:
     """A tokenizer folder's default chat template: chat_template.jinja first, then tokenizer_config.json's entry."""
     jinja = folder / TEMPLATE_FILE
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+    if os.path.lexists(jinja):
+        try:
+            return read_regular_bytes(jinja, "chat template").decode("utf-8")
+        except UnicodeDecodeError:
+            raise MergeEditError(f"{jinja}: the chat template is not UTF-8 text; re-save it") from None
     cfg_path = folder / "tokenizer_config.json"
-    try:
-        entry = json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template") if cfg_path.is_file() else None
-    except (OSError, ValueError):
+    if not os.path.lexists(cfg_path):
         return None
+    entry = _tokenizer_config(cfg_path).get("chat_template")
     if isinstance(entry, list):  # named templates: [{"name": ..., "template": ...}]
-        entry = next((e.get("template") for e in entry if isinstance(e, dict) and e.get("name") == "default"), None)
+        entry = next((e["template"] for e in entry if e["name"] == "default"), None)
     return entry if isinstance(entry, str) else None
+
+
+def _tokenizer_config(path: Path) -> dict:
+    return read_json(path, TOKENIZER_CONFIG, what="tokenizer_config.json", fix="fix or re-download the tokenizer files")
+
+
+def check_template_syntax(template: str, where: str) -> str:
+    """`template` if Jinja (as transformers renders chat templates: sandboxed, with loop controls) can parse it."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except TemplateSyntaxError as exc:
+        raise MergeEditError(f"{where}: the chat template does not parse as Jinja: {exc.message} (template line {exc.lineno}); fix the template") from None
+    return template
 
 
 def resolve_chat_template(setting: str, folders: list[Path], where: str) -> Optional[str]:
     """The template text for the config's value; None when `auto` finds no input template (keep the tokenizer's own)."""
     if setting == "auto":
         found = [t.strip() for t in (folder_chat_template(f) for f in folders) if t and t.strip()]
-        return Counter(found).most_common(1)[0][0] if found else None
+        return check_template_syntax(Counter(found).most_common(1)[0][0], where) if found else None
     if setting in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[setting]
     if "{{" in setting or "{%" in setting:
-        return setting
+        return check_template_syntax(setting, where)
     raise MergeEditError(
         f"{where}: chat_template '{setting[:40]}' is neither a built-in name ({', '.join(sorted(BUILTIN_TEMPLATES))}), "
         "'auto', nor a Jinja template; use one of those"
@@ -102,6 +123,6 @@ def write_chat_template(out_dir: Path, template: str) -> None:
     (out_dir / TEMPLATE_FILE).write_text(template, encoding="utf-8")
     cfg_path = out_dir / "tokenizer_config.json"
     if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = _tokenizer_config(cfg_path)
         if cfg.pop("chat_template", None) is not None:
             cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

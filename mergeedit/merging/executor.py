@@ -604,9 +604,23 @@ class Executor:
                     f"{model.ref}: tensor '{t.sources[k].info.name}' holds NaN/Inf values, so the merged '{t.name}' would too; "
                     "repair or replace that checkpoint"
                 )
+        # The inputs are finite, so the parameters made it: say which, and whether a wider output dtype can help at all.
+        values = {**block.shared, **{f"{k}[{i}]": v for i, p in enumerate(block.per_input) for k, v in p.items()}}
+        numbers = ", ".join(f"{k}={v:g}" for k, v in values.items() if isinstance(v, float) and not isinstance(v, bool))
+        try:
+            finite_in_compute = bool(torch.isfinite(t.method.merge(block)).all())
+        except Exception:  # noqa: BLE001 - only the advice depends on it
+            finite_in_compute = True
+        out_name, compute_name = str(t.out_dtype).removeprefix("torch."), str(t.compute_dtype).removeprefix("torch.")
+        where = f"{self.plan.doc.path} ({numbers})" if numbers else str(self.plan.doc.path)
+        if not finite_in_compute:
+            return MergeEditError(
+                f"'{t.name}': the {t.method.name} merge overflows even in its compute dtype {compute_name}, before any output "
+                f"dtype applies: the parameters in {where} scale finite inputs past its range; use smaller weights (or lambda)"
+            )
         return MergeEditError(
-            f"'{t.name}': the {t.method.name} merge overflows {str(t.out_dtype).removeprefix('torch.')} (Inf/NaN in the output); "
-            "choose a wider output dtype (--dtype bfloat16 or float32) or smaller weights"
+            f"'{t.name}': the {t.method.name} merge overflows {out_name} (Inf/NaN in the output): the parameters in {where} "
+            "produce values the output dtype cannot hold; choose a wider output dtype (--dtype bfloat16 or float32) or smaller weights"
         )
 
     def _emit(self, t: PlannedTensor, stats, job: _Job, stored: list[torch.Tensor], outbox: queue.Queue, last: bool) -> None:

@@ -172,6 +172,7 @@ class Planner:
         """Open one referenced model; its errors are prefixed with where the config names it."""
         try:
             model = self.opener(self._resolve_ref(ref))
+            arch.check_head(model)
         except MergeEditError as exc:
             raise MergeEditError(f"{self.doc.where(path)}: {exc}") from None
         model.ref = ref
@@ -406,6 +407,7 @@ class Planner:
             tensors = [t for t in tensors if t.name in self.only]
         base = self.model(self.config.base_model) if self.config.base_model else None
         config_source = base or self.model(template_ref)
+        self._check_config_source(config_source, "base_model" if base is not None else None)
         return MergePlan(
             config=self.config,
             doc=self.doc,
@@ -454,6 +456,19 @@ class Planner:
         if self.vocabulary is None and not any(f.is_file() for f in tokenizer_files):
             self.warnings.append(f"{where}: '{refs[0]}' has no tokenizer files to copy, so the chat template will not be saved")
         return resolve_chat_template(setting, [self.model(r).folder for r in refs], where)
+
+    def _check_config_source(self, source: ModelSource, key: Optional[str]) -> None:
+        """The output's config.json is the base's (or the first model's): a model folder without one would give an
+        output no loader can read, so it is refused; a bare .safetensors file has none by nature and only warns."""
+        if source.config is not None:
+            return
+        where = self.doc.where((key,) if key else ("models",))
+        if source.path.is_dir():
+            raise MergeEditError(
+                f"{where}: '{source.ref}' ({source.folder}) has no config.json, so the merged folder could not be loaded; "
+                "add the model's config.json to that folder"
+            )
+        self.warnings.append(f"{where}: '{source.ref}' is a bare .safetensors file, so the output has no config.json; add one before loading it")
 
     def _out_config(self, source: ModelSource, tensors: list[PlannedTensor], layers: int) -> Optional[dict]:
         if source.config is None:

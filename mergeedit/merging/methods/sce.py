@@ -133,7 +133,7 @@ SCE = MergeMethod(
     name="sce",
     params=(
         Param("int8_mask", bool, "shared", False),  # accepted for mergekit configs; masks here are always compact
-        Param("select_topk", float, "shared", 1.0),
+        Param("select_topk", float, "shared", 1.0, bounds=(0.0, 1.0)),
     ),
     merge=_merge,
     base_model="required",

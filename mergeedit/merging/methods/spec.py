@@ -9,6 +9,7 @@ so position-addressed randomness gives the same answer however the tensor is cut
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Protocol
 
@@ -27,6 +28,7 @@ class Param:
     kind: type  # float or bool
     scope: Scope
     default: Any = REQUIRED
+    bounds: Optional[tuple[float, float]] = None  # closed range a float must lie in, where mergekit's semantics define one
 
     @property
     def required(self) -> bool:
@@ -41,14 +43,26 @@ class Param:
             if isinstance(value, (int, float)) and value in (0, 1):
                 return bool(value)
         elif self.kind is float:
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
+                number = float(value)
+            elif isinstance(value, str):
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
+            if number is not None:
+                return self._in_range(number)
         raise ValueError(f"expected a {self.kind.__name__}, got {value!r}")
+
+
+    def _in_range(self, number: float) -> float:
+        if not math.isfinite(number):
+            raise ValueError(f"must be a finite number, got {number}")
+        if self.bounds is not None and not self.bounds[0] <= number <= self.bounds[1]:
+            low, high = self.bounds
+            raise ValueError(f"must be between {low:g} and {high:g}, got {number:g}")
+        return number
 
 
 @dataclass

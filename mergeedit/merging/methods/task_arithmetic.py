@@ -356,7 +356,7 @@ def task_arithmetic_family(name: str, sparsify: Sparsify, consensus: bool, norma
         Param("rescale", bool, "shared", rescale),
         Param("lambda", float, "shared", 1.0),
         Param("weight", float, "non_base"),
-        Param("density", float, "non_base", 1.0),
+        Param("density", float, "non_base", 1.0, bounds=(0.0, 1.0)),
     )
     merge = _merge_for(sparsify, consensus)
     if sparsify is None or isinstance(sparsify, str):
