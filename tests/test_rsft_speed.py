@@ -58,3 +58,14 @@ def test_learned_edit_gets_no_gradient_for_the_rest_of_its_epoch():
     first = seen[: next((k for k in range(1, len(seen)) if len(seen[k]) > len(seen[k - 1])), len(seen))]
     for k in range(1, len(first)):
         assert set(first[k]) <= set(first[k - 1])
+
+
+def test_replay_batches_contain_the_earlier_records():
+    from mergeedit.editing.records import EditRecord
+    from mergeedit.pipeline.runner import replay_records
+
+    batches = [[EditRecord(f"{b}-{i}", "q", "t") for i in range(4)] for b in range(3)]
+    assert replay_records(batches, 2, 1.0, 0) == batches[0] + batches[1]
+    half = replay_records(batches, 2, 0.5, 0)
+    assert len(half) == 4 and all(r in batches[0] + batches[1] for r in half)
+    assert replay_records(batches, 0, 1.0, 0) == []
