@@ -69,3 +69,21 @@ def test_replay_batches_contain_the_earlier_records():
     half = replay_records(batches, 2, 0.5, 0)
     assert len(half) == 4 and all(r in batches[0] + batches[1] for r in half)
     assert replay_records(batches, 0, 1.0, 0) == []
+
+
+def test_chat_form_has_no_system_prompt_unless_asked():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergeedit.editing.prompts import chat_prompt
+
+    tk = Tokenizer(models.WordLevel({"<pad>": 0, "x": 1}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<pad>")
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<sys>DEFAULT SYSTEM</sys>{% endif %}"
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert chat_prompt(tok, "Q?") == "<user>Q?</user><assistant>"
+    assert chat_prompt(tok, "Q?", "Be brief.") == "<system>Be brief.</system><user>Q?</user><assistant>"
