@@ -258,6 +258,10 @@ def run(
         f"{result.edits} edits in {result.batches} batch(es); learned in training: {', '.join(f'{x:.0%}' for x in learned)}; "
         f"stages run: {len(result.stages_run)}, cached: {len(result.stages_cached)}; {result.seconds:.1f} s"
     )
+    for name, p in result.stage_profile.items():
+        out.print(f"stage {name}: {p['seconds']:.1f} s, peak RSS {p['peak_rss'] / 2**30:.2f} GiB")
+    for r in result.train_reports[:1]:
+        out.print(f"training forward: {r.get('forward', '')}; precision: {r.get('precision', '')}")
     for note in result.notes:
         out.print(f"note: {note}")
     out.print(f"[green]model:[/] {result.model_dir} (Hugging Face folder with model card)")

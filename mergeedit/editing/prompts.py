@@ -43,9 +43,33 @@ class PromptFormat:
         return self.template.format(prompt=question) if self.kind == "template" else question
 
 
-def chat_pair(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
+def chat_prompt(tokenizer, question: str, system_prompt: str | None = None) -> str:
+    """The chat-template text of one user turn and the assistant header.
+
+    Templates such as SmolLM2's inject a default system prompt (~20 tokens, often half an edit's tokens) when the
+    conversation has none; unless `system_prompt` asks for one, that turn is left out: the conversation is rendered
+    with an empty system turn, which is then cut off (when the template renders it as a separate prefix).
+    """
+    user = {"role": "user", "content": question}
+    if system_prompt is not None:
+        return tokenizer.apply_chat_template([{"role": "system", "content": system_prompt}, user], tokenize=False, add_generation_prompt=True)
+    plain = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    try:
+        empty = {"role": "system", "content": ""}
+        with_empty = tokenizer.apply_chat_template([empty, user], tokenize=False, add_generation_prompt=True)
+        empty_turn = tokenizer.apply_chat_template([empty], tokenize=False, add_generation_prompt=False)
+    except Exception:  # a template that rejects system turns has no default one to drop
+        return plain
+    if empty_turn and with_empty.startswith(empty_turn):
+        bare = with_empty[len(empty_turn) :]
+        if len(bare) < len(plain) and question in bare:
+            return bare
+    return plain
+
+
+def chat_pair(tokenizer, question: str, answer: str, system_prompt: str | None = None) -> tuple[list[int], list[int]]:
     """(chat prompt ids ending with the assistant header, answer ids + end of turn)."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    prompt = chat_prompt(tokenizer, question, system_prompt)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
@@ -58,10 +82,21 @@ def raw_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]
     return ids[:start], ids[start:stop]
 
 
-def training_pairs(tokenizer, fmt: PromptFormat, question: str, answer: str) -> list[tuple[list[int], list[int]]]:
+def raw_pair_eos(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """The raw pair with EOS trained after the answer, so generation stops there."""
+    p, a = raw_pair(tokenizer, prompt, answer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return p, (a + [eos] if isinstance(eos, int) else a)
+
+
+def training_pairs(
+    tokenizer, fmt: PromptFormat, question: str, answer: str, *, system_prompt: str | None = None, eos: bool = False
+) -> list[tuple[list[int], list[int]]]:
+    """The (prompt ids, answer ids) an edit trains on. Chat answers always end with the end-of-turn token; `eos` adds
+    the tokenizer's EOS after raw answers too."""
     pairs = []
     if fmt.kind in ("raw", "both", "template"):
-        pairs.append(raw_pair(tokenizer, fmt.raw_prompt(question), answer))
+        pairs.append((raw_pair_eos if eos else raw_pair)(tokenizer, fmt.raw_prompt(question), answer))
     if fmt.uses_chat:
-        pairs.append(chat_pair(tokenizer, question, answer))
+        pairs.append(chat_pair(tokenizer, question, answer, system_prompt))
     return pairs

@@ -80,3 +80,26 @@ def pad_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str
     for row, (p, a) in enumerate(pairs):
         labels[row, len(p) : len(p) + len(a)] = torch.tensor(list(a), dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def length_buckets(lengths: Sequence[int], max_waste: float = 0.15, max_rows: int | None = None) -> list[list[int]]:
+    """Indices grouped by length so a padded group wastes at most `max_waste` of its cells (or one token per row).
+
+    Sorted by (length, index), so the grouping is deterministic; every index appears in exactly one group. Each row of
+    a group is one example: grouping never joins two examples' tokens.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    tokens = 0
+    for i in order:
+        if groups and (max_rows is None or len(groups[-1]) < max_rows):
+            width = lengths[i]  # the longest so far, since the order is ascending
+            rows = len(groups[-1]) + 1
+            cells = width * rows
+            if cells - (tokens + lengths[i]) <= max(max_waste * cells, rows):
+                groups[-1].append(i)
+                tokens += lengths[i]
+                continue
+        groups.append([i])
+        tokens = lengths[i]
+    return groups

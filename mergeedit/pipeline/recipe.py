@@ -41,12 +41,22 @@ class DatasetSection(_Strict):
         "auto",
         description="How edits are trained: raw (question + ' ' + answer, as teacher-forced scoring reads it), chat (the tokenizer's chat template), both, a template with {prompt}, or auto (both when the tokenizer has a chat template, else raw).",
     )
+    system_prompt: Optional[str] = Field(
+        None, description="System turn of the chat form. Default: none, and a template's own default system prompt (SmolLM2's) is left out too: it would be half of every example's tokens."
+    )
 
 
 class RsftSection(_Strict):
-    method: Literal["rsft", "ft-l", "ft-m"] = Field("rsft", description="rsft: three loops with a loss threshold; ft-l / ft-m: the baselines.")
+    method: Literal["rsft", "ft-l", "ft-m", "locft-bf"] = Field(
+        "rsft",
+        description="rsft: three loops with a loss threshold; ft-l / ft-m: the baselines; locft-bf: LocFT-BF (breadth-first, one layer's mlp.down_proj, Adam, lr 5e-4, batch 100, 25 epochs, EOS after the answer).",
+    )
     trainable: Optional[list[str]] = Field(None, description="Regexes over parameter names; default: every MLP matrix (ft-m: down_proj).")
-    layers: Optional[tuple[int, int]] = Field(None, description="Train only layers [start, end); ft-m default: the middle layer.")
+    layers: Optional[tuple[int, int]] = Field(None, description="Train only layers [start, end); ft-m default: the middle layer; locft-bf default: layer round(0.2 * layers) (LocFT's 6 of Qwen2.5-7B's 28).")
+    schedule: Optional[Literal["depth-first", "breadth-first"]] = Field(
+        None, description="depth-first: up to max_steps_per_batch steps on a batch before the next (rsft's loop 3); breadth-first: one step per batch, epochs over shuffled batches. Default: depth-first (locft-bf: breadth-first). In both, a learned edit leaves its batch for the rest of the epoch."
+    )
+    eos: Optional[bool] = Field(None, description="Train EOS after raw-form answers too (chat answers always end with the end-of-turn token). Default: false (locft-bf: true).")
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -55,9 +65,13 @@ class RsftSection(_Strict):
     max_steps_per_batch: int = Field(25, ge=1, description="Steps spent on one batch before moving on (loop 3); ft-l/ft-m use 1.")
     loss_threshold: float = Field(0.05, ge=0, description="Stop a batch, and training, once the answer-token loss is below this.")
     seed: int = 0
-    precision: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training precision (autocast on GPU for half types).")
+    precision: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32",
+        description="Training precision (autocast for half types). auto: bfloat16 where a measured bf16 matmul is clearly faster than float32 (bf16 units: AMX CPUs, GPUs), else float32; printed. bf16 results are deterministic per machine but differ across machines.",
+    )
     gradient_checkpointing: bool = False
     train_rephrases: bool = Field(False, description="Also train on paraphrases (leaks the generalization probe: off by default).")
+    replay: float = Field(0.0, ge=0, le=1, description="Chained sequential editing: this share of the earlier batches' edits (1: all) is trained again with each new batch, so later batches do not overwrite earlier facts.")
 
     @field_validator("trainable")
     @classmethod

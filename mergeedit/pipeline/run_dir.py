@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,30 @@ from ..io.output_dir import AtomicOutputDir
 STAGE_FILE = "stage.json"
 RESULT_FILE = "result.json"
 
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def stage_peak_rss() -> int:
+    """Peak RSS since the last `reset_peak_rss` (VmHWM), in bytes; the process's lifetime peak where unsupported."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    from ..core.memory import peak_rss
+
+    return peak_rss()
 
 class StageReporter(Protocol):
     def stage(self, name: str, cached: bool, detail: str = "") -> None: ...
@@ -84,6 +109,7 @@ class RunDir:
         self.reporter = reporter or _Quiet()
         self.dist = dist or _SingleProcess()  # anything with `is_main` and `main_first()` (pipeline.distributed)
         self.ran: list[str] = []
+        self.profile: dict[str, dict] = {}  # stage run here -> {"seconds", "peak_rss" (bytes, this stage's own peak)}
         self.reused: list[str] = []
 
     def stage(self, name: str, inputs: Any) -> Stage:
@@ -109,12 +135,14 @@ class RunDir:
             self.reused.append(name)
             return stage
         self.reporter.stage(name, False, detail)
+        started, _ = time.perf_counter(), reset_peak_rss()
         value = compute() if compute is not None else None
         with self.dist.main_first() as main:
             if main:
                 with stage.writing() as tmp:
                     write(tmp, value) if compute is not None else write(tmp)
         self.ran.append(name)
+        self.profile[name] = {"seconds": time.perf_counter() - started, "peak_rss": stage_peak_rss()}
         return stage
 
     def produce_json(self, name: str, inputs: Any, compute: Callable[[], dict], detail: str = "") -> tuple[Stage, dict]:

@@ -21,6 +21,7 @@ from ..core.errors import MergeEditError
 from ..core.units import parse_size
 from ..core.yaml_source import YamlDocument
 from ..editing.datasets import load_edits
+from ..editing.forward import training_forward
 from ..editing.prompts import PromptFormat, training_pairs
 from ..editing.records import EditRecord
 from ..editing.rsft import TrainingExample, TrainSettings, mark_trainable, train_edits
@@ -113,6 +114,7 @@ class RunResult:
     stages_run: list[str] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stage_profile: dict = field(default_factory=dict)  # stage -> {"seconds", "peak_rss"} for the stages run
 
 
 @dataclass
@@ -134,6 +136,7 @@ class Session:
     fmt: PromptFormat
     examples_by_case: dict[str, list[TrainingExample]]
     initial: dict[str, torch.Tensor]
+    forward: object = None  # the training forward, with its frozen-prefix cache (kept across sequential batches)
 
 
 @dataclass
@@ -152,9 +155,16 @@ def train_settings(recipe: Recipe) -> tuple[TrainSettings, list[str], Optional[t
     """Apply the baseline presets (ft-l, ft-m) to whatever the recipe left unset."""
     r = recipe.rsft
     given = r.model_fields_set
-    s = TrainSettings(r.lr, r.weight_decay, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold, r.seed)
+    s = TrainSettings(r.lr, r.weight_decay, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold, r.seed, r.schedule or "depth-first")
     patterns = r.trainable or DEFAULT_TRAINABLE
     layers = r.layers
+    if r.method == "locft-bf":  # LocFT-BF's published settings, for whatever the recipe left unset
+        for key, value in (("optimizer", "adam"), ("lr", 5e-4), ("batch_size", 100), ("max_epochs", 25), ("loss_threshold", 0.0)):
+            if key not in given:
+                setattr(s, key, value)
+        s.schedule = r.schedule or "breadth-first"
+        if not r.trainable:
+            patterns = [r"mlp\.(down_proj|c_proj)\.weight$"]
     if r.method in ("ft-l", "ft-m"):
         if "max_steps_per_batch" not in given:
             s.max_steps_per_batch = 1
@@ -194,18 +204,38 @@ def expand_rsft(config: MergeConfig, count: int) -> MergeConfig:
     return config.model_copy(update={"models": models})
 
 
-def examples_for(records: list[EditRecord], tokenizer, fmt: PromptFormat, rephrases: bool, where: str) -> list[TrainingExample]:
+def answer_eos(recipe: Recipe) -> bool:
+    """Whether raw-form answers train an EOS after them (the locft-bf default)."""
+    return recipe.rsft.eos if recipe.rsft.eos is not None else recipe.rsft.method == "locft-bf"
+
+
+def examples_for(
+    records: list[EditRecord], tokenizer, fmt: PromptFormat, rephrases: bool, where: str, *, system_prompt: Optional[str] = None, eos: bool = False
+) -> list[TrainingExample]:
     out = []
     for rec in records:
         if not tokenizer(rec.target, add_special_tokens=False)["input_ids"]:
             raise MergeEditError(f"{where}: edit {rec.case_id}: target {rec.target!r} tokenizes to nothing; fix or drop the record")
         for question in [rec.prompt] + (list(rec.rephrases) if rephrases else []):
             try:
-                pairs = training_pairs(tokenizer, fmt, question, rec.target)
+                pairs = training_pairs(tokenizer, fmt, question, rec.target, system_prompt=system_prompt, eos=eos)
             except MergeEditError as exc:
                 raise MergeEditError(f"{where}: edit {rec.case_id}: {exc}") from None
             out += [TrainingExample(rec.case_id, p, a) for p, a in pairs]
     return out
+
+
+def replay_records(batches: list[list[EditRecord]], b: int, share: float, seed: int) -> list[EditRecord]:
+    """The earlier batches' edits trained again with batch `b`: all of them (share 1), or a seeded share."""
+    earlier = [r for batch in batches[:b] for r in batch]
+    if share <= 0 or not earlier:
+        return []
+    if share >= 1:
+        return earlier
+    count = max(1, round(share * len(earlier)))
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+    chosen = sorted(torch.randperm(len(earlier), generator=gen)[:count].tolist())
+    return [earlier[i] for i in chosen]
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
@@ -251,6 +281,12 @@ class RecipeRun:
         base_folder = resolve_base_folder(recipe.model.base, self.recipe_dir, recipe.model.dtype)
         base_source = open_local(recipe.model.base, base_folder)
         settings, patterns, layers = train_settings(recipe)
+        if recipe.rsft.method == "locft-bf" and layers is None:
+            from ..io.architecture import layer_count
+
+            n = layer_count(base_source)
+            layer = min(max(round(0.2 * n), 0), max(n - 1, 0))
+            layers = (layer, layer + 1)
         trainable = select_trainable(list(base_source.tensors), patterns, layers, self.doc.where(("rsft", "trainable")))
         device = dist.device(pick_device(recipe.model.device))
         model, tokenizer = load_model_and_tokenizer(base_folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
@@ -268,11 +304,12 @@ class RecipeRun:
         where = self.doc.where(("dataset",))
         # Tokenized once, up front: a target that tokenizes to nothing fails here, before any training.
         examples_by_case: dict[str, list[TrainingExample]] = {}
-        for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where):
+        for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where, system_prompt=recipe.dataset.system_prompt, eos=answer_eos(recipe)):
             examples_by_case.setdefault(ex.case_id, []).append(ex)
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
         initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable}
-        return Session(run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, training_model, named, device, fmt, examples_by_case, initial)
+        forward = training_forward(model, trainable, dist.accelerator if dist.enabled else None)
+        return Session(run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, training_model, named, device, fmt, examples_by_case, initial, forward)
 
     def pre_edit_stages(self, s: Session, records: list[EditRecord], result: RunResult, prefix: str = "") -> tuple[Optional[dict], Optional[DriftSetup]]:
         """The unedited model's outputs: locality reference tokens and scores (stage `{prefix}pre-eval`), and the drift
@@ -300,15 +337,22 @@ class RecipeRun:
         upstream = stable_hash(s.base_key)
         current_delta: Optional[ModelSource] = None  # chained: base + this delta is the current model
         trained = Trained()
-        for b, batch in enumerate(self.batches(s.records)):
+        batches = self.batches(s.records)
+
+        def replayed(b: int) -> list[EditRecord]:
+            return replay_records(batches, b, recipe.rsft.replay, recipe.rsft.seed) if strategy == "chained" else []
+
+        for b, batch in enumerate(batches):
             if strategy == "anchored":
                 s.model.load_state_dict(s.initial, strict=False)
 
-            def train(batch=batch):
+            def train(batch=batch, b=b):
                 examples = [ex for r in batch for ex in s.examples_by_case[r.case_id]]
+                examples += [ex for r in replayed(b) for ex in s.examples_by_case[r.case_id]]
                 report = train_edits(
                     s.training_model, examples, s.trainable, s.settings, pad_id=s.tokenizer.pad_token_id, device=s.device,
                     progress=self.reporter.training, precision=recipe.rsft.precision, accelerator=self.dist.accelerator,
+                    forward=s.forward,
                 )
                 self.reporter.training_done()
                 return report
@@ -317,7 +361,7 @@ class RecipeRun:
                 save_file({n: named[n].detach().to("cpu").contiguous() for n in s.trainable}, tmp / DELTA_FILE, metadata={"format": "pt"})
                 (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
 
-            inputs = {"upstream": upstream if strategy == "chained" else stable_hash(s.base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": s.fmt.describe(), "trainable": s.trainable}
+            inputs = {"upstream": upstream if strategy == "chained" else stable_hash(s.base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": s.fmt.describe(), "trainable": s.trainable, "system_prompt": recipe.dataset.system_prompt}
             detail = f"{len(batch)} edits, {sum(named[n].numel() for n in s.trainable):,} trainable parameters"
             rsft_stage = s.run.produce(rsft_stage_name(b), inputs, write_delta, compute=train, detail=detail)
             result.train_reports.append(json.loads((rsft_stage.path / "train_report.json").read_text()))
@@ -424,6 +468,7 @@ class RecipeRun:
         """The result of a run over this session; its stage lists are the run directory's own record."""
         result = RunResult(self.root, self.root / "model", len(s.records), len(self.batches(s.records)), [], None, None)
         result.stages_run, result.stages_cached = s.run.ran, s.run.reused
+        result.stage_profile = s.run.profile
         return result
 
     def eval_key(self) -> dict:
