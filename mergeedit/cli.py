@@ -449,7 +449,7 @@ def main() -> None:
             usage, aborts = (*usage, click.exceptions.ClickException), (*aborts, click.exceptions.Abort)
         except ImportError:  # typer >= 0.20 does not need click
             pass
-        if isinstance(exc, typer.BadParameter):
+        if isinstance(exc, typer.BadParameter) and type(exc).__name__ != "MissingParameter":  # a missing argument is a usage mistake
             _bad_option_value(exc)
         if type(exc).__name__ == "Abort" and isinstance(exc.__context__, KeyboardInterrupt):
             _interrupted(exc)
