@@ -80,6 +80,13 @@ def merge(
         None, "--keep-intermediates",
         help="Merge graphs (several YAML documents): also write each named merge to DIR/<name>, as mergekit-multi does; by default they are never written.",
     ),
+    part: Optional[str] = typer.Option(
+        None, "--part", metavar="I/N",
+        help="Compute only the output shards of worker I of N (1-based: 1/4 .. 4/4; balanced by bytes), beside OUT_DIR; then --assemble.",
+    ),
+    assemble: bool = typer.Option(False, "--assemble", help="Check that every --part is finished and verified (sha256), then write OUT_DIR from them atomically."),
+    ray: bool = typer.Option(False, "--ray", help="Run the parts as Ray tasks on the cluster ray.init() connects to (or a local one), then assemble (needs mergeedit[ray])."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="With --ray: number of parts (default: the cluster's CPUs, at most the number of shards)."),
 ) -> None:
     """Merge models as CONFIG says and write a Hugging Face model folder to OUT_DIR.
 
@@ -104,6 +111,9 @@ def merge(
     plan = load_plan(config, options)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if part is not None or assemble or ray or workers is not None:
+        _partitioned(config, plan, out_dir, options, part, assemble, ray, workers, dry_run or keep_intermediates is not None)
+        return
     est = estimate(plan, options)
     if dry_run:
         _print_dry_run(plan, est, options, out_dir, keep_intermediates)
@@ -114,6 +124,61 @@ def merge(
         plan = write_intermediates(config, options, keep_intermediates, lambda p, d: _merge_with_progress(p, d, options, estimate(p, options)))
         est = estimate(plan, options)
     _merge_with_progress(plan, out_dir, options, est)
+
+
+def _partitioned(config: Path, plan, out_dir: Path, options, part: Optional[str], assemble: bool, ray: bool, workers: Optional[int], other_mode: bool) -> None:
+    """--part I/N, --assemble, --ray [--workers N]: one of them, then the library does the work."""
+    chosen = [name for name, on in (("--part", part is not None), ("--assemble", assemble), ("--ray", ray)) if on]
+    if workers is not None and not ray:
+        _fail("--workers sets the number of Ray tasks; use it with --ray (a --part I/N names its N itself)")
+    if len(chosen) > 1:
+        _fail(f"{' and '.join(chosen)} are separate steps; give one of them")
+    if other_mode:
+        _fail(f"{chosen[0]} cannot be combined with --dry-run or --keep-intermediates")
+    if part is not None:
+        from .merging.partition import parse_part, plan_part, write_part
+
+        i, n = parse_part(part)
+        layout = plan_part(plan, options, i, n)
+        with Progress(
+            TextColumn(f"[bold]part {i}/{n}"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+            console=console, transient=False, disable=not console.is_terminal,
+        ) as bar:
+            task = bar.add_task("part", total=layout.nbytes, tensors=f"0/{layout.tensors}")
+            done = [0]
+
+            def on_tensor(t, nbytes):
+                done[0] += 1
+                bar.update(task, advance=nbytes, tensors=f"{done[0]}/{layout.tensors}")
+
+            report = write_part(plan, out_dir, options, i, n, progress=on_tensor)
+        reused = f", {report.resumed_shards} reused (sha256 verified)" if report.resumed_shards else ""
+        out.print(
+            f"part {i}/{n}: {len(report.shards)} of {len(layout.shards)} shard(s), {format_size(report.bytes_out)}{reused}, "
+            f"{report.seconds:.2f} s -> {report.folder}", highlight=False,
+        )
+        return
+    if assemble:
+        from .merging.partition import assemble as assemble_parts
+
+        report = assemble_parts(plan, out_dir, options)
+        out.print(f"assembled {report.of} part(s): {report.shards} shard(s), {format_size(report.bytes_out)} verified and linked in {report.seconds:.2f} s -> {out_dir}", highlight=False)
+        return
+    from .pipeline.cluster import run_on_ray
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[state]}"), console=console, transient=False) as bar:
+        tasks: dict[int, object] = {}
+
+        def on_part(i: int, n: int, done: int, total: int, state: str) -> None:
+            if i not in tasks:
+                tasks[i] = bar.add_task(f"part {i}/{n}", total=max(total, 1), state="")
+            bar.update(tasks[i], completed=done if total else 1, state=state)
+
+        report = run_on_ray(config, out_dir, options, workers, on_part)
+    out.print(
+        f"ray: {report.of} part(s) in {report.part_seconds:.2f} s, assembled in {report.assemble.seconds:.2f} s: "
+        f"{report.assemble.shards} shard(s), {format_size(report.assemble.bytes_out)} -> {out_dir}", highlight=False,
+    )
 
 
 def _print_dry_run(plan, est, options, out_dir: Path, keep_dir: Optional[Path]) -> None:
@@ -168,7 +233,13 @@ def inspect(model: str = typer.Argument(..., help="Model folder, .safetensors fi
 def verify(folder: Path = typer.Argument(..., help="A folder written by mergeedit merge or run.")) -> None:
     """Check every file of FOLDER against its sha256 manifest; name the first bad file (exit status 2)."""
     from .io.integrity import verify_folder
+    from .io.parts import parts_folder, verify_parts
 
+    if not os.path.lexists(folder) and parts_folder(folder).is_dir():  # a partitioned merge not assembled yet
+        for record, n in verify_parts(folder):
+            out.print(f"[green]ok[/]: part {record.label}: {n} shard(s) in {record.folder} match its record", highlight=False)
+        out.print(f"{folder} is not assembled yet: run mergeedit merge CONFIG {folder} --assemble once every part is finished", highlight=False)
+        return
     n = verify_folder(folder)
     out.print(f"[green]ok[/]: {folder}: {n} files match the manifest")
 

@@ -167,7 +167,7 @@ def test_top_level_is_thin():
 
 def test_merge_options_and_cli_flags_match():
     """Every MergeOptions field with a flag is a `mergeedit merge` option, and every option of the command is either
-    such a field or one of the command's own (config, output, --dry-run, --keep-intermediates)."""
+    such a field or one of the command's own (config, output, --dry-run, --keep-intermediates, the partitioned-merge steps)."""
     import typer
 
     from mergeedit.cli import app
@@ -177,4 +177,4 @@ def test_merge_options_and_cli_flags_match():
     options = {opt for p in command.params for opt in p.opts if opt.startswith("--")}
     flags = MergeOptions.cli_flags()
     assert flags and set(flags.values()) <= options, set(flags.values()) - options
-    assert options - set(flags.values()) == {"--dry-run", "--keep-intermediates"}, options - set(flags.values())
+    assert options - set(flags.values()) == {"--dry-run", "--keep-intermediates", "--part", "--assemble", "--ray", "--workers"}, options - set(flags.values())

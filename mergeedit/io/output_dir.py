@@ -199,6 +199,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+fsync_path = _fsync_dir  # the same, for other modules (partitioned merges publish their part folders with it)
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

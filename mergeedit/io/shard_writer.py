@@ -208,16 +208,19 @@ class ShardWriter:
         on_shard_done: Optional[Callable[[str, str], None]] = None,
         direct: bool = True,
         stage_bytes: Optional[int] = None,
+        index: bool = True,
     ) -> None:
         """`done`: shards already complete on disk (filename -> sha256, from a resumed run); they are not rewritten and
         their tensors must not be sent. `on_shard_done(filename, sha256)` runs once a shard is fsynced and closed.
-        `direct`: write shard bytes with O_DIRECT where the file system allows, `stage_bytes` at a time (DirectFile)."""
+        `direct`: write shard bytes with O_DIRECT where the file system allows, `stage_bytes` at a time (DirectFile).
+        `index`: write the index at finish (False for one part of a partitioned merge: --assemble writes it)."""
         self.folder = Path(folder)
         self.shards = shards
         self.fsync = fsync
         self.direct = direct
         self.stage_bytes = stage_bytes
         self.on_shard_done = on_shard_done
+        self.index = index
         self._order = [(si, e) for si, s in enumerate(shards) if s.filename not in (done or {}) for e in s.entries]
         self._fault_after = _fault_injection_point()
         self._tensors_written = 0
@@ -278,7 +281,8 @@ class ShardWriter:
             missing = self._order[self._pos][1].name
             raise RuntimeError(f"merge ended before tensor '{missing}' was written")
         self._close_file()
-        write_index(self.folder, self.shards)
+        if self.index:
+            write_index(self.folder, self.shards)
 
     def abort(self) -> None:
         if self._file is not None:

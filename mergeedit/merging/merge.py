@@ -142,11 +142,29 @@ def write_tokenizer(plan: MergePlan, folder: Path, copy_tokenizer: bool) -> None
         write_chat_template(folder, plan.chat_template)
 
 
-def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress: Optional[ProgressCallback] = None) -> ExecutionReport:
+def check_merge_location(plan: MergePlan, out_dir: Path, options: MergeOptions) -> None:
+    """OUT must not clobber an input, the config, or (without --overwrite) an existing folder (check_output_location)."""
     every_plan = [plan] + [p for _, p in upstream_merges(plan)]
     folders = [m.folder for p in every_plan for m in p.models if not isinstance(m, ComputedModel)]  # intermediates have none
     config_files = [p.doc.path for p in every_plan if p.doc.path.is_file()]
     check_output_location(out_dir, folders, options.overwrite, protect=tuple(config_files))
+
+
+def write_model_files(plan: MergePlan, tmp: Path, options: MergeOptions, digests: dict[str, str]) -> None:
+    """Everything of the output besides the shards and their index: config, generation config, tokenizer, the merge
+    config, and last the manifest (`digests`: the shards' sha256, computed as they were written)."""
+    if plan.out_config is not None:
+        write_json(tmp / "config.json", plan.out_config)
+    config_folder = (plan.base_model or plan.models[0]).folder
+    copy_files(config_folder, tmp, GENERATION_FILES)
+    write_tokenizer(plan, tmp, options.copy_tokenizer)
+    if options.save_config and plan.doc.path.is_file():
+        (tmp / "mergekit_config.yml").write_text(plan.doc.path.read_text())
+    write_manifest(tmp, digests)
+
+
+def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress: Optional[ProgressCallback] = None) -> ExecutionReport:
+    check_merge_location(plan, out_dir, options)
     shards = layout_shards(output_entries(plan), options.out_shard_size)
     check_free_space(out_dir, sum(s.nbytes for s in shards))
     with write_errors_named(out_dir, "merge"):
@@ -168,12 +186,5 @@ def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress:
                     writer.abort()
                 report.resumed_shards = len(done)
                 journal.remove()
-                if plan.out_config is not None:
-                    write_json(tmp / "config.json", plan.out_config)
-                config_folder = (plan.base_model or plan.models[0]).folder
-                copy_files(config_folder, tmp, GENERATION_FILES)
-                write_tokenizer(plan, tmp, options.copy_tokenizer)
-                if options.save_config and plan.doc.path.is_file():
-                    (tmp / "mergekit_config.yml").write_text(plan.doc.path.read_text())
-                write_manifest(tmp, writer.digests)
+                write_model_files(plan, tmp, options, writer.digests)
     return report
