@@ -12,6 +12,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from ..core.errors import MergeEditError
+
 
 class Distributed:
     def __init__(self) -> None:
@@ -21,6 +23,7 @@ class Distributed:
             from accelerate import Accelerator
 
             self.accelerator = Accelerator()
+            check_supported(self.accelerator, self.world_size)
 
     @property
     def enabled(self) -> bool:
@@ -44,3 +47,28 @@ class Distributed:
             yield self.is_main
         finally:
             self.barrier()
+
+
+def check_supported(accelerator, world_size: int) -> None:
+    """R-SFT runs under DDP only (every process holds whole parameters, which the delta writer and the main-process
+    stages read). Refuse, in one line, what would otherwise go wrong quietly:
+
+    - `accelerate launch --use_fsdp` (or --use_deepspeed) where accelerate cannot honour it: accelerate 1.16 selects FSDP
+      only on GPU-like devices, so on CPU every launched process comes up alone (DistributedType.NO, one process) and N
+      copies would train and write the same run folder;
+    - FSDP and DeepSpeed themselves: FSDP shards each parameter across processes (its views are partial outside the
+      forward pass) and DeepSpeed through accelerate needs model and optimizer prepared together, neither of which the
+      R-SFT loop does yet. See README, "Training on several devices".
+    """
+    kind = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
+    if accelerator.num_processes != world_size:
+        raise MergeEditError(
+            f"the launcher started {world_size} processes but accelerate set up {accelerator.num_processes} ({kind}): on this machine accelerate "
+            "cannot run the requested backend (FSDP and DeepSpeed need GPUs in accelerate); launch with DDP instead: accelerate launch --cpu "
+            "--num_processes N (or --multi_gpu on GPUs)"
+        )
+    if kind in ("FSDP", "DEEPSPEED"):
+        raise MergeEditError(
+            f"R-SFT under {kind} is not supported yet (it trains under DDP: every process holds whole parameters); "
+            "launch with --multi_gpu (or --cpu) instead of --use_fsdp/--use_deepspeed"
+        )
