@@ -263,3 +263,41 @@ def test_ray_runs_the_parts_on_a_local_two_cpu_cluster(setup):
     for i in (1, 2):
         done, total, state = seen[i][-1]
         assert state.startswith("done") and done == total == sum(shards[j].nbytes for j in assign_parts(shards, 2)[i - 1])
+
+
+# -- SLURM ---------------------------------------------------------------------------------------------------------------
+SBATCH_SHIM = """#!/usr/bin/env bash
+# A stand-in for sbatch: runs a --wrap command here, once per --array task (SLURM_ARRAY_TASK_ID set), and prints a job id.
+array=""; wrap=""
+for a in "$@"; do case "$a" in --array=*) array=${a#--array=};; --wrap=*) wrap=${a#--wrap=};; esac; done
+echo "sbatch $*" >> "$SHIM_LOG"
+if [ -n "$array" ]; then
+    for ((i=${array%-*}; i<=${array#*-}; i++)); do SLURM_ARRAY_TASK_ID=$i bash -c "$wrap" >&2 || exit 1; done
+else
+    bash -c "$wrap" >&2 || exit 1
+fi
+echo 4242
+"""
+
+
+def test_the_slurm_example_runs_its_parts_and_assembles(setup, tmp_path):
+    import shutil
+
+    root, cfg, reference, _ = setup
+    mergeedit = shutil.which("mergeedit", path=str(Path(sys.executable).parent))
+    if mergeedit is None:
+        pytest.skip("the mergeedit script is not installed next to this Python")
+    shim = tmp_path / "bin" / "sbatch"
+    shim.parent.mkdir()
+    shim.write_text(SBATCH_SHIM)
+    shim.chmod(0o755)
+    out = root / "slurm"
+    env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "MERGEEDIT": mergeedit, "MERGE_ARGS": f"--out-shard-size {SHARD_SIZE}",
+           "SHIM_LOG": str(tmp_path / "sbatch.log")}
+    script = Path(__file__).resolve().parents[1] / "examples" / "slurm-merge.sh"
+    result = subprocess.run(["bash", str(script), str(cfg), str(out), "3"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    submitted = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert "--array=1-3" in submitted[0] and "--dependency=afterok:4242" in submitted[1]
+    assert result.stderr.count("part ") >= 3 and "assembled 3 part(s)" in result.stderr and "files match the manifest" in result.stderr
+    assert _files(out) == reference
