@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import write_config
 
+from mergeedit.core.errors import MergeEditError
 from mergeedit.io.parts import RECORD, parts_folder, read_record
 from mergeedit.io.resume import JOURNAL, read_journal
 from mergeedit.io.shard_writer import OutputEntry, Shard, layout_shards
@@ -251,9 +253,18 @@ def test_ray_runs_the_parts_on_a_local_two_cpu_cluster(setup):
     root, cfg, reference, shards = setup
     out = root / "ray"
     seen: dict[int, list[tuple[int, int, str]]] = {}
+    options = MergeOptions(out_shard_size=40_000)
+    # First every worker is killed after its second tensor (a node lost mid-part): one line, and the parts stay.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"MERGEEDIT_KILL_AFTER_TENSORS": "2"}})
+    try:
+        with pytest.raises(MergeEditError, match=r"part [12]/2 failed on the Ray cluster: .*run again with --resume"):
+            run_on_ray(cfg, out, options, None)
+    finally:
+        ray.shutdown()
+    assert not out.exists() and parts_folder(out).is_dir()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        report = run_on_ray(cfg, out, MergeOptions(out_shard_size=40_000), None, lambda i, n, done, total, state: seen.setdefault(i, []).append((done, total, state)))
+        report = run_on_ray(cfg, out, replace(options, resume=True), None, lambda i, n, done, total, state: seen.setdefault(i, []).append((done, total, state)))
     finally:
         ray.shutdown()
     assert report.of == 2, "the default: one part per CPU of the cluster"

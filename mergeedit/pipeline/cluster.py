@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..core.errors import MergeEditError
-from ..merging.merge import MergeOptions, load_plan
+from ..merging.merge import MergeOptions, check_merge_location, load_plan
 from ..merging.partition import AssembleReport, PartReport, assemble, plan_part, write_part
 
 PartProgress = Callable[[int, int, int, int, str], None]  # (part, of, bytes done, bytes of the part, state)
@@ -75,6 +75,7 @@ def run_on_ray(
     if workers is not None and workers < 1:
         raise MergeEditError(f"--workers {workers}: needs at least 1 worker")
     plan = load_plan(Path(config), options)
+    check_merge_location(plan, Path(out_dir), options)  # here, before any task: an OUT that is taken fails once, not N times
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     shard_count = len(plan_part(plan, options, 1, 1).shards)
