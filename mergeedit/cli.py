@@ -112,7 +112,7 @@ def merge(
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     if part is not None or assemble or ray or workers is not None:
-        _partitioned(config, plan, out_dir, options, part, assemble, ray, workers, dry_run or keep_intermediates is not None)
+        _partitioned(config, plan, out_dir, options, part, assemble, ray, workers, dry_run, keep_intermediates is not None)
         return
     est = estimate(plan, options)
     if dry_run:
@@ -126,20 +126,33 @@ def merge(
     _merge_with_progress(plan, out_dir, options, est)
 
 
-def _partitioned(config: Path, plan, out_dir: Path, options, part: Optional[str], assemble: bool, ray: bool, workers: Optional[int], other_mode: bool) -> None:
+def _partitioned(
+    config: Path, plan, out_dir: Path, options, part: Optional[str], assemble: bool, ray: bool, workers: Optional[int], dry_run: bool, keep_intermediates: bool,
+) -> None:
     """--part I/N, --assemble, --ray [--workers N]: one of them, then the library does the work."""
     chosen = [name for name, on in (("--part", part is not None), ("--assemble", assemble), ("--ray", ray)) if on]
     if workers is not None and not ray:
         _fail("--workers sets the number of Ray tasks; use it with --ray (a --part I/N names its N itself)")
     if len(chosen) > 1:
         _fail(f"{' and '.join(chosen)} are separate steps; give one of them")
-    if other_mode:
-        _fail(f"{chosen[0]} cannot be combined with --dry-run or --keep-intermediates")
+    other_mode = dry_run or keep_intermediates
+    if other_mode and not (part is not None and dry_run and not keep_intermediates):
+        _fail(f"{chosen[0]} cannot be combined with {'--keep-intermediates' if keep_intermediates else '--dry-run'}")
     if part is not None:
         from .merging.partition import parse_part, plan_part, write_part
 
         i, n = parse_part(part)
         layout = plan_part(plan, options, i, n)
+        if dry_run:  # every part's share, so a job array can be sized before it is submitted
+            table = Table(title=f"{len(layout.shards)} shard(s) dealt out to {n} part(s)")
+            for col in ("part", "shards", "tensors", "bytes"):
+                table.add_column(col)
+            for k in range(1, n + 1):
+                mine = plan_part(plan, options, k, n)
+                names = ", ".join(s.filename for s in mine.mine) or "(none)"
+                table.add_row(f"{k}/{n}" + (" *" if k == i else ""), names, str(mine.tensors), format_size(mine.nbytes))
+            out.print(table)
+            return
         with Progress(
             TextColumn(f"[bold]part {i}/{n}"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
             console=console, transient=False, disable=not console.is_terminal,

@@ -312,3 +312,14 @@ def test_the_slurm_example_runs_its_parts_and_assembles(setup, tmp_path):
     assert "--array=1-3" in submitted[0] and "--dependency=afterok:4242" in submitted[1]
     assert result.stderr.count("part ") >= 3 and "assembled 3 part(s)" in result.stderr and "files match the manifest" in result.stderr
     assert _files(out) == reference
+
+
+def test_dry_run_of_a_part_shows_every_parts_share_and_writes_nothing(setup, run_cli):
+    root, cfg, _, shards = setup
+    out = root / "dry"
+    result = run_cli("merge", cfg, out, "--out-shard-size", SHARD_SIZE, "--part", "2/3", "--dry-run")
+    assert result.code == 0, result.stderr
+    assert f"{len(shards)} shard(s) dealt out to 3 part(s)" in result.stdout and "2/3 *" in result.stdout
+    for s in shards:
+        assert result.stdout.count(s.filename) == 1
+    assert not out.exists() and not parts_folder(out).exists()
