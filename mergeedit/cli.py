@@ -166,6 +166,8 @@ def _partitioned(
 
             report = write_part(plan, out_dir, options, i, n, progress=on_tensor)
         reused = f", {report.resumed_shards} reused (sha256 verified)" if report.resumed_shards else ""
+        if not report.shards:
+            reused = f" (more parts than the {len(layout.shards)} shard(s): a smaller --out-shard-size gives every part work)"
         out.print(
             f"part {i}/{n}: {len(report.shards)} of {len(layout.shards)} shard(s), {format_size(report.bytes_out)}{reused}, "
             f"{report.seconds:.2f} s -> {report.folder}", highlight=False,
