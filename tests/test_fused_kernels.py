@@ -151,8 +151,8 @@ def test_norms_kernel_gives_the_eager_rescale_factors(compiled, monkeypatch):
 def test_fused_merge_writes_the_eager_bytes(method, tmp_path, compiled, monkeypatch):
     """A whole merge with --kernels fused (tensors of several 2^18-element blocks, whole and in row chunks) writes the
     bytes of --kernels eager, and the compiled kernels really served blocks (DARE: its norms too)."""
-    from mergeedit.merging.executor import schedule_plan
     from mergeedit.merging.merge import MergeOptions, load_plan, write_merge
+    from mergeedit.merging.schedule import schedule_plan
     from mergeedit.models.toy import LlamaShape, build_llama
 
     shape = LlamaShape(hidden=512, intermediate=2048, layers=1, heads=4, kv_heads=2, vocab=600)  # MLP: 4 blocks

@@ -28,8 +28,8 @@ from ..core.yaml_source import YamlDocument, count_yaml_documents, did_you_mean,
 from ..io.dtypes import TORCH_TO_SAFETENSORS, itemsize
 from ..io.model_source import ModelSource, open_model
 from ..io.tensor_reader import ComputedTensorInfo, TensorReader
+from .chunks import DEFAULT_BLOCK, build_statistics, input_blocks, load_inputs, merge_chunk
 from .config import config_from_document, locate_model
-from .executor import DEFAULT_BLOCK, build_statistics, input_blocks, load_inputs, merge_chunk
 from .plan import MergePlan, PlannedTensor, build_plan
 from .schema import MergeConfig
 

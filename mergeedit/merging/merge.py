@@ -16,9 +16,10 @@ from ..io.resume import Journal, find_resumable, fingerprint, verified_prefix
 from ..io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards, stage_size
 from .chat_templates import write_chat_template
 from .config import load_merge_config
-from .executor import ExecutionReport, Executor, ProgressCallback, schedule_plan
+from .executor import ExecutionReport, Executor, ProgressCallback
 from .graph import ComputedModel, is_merge_graph, plan_merge_graph, upstream_merges
 from .plan import MergePlan, build_plan
+from .schedule import schedule_plan
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 
