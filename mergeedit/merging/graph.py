@@ -236,6 +236,16 @@ def upstream_merges(plan: MergePlan) -> list[tuple[str, MergePlan]]:
     return list(found.items())
 
 
+def every_merge(plan: MergePlan) -> list[MergePlan]:
+    """`plan` and every graph merge it reads: what decides the output's bytes."""
+    return [plan] + [p for _, p in upstream_merges(plan)]
+
+
+def input_folders(plan: MergePlan) -> list[Path]:
+    """The folders on disk that `plan` and its upstream merges read (a computed intermediate has none)."""
+    return [m.folder for p in every_merge(plan) for m in p.models if not isinstance(m, ComputedModel)]
+
+
 # -- planning -----------------------------------------------------------------------------------------------------
 class GraphPlanner:
     """Plans merges of a graph; the merges they read come from `on_disk` folders, else are computed models."""

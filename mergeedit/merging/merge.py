@@ -17,7 +17,7 @@ from ..io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards, st
 from .chat_templates import write_chat_template
 from .config import load_merge_config
 from .executor import ExecutionReport, Executor, ProgressCallback
-from .graph import ComputedModel, is_merge_graph, plan_merge_graph, upstream_merges
+from .graph import every_merge, input_folders, is_merge_graph, plan_merge_graph
 from .plan import MergePlan, build_plan
 from .schedule import schedule_plan
 
@@ -117,7 +117,7 @@ def _describe_sources(plan: MergePlan, t) -> list:
 def plan_fingerprint(plan: MergePlan, shards: list[Shard]) -> str:
     """What decides every output byte: tensors, their sources (adapters, vocabulary maps) and parameters, seeds,
     dtypes, the shard layout, and the same for every upstream merge of a graph; plus the input files' identities."""
-    plans = [plan] + [p for _, p in upstream_merges(plan)]
+    plans = every_merge(plan)
     described = [
         [
             (t.name, t.shape, str(t.load_dtype), str(t.compute_dtype), str(t.out_dtype), t.method.name, t.shared, t.per_input, t.seed, t.base,
@@ -144,10 +144,8 @@ def write_tokenizer(plan: MergePlan, folder: Path, copy_tokenizer: bool) -> None
 
 
 def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress: Optional[ProgressCallback] = None) -> ExecutionReport:
-    every_plan = [plan] + [p for _, p in upstream_merges(plan)]
-    folders = [m.folder for p in every_plan for m in p.models if not isinstance(m, ComputedModel)]  # intermediates have none
-    config_files = [p.doc.path for p in every_plan if p.doc.path.is_file()]
-    check_output_location(out_dir, folders, options.overwrite, protect=tuple(config_files))
+    config_files = [p.doc.path for p in every_merge(plan) if p.doc.path.is_file()]
+    check_output_location(out_dir, input_folders(plan), options.overwrite, protect=tuple(config_files))
     shards = layout_shards(output_entries(plan), options.out_shard_size)
     check_free_space(out_dir, sum(s.nbytes for s in shards))
     with write_errors_named(out_dir, "merge"):
