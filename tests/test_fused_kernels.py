@@ -42,18 +42,16 @@ def _inputs(models: int, seed: int, n: int = 5000) -> list[torch.Tensor]:
     return [torch.cat([torch.zeros(8), x])[8:] for x in [base] + xs]
 
 
-def _merge(method_name, tensors, shared, densities, weights, eager: bool, monkeypatch) -> torch.Tensor:
+def _merge(method_name, tensors, shared, densities, weights, eager: bool, monkeypatch, kernels=None) -> torch.Tensor:
     method = METHODS[method_name]
     n = len(tensors)
     per_input = per_input_params(n, 0, weight=[None] + weights, density=[None] + densities)
     with monkeypatch.context() as m:
-        if eager:
-            m.setattr(fused.compiler, "enabled", False)
-        else:
+        if not eager:  # eager: no compiler, as an executor with --kernels eager has none
             calls = []
             original = ta._merge_fused
             m.setattr(ta, "_merge_fused", lambda inputs, v: (calls.append(v), original(inputs, v))[1])
-        out = run_whole(method, tensors, 0, shared_params(method, **shared), per_input, seed=3)
+        out = run_whole(method, tensors, 0, shared_params(method, **shared), per_input, seed=3, kernels=None if eager else kernels)
         if not eager:
             assert calls, f"{method_name}: the fused kernel was not used"
     return out
@@ -67,17 +65,21 @@ def compiled():
 
     from mergeedit.merging.executor import math_threads
 
+    compiler = fused.KernelCompiler()
     before = torch.get_num_threads()
     for threads in (before, math_threads(with_statistics=True)):
         torch.set_num_threads(threads)
         for name, models, shared, densities, weights in CASES:
             method = METHODS[name]
             per_input = _complete(method, 0, per_input_params(models + 1, 0, weight=[None] + weights, density=[None] + densities))
-            method.warm_up(_probe([None] * (models + 1), 0, shared_params(method, **shared), per_input, 5000, 0))
-        ok = fused.compiler.wait()
+            probe = _probe([None] * (models + 1), 0, shared_params(method, **shared), per_input, 5000, 0)
+            probe.kernels = compiler
+            method.warm_up(probe)
+        ok = compiler.wait()
         torch.set_num_threads(before)
-        assert ok, f"compiling the fused kernel failed: {fused.compiler.failure}"
-    return fused.compiler
+        assert ok, f"compiling the fused kernel failed: {compiler.failure}"
+    compiler.close()
+    return compiler
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
@@ -86,7 +88,7 @@ def test_fused_kernel_gives_the_eager_bits(case, compiled, monkeypatch):
     for seed in range(3):
         tensors = _inputs(models, seed)
         eager = _merge(name, tensors, shared, densities, weights, True, monkeypatch)
-        fast = _merge(name, tensors, shared, densities, weights, False, monkeypatch)
+        fast = _merge(name, tensors, shared, densities, weights, False, monkeypatch, kernels=compiled)
         assert torch.equal(eager.view(torch.int32), fast.view(torch.int32)), (name, seed)
 
 
@@ -111,11 +113,10 @@ def test_eager_kernels_option_never_uses_the_compiled_formula(compiled, monkeypa
     name, models, shared, densities, weights = CASES[0]
     calls = []
     monkeypatch.setattr(ta, "_merge_fused", lambda inputs, v: calls.append(v))
-    monkeypatch.setattr(fused.compiler, "enabled", False)
     method = METHODS[name]
     tensors = _inputs(models, 0)
     per_input = per_input_params(models + 1, 0, weight=[None] + weights, density=[None] + densities)
-    run_whole(method, tensors, 0, shared_params(method, **shared), per_input)
+    run_whole(method, tensors, 0, shared_params(method, **shared), per_input, kernels=None)  # --kernels eager: no compiler
     assert calls == []
 
 
@@ -133,9 +134,9 @@ def test_norms_kernel_gives_the_eager_rescale_factors(compiled, monkeypatch):
         for kernels in (False, True):
             calls = []
             with monkeypatch.context() as m:
-                m.setattr(fused.compiler, "enabled", kernels)
-                run = fused.compiler.run
-                m.setattr(fused.compiler, "run", lambda v, *a, calls=calls, run=run: (calls.append(v), run(v, *a))[1])
+                inputs.kernels = compiled if kernels else None
+                run = compiled.run
+                m.setattr(compiled, "run", lambda v, *a, calls=calls, run=run: (calls.append(v), run(v, *a))[1])
                 stats = method.statistics(inputs)
                 stats.observe(0, inputs)
             assert calls == ([fused.Norms(2)] if kernels else [])
@@ -168,8 +169,8 @@ models:
     parameters: {{weight: 0.5, density: 0.5}}
 """)
     calls = []
-    run = fused.compiler.run
-    monkeypatch.setattr(fused.compiler, "run", lambda v, *a: (calls.append(type(v)), run(v, *a))[1])
+    run = fused.KernelCompiler.run  # the executor's own compiler: every merge makes one
+    monkeypatch.setattr(fused.KernelCompiler, "run", lambda self, v, *a: (calls.append(type(v)), run(self, v, *a))[1])
 
     reports = []
 

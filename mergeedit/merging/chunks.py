@@ -18,9 +18,10 @@ DEFAULT_BLOCK = 1 << 18  # elements per block: big enough to amortise per-op ove
 SAMPLE = 1 << 14  # elements of the strided sample a statistic may aim with before its first pass
 
 
-def probe_inputs(t: PlannedTensor) -> MergeInputs:
-    """MergeInputs carrying parameters but no data: enough for a method to say which statistics it needs."""
-    return MergeInputs(t.name, [None] * len(t.sources), t.base, t.shared, t.per_input, 0, t.numel, t.seed, shape=tuple(t.shape))
+def probe_inputs(t: PlannedTensor, kernels: Any = None) -> MergeInputs:
+    """MergeInputs carrying parameters but no data: enough for a method to say which statistics it needs (and, with
+    the merge's `kernels`, which compiled kernels to request)."""
+    return MergeInputs(t.name, [None] * len(t.sources), t.base, t.shared, t.per_input, 0, t.numel, t.seed, shape=tuple(t.shape), kernels=kernels)
 
 
 def build_statistics(t: PlannedTensor) -> Optional[TensorStatistics]:
@@ -35,12 +36,13 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 def merge_chunk(
-    t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], stats: Any, out: torch.Tensor, block: int = DEFAULT_BLOCK
+    t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], stats: Any, out: torch.Tensor, block: int = DEFAULT_BLOCK,
+    kernels: Any = None,
 ) -> Optional[MergeInputs]:
     """Merge the inputs of rows [a, b) of `t` (or all of it) into `out`, block by block. Returns the first block whose
     output holds NaN/Inf (the caller words the error), else None."""
     flat = out.view(-1)
-    for start, inputs in input_blocks(t, rows, stored, block):
+    for start, inputs in input_blocks(t, rows, stored, block, kernels):
         inputs.stats = stats
         merged = t.method.merge(inputs)
         if merged.numel() != inputs.tensors[0].numel():
@@ -91,17 +93,18 @@ def sample_inputs(t: PlannedTensor, rows: Optional[tuple[int, int]], stored: lis
     return MergeInputs(t.name, [cast_input(t, x[::stride][:size]) for x in flat], t.base, t.shared, t.per_input, offset, t.numel, t.seed, shape=tuple(t.shape))
 
 
-def input_blocks(t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], block: int = DEFAULT_BLOCK):
-    """(offset in the chunk, MergeInputs) for each cache-sized block of a chunk (the whole chunk for non-elementwise methods)."""
+def input_blocks(t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], block: int = DEFAULT_BLOCK, kernels: Any = None):
+    """(offset in the chunk, MergeInputs) for each cache-sized block of a chunk (the whole chunk for non-elementwise
+    methods); `kernels`: the merge's fused.KernelCompiler, handed to the method with each block."""
     row_elems = t.numel // t.rows if t.rows else 0
     chunk_offset = rows[0] * row_elems if rows else 0
     cast = lambda x: cast_input(t, x)  # noqa: E731
 
     if not t.method.elementwise:
-        yield 0, MergeInputs(t.name, [cast(x) for x in stored], t.base, t.shared, t.per_input, chunk_offset, t.numel, t.seed, shape=tuple(t.shape))
+        yield 0, MergeInputs(t.name, [cast(x) for x in stored], t.base, t.shared, t.per_input, chunk_offset, t.numel, t.seed, shape=tuple(t.shape), kernels=kernels)
         return
     flat = [x.reshape(-1) for x in stored]
     n = flat[0].numel() if flat else 0
     for start in range(0, max(n, 1), block):
         end = min(start + block, n)
-        yield start, MergeInputs(t.name, [cast(x[start:end]) for x in flat], t.base, t.shared, t.per_input, chunk_offset + start, t.numel, t.seed, shape=tuple(t.shape))
+        yield start, MergeInputs(t.name, [cast(x[start:end]) for x in flat], t.base, t.shared, t.per_input, chunk_offset + start, t.numel, t.seed, shape=tuple(t.shape), kernels=kernels)

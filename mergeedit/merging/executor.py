@@ -87,6 +87,8 @@ class Executor:
         direct_reads: bool = True,
     ) -> None:
         self.kernels = check_kernels(kernels)
+        # the compiled kernels this merge's methods may use (methods.fused); --kernels eager: none, every block eager
+        self.compiler: Optional[fused.KernelCompiler] = fused.KernelCompiler() if kernels != "eager" else None
         self.plan = plan
         self.block = block or DEFAULT_BLOCK  # read here, not at import: tests vary it (the bytes must not depend on it)
         self.writer = writer
@@ -184,7 +186,7 @@ class Executor:
             return item
 
     def _blocks(self, t: PlannedTensor, job: Job, stored: list[torch.Tensor]):
-        return input_blocks(t, job.rows, stored, self.block)
+        return input_blocks(t, job.rows, stored, self.block, self.compiler)
 
     def _observe(self, t: PlannedTensor, stats: TensorStatistics, p: int, job: Job, stored: list[torch.Tensor]) -> None:
         for _, block in self._blocks(t, job, stored):
@@ -193,27 +195,26 @@ class Executor:
     def run(self) -> ExecutionReport:
         threads = torch.get_num_threads()
         torch.set_num_threads(math_threads(any(t.method.statistics for t in self.plan.tensors)))
-        kernels_were = fused.compiler.enabled
-        fused.compiler.enabled = self.kernels != "eager"
-        blocks_before = fused.compiler.blocks
         try:
             report = self._run()
-            report.fused_blocks = fused.compiler.blocks - blocks_before
-            report.kernel_failure = fused.compiler.failure if self.kernels != "eager" else None
+            if self.compiler is not None:
+                report.fused_blocks = self.compiler.blocks
+                report.kernel_failure = self.compiler.failure
             return report
         finally:
             torch.set_num_threads(threads)  # a recipe run trains in this process after merging
-            fused.compiler.enabled = kernels_were
+            if self.compiler is not None:
+                self.compiler.close()
 
     def _warm_up(self) -> None:
         """Let methods prepare faster kernels (compiled in the background) when the merge is big enough to repay it."""
         able = [t for t in self.plan.tensors if t.method.warm_up is not None]
-        if self.kernels == "eager" or not able:
+        if self.compiler is None or not able:
             return
         if self.kernels == "auto" and sum(t.numel for t in able) < FUSE_MIN_ELEMENTS:
             return
         for t in able:
-            t.method.warm_up(probe_inputs(t))
+            t.method.warm_up(probe_inputs(t, self.compiler))
 
     def _run(self) -> ExecutionReport:
         with merge_allocator():
@@ -378,7 +379,7 @@ class Executor:
         shape = ((job.rows[1] - job.rows[0],) + tuple(t.shape[1:])) if job.rows is not None else tuple(t.shape)
         out_bytes = math.prod(shape) * t.out_dtype.itemsize
         out = self.pool.take(out_bytes).view(t.out_dtype).view(shape) if out_bytes else torch.empty(shape, dtype=t.out_dtype)
-        bad = merge_chunk(t, job.rows, stored, stats, out, self.block)
+        bad = merge_chunk(t, job.rows, stored, stats, out, self.block, self.compiler)
         if bad is not None:
             raise self._non_finite_error(t, bad)
         buffers = self._reusable(job, stored) + self._raw([out])

@@ -161,9 +161,9 @@ class DeltaStatistics:
         """DARE's L1 norms before and after the mask, from the fused kernel when it is compiled (fused.norms)."""
         base = block.tensors[block.base]
         xs = [block.tensors[block.non_base[j]] for j in self.sparse]
-        v = fused.Norms(len(xs))
-        keys = _mask_keys(block, self.sparse) if fused.compiler.serves(v, [base, *xs]) else None
-        sums = fused.compiler.run(v, base, xs, keys) if keys is not None else None
+        v, kernels = fused.Norms(len(xs)), block.kernels
+        keys = _mask_keys(block, self.sparse) if kernels is not None and kernels.serves(v, [base, *xs]) else None
+        sums = kernels.run(v, base, xs, keys) if keys is not None else None
         if sums is not None:
             for j, (before, after) in zip(self.sparse, sums.tolist()):
                 self.before[j] += before
@@ -272,22 +272,24 @@ def _merge_fused(inputs: MergeInputs, v: fused.Variant) -> Optional[torch.Tensor
     weights = [inputs.per_input[i]["weight"] for i in inputs.non_base]
     xs = [inputs.tensors[i] for i in inputs.non_base]
     base = inputs.tensors[inputs.base]
-    return fused.compiler.run(v, base, xs, masks, below, scale, [f32(w) for w in weights], f32(inputs.shared["lambda"]), f32(_divisor(weights)))
+    return inputs.kernels.run(v, base, xs, masks, below, scale, [f32(w) for w in weights], f32(inputs.shared["lambda"]), f32(_divisor(weights)))
 
 
 def _fused_ready(inputs: MergeInputs, sparsify: Sparsify, consensus: bool) -> Optional[fused.Variant]:
+    if inputs.kernels is None:
+        return None
     v = _variant(inputs, sparsify, consensus)
-    return v if v is not None and fused.compiler.serves(v, inputs.tensors) else None
+    return v if v is not None and inputs.kernels.serves(v, inputs.tensors) else None
 
 
 def _warm_up_for(sparsify: Sparsify, consensus: bool):
     def warm_up(probe: MergeInputs) -> None:
         v = _variant(probe, sparsify, consensus)
-        if v is None:
+        if v is None or probe.kernels is None:
             return
-        fused.compiler.request(v)
+        probe.kernels.request(v)
         if v.sparsify == "mask" and probe.shared["rescale"]:  # every DARE input is sparse here (see _variant)
-            fused.compiler.request(fused.Norms(v.inputs))
+            probe.kernels.request(fused.Norms(v.inputs))
 
     return warm_up
 
