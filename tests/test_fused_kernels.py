@@ -94,10 +94,10 @@ def test_fused_kernel_gives_the_eager_bits(case, compiled, monkeypatch):
 
 def test_variants_outside_the_kernel_stay_eager():
     probe = lambda densities: ta.MergeInputs("t", [None] * 3, 0, {"normalize": False}, [{}, {"density": densities[0]}, {"density": densities[1]}])  # noqa: E731
-    assert ta._variant(probe([0.5, 0.5]), "magnitude", True) == fused.Variant(2, "magnitude", True, False)
-    assert ta._variant(probe([0.5, 1.0]), "magnitude", True) is not None  # kept whole: the threshold is just off
-    assert ta._variant(probe([0.0, 0.5]), "magnitude", True) is None  # density 0: eager zeroes the delta
-    assert ta._variant(probe([0.5, 1.0]), "random", True) is None  # a DARE input kept whole has no mask
+    assert ta._variant(probe([0.5, 0.5]), ta.TOP_K, True) == fused.Variant(2, "magnitude", True, False)
+    assert ta._variant(probe([0.5, 1.0]), ta.TOP_K, True) is not None  # kept whole: the threshold is just off
+    assert ta._variant(probe([0.0, 0.5]), ta.TOP_K, True) is None  # density 0: eager zeroes the delta
+    assert ta._variant(probe([0.5, 1.0]), ta.DARE, True) is None  # a DARE input kept whole has no mask
     assert ta._variant(probe([0.5, 0.5]), None, False) == fused.Variant(2, None, False, False)
 
 
