@@ -544,7 +544,9 @@ def main() -> None:
             sys.exit(getattr(exc, "exit_code", 2))
         if isinstance(exc, aborts):
             sys.exit(130)
-        if os.environ.get("MERGEEDIT_DEBUG"):
+        from .core.environment import debug
+
+        if debug():
             raise
         console.print(f"[bold red]internal error:[/] {exc.__class__.__name__}: {exc} (set MERGEEDIT_DEBUG=1 for the traceback and please report it)", highlight=False, soft_wrap=True)
         sys.exit(1)

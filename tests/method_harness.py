@@ -45,13 +45,14 @@ def _probe(tensors, base, shared, per_input, numel, seed, shape=()) -> MergeInpu
     return MergeInputs("t", [None] * len(tensors), base, shared, per_input, 0, numel, seed, shape=tuple(shape))
 
 
-def run_whole(method: MergeMethod, tensors, base, shared, per_input, seed: int = 0, name: str = "t") -> torch.Tensor:
-    """Merge one whole tensor as a single flattened block (offset 0, numel = total)."""
+def run_whole(method: MergeMethod, tensors, base, shared, per_input, seed: int = 0, name: str = "t", kernels=None) -> torch.Tensor:
+    """Merge one whole tensor as a single flattened block (offset 0, numel = total); `kernels`: a fused.KernelCompiler
+    the method may use, as the executor hands it one (None: eager)."""
     per_input = _complete(method, base, per_input)
     flat = [x.reshape(-1) for x in tensors]
     numel = flat[0].numel()
     stats = method.statistics(_probe(flat, base, shared, per_input, numel, seed, tensors[0].shape)) if method.statistics else None
-    inputs = MergeInputs(name, flat, base, shared, per_input, 0, numel, seed, shape=tuple(tensors[0].shape))
+    inputs = MergeInputs(name, flat, base, shared, per_input, 0, numel, seed, shape=tuple(tensors[0].shape), kernels=kernels)
     if stats:
         for p in range(stats.passes):
             stats.observe(p, inputs)

@@ -42,18 +42,16 @@ def _inputs(models: int, seed: int, n: int = 5000) -> list[torch.Tensor]:
     return [torch.cat([torch.zeros(8), x])[8:] for x in [base] + xs]
 
 
-def _merge(method_name, tensors, shared, densities, weights, eager: bool, monkeypatch) -> torch.Tensor:
+def _merge(method_name, tensors, shared, densities, weights, eager: bool, monkeypatch, kernels=None) -> torch.Tensor:
     method = METHODS[method_name]
     n = len(tensors)
     per_input = per_input_params(n, 0, weight=[None] + weights, density=[None] + densities)
     with monkeypatch.context() as m:
-        if eager:
-            m.setattr(fused.compiler, "enabled", False)
-        else:
+        if not eager:  # eager: no compiler, as an executor with --kernels eager has none
             calls = []
             original = ta._merge_fused
             m.setattr(ta, "_merge_fused", lambda inputs, v: (calls.append(v), original(inputs, v))[1])
-        out = run_whole(method, tensors, 0, shared_params(method, **shared), per_input, seed=3)
+        out = run_whole(method, tensors, 0, shared_params(method, **shared), per_input, seed=3, kernels=None if eager else kernels)
         if not eager:
             assert calls, f"{method_name}: the fused kernel was not used"
     return out
@@ -67,17 +65,21 @@ def compiled():
 
     from mergeedit.merging.executor import math_threads
 
+    compiler = fused.KernelCompiler()
     before = torch.get_num_threads()
     for threads in (before, math_threads(with_statistics=True)):
         torch.set_num_threads(threads)
         for name, models, shared, densities, weights in CASES:
             method = METHODS[name]
             per_input = _complete(method, 0, per_input_params(models + 1, 0, weight=[None] + weights, density=[None] + densities))
-            method.warm_up(_probe([None] * (models + 1), 0, shared_params(method, **shared), per_input, 5000, 0))
-        ok = fused.compiler.wait()
+            probe = _probe([None] * (models + 1), 0, shared_params(method, **shared), per_input, 5000, 0)
+            probe.kernels = compiler
+            method.warm_up(probe)
+        ok = compiler.wait()
         torch.set_num_threads(before)
-        assert ok, f"compiling the fused kernel failed: {fused.compiler.failure}"
-    return fused.compiler
+        assert ok, f"compiling the fused kernel failed: {compiler.failure}"
+    compiler.close()
+    return compiler
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
@@ -86,16 +88,16 @@ def test_fused_kernel_gives_the_eager_bits(case, compiled, monkeypatch):
     for seed in range(3):
         tensors = _inputs(models, seed)
         eager = _merge(name, tensors, shared, densities, weights, True, monkeypatch)
-        fast = _merge(name, tensors, shared, densities, weights, False, monkeypatch)
+        fast = _merge(name, tensors, shared, densities, weights, False, monkeypatch, kernels=compiled)
         assert torch.equal(eager.view(torch.int32), fast.view(torch.int32)), (name, seed)
 
 
 def test_variants_outside_the_kernel_stay_eager():
     probe = lambda densities: ta.MergeInputs("t", [None] * 3, 0, {"normalize": False}, [{}, {"density": densities[0]}, {"density": densities[1]}])  # noqa: E731
-    assert ta._variant(probe([0.5, 0.5]), "magnitude", True) == fused.Variant(2, "magnitude", True, False)
-    assert ta._variant(probe([0.5, 1.0]), "magnitude", True) is not None  # kept whole: the threshold is just off
-    assert ta._variant(probe([0.0, 0.5]), "magnitude", True) is None  # density 0: eager zeroes the delta
-    assert ta._variant(probe([0.5, 1.0]), "random", True) is None  # a DARE input kept whole has no mask
+    assert ta._variant(probe([0.5, 0.5]), ta.TOP_K, True) == fused.Variant(2, "magnitude", True, False)
+    assert ta._variant(probe([0.5, 1.0]), ta.TOP_K, True) is not None  # kept whole: the threshold is just off
+    assert ta._variant(probe([0.0, 0.5]), ta.TOP_K, True) is None  # density 0: eager zeroes the delta
+    assert ta._variant(probe([0.5, 1.0]), ta.DARE, True) is None  # a DARE input kept whole has no mask
     assert ta._variant(probe([0.5, 0.5]), None, False) == fused.Variant(2, None, False, False)
 
 
@@ -111,11 +113,10 @@ def test_eager_kernels_option_never_uses_the_compiled_formula(compiled, monkeypa
     name, models, shared, densities, weights = CASES[0]
     calls = []
     monkeypatch.setattr(ta, "_merge_fused", lambda inputs, v: calls.append(v))
-    monkeypatch.setattr(fused.compiler, "enabled", False)
     method = METHODS[name]
     tensors = _inputs(models, 0)
     per_input = per_input_params(models + 1, 0, weight=[None] + weights, density=[None] + densities)
-    run_whole(method, tensors, 0, shared_params(method, **shared), per_input)
+    run_whole(method, tensors, 0, shared_params(method, **shared), per_input, kernels=None)  # --kernels eager: no compiler
     assert calls == []
 
 
@@ -133,9 +134,9 @@ def test_norms_kernel_gives_the_eager_rescale_factors(compiled, monkeypatch):
         for kernels in (False, True):
             calls = []
             with monkeypatch.context() as m:
-                m.setattr(fused.compiler, "enabled", kernels)
-                run = fused.compiler.run
-                m.setattr(fused.compiler, "run", lambda v, *a, calls=calls, run=run: (calls.append(v), run(v, *a))[1])
+                inputs.kernels = compiled if kernels else None
+                run = compiled.run
+                m.setattr(compiled, "run", lambda v, *a, calls=calls, run=run: (calls.append(v), run(v, *a))[1])
                 stats = method.statistics(inputs)
                 stats.observe(0, inputs)
             assert calls == ([fused.Norms(2)] if kernels else [])
@@ -151,8 +152,8 @@ def test_norms_kernel_gives_the_eager_rescale_factors(compiled, monkeypatch):
 def test_fused_merge_writes_the_eager_bytes(method, tmp_path, compiled, monkeypatch):
     """A whole merge with --kernels fused (tensors of several 2^18-element blocks, whole and in row chunks) writes the
     bytes of --kernels eager, and the compiled kernels really served blocks (DARE: its norms too)."""
-    from mergeedit.merging.executor import schedule_plan
     from mergeedit.merging.merge import MergeOptions, load_plan, write_merge
+    from mergeedit.merging.schedule import schedule_plan
     from mergeedit.models.toy import LlamaShape, build_llama
 
     shape = LlamaShape(hidden=512, intermediate=2048, layers=1, heads=4, kv_heads=2, vocab=600)  # MLP: 4 blocks
@@ -168,8 +169,8 @@ models:
     parameters: {{weight: 0.5, density: 0.5}}
 """)
     calls = []
-    run = fused.compiler.run
-    monkeypatch.setattr(fused.compiler, "run", lambda v, *a: (calls.append(type(v)), run(v, *a))[1])
+    run = fused.KernelCompiler.run  # the executor's own compiler: every merge makes one
+    monkeypatch.setattr(fused.KernelCompiler, "run", lambda self, v, *a: (calls.append(type(v)), run(self, v, *a))[1])
 
     reports = []
 

@@ -178,3 +178,25 @@ def test_merge_options_and_cli_flags_match():
     flags = MergeOptions.cli_flags()
     assert flags and set(flags.values()) <= options, set(flags.values()) - options
     assert options - set(flags.values()) == {"--dry-run", "--keep-intermediates", "--part", "--assemble", "--ray", "--workers"}, options - set(flags.values())
+
+
+def test_the_environment_is_read_only_in_core_environment():
+    """Every environment variable mergeedit reads is read in core/environment.py (its table lists them); elsewhere the
+    code only sets defaults for libraries (setdefault) or reads a launcher's WORLD_SIZE."""
+    allowed_reads = {"mergeedit/core/environment.py", "mergeedit/pipeline/distributed.py"}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv") and isinstance(node.value, ast.Name) and node.value.id == "os":
+                parent_ok = rel in allowed_reads
+                found.append((rel, node.lineno, parent_ok))
+    setdefaults = {
+        (p.relative_to(REPO).as_posix(), n.lineno)
+        for p in PACKAGE.rglob("*.py")
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, ast.Attribute) and n.attr == "setdefault" and isinstance(n.value, ast.Attribute) and n.value.attr == "environ"
+    }
+    stray = [f"{rel}:{line}" for rel, line, ok in found if not ok and (rel, line) not in setdefaults]
+    assert found, "the scan found no environment access at all: it is not looking"
+    assert not stray, f"environment read outside core/environment.py: {stray}; add the variable to its table and read it there"

@@ -321,7 +321,7 @@ def test_killed_merge_never_leaves_a_partial_output(tmp_path, models, signal_nam
 def test_all_finite_is_exact_even_when_the_sum_overflows():
     import torch
 
-    from mergeedit.merging.executor import all_finite
+    from mergeedit.merging.chunks import all_finite
 
     big = torch.full((1000,), 6.0e4, dtype=torch.float16)  # finite, but its sum overflows float16 (and not float32)
     assert all_finite(big)
@@ -360,7 +360,7 @@ def test_merge_leaves_the_callers_thread_count_alone(tmp_path, models):
 def test_buffer_pool_serves_close_sizes_and_evicts_the_oldest():
     """Row chunks of different tensors differ by a few percent: a free buffer up to 1/8 larger serves a request (its
     first bytes); when full, the pool drops its oldest buffers, not the newest; small buffers are left to malloc."""
-    from mergeedit.merging.executor import BufferPool
+    from mergeedit.merging.buffers import BufferPool
 
     pool = BufferPool(cap=100, smallest=10)
     a, b = torch.empty(40, dtype=torch.uint8), torch.empty(50, dtype=torch.uint8)
@@ -383,7 +383,7 @@ def test_buffer_pool_serves_close_sizes_and_evicts_the_oldest():
 def test_buffer_pool_also_fills_the_unused_in_flight_budget():
     """Free buffers may occupy in-flight room nobody holds; a fresh allocation (whose bytes the budget has just
     counted) evicts them, so held plus free bytes never pass the budget."""
-    from mergeedit.merging.executor import BufferPool
+    from mergeedit.merging.buffers import BufferPool
 
     room = {"free": 200}
     pool = BufferPool(cap=50, smallest=10, room=lambda: room["free"])

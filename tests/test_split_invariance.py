@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_config
 
-from mergeedit.merging import executor
+from mergeedit.merging import executor, schedule
 from mergeedit.merging.merge import MergeOptions, load_plan, write_merge
 from mergeedit.merging.methods import METHODS
 from mergeedit.merging.methods.ordered import ordered_row_sums, ordered_sum
@@ -56,7 +56,7 @@ def _merge(cfg, out, budget, block, threads, monkeypatch):
     monkeypatch.setattr(executor, "math_threads", lambda with_statistics=False: threads)
     opts = MergeOptions(memory_budget=budget, fsync=False, random_seed=5)
     plan = load_plan(cfg, opts)
-    cuts = tuple(tuple(s.chunks) for s in executor.schedule_plan(plan, budget) if len(s.chunks) > 1)
+    cuts = tuple(tuple(s.chunks) for s in schedule.schedule_plan(plan, budget) if len(s.chunks) > 1)
     write_merge(plan, out, opts)
     return cuts, {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 

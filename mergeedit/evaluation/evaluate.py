@@ -123,6 +123,34 @@ def evaluate_edits(
     """
     records = list(records)
     _check_unique(records)
+    _check_pre(records, pre)
+    per = _teacher_forced_scores(model, tokenizer, records, pre, batch_size, padding_side)
+    answers_rel, answers_gen = _generated_answers(model, tokenizer, records, max_new_tokens, chat_template, batch_size) if generation else ([], [])
+    continuations: list[str] = []
+    if fluency:
+        continuations = metrics.generate_continuations(
+            model,
+            tokenizer,
+            [r.prompt for r in records],
+            max_new_tokens=fluency_tokens,
+            chat_template=False,
+            batch_size=batch_size,
+            stop_chars=(),
+        )
+    out_records = [
+        _edit_record(r, per[i], pre, answers_rel[i] if generation else None, answers_gen[i] if generation else None, continuations[i] if fluency else None)
+        for i, r in enumerate(records)
+    ]
+    aggregate: dict[str, dict] = {}
+    for name, protocol in PROTOCOLS.items():
+        values = [rec[name] for rec in out_records if rec[name] is not None]
+        aggregate[name] = metric(_mean(values), protocol, len(values))
+    settings = _settings(tokenizer, len(records), pre is not None, generation, chat_template, max_new_tokens, fluency, fluency_tokens, batch_size, padding_side)
+    return EvalResult(records=out_records, aggregate=aggregate, settings=settings)
+
+
+def _check_pre(records: list[EditRecord], pre: dict[str, list[list[int]]] | None) -> None:
+    """The pre-edit outputs cover every record's locality probes."""
     if pre is not None:
         for r in records:
             got = pre.get(r.case_id)
@@ -133,7 +161,10 @@ def evaluate_edits(
                     f"case_id {r.case_id!r}: {len(got)} pre-edit locality outputs for {len(r.locality)} locality probes"
                 )
 
-    # One flat teacher-forced pass over every probe (sorted into length batches inside).
+
+def _teacher_forced_scores(model, tokenizer, records: list[EditRecord], pre, batch_size: int, padding_side: str) -> list[dict]:
+    """Per record: rel, gen and port token accuracies and the locality argmax tokens, from one flat teacher-forced
+    pass over every probe (sorted into length batches inside)."""
     kinds: list[tuple[int, str]] = []  # (record index, "rel" | "gen" | "port" | "loc")
     prompts: list[str] = []
     targets: list[str] = []
@@ -155,66 +186,56 @@ def evaluate_edits(
             per[i]["loc_tokens"].append(pred)
         else:
             per[i][kind].append(sum(int(p == g) for p, g in zip(pred, gold)) / len(gold))
+    return per
 
-    answers_rel: list[str] = []
+
+def _generated_answers(model, tokenizer, records: list[EditRecord], max_new_tokens: int, chat_template, batch_size: int):
+    """Greedy answers to every edit question: (one per record, the rephrases' per record)."""
+    questions = [r.prompt for r in records] + [q for r in records for q in r.rephrases]
+    answers = metrics.generate_answers(
+        model, tokenizer, questions, max_new_tokens=max_new_tokens, chat_template=chat_template, batch_size=batch_size
+    )
+    answers_rel = answers[: len(records)]
     answers_gen: list[list[str]] = []
-    if generation:
-        questions = [r.prompt for r in records] + [q for r in records for q in r.rephrases]
-        answers = metrics.generate_answers(
-            model, tokenizer, questions, max_new_tokens=max_new_tokens, chat_template=chat_template, batch_size=batch_size
-        )
-        answers_rel = answers[: len(records)]
-        pos = len(records)
-        for r in records:
-            answers_gen.append(answers[pos : pos + len(r.rephrases)])
-            pos += len(r.rephrases)
+    pos = len(records)
+    for r in records:
+        answers_gen.append(answers[pos : pos + len(r.rephrases)])
+        pos += len(r.rephrases)
+    return answers_rel, answers_gen
 
-    continuations: list[str] = []
-    if fluency:
-        continuations = metrics.generate_continuations(
-            model,
-            tokenizer,
-            [r.prompt for r in records],
-            max_new_tokens=fluency_tokens,
-            chat_template=False,
-            batch_size=batch_size,
-            stop_chars=(),
-        )
 
-    out_records: list[dict] = []
-    for i, r in enumerate(records):
-        p = per[i]
-        loc_scores = metrics.locality(pre[r.case_id], p["loc_tokens"]) if pre is not None and r.locality else []
-        rec: dict = {
-            "case_id": r.case_id,
-            "rel": p["rel"][0],
-            "gen": _mean(p["gen"]),
-            "loc": _mean(loc_scores),
-            "port": _mean(p["port"]),
-            "rel_em": None,
-            "gen_em": None,
-            "fluency": None,
-            "scores": {"gen": p["gen"], "loc": loc_scores, "port": p["port"]},
-        }
-        if generation:
-            rec["rel_em"] = metrics.exact_match(answers_rel[i], r.target)
-            gen_em = [metrics.exact_match(a, r.target) for a in answers_gen[i]]
-            rec["gen_em"] = _mean(gen_em)
-            rec["scores"]["gen_em"] = gen_em
-            rec["answers"] = {"rel": answers_rel[i], "gen": answers_gen[i]}
-        if fluency:
-            rec["fluency"] = metrics.text_ngram_entropy(continuations[i])
-            rec["continuation"] = continuations[i]
-        out_records.append(rec)
+def _edit_record(r: EditRecord, p: dict, pre, answer_rel: str | None, answers_gen: list[str] | None, continuation: str | None) -> dict:
+    """One edit's scores (None where a protocol was not run) and what it answered."""
+    loc_scores = metrics.locality(pre[r.case_id], p["loc_tokens"]) if pre is not None and r.locality else []
+    rec: dict = {
+        "case_id": r.case_id,
+        "rel": p["rel"][0],
+        "gen": _mean(p["gen"]),
+        "loc": _mean(loc_scores),
+        "port": _mean(p["port"]),
+        "rel_em": None,
+        "gen_em": None,
+        "fluency": None,
+        "scores": {"gen": p["gen"], "loc": loc_scores, "port": p["port"]},
+    }
+    if answer_rel is not None:
+        rec["rel_em"] = metrics.exact_match(answer_rel, r.target)
+        gen_em = [metrics.exact_match(a, r.target) for a in answers_gen]
+        rec["gen_em"] = _mean(gen_em)
+        rec["scores"]["gen_em"] = gen_em
+        rec["answers"] = {"rel": answer_rel, "gen": answers_gen}
+    if continuation is not None:
+        rec["fluency"] = metrics.text_ngram_entropy(continuation)
+        rec["continuation"] = continuation
+    return rec
 
-    aggregate: dict[str, dict] = {}
-    for name, protocol in PROTOCOLS.items():
-        values = [rec[name] for rec in out_records if rec[name] is not None]
-        aggregate[name] = metric(_mean(values), protocol, len(values))
 
-    settings = {
-        "n_edits": len(records),
-        "pre": pre is not None,
+def _settings(tokenizer, n_edits: int, has_pre: bool, generation: bool, chat_template, max_new_tokens: int, fluency: bool,
+              fluency_tokens: int, batch_size: int, padding_side: str) -> dict:
+    """How the scores were made, stored with them."""
+    return {
+        "n_edits": n_edits,
+        "pre": has_pre,
         "generation": generation,
         "chat_template": (bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template)
         if generation
@@ -230,4 +251,3 @@ def evaluate_edits(
             GENERATION: "greedy answer to the question alone, cut at the first newline/period/EOS; SQuAD exact match",
         },
     }
-    return EvalResult(records=out_records, aggregate=aggregate, settings=settings)

@@ -35,15 +35,8 @@ def evaluate_folder(
     from . import drift as drift_metrics
     from .evaluate import evaluate_edits, reference_outputs
 
-    lm_eval_result = None
     if lm_eval_task is not None:  # first: a missing extra or a bad task file fails before any model loads
-        from .lm_eval_task import import_lm_eval, localize_task
-
-        import_lm_eval()
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            localize_task(lm_eval_task, Path(tmp))
+        _check_lm_eval_task(lm_eval_task)
     records = [r.__class__(**{**r.__dict__, "target": r.target.strip()}) for r in load_edits(dataset, fmt, limit=limit)] if dataset else []
     texts = drift_metrics.load_drift_texts(drift_texts) if drift and reference is not None else None
     dev = pick_device(device)
@@ -65,11 +58,25 @@ def evaluate_folder(
         if drift_ref is not None:
             out["drift"] = drift_metrics.drift_scores(model, tokenizer, texts, drift_ref, batch_size=batch_size)
     if lm_eval_task is not None:
-        from .lm_eval_task import run_lm_eval_task
-
         del model
-        lm_eval_result = {"model": run_lm_eval_task(folder, lm_eval_task, limit=lm_eval_limit, batch_size=batch_size, device=str(dev))}
-        if reference is not None:
-            lm_eval_result["reference"] = run_lm_eval_task(ref_folder, lm_eval_task, limit=lm_eval_limit, batch_size=batch_size, device=str(dev))
-        out["lm_eval"] = lm_eval_result
+        folders = {"model": folder, **({"reference": ref_folder} if reference is not None else {})}
+        out["lm_eval"] = _run_lm_eval(folders, lm_eval_task, lm_eval_limit, batch_size, str(dev))
     return out
+
+
+def _check_lm_eval_task(task: Path) -> None:
+    """The lm-eval extra is installed and the task file localizes (its data files exist): one line if not."""
+    import tempfile
+
+    from .lm_eval_task import import_lm_eval, localize_task
+
+    import_lm_eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        localize_task(task, Path(tmp))
+
+
+def _run_lm_eval(folders: dict[str, Path], task: Path, limit: Optional[int], batch_size: int, device: str) -> dict:
+    """The lm-eval task's results on each folder ("model", and "reference" when given)."""
+    from .lm_eval_task import run_lm_eval_task
+
+    return {who: run_lm_eval_task(folder, task, limit=limit, batch_size=batch_size, device=device) for who, folder in folders.items()}

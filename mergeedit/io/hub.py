@@ -5,9 +5,9 @@ huggingface_hub is imported here, lazily, so local merges never pay for it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..core.environment import hub_offline
 from ..core.errors import MergeEditError
 
 NEEDED_FILES = [
@@ -25,10 +25,6 @@ NEEDED_FILES = [
 ]
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def resolve_hub_model(repo_id: str, revision: str | None, *, allow_download: bool = True) -> Path:
     """Path of the cached snapshot of `repo_id`, downloading the needed files when online and allowed."""
     try:
@@ -40,7 +36,7 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, allow_download: boo
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_FILES, local_files_only=True))
     except Exception:  # noqa: BLE001 - any cache miss falls through to the download attempt
         pass
-    if _offline() or not allow_download:
+    if hub_offline() or not allow_download:
         raise MergeEditError(
             f"model '{where}': not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE); "
             f"download it first (huggingface-cli download {repo_id}) or give a local folder"

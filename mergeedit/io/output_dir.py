@@ -20,11 +20,6 @@ TOKENIZER_FILES = (
 GENERATION_FILES = ("generation_config.json",)
 
 
-def cache_root() -> Path:
-    """Where mergeedit keeps what it converts once (built-in models, imported pickles): $MERGEEDIT_CACHE or ~/.cache/mergeedit."""
-    return Path(os.environ.get("MERGEEDIT_CACHE") or Path.home() / ".cache" / "mergeedit").expanduser()
-
-
 def check_output_location(out: Path, inputs: list[Path], overwrite: bool, protect: tuple[Path, ...] = ()) -> None:
     """Refuse outputs that would clobber something. Never an output: the current folder or a folder above it, an input
     model's folder (or one inside or above it), a folder holding `protect` (the config file). An existing folder is

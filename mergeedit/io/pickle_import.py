@@ -14,10 +14,11 @@ import os
 import re
 from pathlib import Path
 
+from ..core.environment import cache_root
 from ..core.errors import MergeEditError
 from ..core.json_shape import SAFETENSORS_INDEX, read_json
 from ..core.paths import contained_path, is_regular_file, require_regular
-from .output_dir import TOKENIZER_FILES, AtomicOutputDir, cache_root, copy_files
+from .output_dir import TOKENIZER_FILES, AtomicOutputDir, copy_files
 from .resume import fingerprint
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"

@@ -22,7 +22,13 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes live: file, absolute byte range, dtype and shape."""
+    """Where one tensor's bytes live: file, absolute byte range, dtype and shape.
+
+    A tensor may instead be computed when read (tensor_reader.ComputedTensorInfo: a merge graph's intermediate): such
+    a tensor sets `compute`, and `inputs_bytes_per_element` counts what computing it holds besides itself."""
+
+    compute = None  # stored tensors: read from `path`
+    inputs_bytes_per_element = 0
 
     name: str
     dtype: str  # safetensors spelling, e.g. "BF16"
@@ -42,6 +48,11 @@ class TensorInfo:
     @property
     def torch_dtype(self):
         return SAFETENSORS_TO_TORCH[self.dtype]
+
+    @property
+    def bytes_per_element_to_read(self) -> int:
+        """Bytes held per element while this tensor is read: the element, plus the inputs a computed one needs."""
+        return itemsize(self.torch_dtype) + self.inputs_bytes_per_element
 
 
 def _bad(path: Path, reason: str) -> MergeEditError:

@@ -16,13 +16,13 @@ import hashlib
 import json
 import mmap
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from ..core.environment import FaultInjection
 from .dtypes import TORCH_TO_SAFETENSORS, itemsize
 from .model_source import INDEX_NAME, SINGLE_NAME
 from .tensor_reader import DIRECT_ALIGN
@@ -87,18 +87,6 @@ def write_index(folder: Path, shards: list[Shard]) -> None:
         "weight_map": {e.name: s.filename for s in shards for e in s.entries},
     }
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _fault_injection_point() -> Optional[int]:
-    """MERGEEDIT_KILL_AFTER_TENSORS=N makes the process SIGKILL itself once N tensors are written: the resume tests use
-    it to die at exact points (between shards, mid-shard) instead of racing a timer. MERGEEDIT_KILL_SIGNAL=TERM sends
-    SIGTERM instead (the interrupt tests)."""
-    value = os.environ.get("MERGEEDIT_KILL_AFTER_TENSORS", "")
-    return int(value) if value.isdigit() else None
-
-
-def _fault_signal() -> int:
-    return signal.SIGTERM if os.environ.get("MERGEEDIT_KILL_SIGNAL", "").upper() in ("TERM", "SIGTERM") else signal.SIGKILL
 
 
 STAGE_BYTES = 32 << 20  # the largest O_DIRECT write: 4 MiB writes (one at a time) left a linear merge 20% slower
@@ -209,11 +197,13 @@ class ShardWriter:
         direct: bool = True,
         stage_bytes: Optional[int] = None,
         index: bool = True,
+        fault: Optional[FaultInjection] = None,
     ) -> None:
         """`done`: shards already complete on disk (filename -> sha256, from a resumed run); they are not rewritten and
         their tensors must not be sent. `on_shard_done(filename, sha256)` runs once a shard is fsynced and closed.
         `direct`: write shard bytes with O_DIRECT where the file system allows, `stage_bytes` at a time (DirectFile).
-        `index`: write the index at finish (False for one part of a partitioned merge: --assemble writes it)."""
+        `index`: write the index at finish (False for one part of a partitioned merge: --assemble writes it).
+        `fault`: the tests' fault injection (core.environment): the process signals itself after that many tensors."""
         self.folder = Path(folder)
         self.shards = shards
         self.fsync = fsync
@@ -222,7 +212,7 @@ class ShardWriter:
         self.on_shard_done = on_shard_done
         self.index = index
         self._order = [(si, e) for si, s in enumerate(shards) if s.filename not in (done or {}) for e in s.entries]
-        self._fault_after = _fault_injection_point()
+        self.fault = fault
         self._tensors_written = 0
         self._pos = 0  # index into _order of the tensor being written
         self._written_in_tensor = 0
@@ -272,8 +262,8 @@ class ShardWriter:
             self._pos += 1
             self._written_in_tensor = 0
             self._tensors_written += 1
-            if self._tensors_written == self._fault_after:
-                os.kill(os.getpid(), _fault_signal())
+            if self.fault is not None and self._tensors_written == self.fault.after_tensors:
+                os.kill(os.getpid(), self.fault.signal)
 
     def finish(self) -> None:
         """Close the last shard and write the index; every planned byte must have arrived."""

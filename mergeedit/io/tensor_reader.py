@@ -45,12 +45,6 @@ class ComputedTensorInfo(TensorInfo):
     inputs_bytes_per_element: int = 0
 
 
-def bytes_per_element_to_read(info: TensorInfo) -> int:
-    """Bytes held per element while `info` is read: the element, plus the inputs a computed tensor needs."""
-    extra = info.inputs_bytes_per_element if isinstance(info, ComputedTensorInfo) else 0
-    return itemsize(info.torch_dtype) + extra
-
-
 DIRECT_ALIGN = 4096  # O_DIRECT wants the buffer, the file offset and the length aligned to the device block size
 DIRECT_MIN_BYTES = 1 << 20  # smaller reads go through the cache: alignment padding and a syscall outweigh the copy
 MAP_MIN_BYTES = 1 << 20  # smaller kept-in-cache reads are copied: a mapping costs syscalls and a descriptor
@@ -115,7 +109,7 @@ class TensorReader:
 
         `alloc(nbytes)` may supply a reusable uint8 buffer (freshly mapped pages cost a fault each).
         """
-        if isinstance(info, ComputedTensorInfo):
+        if info.compute is not None:
             return info.compute(self, rows, alloc)
         shape = list(info.shape)
         start, end = info.start, info.end

@@ -19,21 +19,21 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..core.errors import MergeEditError
 from ..core.memory import peak_rss, total_ram
 from ..io.shard_writer import ShardWriter
-from ..io.source_reader import read_input
 from ..io.tensor_reader import TensorReader
+from .buffers import BufferPool, Cancelled, MemoryBudget, merge_allocator
+from .chunks import DEFAULT_BLOCK, build_statistics, input_blocks, load_inputs, merge_chunk, probe_inputs, sample_inputs
 from .methods import fused
 from .methods.spec import MergeInputs, TensorStatistics
 from .plan import MergePlan, PlannedTensor
+from .schedule import Job, Schedule, read_jobs, schedule_plan, split_budget
 
-DEFAULT_BLOCK = 1 << 18  # elements per block: big enough to amortise per-op overhead (2^16 and 2^17 measured no faster)
-SAMPLE = 1 << 14  # elements of the strided sample a statistic may aim with before its first pass
 KERNELS = ("auto", "fused", "eager")  # --kernels: whether methods may warm up faster kernels (methods.fused)
 FUSE_MIN_ELEMENTS = 1 << 29  # auto: worth seconds of compiling only above this much work (~2 GB of float32 output)
 
@@ -44,60 +44,6 @@ def check_kernels(kernels: str) -> str:
     return kernels
 
 ProgressCallback = Callable[[PlannedTensor, int], None]  # (tensor finished, bytes written for it)
-
-
-class MemoryBudget:
-    """Counts bytes in flight; a request larger than the whole budget waits until nothing else is held."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_use = 0
-        self.high_water = 0
-        self._cond = threading.Condition()
-
-    def acquire(self, n: int, cancelled: threading.Event) -> None:
-        with self._cond:
-            while self.in_use and self.in_use + n > self.limit:
-                if cancelled.is_set():
-                    raise _Cancelled
-                self._cond.wait(0.1)
-            self.in_use += n
-            self.high_water = max(self.high_water, self.in_use)
-
-    def release(self, n: int) -> None:
-        with self._cond:
-            self.in_use -= n
-            self._cond.notify_all()
-
-
-class _Cancelled(Exception):
-    pass
-
-
-MMAP_THRESHOLD = 4 << 20  # above any block temporary (2^18 float64 elements = 2 MiB), below budgeted chunks
-TRIM_THRESHOLD = 32 << 20
-
-
-def tune_allocator() -> None:
-    """Fix glibc's malloc thresholds so block temporaries are recycled and budgeted buffers are returned at once.
-
-    By default glibc raises its mmap threshold after each large free, so later multi-megabyte buffers come from the heap
-    and stay resident after they are freed: resident memory then creeps far past the budget. A fixed threshold stops
-    that, but it must sit above the merge math's temporaries: at 1 MiB, with 2^18-element float32 blocks, every
-    temporary (ties makes ~30 per block) was its own mmap, paid for with 256 page faults and an munmap: 40% of a ties
-    merge's time (7.6 s of system time; 12.7 s -> 7.4 s wall at 4 MiB). The trim threshold keeps the heap from being
-    shrunk and regrown between blocks. One arena for all threads: each extra arena (the statistics thread's, the read
-    workers') kept its own free temporaries, 55 MB more peak RSS in a 64 MB-budget ties merge.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; setting it also turns off the dynamic adjustment
-        libc.mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
-        libc.mallopt(-8, 1)  # M_ARENA_MAX; threads created from now on share the main arena
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
 
 
 def math_threads(with_statistics: bool = False) -> int:
@@ -114,76 +60,6 @@ def math_threads(with_statistics: bool = False) -> int:
     return max(1, (cores - 1) // 2 if with_statistics else cores - 1)
 
 
-class BufferPool:
-    """Reuses read and output buffers: a fresh buffer costs a page fault and a zeroed page per 4 KiB (0.3 s of CPU per
-    GB here).
-
-    A request takes the smallest free buffer that is at least as large and at most 1/8 larger (the first `nbytes` of
-    it): row chunks of different tensors differ by a few percent. When the pool is full the oldest buffers go, so sizes
-    of tensors long finished do not crowd out the ones in use (with exact sizes and no eviction, 7% of the requests of
-    a 3 x 10 GB merge were served). Buffers below the malloc mmap threshold are left to malloc, which reuses them.
-
-    Free buffers may also fill the part of the in-flight budget that is not in use (`room`): they are evicted as soon
-    as a fresh allocation needs that room, so held plus free bytes stay within the budget. With only its fixed share,
-    the pool served 58% of the bytes of a 3 x 10 GB ties merge and the 34 GB of fresh buffers cost ~10 s of page faults.
-    """
-
-    SLACK = 8  # a buffer may be up to 1/SLACK larger than asked
-
-    def __init__(self, cap: int, smallest: int = MMAP_THRESHOLD, room: Optional[Callable[[], int]] = None) -> None:
-        self.cap = cap
-        self.room = room
-        self.smallest = smallest
-        self.free_bytes = 0
-        self._free: list[torch.Tensor] = []  # oldest first
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        if nbytes >= self.smallest:
-            with self._lock:
-                fits = [(b.numel(), i) for i, b in enumerate(self._free) if nbytes <= b.numel() <= nbytes + nbytes // self.SLACK]
-                if fits:
-                    size, i = min(fits)
-                    self.free_bytes -= size
-                    return self._free.pop(i)[:nbytes]
-                self._evict()  # the new buffer's bytes are already counted in flight: free what no longer fits
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    def give(self, buffers: list[torch.Tensor]) -> None:
-        with self._lock:
-            for b in buffers:
-                if self.smallest <= b.numel() <= self.limit:
-                    self._free.append(b)
-                    self.free_bytes += b.numel()
-            self._evict()
-
-    @property
-    def limit(self) -> int:
-        return self.cap + (max(0, self.room()) if self.room else 0)
-
-    def _evict(self) -> None:
-        limit = self.limit
-        while self.free_bytes > limit:
-            self.free_bytes -= self._free.pop(0).numel()
-
-
-@dataclass(frozen=True)
-class _Job:
-    tensor: int  # index into plan.tensors
-    rows: Optional[tuple[int, int]]  # None = whole tensor
-    nbytes: int  # budget charge
-    reread: bool = False  # the same bytes are read again by a later pass: map them from the page cache
-    stat_pass: Optional[int] = None  # the statistics pass this read serves; None for the merge pass
-
-
-@dataclass
-class _Schedule:
-    tensor: int
-    chunks: list[Optional[tuple[int, int]]]
-    stat_passes: int
-    charge: int  # budget bytes per chunk
-
-
 @dataclass
 class ExecutionReport:
     seconds: float
@@ -196,134 +72,6 @@ class ExecutionReport:
     resumed_shards: int = 0  # shards reused from a killed run (--resume), not recomputed
     fused_blocks: int = 0  # blocks computed by a compiled kernel (--kernels): merge formula, DARE norms
     kernel_failure: Optional[str] = None  # why compiled kernels are not in use, if compiling or running one failed
-
-
-def _probe(t: PlannedTensor) -> MergeInputs:
-    """MergeInputs carrying parameters but no data: enough for a method to say which statistics it needs."""
-    return MergeInputs(t.name, [None] * len(t.sources), t.base, t.shared, t.per_input, 0, t.numel, t.seed, shape=tuple(t.shape))
-
-
-def build_statistics(t: PlannedTensor) -> Optional[TensorStatistics]:
-    return t.method.statistics(_probe(t)) if t.method.statistics else None
-
-
-def schedule_tensor(index: int, t: PlannedTensor, budget: int) -> _Schedule:
-    """Whole if its footprint fits a third of the budget (so read, merge and write can overlap), else row chunks."""
-    stats = build_statistics(t)
-    passes = stats.passes if stats else 0
-    per_element = t.bytes_per_element_in_flight()
-    whole = int(per_element * t.numel)
-    target = max(1, budget // 3)
-    if whole <= target or t.rows <= 1:
-        return _Schedule(index, [None], passes, whole)
-    row_elems = t.numel // t.rows
-    rows_per_chunk = max(1, int(target // (per_element * row_elems)))
-    chunks = [(a, min(a + rows_per_chunk, t.rows)) for a in range(0, t.rows, rows_per_chunk)]
-    return _Schedule(index, chunks, passes, int(per_element * row_elems * rows_per_chunk))
-
-
-def split_budget(budget: int) -> tuple[int, int]:
-    """(bytes allowed in flight, bytes of free buffers kept for reuse): four fifths and one fifth."""
-    return budget - budget // 5, budget // 5
-
-
-def schedule_plan(plan: MergePlan, budget: int) -> list[_Schedule]:
-    in_flight, _ = split_budget(budget)
-    return [schedule_tensor(i, t, in_flight) for i, t in enumerate(plan.tensors)]
-
-
-def _jobs(schedules: list[_Schedule], skipped: frozenset | set = frozenset()):
-    """Every read in execution order: statistics passes over the chunks, then the merge pass. `skipped` holds
-    (tensor, pass) pairs found unneeded while the reads run ahead; it is consulted as each read comes due."""
-    for s in schedules:
-        if len(s.chunks) == 1:
-            yield _Job(s.tensor, s.chunks[0], s.charge)
-            continue
-        for p in range(s.stat_passes + 1):
-            stat_pass = p if p < s.stat_passes else None
-            for rows in s.chunks:
-                if (s.tensor, stat_pass) not in skipped:
-                    yield _Job(s.tensor, rows, s.charge, reread=s.stat_passes > 0, stat_pass=stat_pass)
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """No NaN/Inf in `x`. A NaN or Inf anywhere makes the sum non-finite, and one vectorized sum costs ~40x less than
-    isfinite().all(); only when the sum is not finite (which a huge but finite sum can also cause) look element-wise."""
-    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return math.isfinite(float(total)) or bool(torch.isfinite(x).all())
-
-
-def merge_chunk(
-    t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], stats: Any, out: torch.Tensor, block: int = DEFAULT_BLOCK
-) -> Optional[MergeInputs]:
-    """Merge the inputs of rows [a, b) of `t` (or all of it) into `out`, block by block. Returns the first block whose
-    output holds NaN/Inf (the caller words the error), else None."""
-    flat = out.view(-1)
-    for start, inputs in input_blocks(t, rows, stored, block):
-        inputs.stats = stats
-        merged = t.method.merge(inputs)
-        if merged.numel() != inputs.tensors[0].numel():
-            raise RuntimeError(f"method {t.method.name} returned {merged.numel()} elements for a block of '{t.name}', expected {inputs.tensors[0].numel()}")
-        if t.method.elementwise:
-            written = flat[start : start + merged.numel()]
-            written.copy_(merged.reshape(-1))
-        else:
-            written = out
-            out.copy_(merged.reshape(out.shape))
-        if t.out_dtype.is_floating_point and not all_finite(written):
-            return inputs
-    return None
-
-
-def load_inputs(
-    reader: TensorReader, t: PlannedTensor, rows: Optional[tuple[int, int]], alloc=None, readers: Optional[ThreadPoolExecutor] = None,
-    keep_in_cache: bool = False, drop_after: bool = False,
-) -> list[torch.Tensor]:
-    """The inputs of `t` for rows [a, b) (or whole), as its method must see them (adapters folded, vocabularies mapped).
-
-    With `readers`, the inputs are read at the same time: direct reads from several files keep the disk busy where
-    one synchronous read at a time left it idle between requests. `keep_in_cache`, `drop_after`: TensorReader.mode."""
-
-    def read(src):
-        with reader.mode(keep_in_cache, drop_after):
-            return read_input(reader, src.stored, src.row_map, rows, alloc=alloc)
-    if readers is None or len(t.sources) < 2:
-        return [read(src) for src in t.sources]
-    return list(readers.map(read, t.sources))
-
-
-def _cast(t: PlannedTensor, x: torch.Tensor) -> torch.Tensor:
-    """An input as the method computes with it."""
-    if t.load_dtype is not None:
-        x = x.to(t.load_dtype)
-    return x.to(t.compute_dtype)
-
-
-def sample_inputs(t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], size: int = SAMPLE) -> MergeInputs:
-    """About `size` elements at a fixed stride through a chunk's inputs, cast as its blocks are: what a statistic
-    aims with. Deterministic, so the same inputs give the same sample (a statistic must never depend on it for its
-    answer, only for its speed)."""
-    flat = [x.reshape(-1) for x in stored]
-    n = flat[0].numel() if flat else 0
-    stride = max(1, n // size)
-    offset = rows[0] * (t.numel // t.rows) if rows and t.rows else 0
-    return MergeInputs(t.name, [_cast(t, x[::stride][:size]) for x in flat], t.base, t.shared, t.per_input, offset, t.numel, t.seed, shape=tuple(t.shape))
-
-
-def input_blocks(t: PlannedTensor, rows: Optional[tuple[int, int]], stored: list[torch.Tensor], block: int = DEFAULT_BLOCK):
-    """(offset in the chunk, MergeInputs) for each cache-sized block of a chunk (the whole chunk for non-elementwise methods)."""
-    row_elems = t.numel // t.rows if t.rows else 0
-    chunk_offset = rows[0] * row_elems if rows else 0
-    cast = lambda x: _cast(t, x)  # noqa: E731
-
-    if not t.method.elementwise:
-        yield 0, MergeInputs(t.name, [cast(x) for x in stored], t.base, t.shared, t.per_input, chunk_offset, t.numel, t.seed, shape=tuple(t.shape))
-        return
-    flat = [x.reshape(-1) for x in stored]
-    n = flat[0].numel() if flat else 0
-    for start in range(0, max(n, 1), block):
-        end = min(start + block, n)
-        yield start, MergeInputs(t.name, [cast(x[start:end]) for x in flat], t.base, t.shared, t.per_input, chunk_offset + start, t.numel, t.seed, shape=tuple(t.shape))
 
 
 class Executor:
@@ -339,6 +87,8 @@ class Executor:
         direct_reads: bool = True,
     ) -> None:
         self.kernels = check_kernels(kernels)
+        # the compiled kernels this merge's methods may use (methods.fused); --kernels eager: none, every block eager
+        self.compiler: Optional[fused.KernelCompiler] = fused.KernelCompiler() if kernels != "eager" else None
         self.plan = plan
         self.block = block or DEFAULT_BLOCK  # read here, not at import: tests vary it (the bytes must not depend on it)
         self.writer = writer
@@ -359,7 +109,7 @@ class Executor:
         self._inputs_exceed_cache = plan.bytes_in > total_ram() // 2
 
     # -- threads ------------------------------------------------------------------------------------------------
-    def _load(self, job: _Job) -> list[torch.Tensor]:
+    def _load(self, job: Job) -> list[torch.Tensor]:
         drop = job.reread and job.stat_pass is None and self._inputs_exceed_cache  # the merge pass: the last read
         t = self.plan.tensors[job.tensor]
         return load_inputs(self.reader, t, job.rows, alloc=self.pool.take, readers=self._readers, keep_in_cache=job.reread, drop_after=drop)
@@ -370,7 +120,7 @@ class Executor:
         window into a slightly larger buffer)."""
         return [torch.empty(0, dtype=torch.uint8).set_(x.untyped_storage()) if x.numel() else x for x in tensors]
 
-    def _reusable(self, job: _Job, stored: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _reusable(self, job: Job, stored: list[torch.Tensor]) -> list[torch.Tensor]:
         """What of a job's inputs goes back to the pool: nothing for a re-read job, whose inputs are views of file
         mappings (TensorReader.keep_in_cache), freed (unmapped) with their last view."""
         return [] if job.reread else self._raw(stored)
@@ -380,7 +130,7 @@ class Executor:
         marker None follows, unless the run is cancelled and `out` stays full (nobody reads it any more)."""
         try:
             work()
-        except _Cancelled:
+        except Cancelled:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._errors.append(exc)
@@ -388,7 +138,7 @@ class Executor:
         finally:
             try:
                 self._put(out, None)
-            except _Cancelled:
+            except Cancelled:
                 pass
 
     def _reader_loop(self, jobs, inbox: queue.Queue) -> None:
@@ -429,46 +179,48 @@ class Executor:
                 if self._errors:
                     raise self._errors[0] from None
                 if self._cancel.is_set():  # the main thread gave up: a stage waiting on its input stops too
-                    raise _Cancelled() from None
+                    raise Cancelled() from None
                 continue
             if item is None:
                 raise self._errors[0] if self._errors else RuntimeError("a pipeline stage stopped early")
             return item
 
-    def _blocks(self, t: PlannedTensor, job: _Job, stored: list[torch.Tensor]):
-        return input_blocks(t, job.rows, stored, self.block)
+    def _blocks(self, t: PlannedTensor, job: Job, stored: list[torch.Tensor]):
+        return input_blocks(t, job.rows, stored, self.block, self.compiler)
 
-    def _observe(self, t: PlannedTensor, stats: TensorStatistics, p: int, job: _Job, stored: list[torch.Tensor]) -> None:
+    def _observe(self, t: PlannedTensor, stats: TensorStatistics, p: int, job: Job, stored: list[torch.Tensor]) -> None:
         for _, block in self._blocks(t, job, stored):
             stats.observe(p, block)
 
     def run(self) -> ExecutionReport:
         threads = torch.get_num_threads()
         torch.set_num_threads(math_threads(any(t.method.statistics for t in self.plan.tensors)))
-        kernels_were = fused.compiler.enabled
-        fused.compiler.enabled = self.kernels != "eager"
-        blocks_before = fused.compiler.blocks
         try:
             report = self._run()
-            report.fused_blocks = fused.compiler.blocks - blocks_before
-            report.kernel_failure = fused.compiler.failure if self.kernels != "eager" else None
+            if self.compiler is not None:
+                report.fused_blocks = self.compiler.blocks
+                report.kernel_failure = self.compiler.failure
             return report
         finally:
             torch.set_num_threads(threads)  # a recipe run trains in this process after merging
-            fused.compiler.enabled = kernels_were
+            if self.compiler is not None:
+                self.compiler.close()
 
     def _warm_up(self) -> None:
         """Let methods prepare faster kernels (compiled in the background) when the merge is big enough to repay it."""
         able = [t for t in self.plan.tensors if t.method.warm_up is not None]
-        if self.kernels == "eager" or not able:
+        if self.compiler is None or not able:
             return
         if self.kernels == "auto" and sum(t.numel for t in able) < FUSE_MIN_ELEMENTS:
             return
         for t in able:
-            t.method.warm_up(_probe(t))
+            t.method.warm_up(probe_inputs(t, self.compiler))
 
     def _run(self) -> ExecutionReport:
-        tune_allocator()
+        with merge_allocator():
+            return self._stream()
+
+    def _stream(self) -> ExecutionReport:
         started = time.perf_counter()
         self._warm_up()
         budget = self.budget_total
@@ -478,7 +230,7 @@ class Executor:
         inbox: queue.Queue = queue.Queue(maxsize=self.lookahead)
         outbox: queue.Queue = queue.Queue(maxsize=self.lookahead)
         ready: queue.Queue = queue.Queue(maxsize=1)  # merge-pass inputs with their statistics, one tensor ahead
-        reader = threading.Thread(target=self._reader_loop, args=(_jobs(schedules, self._skipped), inbox), name="mergeedit-reader", daemon=True)
+        reader = threading.Thread(target=self._reader_loop, args=(read_jobs(schedules, self._skipped), inbox), name="mergeedit-reader", daemon=True)
         statistics = threading.Thread(target=self._statistics_loop, args=(schedules, inbox, ready), name="mergeedit-statistics", daemon=True)
         writer = threading.Thread(target=self._writer_loop, args=(outbox,), name="mergeedit-writer", daemon=True)
         for thread in (reader, statistics, writer):
@@ -519,7 +271,7 @@ class Executor:
             chunked_tensors=sum(len(s.chunks) > 1 for s in schedules),
         )
 
-    def _statistics_loop(self, schedules: list[_Schedule], inbox: queue.Queue, ready: queue.Queue) -> None:
+    def _statistics_loop(self, schedules: list[Schedule], inbox: queue.Queue, ready: queue.Queue) -> None:
         def work() -> None:
             for s in schedules:
                 for item in self._prepared(s, inbox):
@@ -535,9 +287,9 @@ class Executor:
                 return
             except queue.Full:
                 if self._cancel.is_set():
-                    raise _Cancelled() from None
+                    raise Cancelled() from None
 
-    def _prepared(self, s: _Schedule, inbox: queue.Queue):
+    def _prepared(self, s: Schedule, inbox: queue.Queue):
         """(job, inputs, statistics result) for each merge-pass chunk of one tensor, after its statistics passes.
 
         A statistic may learn that it needs fewer passes than scheduled (their reads are then skipped) or more (a
@@ -565,7 +317,7 @@ class Executor:
         for _ in s.chunks:
             yield *self._next_for(inbox, s.tensor), result
 
-    def _pass_reads(self, t: PlannedTensor, s: _Schedule, p: int, inbox: queue.Queue, whole):
+    def _pass_reads(self, t: PlannedTensor, s: Schedule, p: int, inbox: queue.Queue, whole):
         """(job, inputs) for statistics pass p: the whole tensor already in memory, the scheduled chunk reads (each
         dropped once observed), or, for a pass the schedule did not foresee, rows read here in pieces of about a
         tenth of the budget (the reader thread keeps prefetching within the rest)."""
@@ -580,7 +332,7 @@ class Executor:
             first, last = s.chunks[0][0], s.chunks[-1][1]
             rows = max(1, (s.chunks[0][1] - first) * (self.budget_total // 10) // max(1, s.charge))
             for a in range(first, last, rows):
-                job = _Job(s.tensor, (a, min(a + rows, last)), 0)
+                job = Job(s.tensor, (a, min(a + rows, last)), 0)
                 yield job, load_inputs(self.reader, t, job.rows)
 
     def _next_for(self, inbox: queue.Queue, tensor: int):
@@ -591,7 +343,7 @@ class Executor:
                 return job, stored
             self._drop(job, stored)
 
-    def _drop(self, job: _Job, stored: list[torch.Tensor]) -> None:
+    def _drop(self, job: Job, stored: list[torch.Tensor]) -> None:
         self.pool.give(self._reusable(job, stored))
         self.budget.release(job.nbytes)
 
@@ -623,11 +375,11 @@ class Executor:
             "produce values the output dtype cannot hold; choose a wider output dtype (--dtype bfloat16 or float32) or smaller weights"
         )
 
-    def _emit(self, t: PlannedTensor, stats, job: _Job, stored: list[torch.Tensor], outbox: queue.Queue, last: bool) -> None:
+    def _emit(self, t: PlannedTensor, stats, job: Job, stored: list[torch.Tensor], outbox: queue.Queue, last: bool) -> None:
         shape = ((job.rows[1] - job.rows[0],) + tuple(t.shape[1:])) if job.rows is not None else tuple(t.shape)
         out_bytes = math.prod(shape) * t.out_dtype.itemsize
         out = self.pool.take(out_bytes).view(t.out_dtype).view(shape) if out_bytes else torch.empty(shape, dtype=t.out_dtype)
-        bad = merge_chunk(t, job.rows, stored, stats, out, self.block)
+        bad = merge_chunk(t, job.rows, stored, stats, out, self.block, self.compiler)
         if bad is not None:
             raise self._non_finite_error(t, bad)
         buffers = self._reusable(job, stored) + self._raw([out])

@@ -28,8 +28,8 @@ from ..core.yaml_source import YamlDocument, count_yaml_documents, did_you_mean,
 from ..io.dtypes import TORCH_TO_SAFETENSORS, itemsize
 from ..io.model_source import ModelSource, open_model
 from ..io.tensor_reader import ComputedTensorInfo, TensorReader
+from .chunks import DEFAULT_BLOCK, build_statistics, input_blocks, load_inputs, merge_chunk
 from .config import config_from_document, locate_model
-from .executor import DEFAULT_BLOCK, build_statistics, input_blocks, load_inputs, merge_chunk
 from .plan import MergePlan, PlannedTensor, build_plan
 from .schema import MergeConfig
 
@@ -234,6 +234,16 @@ def upstream_merges(plan: MergePlan) -> list[tuple[str, MergePlan]]:
 
     visit(plan)
     return list(found.items())
+
+
+def every_merge(plan: MergePlan) -> list[MergePlan]:
+    """`plan` and every graph merge it reads: what decides the output's bytes."""
+    return [plan] + [p for _, p in upstream_merges(plan)]
+
+
+def input_folders(plan: MergePlan) -> list[Path]:
+    """The folders on disk that `plan` and its upstream merges read (a computed intermediate has none)."""
+    return [m.folder for p in every_merge(plan) for m in p.models if not isinstance(m, ComputedModel)]
 
 
 # -- planning -----------------------------------------------------------------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
+from ..core.environment import FaultInjection, merge_switches
 from ..core.memory import default_budget
 from ..io.integrity import OutputLock, check_free_space, write_errors_named, write_manifest
 from ..io.output_dir import GENERATION_FILES, TOKENIZER_FILES, AtomicOutputDir, check_output_location, copy_files, write_json
@@ -16,21 +15,12 @@ from ..io.resume import Journal, find_resumable, fingerprint, verified_prefix
 from ..io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards, stage_size
 from .chat_templates import write_chat_template
 from .config import load_merge_config
-from .executor import ExecutionReport, Executor, ProgressCallback, schedule_plan
-from .graph import ComputedModel, is_merge_graph, plan_merge_graph, upstream_merges
+from .executor import ExecutionReport, Executor, ProgressCallback
+from .graph import every_merge, input_folders, is_merge_graph, plan_merge_graph
 from .plan import MergePlan, build_plan
+from .schedule import schedule_plan
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
-
-
-@functools.cache
-def environment_switches() -> dict[str, bool]:
-    """The environment's say in a merge, read once per process and only here: MERGEEDIT_DIRECT_READS=0 and
-    MERGEEDIT_DIRECT_WRITES=0 send reads and writes through the page cache (file systems without O_DIRECT)."""
-    return {
-        "direct_reads": os.environ.get("MERGEEDIT_DIRECT_READS", "1") != "0",
-        "direct_writes": os.environ.get("MERGEEDIT_DIRECT_WRITES", "1") != "0",
-    }
 
 
 def _flag(name: str) -> dict:
@@ -53,8 +43,11 @@ class MergeOptions:
     allow_pickle: bool = field(default=False, metadata=_flag("--allow-pickle"))  # torch.load(weights_only=True), converted once
     resume: bool = field(default=False, metadata=_flag("--resume"))  # reuse a killed run's checksum-verified shards
     kernels: str = field(default="auto", metadata=_flag("--kernels"))  # fused | eager | auto (executor.KERNELS)
-    direct_reads: bool = field(default_factory=lambda: environment_switches()["direct_reads"])
-    direct_writes: bool = field(default_factory=lambda: environment_switches()["direct_writes"])
+    # read once from the environment (core.environment): MERGEEDIT_DIRECT_READS=0 / MERGEEDIT_DIRECT_WRITES=0 go
+    # through the page cache (file systems without O_DIRECT); the tests' fault injection kills the merge at a point
+    direct_reads: bool = field(default_factory=lambda: merge_switches()["direct_reads"])
+    direct_writes: bool = field(default_factory=lambda: merge_switches()["direct_writes"])
+    fault_injection: Optional[FaultInjection] = field(default_factory=lambda: merge_switches()["fault_injection"])
 
     @classmethod
     def cli_flags(cls) -> dict[str, str]:
@@ -116,7 +109,7 @@ def _describe_sources(plan: MergePlan, t) -> list:
 def plan_fingerprint(plan: MergePlan, shards: list[Shard]) -> str:
     """What decides every output byte: tensors, their sources (adapters, vocabulary maps) and parameters, seeds,
     dtypes, the shard layout, and the same for every upstream merge of a graph; plus the input files' identities."""
-    plans = [plan] + [p for _, p in upstream_merges(plan)]
+    plans = every_merge(plan)
     described = [
         [
             (t.name, t.shape, str(t.load_dtype), str(t.compute_dtype), str(t.out_dtype), t.method.name, t.shared, t.per_input, t.seed, t.base,
@@ -144,10 +137,8 @@ def write_tokenizer(plan: MergePlan, folder: Path, copy_tokenizer: bool) -> None
 
 def check_merge_location(plan: MergePlan, out_dir: Path, options: MergeOptions) -> None:
     """OUT must not clobber an input, the config, or (without --overwrite) an existing folder (check_output_location)."""
-    every_plan = [plan] + [p for _, p in upstream_merges(plan)]
-    folders = [m.folder for p in every_plan for m in p.models if not isinstance(m, ComputedModel)]  # intermediates have none
-    config_files = [p.doc.path for p in every_plan if p.doc.path.is_file()]
-    check_output_location(out_dir, folders, options.overwrite, protect=tuple(config_files))
+    config_files = [p.doc.path for p in every_merge(plan) if p.doc.path.is_file()]
+    check_output_location(out_dir, input_folders(plan), options.overwrite, protect=tuple(config_files))
 
 
 def write_model_files(plan: MergePlan, tmp: Path, options: MergeOptions, digests: dict[str, str]) -> None:
@@ -176,7 +167,7 @@ def write_merge(plan: MergePlan, out_dir: Path, options: MergeOptions, progress:
                 journal = Journal(tmp, key, done)
                 writer = ShardWriter(
                     tmp, shards, fsync=options.fsync, done=done, on_shard_done=journal.record,
-                    direct=options.direct_writes, stage_bytes=stage_size(options.memory_budget),
+                    direct=options.direct_writes, stage_bytes=stage_size(options.memory_budget), fault=options.fault_injection,
                 )
                 finished = {e.name for s in shards if s.filename in done for e in s.entries}
                 todo = replace(plan, tensors=[t for t in plan.tensors if t.name not in finished]) if finished else plan

@@ -176,6 +176,7 @@ def _write_part_locked(plan, out_dir, options, part, of, layout: PartLayout, fin
     writer = ShardWriter(
         work, layout.mine, fsync=options.fsync, done=done, on_shard_done=journal.record,
         direct=options.direct_writes, stage_bytes=stage_size(options.memory_budget), index=False,
+        fault=options.fault_injection,
     )
     finished = {e.name for s in layout.mine if s.filename in done for e in s.entries}
     wanted = {e.name for s in layout.mine for e in s.entries} - finished

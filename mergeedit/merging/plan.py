@@ -22,7 +22,6 @@ from ..io.lora import LowRankUpdate
 from ..io.model_source import ModelSource, open_model
 from ..io.safetensors_header import TensorInfo
 from ..io.source_reader import RowMap, StoredTensor, row_bytes
-from ..io.tensor_reader import bytes_per_element_to_read
 from .chat_templates import resolve_chat_template
 from .config import locate_model
 from .methods import all_parameter_names, get_method
@@ -86,7 +85,7 @@ class PlannedTensor:
     def bytes_per_element_in_flight(self) -> int:
         """Bytes held per output element while a chunk is read, merged (in cache-sized blocks) and written."""
         lora = sum(4 for s in self.sources if s.lora is not None)  # the float32 update B @ A folded in as rows are read
-        return sum(bytes_per_element_to_read(s.info) for s in self.sources) + lora + itemsize(self.out_dtype)
+        return sum(s.info.bytes_per_element_to_read for s in self.sources) + lora + itemsize(self.out_dtype)
 
 
 @dataclass

@@ -13,9 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.environment import cache_root
 from ..core.errors import MergeEditError
 from ..io.dtypes import dtype_name, parse_user_dtype
-from ..io.output_dir import AtomicOutputDir, cache_root
+from ..io.output_dir import AtomicOutputDir
 
 MARKER = "mergeedit-builtin.json"
 

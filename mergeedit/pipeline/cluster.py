@@ -8,10 +8,11 @@ starts a local one. Per-part progress (bytes of tensors written) flows back thro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..core.environment import fault_injection
 from ..core.errors import MergeEditError
 from ..merging.merge import MergeOptions, check_merge_location, load_plan
 from ..merging.partition import AssembleReport, PartReport, assemble, plan_part, write_part
@@ -39,7 +40,9 @@ def _import_ray():
 
 
 def _part_task(config: str, out_dir: str, options: MergeOptions, part: int, of: int, tracker) -> PartReport:
-    """One part, inside a Ray worker process: plan from the config (headers only), then write the part's shards."""
+    """One part, inside a Ray worker process: plan from the config (headers only), then write the part's shards. The
+    tests' fault injection is the worker process's own (its environment), not the driver's."""
+    options = replace(options, fault_injection=fault_injection())
     plan = load_plan(Path(config), options)
     return write_part(plan, Path(out_dir), options, part, of, progress=lambda t, nbytes: tracker.add.remote(part, nbytes))
 

@@ -140,17 +140,7 @@ def run_sweep(
     started = time.perf_counter()
     rr = RecipeRun(recipe_path, force=force, reporter=reporter)
     recipe, cfg = rr.recipe, rr.recipe.sweep
-    where = rr.doc.where(("merge",))
-    if rr.merge_config is None:
-        raise MergeEditError(f"{rr.recipe_path}: a sweep varies the merge, but the recipe has `merge: null`; add a merge section")
-    grid = parse_grid(grid_specs) if grid_specs else {k: list(v) for k, v in (cfg.grid or {}).items()}
-    if not grid:
-        raise MergeEditError(f"{rr.recipe_path}: no grid; pass --grid KEY=V1,V2 (e.g. density=0.2,0.5,1) or set sweep.grid in the recipe")
-    points = grid_points(grid)
-    configs = [apply_point(rr.merge_config, p, where) for p in points]  # bad keys fail before any training
-    if not recipe.eval.enabled:
-        raise MergeEditError(f"{rr.doc.where(('eval', 'enabled'))}: a sweep scores every point; set eval.enabled: true")
-
+    grid, points, configs = _grid_configs(rr, grid_specs)
     s = rr.open_session()
     if recipe.sequential.strategy == "chained" and len(rr.batches(s.records)) > 1:
         raise MergeEditError(
@@ -164,20 +154,9 @@ def run_sweep(
     pre, drift = rr.pre_edit_stages(s, val_records, result, prefix="sweep-")
     trained = rr.train_batches(s, result, merge=False)
 
-    from .evaluation_stage import post_edit_evaluation
-
     out = SweepResult(str(recipe_path), grid, {"size": len(val_records), "of": len(s.records), "seed": split_seed, "case_ids": [r.case_id for r in val_records]})
     for point, config in zip(points, configs):
-        key = {"rsft": trained.rsft_ids, "merge": config.model_dump(), "pre": s.run.output_id("sweep-pre-eval"), "drift": drift.stage_id if drift else None, "eval": rr.eval_key()}
-
-        def compute(config=config):
-            delta, _ = rr.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, config, SCRATCH_MERGE)
-            load_delta(s.model, delta)
-            scored = post_edit_evaluation(s.model, s.tokenizer, val_records, s.fmt, recipe.eval, pre, drift)
-            return {"metrics": scored["metrics"]}
-
-        _, scored = s.run.produce_json(f"sweep-eval-{stable_hash(key)[:8]}", key, compute)
-        out.points.append({"params": point, "scores": {k: scored["metrics"].get(k, {}).get("value") for k in SCORES}})
+        out.points.append({"params": point, "scores": _score_point(rr, s, trained, config, val_records, pre, drift)})
     s.run.discard(SCRATCH_MERGE)  # a full delta per point would fill the disk
     for p, on_front in zip(out.points, pareto_front([(p["scores"]["rel"], p["scores"]["loc"]) for p in out.points])):
         p["pareto"] = on_front
@@ -185,3 +164,35 @@ def run_sweep(
     out.stages_run, out.stages_cached = result.stages_run, result.stages_cached
     (rr.root / "sweep.json").write_text(json.dumps(out.to_dict(), indent=2))
     return out
+
+
+def _grid_configs(rr: RecipeRun, grid_specs: Sequence[str]) -> tuple[dict[str, list], list[dict], list]:
+    """The grid (the CLI's, else the recipe's sweep.grid), its points and each point's merge config: every mistake in
+    them found before any training."""
+    where = rr.doc.where(("merge",))
+    if rr.merge_config is None:
+        raise MergeEditError(f"{rr.recipe_path}: a sweep varies the merge, but the recipe has `merge: null`; add a merge section")
+    grid = parse_grid(grid_specs) if grid_specs else {k: list(v) for k, v in (rr.recipe.sweep.grid or {}).items()}
+    if not grid:
+        raise MergeEditError(f"{rr.recipe_path}: no grid; pass --grid KEY=V1,V2 (e.g. density=0.2,0.5,1) or set sweep.grid in the recipe")
+    points = grid_points(grid)
+    configs = [apply_point(rr.merge_config, p, where) for p in points]  # bad keys fail before any training
+    if not rr.recipe.eval.enabled:
+        raise MergeEditError(f"{rr.doc.where(('eval', 'enabled'))}: a sweep scores every point; set eval.enabled: true")
+    return grid, points, configs
+
+
+def _score_point(rr: RecipeRun, s, trained, config, val_records, pre, drift) -> dict:
+    """One grid point's scores on the validation edits: merged from the trained deltas, evaluated, cached as a stage."""
+    from .evaluation_stage import post_edit_evaluation
+
+    key = {"rsft": trained.rsft_ids, "merge": config.model_dump(), "pre": s.run.output_id("sweep-pre-eval"), "drift": drift.stage_id if drift else None, "eval": rr.eval_key()}
+
+    def compute():
+        delta, _ = rr.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, config, SCRATCH_MERGE)
+        load_delta(s.model, delta)
+        scored = post_edit_evaluation(s.model, s.tokenizer, val_records, s.fmt, rr.recipe.eval, pre, drift)
+        return {"metrics": scored["metrics"]}
+
+    _, scored = s.run.produce_json(f"sweep-eval-{stable_hash(key)[:8]}", key, compute)
+    return {k: scored["metrics"].get(k, {}).get("value") for k in SCORES}

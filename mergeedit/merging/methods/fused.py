@@ -6,7 +6,8 @@ scalars rounded to float32 as eager's kernels round them, so the bytes are ident
 kernel changes speed, never results. Compiling costs seconds (about 6 s cold, 3 s from inductor's disk cache), so it
 is requested only for big merges (`request`) and compiled on a background thread while the eager code runs; a merge
 switches to the kernel once `ready`. Any failure to compile (no C++ compiler, an unsupported torch) leaves the eager
-code in place and is kept in `failure`.
+code in place and is kept in `failure`. Each merge's executor owns a `KernelCompiler` and hands it to the methods with
+every block (MergeInputs.kernels); --kernels eager is an executor without one.
 
 DARE's mask is computed inside both kernels from a three-number key (seeded_random), never read from memory. The
 norms kernel's float64 sums add in another order than eager's: the two agree to ~1e-16 relative, and the rescale
@@ -120,19 +121,26 @@ def as_float32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
 
 
-class _Compiler:
-    """Compiles requested variants one at a time on a daemon thread."""
+# Compiled code is the process's, as torch.compile's own caches are: a variant compiled (and run once, for a thread
+# count) by one merge's compiler is ready at once for the next merge's. Everything else is the owning merge's.
+_CODE: dict = {}  # variant -> its compiled function
+_WARM: set = set()  # (variant, torch's thread count) whose compiled code has run: guards in place for those threads
+_CODE_LOCK = threading.Lock()  # one compile at a time in the process
+
+
+class KernelCompiler:
+    """One merge's compiled kernels: the variants it requested, compiled one at a time on a daemon thread, the blocks
+    they computed, and why compiling or running one failed. Owned by the executor, which hands it to the methods in
+    each block's MergeInputs (`kernels`); a block without one is computed eagerly."""
 
     def __init__(self) -> None:
-        self._fns: dict[Variant, object] = {}  # one compiled function (and code object) per variant
         # (variant, torch's thread count): compiled code is guarded on the thread count, which a merge sets
-        self._ready: set[tuple[Variant, int]] = set()
-        self._requested: set[tuple[Variant, int]] = set()
-        self._queue: queue.Queue[tuple[Variant, int]] = queue.Queue()
+        self._ready: set[tuple[Variant | Norms, int]] = set()
+        self._requested: set[tuple[Variant | Norms, int]] = set()
+        self._queue: queue.Queue[Optional[tuple[Variant | Norms, int]]] = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.failure: Optional[str] = None
-        self.enabled = True  # False: merges use the eager code even where a variant is compiled (--kernels eager)
         self.blocks = 0  # blocks computed by a compiled kernel, for the merge's summary
 
     def request(self, v: "Variant | Norms") -> None:
@@ -142,13 +150,16 @@ class _Compiler:
             if key in self._requested or self.failure:
                 return
             self._requested.add(key)
+            if key in _WARM:  # compiled by an earlier merge of this process
+                self._ready.add(key)
+                return
             self._queue.put(key)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="mergeedit-compile", daemon=True)
                 self._thread.start()
 
-    def ready(self, v: Variant) -> bool:
-        return self.enabled and (v, torch.get_num_threads()) in self._ready
+    def ready(self, v: "Variant | Norms") -> bool:
+        return (v, torch.get_num_threads()) in self._ready
 
     def serves(self, v, tensors: list[torch.Tensor]) -> bool:
         """Whether `v`'s kernel is ready and takes these blocks as they are (see `fits`; no autograd)."""
@@ -159,43 +170,59 @@ class _Compiler:
         self._queue.join()
         return not self.failure and {v for v, _ in self._requested} <= {v for v, _ in self._ready}
 
-    def run(self, v: Variant, base: torch.Tensor, xs: list[torch.Tensor], *args) -> Optional[torch.Tensor]:
+    def close(self) -> None:
+        """The merge is over: its compile thread ends after the variant it is compiling, if any."""
+        with self._lock:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread = None
+
+    def run(self, v: "Variant | Norms", base: torch.Tensor, xs: list[torch.Tensor], *args) -> Optional[torch.Tensor]:
         """The kernel's result, or None (the caller computes eagerly) if it failed: it is then not used again."""
         try:
             with torch.no_grad():
-                out = self._fns[v](_alias(base), [_alias(x) for x in xs], *args, v)
+                out = _CODE[v](_alias(base), [_alias(x) for x in xs], *args, v)
             self.blocks += 1
             return out
         except Exception as exc:  # noqa: BLE001 - e.g. a recompile beyond dynamo's limit: stay eager
-            self._ready.discard((v, torch.get_num_threads()))
+            key = (v, torch.get_num_threads())
+            self._ready.discard(key)
+            _WARM.discard(key)
             self.failure = _describe(exc)
             return None
 
     def _work(self) -> None:
         while True:
-            v, threads = key = self._queue.get()
+            key = self._queue.get()
             try:
+                if key is None:
+                    return
+                v, threads = key
                 if self.failure is None:
                     if torch.get_num_threads() != threads:  # a thread's own setting (OpenMP), like the merge thread's
                         torch.set_num_threads(threads)
-                    if v not in self._fns:
-                        self._fns[v] = torch.compile(_own_code(v.kernel(), len(self._fns)), dynamic=True, fullgraph=True)
-                    self._warm(v)
+                    with _CODE_LOCK:
+                        if v not in _CODE:
+                            _CODE[v] = torch.compile(_own_code(v.kernel(), len(_CODE)), dynamic=True, fullgraph=True)
+                        if key not in _WARM:
+                            _warm(v)
+                            _WARM.add(key)
                     self._ready.add(key)
             except Exception as exc:  # noqa: BLE001 - any failure means: stay eager
                 self.failure = _describe(exc)
             finally:
                 self._queue.task_done()
 
-    def _warm(self, v) -> None:
-        """Compile by running the variant once on small tensors laid out as the blocks it will serve are (inputs:
-        views at an offset into a buffer, see `fits`), so they hit it without a guard failing."""
-        n = 1024
-        pool = torch.zeros(n * (v.inputs + 2))
-        view = lambda i: pool[n * i + 8 : n * (i + 1) + 8]  # noqa: E731
-        xs = [view(1 + j) for j in range(v.inputs)]  # run() makes them aliases, as it does the real blocks
-        with torch.no_grad():  # not run(): a failure here must reach _work
-            self._fns[v](_alias(view(0)), [_alias(x) for x in xs], *v.probe(n), v)
+
+def _warm(v) -> None:
+    """Compile by running the variant once on small tensors laid out as the blocks it will serve are (inputs: views at
+    an offset into a buffer, see `fits`), so they hit it without a guard failing."""
+    n = 1024
+    pool = torch.zeros(n * (v.inputs + 2))
+    view = lambda i: pool[n * i + 8 : n * (i + 1) + 8]  # noqa: E731
+    xs = [view(1 + j) for j in range(v.inputs)]  # run() makes them aliases, as it does the real blocks
+    with torch.no_grad():  # not run(): a failure here must reach _work
+        _CODE[v](_alias(view(0)), [_alias(x) for x in xs], *v.probe(n), v)
 
 
 def _describe(exc: Exception) -> str:
@@ -207,6 +234,3 @@ def _own_code(fn, n: int):
     """A copy of `fn` with a code object of its own: torch.compile caches (and caps, at 8) compiled versions per code
     object, so each variant gets its own cache instead of crowding one."""
     return types.FunctionType(fn.__code__.replace(co_name=f"{fn.__name__}_{n}"), fn.__globals__, f"{fn.__name__}_{n}")
-
-
-compiler = _Compiler()

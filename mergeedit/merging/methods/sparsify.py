@@ -28,7 +28,7 @@ from .ordered import ordered_sum
 from .seeded_random import derive_seed, seeded_uniform
 from .selection import KthLargest, magnitude_bits
 from .spec import MergeInputs, Param
-from .task_arithmetic import RESCALE_EPS, density_of, task_arithmetic_family, task_delta
+from .task_arithmetic import MaskSparsifier, density_of, l1_rescale, task_arithmetic_family, task_delta
 
 ROW_GROUP = 1 << 18  # elements per group of rows a row-wise merge handles at once: its temporaries stay in cache
 BreadcrumbCounts = tuple[int, int]  # (largest entries skipped, entries kept after them)
@@ -116,24 +116,17 @@ class MaskStatistics:
         return self
 
     def scale(self, j: int) -> float:
-        """mergekit's L1 rescale: original norm / kept norm, left at 1 when either is below RESCALE_EPS."""
-        if not self.rescale or self.before[j] < RESCALE_EPS or self.after[j] < RESCALE_EPS:
-            return 1.0
-        return self.before[j] / self.after[j]
+        return l1_rescale(self.before[j], self.after[j]) if self.rescale else 1.0
 
 
 # ---- breadcrumbs ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MagnitudeBand:
+class MagnitudeBand(MaskSparsifier):
     """Keep the |delta| ranks skip+1 .. skip+keep from the top: upper <= skip-th largest excluded, >= lower kept."""
 
     elementwise = True
     randomized = False
     params = (Param("gamma", float, "non_base", 0.01),)
-
-    @staticmethod
-    def wrap_merge(merge: Callable[[MergeInputs], torch.Tensor]) -> Callable[[MergeInputs], torch.Tensor]:
-        return merge
 
     @staticmethod
     def counts(inputs: MergeInputs, j: int) -> BreadcrumbCounts:
@@ -179,7 +172,7 @@ def rank_keep_probability(magnitudes: torch.Tensor, density: float, epsilon: flo
 
 
 @dataclass(frozen=True)
-class RankedBernoulli:
+class RankedBernoulli(MaskSparsifier):
     """DELLA's MagPrune: a seeded Bernoulli keep whose probability grows with the entry's magnitude rank in its row."""
 
     elementwise = False  # ranks are per row: the merge gets whole rows, in groups of about one block

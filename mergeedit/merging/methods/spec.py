@@ -79,6 +79,7 @@ class MergeInputs:
     seed: int = 0  # derived from --random-seed and the tensor name
     stats: Any = None  # TensorStatistics.result(), when the method has statistics
     shape: tuple[int, ...] = ()  # shape of the whole output tensor (row-wise statistics: row = offset // prod(shape[1:]))
+    kernels: Any = None  # the merge's fused.KernelCompiler: faster kernels a method may request and use; None: eager
 
     @property
     def non_base(self) -> list[int]:

@@ -4,14 +4,15 @@ One algorithm (as in mergekit): delta_i = x_i - base; sparsify each delta (top-k
 mask), optionally rescale it to its original L1 norm; weight it; optionally keep only entries agreeing with the
 elected sign (sign of the weighted sum); sum; optionally normalize by the weights that contributed; times lambda;
 add the base. Sparsification needs whole-tensor numbers (the k-th magnitude, the L1 norms), gathered by
-`DeltaStatistics` in streaming passes, so the merge itself is elementwise and runs block by block. Sparsifiers beyond
-top-k and DARE (breadcrumbs, DELLA: sparsify.py) plug in as `MaskSparsifier` objects with statistics of their own.
+`DeltaStatistics` in streaming passes, so the merge itself is elementwise and runs block by block. Every sparsifier is
+an object (`Sparsifier`): top-k magnitude (`TOP_K`) and DARE (`DARE`) here, breadcrumbs and DELLA in sparsify.py, each
+with its statistics, its keep rule and what it adds to the method.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Protocol, Union
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -22,14 +23,15 @@ from .selection import KthLargest, float_of_bits, magnitude_bits
 from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
 
 
-class MaskSparsifier(Protocol):
-    """A sparsifier defined outside this module: its whole-tensor statistics and the keep mask of non-base input j,
-    plus what it adds to the method: parameters, a plan-time check, randomness, and (for row-wise ones, which are not
-    elementwise) a wrapper that hands the merge whole rows."""
+class Sparsifier(Protocol):
+    """How a delta is sparsified: its whole-tensor statistics, the keep mask of non-base input j and how it is applied,
+    plus what it adds to the method: parameters, a plan-time check, randomness, (for row-wise ones, which are not
+    elementwise) a wrapper that hands the merge whole rows, and the fused kernel's sparsify step, if it has one."""
 
     params: tuple[Param, ...]
     elementwise: bool
     randomized: bool
+    kernel: Optional[str]  # fused.Variant.sparsify: "magnitude", "mask", or None (eager code only)
 
     def check(self, shared: dict, per_input: list[dict]) -> None: ...
 
@@ -41,9 +43,21 @@ class MaskSparsifier(Protocol):
 
     def keep(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor: ...
 
+    def apply(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
+        """`delta` of non-base input j (0 < density < 1) sparsified, in place where it can be."""
+        ...
 
-Sparsify = Optional[Union[Literal["magnitude", "random"], MaskSparsifier]]
+
+Sparsify = Optional[Sparsifier]  # None: task arithmetic, every delta kept whole
 RESCALE_EPS = 1e-7  # below this L1 norm mergekit leaves a masked delta unscaled
+
+
+def l1_rescale(before: float, after: float) -> float:
+    """mergekit's L1 rescale of a masked delta (DARE, DELLA): its original L1 norm over the kept one, left at 1 when
+    either is below RESCALE_EPS. The one rule for every sparsifier's statistics."""
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return 1.0
+    return before / after
 
 
 def density_of(inputs: MergeInputs, j: int) -> float:
@@ -112,11 +126,12 @@ class DeltaStatistics:
 
     The work is a list of phases, one streaming pass each: "high" and "low" (the two radix passes), "band" (a
     sampled band that usually settles the threshold in one pass: see selection.py), "after" (the kept L1 norm, when
-    rescaling). `prepare` replaces the radix passes by ["band"] once a sample of the tensor is at hand; the radix
-    passes come back only for a band that missed. `passes` is the number of phases as now known: the executor
-    schedules reads for the radix plan and skips those a settled band makes unneeded."""
+    rescaling), or "norms" alone (DARE: the L1 norms before and after its random mask). `prepare` replaces the radix
+    passes by ["band"] once a sample of the tensor is at hand; the radix passes come back only for a band that missed.
+    `passes` is the number of phases as now known: the executor schedules reads for the radix plan and skips those a
+    settled band makes unneeded."""
 
-    sparsify: Sparsify
+    sparsifier: "TopKMagnitude | DareBernoulli"
     rescale: bool
     sparse: list[int]
     phases: list[str]
@@ -132,7 +147,7 @@ class DeltaStatistics:
 
     def prepare(self, sample: MergeInputs) -> None:
         """Aim each selector's band from a strided sample of the tensor."""
-        if self.sparsify != "magnitude" or self.phases[:2] != ["high", "low"]:
+        if self.phases[:2] != ["high", "low"]:
             return
         aimed = [self.selectors[j].aim(magnitude_bits(task_delta(sample, j)), sample.numel) for j in self.sparse]
         if not all(aimed):
@@ -140,7 +155,7 @@ class DeltaStatistics:
         self.phases[:2] = ["band"]
 
     def observe(self, pass_index: int, block: MergeInputs) -> None:
-        if self.sparsify == "random":
+        if self.phases == ["norms"]:
             self._observe_norms(block)
             return
         phase = self.phases[pass_index]
@@ -161,9 +176,9 @@ class DeltaStatistics:
         """DARE's L1 norms before and after the mask, from the fused kernel when it is compiled (fused.norms)."""
         base = block.tensors[block.base]
         xs = [block.tensors[block.non_base[j]] for j in self.sparse]
-        v = fused.Norms(len(xs))
-        keys = _mask_keys(block, self.sparse) if fused.compiler.serves(v, [base, *xs]) else None
-        sums = fused.compiler.run(v, base, xs, keys) if keys is not None else None
+        v, kernels = fused.Norms(len(xs)), block.kernels
+        keys = _mask_keys(block, self.sparse) if kernels is not None and kernels.serves(v, [base, *xs]) else None
+        sums = kernels.run(v, base, xs, keys) if keys is not None else None
         if sums is not None:
             for j, (before, after) in zip(self.sparse, sums.tolist()):
                 self.before[j] += before
@@ -175,8 +190,6 @@ class DeltaStatistics:
             self.after[j] = _l1(a.mul_(random_keep(block, j)), self.after[j])
 
     def end_pass(self, pass_index: int) -> None:
-        if self.sparsify != "magnitude":
-            return
         phase = self.phases[pass_index]
         sels = self.selectors.values()
         if phase == "high":
@@ -192,27 +205,66 @@ class DeltaStatistics:
         return self
 
     def scale(self, j: int) -> float:
-        if not self.rescale or self.before[j] < RESCALE_EPS or self.after[j] < RESCALE_EPS:
-            return 1.0
-        return self.before[j] / self.after[j]
+        return l1_rescale(self.before[j], self.after[j]) if self.rescale else 1.0
+
+
+class MaskSparsifier:
+    """Defaults for a sparsifier (see Sparsifier): elementwise, deterministic, no parameters or checks of its own, the
+    keep mask multiplied in, no fused kernel."""
+
+    params: tuple[Param, ...] = ()
+    elementwise = True
+    randomized = False
+    kernel: Optional[str] = None
+    check: Optional[Callable[[dict, list[dict]], None]] = None
+
+    @staticmethod
+    def wrap_merge(merge: Callable[[MergeInputs], torch.Tensor]) -> Callable[[MergeInputs], torch.Tensor]:
+        return merge
+
+    def apply(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
+        return delta.mul_(self.keep(inputs, j, delta))
+
+
+class TopKMagnitude(MaskSparsifier):
+    """TIES: keep the deltas whose magnitude is at least the k-th largest, k = max(1, int(density * n)), exactly."""
+
+    kernel = "magnitude"
+
+    def statistics(self, inputs: MergeInputs, sparse: list[int], rescale: bool) -> DeltaStatistics:
+        selectors = {j: KthLargest(keep_count(density_of(inputs, j), inputs.numel)) for j in sparse}
+        return DeltaStatistics(self, rescale, sparse, ["high", "low"] + (["after"] if rescale else []), selectors)
+
+    def keep(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
+        return magnitude_bits(delta) >= inputs.stats.selectors[j].threshold_bits
+
+    def apply(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
+        return trim_magnitude(delta, inputs.stats.selectors[j].threshold_bits)  # one hardshrink instead of a mask
+
+
+class DareBernoulli(MaskSparsifier):
+    """DARE: keep each delta entry with probability density (a seeded, position-addressed Bernoulli mask)."""
+
+    randomized = True
+    kernel = "mask"
+
+    def statistics(self, inputs: MergeInputs, sparse: list[int], rescale: bool) -> Optional[DeltaStatistics]:
+        return DeltaStatistics(self, rescale, sparse, ["norms"]) if rescale else None  # a mask alone needs no whole-tensor numbers
+
+    def keep(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
+        return random_keep(inputs, j)
+
+
+TOP_K = TopKMagnitude()
+DARE = DareBernoulli()
 
 
 def _statistics_for(sparsify: Sparsify):
-    def build(inputs: MergeInputs) -> Optional[DeltaStatistics]:
+    def build(inputs: MergeInputs) -> Optional[TensorStatistics]:
         if sparsify is None or inputs.base is None:
             return None
-        rescale = bool(inputs.shared["rescale"])
         sparse = [j for j in range(len(inputs.non_base)) if 0 < density_of(inputs, j) < 1]
-        if not sparse:
-            return None
-        if not isinstance(sparsify, str):
-            return sparsify.statistics(inputs, sparse, rescale)
-        if sparsify == "magnitude":
-            selectors = {j: KthLargest(keep_count(density_of(inputs, j), inputs.numel)) for j in sparse}
-            return DeltaStatistics(sparsify, rescale, sparse, ["high", "low"] + (["after"] if rescale else []), selectors)
-        if not rescale:
-            return None  # a random mask needs no whole-tensor numbers
-        return DeltaStatistics(sparsify, rescale, sparse, ["norms"])
+        return sparsify.statistics(inputs, sparse, bool(inputs.shared["rescale"])) if sparse else None
 
     return build
 
@@ -224,13 +276,8 @@ def _sparsified_delta(inputs: MergeInputs, j: int, sparsify: Sparsify) -> torch.
         return d
     if density <= 0:
         return d.zero_()
-    stats: DeltaStatistics = inputs.stats
-    if sparsify == "magnitude":
-        d = trim_magnitude(d, stats.selectors[j].threshold_bits)
-    elif not isinstance(sparsify, str):
-        d.mul_(sparsify.keep(inputs, j, d))
-    else:
-        d.mul_(random_keep(inputs, j))
+    d = sparsify.apply(inputs, j, d)
+    stats = inputs.stats
     if stats is not None and stats.rescale:
         factor = stats.scale(j)
         if factor != 1.0:
@@ -240,13 +287,13 @@ def _sparsified_delta(inputs: MergeInputs, j: int, sparsify: Sparsify) -> torch.
 
 def _variant(inputs: MergeInputs, sparsify: Sparsify, consensus: bool) -> Optional[fused.Variant]:
     """The fused kernel variant for these inputs' parameters; None where only the eager code applies (a sparsifier
-    object, a density of 0, a DARE input kept whole)."""
-    if not isinstance(sparsify, (str, type(None))) or inputs.base is None or not inputs.non_base:
+    without a kernel, a density of 0, a DARE input kept whole)."""
+    if (sparsify is not None and sparsify.kernel is None) or inputs.base is None or not inputs.non_base:
         return None
+    kind = sparsify.kernel if sparsify is not None else None
     densities = [density_of(inputs, j) for j in range(len(inputs.non_base))]
-    if sparsify is not None and (min(densities) <= 0 or (sparsify == "random" and max(densities) >= 1)):
+    if sparsify is not None and (min(densities) <= 0 or (kind == "mask" and max(densities) >= 1)):
         return None
-    kind = {"magnitude": "magnitude", "random": "mask", None: None}[sparsify]
     return fused.Variant(len(inputs.non_base), kind, consensus, bool(inputs.shared["normalize"]))
 
 
@@ -272,22 +319,24 @@ def _merge_fused(inputs: MergeInputs, v: fused.Variant) -> Optional[torch.Tensor
     weights = [inputs.per_input[i]["weight"] for i in inputs.non_base]
     xs = [inputs.tensors[i] for i in inputs.non_base]
     base = inputs.tensors[inputs.base]
-    return fused.compiler.run(v, base, xs, masks, below, scale, [f32(w) for w in weights], f32(inputs.shared["lambda"]), f32(_divisor(weights)))
+    return inputs.kernels.run(v, base, xs, masks, below, scale, [f32(w) for w in weights], f32(inputs.shared["lambda"]), f32(_divisor(weights)))
 
 
 def _fused_ready(inputs: MergeInputs, sparsify: Sparsify, consensus: bool) -> Optional[fused.Variant]:
+    if inputs.kernels is None:
+        return None
     v = _variant(inputs, sparsify, consensus)
-    return v if v is not None and fused.compiler.serves(v, inputs.tensors) else None
+    return v if v is not None and inputs.kernels.serves(v, inputs.tensors) else None
 
 
 def _warm_up_for(sparsify: Sparsify, consensus: bool):
     def warm_up(probe: MergeInputs) -> None:
         v = _variant(probe, sparsify, consensus)
-        if v is None:
+        if v is None or probe.kernels is None:
             return
-        fused.compiler.request(v)
+        probe.kernels.request(v)
         if v.sparsify == "mask" and probe.shared["rescale"]:  # every DARE input is sparse here (see _variant)
-            fused.compiler.request(fused.Norms(v.inputs))
+            probe.kernels.request(fused.Norms(v.inputs))
 
     return warm_up
 
@@ -359,25 +408,22 @@ def task_arithmetic_family(name: str, sparsify: Sparsify, consensus: bool, norma
         Param("density", float, "non_base", 1.0, bounds=(0.0, 1.0)),
     )
     merge = _merge_for(sparsify, consensus)
-    if sparsify is None or isinstance(sparsify, str):
-        return MergeMethod(
-            name=name, params=params, merge=merge, base_model="required", statistics=_statistics_for(sparsify),
-            randomized=sparsify == "random", description=description, warm_up=_warm_up_for(sparsify, consensus),
-        )
+    fusable = sparsify is None or sparsify.kernel is not None
     return MergeMethod(
         name=name,
-        params=params + sparsify.params,
-        merge=sparsify.wrap_merge(merge),
+        params=params + (sparsify.params if sparsify else ()),
+        merge=sparsify.wrap_merge(merge) if sparsify else merge,
         base_model="required",
         statistics=_statistics_for(sparsify),
-        elementwise=sparsify.elementwise,
-        randomized=sparsify.randomized,
+        elementwise=sparsify.elementwise if sparsify else True,
+        randomized=sparsify.randomized if sparsify else False,
         description=description,
-        check=sparsify.check,
+        warm_up=_warm_up_for(sparsify, consensus) if fusable else None,
+        check=sparsify.check if sparsify else None,
     )
 
 
 TASK_ARITHMETIC = task_arithmetic_family("task_arithmetic", None, False, False, False, "base + lambda * sum of weighted task vectors")
-TIES = task_arithmetic_family("ties", "magnitude", True, True, False, "top-k magnitude trim, sign election, disjoint mean (TIES)")
-DARE_TIES = task_arithmetic_family("dare_ties", "random", True, False, True, "random drop with L1 rescale, then sign election (DARE-TIES)")
-DARE_LINEAR = task_arithmetic_family("dare_linear", "random", False, False, True, "random drop with L1 rescale, weighted sum (DARE)")
+TIES = task_arithmetic_family("ties", TOP_K, True, True, False, "top-k magnitude trim, sign election, disjoint mean (TIES)")
+DARE_TIES = task_arithmetic_family("dare_ties", DARE, True, False, True, "random drop with L1 rescale, then sign election (DARE-TIES)")
+DARE_LINEAR = task_arithmetic_family("dare_linear", DARE, False, False, True, "random drop with L1 rescale, weighted sum (DARE)")
