@@ -16,6 +16,19 @@ from typing import BinaryIO, Optional
 
 from .errors import MergeEditError
 
+TMP_MARK = ".mergeedit-tmp-"  # a temporary sibling `.NAME.mergeedit-tmp-<pid>-<id>` that becomes NAME when complete
+
+
+def shown_path(path: Path) -> Path:
+    """`path` as the user knows it: a temporary sibling `.NAME.mergeedit-tmp-<pid>-<id>` in it is shown as NAME (where
+    its content will be once complete), so messages never name a folder that is gone by the time they are read."""
+    parts = []
+    for part in Path(path).parts:
+        if part.startswith(".") and TMP_MARK in part:
+            part = part[1:].split(TMP_MARK, 1)[0] or part
+        parts.append(part)
+    return Path(*parts) if parts else Path(path)
+
 
 def containment_problem(entry: object, folder: Path, root: Optional[Path] = None) -> Optional[str]:
     """Why `entry` (a path read from a file in `folder`) may not be used, or None when it stays inside.
