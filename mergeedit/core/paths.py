@@ -95,6 +95,15 @@ def require_regular(path: Path, what: str = "file") -> Path:
     return path
 
 
+def require_regular_if_present(folder: Path, names: tuple[str, ...], what: str = "model's") -> None:
+    """Each of `names` that exists in `folder` is a regular file: before a library (transformers) opens them itself,
+    where a FIFO would block the load forever and a device would feed it endless bytes."""
+    for name in names:
+        path = Path(folder) / name
+        if os.path.lexists(path):
+            require_regular(path, f"{what} {name}")
+
+
 def open_regular(path: Path, what: str = "file") -> BinaryIO:
     """Open `path` for reading only if it is a regular file: opened non-blocking (a FIFO cannot hang the open), checked
     with fstat on the descriptor itself (no race with a swapped path), then switched back to blocking reads."""

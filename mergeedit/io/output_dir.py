@@ -17,6 +17,7 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
 )
 GENERATION_FILES = ("generation_config.json",)
+SIDE_FILES = ("config.json", *GENERATION_FILES, *TOKENIZER_FILES, "preprocessor_config.json")  # read by transformers itself
 
 
 def cache_root() -> Path:

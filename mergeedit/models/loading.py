@@ -46,24 +46,14 @@ def pick_device(setting: str) -> torch.device:
     return device
 
 
-# Files transformers reads from a model folder besides the weights: each must be a regular file (a FIFO there would
-# block the load forever, a device would feed it endless bytes).
-_SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer_config.json")
 
 
 def _check_side_files(folder: Path) -> None:
-    import os
+    from ..core.paths import require_regular_if_present
+    from ..io.output_dir import SIDE_FILES
 
-    from ..core.paths import require_regular
-
-    for name in _SIDE_FILES:
-        if os.path.lexists(Path(folder) / name):
-            require_regular(Path(folder) / name, f"model's {name}")
+    require_regular_if_present(folder, SIDE_FILES)
 
 
 def _load_failure(folder: Path, exc: BaseException) -> MergeEditError:
