@@ -153,8 +153,9 @@ MERGE = {"merge_method": "ties", "base_model": "base", "models": [{"model": "rsf
         ({"dataset": {"prompt": "Q: {prompt} ({subject})"}}, ["dataset.prompt", "{subject}"]),
         ({"output": {"dir": "recipe.yaml"}}, ["output.dir", "regular file, not a folder"]),
         ("no-tokenizer", ["has no tokenizer"]),
+        ({"eval": {"drift": True, "drift_texts": "nope.jsonl"}}, ["eval.drift_texts", "nope.jsonl"]),
     ],
-    ids=["method", "parameter", "layers", "density", "prompt-typo", "prompt-case", "no-chat-template", "template-without-prompt", "empty-target", "template-field", "output-dir-file", "no-tokenizer"],
+    ids=["method", "parameter", "layers", "density", "prompt-typo", "prompt-case", "no-chat-template", "template-without-prompt", "empty-target", "template-field", "output-dir-file", "no-tokenizer", "drift-texts"],
 )
 def test_validate_plan_and_run_refuse_the_same_recipes(tmp_path, tok_model, sections, needles, request):
     model = tok_model

@@ -59,6 +59,20 @@ def check_run_location(root: Path, doc: YamlDocument, inputs: list[Path]) -> Non
             raise MergeEditError(f"{where}: the run would replace {model}, but {problem}; move it away or set output.dir to another folder")
 
 
+def check_drift_texts(recipe: Recipe, doc: YamlDocument, recipe_dir: Path) -> None:
+    """A drift text set the recipe names is read and checked now, not after the pre-edit evaluation."""
+    ev = recipe.eval
+    if not (ev.enabled and ev.drift and ev.drift_texts is not None):
+        return
+    from ..evaluation.drift import load_drift_texts
+    from .evaluation_stage import drift_texts_path
+
+    try:
+        load_drift_texts(drift_texts_path(ev, recipe_dir))
+    except MergeEditError as exc:
+        raise MergeEditError(f"{doc.where(('eval', 'drift_texts'))}: {exc}") from None
+
+
 def check_layers(recipe: Recipe, doc: YamlDocument, base: ModelSource) -> None:
     """rsft.layers [start, end) lies inside the model's layers."""
     layers = recipe.rsft.layers

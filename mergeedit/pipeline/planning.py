@@ -9,7 +9,7 @@ from pathlib import Path
 from ..editing.trainable import select_trainable
 from ..io.dtypes import itemsize, parse_user_dtype
 from ..io.model_source import open_local
-from .checks import check_layers, check_recipe_merge, check_run_location, examples_for, prompt_format
+from .checks import check_drift_texts, check_layers, check_recipe_merge, check_run_location, examples_for, prompt_format
 from .runner import RecipeRun, answer_eos, stage_names, train_settings
 
 
@@ -53,6 +53,7 @@ def plan_recipe(path: Path) -> RecipePlan:
     recipe = run.recipe
     check_run_location(run.root, run.doc, [])
     records = run.load_records()
+    check_drift_texts(recipe, run.doc, run.recipe_dir)
     batches = run.batches(records)
     n = len(batches)
     stages = stage_names(recipe, n)

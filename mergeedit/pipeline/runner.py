@@ -31,7 +31,7 @@ from ..io.model_source import ModelSource, open_local, overlay
 from ..merging.merge import MergeOptions, write_merge
 from ..merging.plan import build_plan
 from ..merging.schema import MergeConfig
-from .checks import check_layers, check_recipe_merge, check_run_location, examples_for, expand_rsft, prompt_format
+from .checks import check_drift_texts, check_layers, check_recipe_merge, check_run_location, examples_for, expand_rsft, prompt_format
 from .checks import merge_doc as _merge_doc
 from .distributed import Distributed
 from .evaluation_stage import DriftSetup
@@ -246,6 +246,7 @@ class RecipeRun:
         dist = self.dist = Distributed()
         base_folder = resolve_base_folder(recipe.model.base, self.recipe_dir, recipe.model.dtype)
         check_run_location(self.root, self.doc, [base_folder])
+        check_drift_texts(recipe, self.doc, self.recipe_dir)
         base_source = open_local(recipe.model.base, base_folder)
         settings, patterns, layers = train_settings(recipe)
         check_layers(recipe, self.doc, base_source)
