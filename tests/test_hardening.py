@@ -345,3 +345,10 @@ def test_smaller_messages(tmp_path, models):
     cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {huge}\n    parameters: {{weight: 1}}\n  - model: {models['b']}\n    parameters: {{weight: 1}}\n")
     _one_error_line(_cli("merge", cfg, tmp_path / "out"), "m.yaml:3 (models[0].model)", "NaN/Inf", name)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_grid_out_of_range_is_refused_before_training(tmp_path, tok_model):
+    recipe = _recipe(tmp_path / "r", tok_model)
+    before = _tree(tmp_path)
+    _one_error_line(_cli("sweep", recipe, "--grid", "density=0.5,1.5"), "grid value density=1.5", "between 0 and 1")
+    assert _tree(tmp_path) == before

@@ -103,8 +103,7 @@ class Stage:
 
 class RunDir:
     def __init__(self, root: Path, force: list[str] | None = None, reporter: Optional[StageReporter] = None, dist=None) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)  # created with the first stage written (AtomicOutputDir makes the parents)
         self.force = list(force or [])
         self.order: list[str] = []
         self.reporter = reporter or _Quiet()
