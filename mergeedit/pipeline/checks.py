@@ -1,9 +1,9 @@
 """The checks `run` makes before its first expensive step, written once so `validate` and `plan` make the same ones.
 
-Each raises one MergeEditError line naming the recipe line and the fix: where the run folder goes, the trained layer
-range, the merge section planned against the base's tensors (method, parameter names and ranges, dtypes), and what the
-tokenizer does with every edit (tokenizer present, chat template for the chat forms, no target that tokenizes to
-nothing).
+Each raises one MergeEditError line naming the recipe line and the fix: where the run folder goes, the drift text set,
+the trained layer range, the merge section planned against the base's tensors (method, parameter names and ranges,
+dtypes), and what the tokenizer does with every edit (tokenizer present, chat template for the chat forms, no target
+that tokenizes to nothing).
 """
 
 from __future__ import annotations
