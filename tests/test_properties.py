@@ -12,7 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mergeedit.core import json_shape as shapes
 from mergeedit.core.errors import MergeEditError
+from mergeedit.core.paths import containment_problem
 from mergeedit.io.safetensors_header import parse_header_bytes, read_header
 from mergeedit.merging.config import load_merge_config
 from mergeedit.pipeline.recipe import load_recipe
@@ -189,3 +191,63 @@ dtype: float32
 @given(edits=_mutations())
 def test_mutated_merge_configs_never_crash_the_loader(tmp_path, edits):
     _load_any(load_merge_config, tmp_path, _mutate(MERGE_CONFIG, edits), "merge.yaml")
+
+
+# --------------------------------------------------------------- issue 15: JSON shape checks and path containment
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(["weight_map", "files", "model", "x", "sha256", "bytes", "num_hidden_layers", "architectures"]) | st.text(max_size=4), c, max_size=4),
+    max_leaves=12,
+)
+DOCUMENT_SHAPES = {
+    "config.json": shapes.MODEL_CONFIG, "index": shapes.SAFETENSORS_INDEX, "manifest": shapes.MANIFEST, "journal": shapes.JOURNAL,
+    "adapter_config.json": shapes.ADAPTER_CONFIG, "tokenizer_config.json": shapes.TOKENIZER_CONFIG, "tokenizer.json": shapes.TOKENIZER_JSON,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENT_SHAPES))
+@SETTINGS
+@given(value=JSON_VALUES)
+def test_every_document_shape_check_is_one_line_or_a_document_of_that_shape(tmp_path, name, value):
+    """Any JSON value read as one of mergeedit's documents is either refused with one line naming the file, or has the
+    promised shape (here: an object whose mapping fields hold what the code then indexes)."""
+    path = tmp_path / "doc.json"
+    path.write_text(json.dumps(value))
+    try:
+        doc = shapes.read_json(path, DOCUMENT_SHAPES[name], what=name, fix="fix it")
+    except MergeEditError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc)
+        return
+    assert isinstance(doc, dict)
+    if name == "index":
+        assert isinstance(doc["weight_map"], dict) and all(isinstance(v, str) for v in doc["weight_map"].values())
+    if name == "manifest":
+        assert doc["files"] and all(isinstance(e, dict) and isinstance(e["bytes"], int) and e["bytes"] >= 0 for e in doc["files"].values())
+    if name == "journal":
+        assert isinstance(doc["fingerprint"], str) and isinstance(doc["shards"], dict)
+
+
+@pytest.fixture(scope="module")
+def linked_folder(tmp_path_factory):
+    """A folder with a file, a subfolder, a symlink inside, a symlink out, a relative link that climbs out, and a loop."""
+    root = tmp_path_factory.mktemp("contain")
+    folder, outside = root / "model", root / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "a").write_text("a")
+    (outside / "secret").write_text("s")
+    (folder / "in").symlink_to("a")
+    (folder / "out").symlink_to(outside / "secret")
+    (folder / "sub" / "up").symlink_to("../../outside/secret")
+    (folder / "loop").symlink_to("loop")
+    return folder
+
+
+@SETTINGS
+@given(parts=st.lists(st.sampled_from(["a", "in", "out", "sub", "up", "loop", "..", ".", "", "/", "x"]), min_size=1, max_size=4))
+def test_a_contained_entry_resolves_inside_its_folder_through_any_symlink(linked_folder, parts):
+    entry = "/".join(parts)
+    if containment_problem(entry, linked_folder) is None:
+        assert (linked_folder / entry).resolve().is_relative_to(linked_folder.resolve())
+        assert ".." not in Path(entry).parts and not entry.startswith("/")

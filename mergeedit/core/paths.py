@@ -16,6 +16,19 @@ from typing import BinaryIO, Optional
 
 from .errors import MergeEditError
 
+TMP_MARK = ".mergeedit-tmp-"  # a temporary sibling `.NAME.mergeedit-tmp-<pid>-<id>` that becomes NAME when complete
+
+
+def shown_path(path: Path) -> Path:
+    """`path` as the user knows it: a temporary sibling `.NAME.mergeedit-tmp-<pid>-<id>` in it is shown as NAME (where
+    its content will be once complete), so messages never name a folder that is gone by the time they are read."""
+    parts = []
+    for part in Path(path).parts:
+        if part.startswith(".") and TMP_MARK in part:
+            part = part[1:].split(TMP_MARK, 1)[0] or part
+        parts.append(part)
+    return Path(*parts) if parts else Path(path)
+
 
 def containment_problem(entry: object, folder: Path, root: Optional[Path] = None) -> Optional[str]:
     """Why `entry` (a path read from a file in `folder`) may not be used, or None when it stays inside.
@@ -80,6 +93,15 @@ def require_regular(path: Path, what: str = "file") -> Path:
     if not is_regular_file(path):
         raise MergeEditError(f"{path}: the {what} is {kind_of(path)}, not a regular file; point to a regular file")
     return path
+
+
+def require_regular_if_present(folder: Path, names: tuple[str, ...], what: str = "model's") -> None:
+    """Each of `names` that exists in `folder` is a regular file: before a library (transformers) opens them itself,
+    where a FIFO would block the load forever and a device would feed it endless bytes."""
+    for name in names:
+        path = Path(folder) / name
+        if os.path.lexists(path):
+            require_regular(path, f"{what} {name}")
 
 
 def open_regular(path: Path, what: str = "file") -> BinaryIO:

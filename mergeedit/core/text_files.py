@@ -24,8 +24,11 @@ def read_text_file(path: Path, what: str = "file") -> str:
         raise MergeEditError(f"{path}: no such file ({what}); check the path (relative paths start from {Path.cwd()})")
     if path.is_dir():
         raise MergeEditError(f"{path}: is a folder, not a {what}; name the .json/.jsonl/.csv file inside it")
+    from .paths import open_regular
+
     try:
-        return path.read_text(encoding="utf-8-sig")
+        with open_regular(path, what) as f:  # a FIFO or a device where the file should be is refused, not read forever
+            return f.read().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise MergeEditError(f"{path}: not UTF-8 text (bad byte at offset {exc.start}); re-save the file as UTF-8") from None
     except OSError as exc:

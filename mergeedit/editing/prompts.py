@@ -13,6 +13,38 @@ from dataclasses import dataclass
 
 from .tokens import encode_prompt_target
 
+PROMPT_MODES = ("raw", "chat", "both", "auto")
+
+
+def prompt_setting_problem(setting: object) -> str | None:
+    """Why `setting` is neither one of the four modes nor a template whose only field is {prompt}; None if it is.
+
+    A typo of a mode (`chatt`, `Raw`) or a template without {prompt} would otherwise train every edit on one constant
+    string, silently."""
+    import difflib
+    import string
+
+    if not isinstance(setting, str):
+        return f"expected one of {', '.join(PROMPT_MODES)} or a template containing {{prompt}}, got {type(setting).__name__}"
+    if setting in PROMPT_MODES:
+        return None
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(setting) if f is not None]
+    except ValueError as exc:
+        return f"{setting!r} is not a valid template ({exc}); write literal braces as {{{{ and }}}}"
+    if not fields:
+        close = difflib.get_close_matches(setting.strip().lower(), PROMPT_MODES, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{setting!r} is neither a mode ({', '.join(PROMPT_MODES)}) nor a template containing {{prompt}}{hint}"
+    for field in fields:
+        name = field.split(".")[0].split("[")[0]
+        if name != "prompt":
+            shown = "{" + field + "}" if field else "{}"
+            return f"template {setting!r} names the field {shown}, but only {{prompt}} (the edit's question) is filled in; write literal braces as {{{{ and }}}}"
+        if name != field:
+            return f"template {setting!r} uses {{{field}}}; write plain {{prompt}}"
+    return None
+
 
 @dataclass(frozen=True)
 class PromptFormat:
@@ -21,13 +53,18 @@ class PromptFormat:
 
     @classmethod
     def resolve(cls, setting: str, tokenizer) -> "PromptFormat":
+        problem = prompt_setting_problem(setting)
+        if problem is not None:
+            from ..core.errors import MergeEditError
+
+            raise MergeEditError(f"dataset.prompt: {problem}")
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if setting == "auto":
             return cls("both") if has_chat else cls("raw")
         if setting in ("chat", "both") and not has_chat:
             from ..core.errors import MergeEditError
 
-            raise MergeEditError(f"dataset.prompt '{setting}': the tokenizer has no chat template; use raw or a template")
+            raise MergeEditError(f"dataset.prompt: '{setting}' needs a chat template and the tokenizer has none; use raw or a template with {{prompt}}")
         if setting in ("chat", "raw", "both"):
             return cls(setting)
         return cls("template", setting)

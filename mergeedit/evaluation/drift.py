@@ -58,7 +58,7 @@ class DriftTexts:
 def load_drift_texts(path: Optional[Path | str] = None) -> DriftTexts:
     """Read a JSONL of ``{"prompt": ..., "text": ...}`` lines (either key may be missing on a line)."""
     path = Path(path) if path is not None else DEFAULT_DRIFT_TEXTS
-    if not path.is_file():
+    if not path.exists():
         raise MergeEditError(f"drift text set {path} not found; pass a JSONL of {{'prompt', 'text'}} lines (--drift-texts / eval.drift_texts)")
     prompts, texts = [], []
     for n, row in read_jsonl_lines(path, read_text_file(path, "drift text set")):

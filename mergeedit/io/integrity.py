@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 from ..core.errors import MergeEditError
 from ..core.json_shape import MANIFEST as MANIFEST_SHAPE
 from ..core.json_shape import read_json
-from ..core.paths import containment_problem, is_regular_file, kind_of, open_regular
+from ..core.paths import containment_problem, is_regular_file, kind_of, open_regular, shown_path
 from ..core.units import format_size
 
 MANIFEST = "mergeedit-manifest.json"
@@ -164,6 +164,7 @@ def check_free_space(out_dir: Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed + FREE_SPACE_MARGIN:
+        out_dir, probe = shown_path(out_dir), shown_path(probe)
         raise MergeEditError(
             f"{out_dir}: needs {format_size(needed)} of disk plus a {format_size(FREE_SPACE_MARGIN)} margin (config, tokenizer, "
             f"manifest, file system overhead) but {probe} has {format_size(free)} free; free space or choose another output folder"
@@ -174,17 +175,28 @@ FREE_SPACE_MARGIN = 64 << 20
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    """A full disk, a quota or a file size limit: as an OSError, or as the message of a library that words it itself
+    (safetensors' writer: "I/O error: No space left on device (os error 28)")."""
+    codes = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if isinstance(exc, OSError):
+        return exc.errno in codes
+    text = str(exc)
+    return any(f"(os error {code})" in text for code in codes) or any(os.strerror(code) in text for code in codes)
 
 
 @contextmanager
 def write_errors_named(out_dir: Path, what: str = "output") -> Iterator[None]:
     """Every write path's OSError as one line: a full disk (or quota, or file size limit) says so, anything else names
     the error; the caller's atomic folder has already removed the partial output when this runs."""
+    out_dir = shown_path(out_dir)
     try:
         yield
-    except OSError as exc:
+    except MergeEditError:
+        raise
+    except Exception as exc:
         if is_disk_full(exc):
             raise MergeEditError(f"{out_dir}: the disk filled up while writing the {what}; the partial output was removed; free space or choose another folder") from None
+        if not isinstance(exc, OSError):
+            raise
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         raise MergeEditError(f"{out_dir}: writing the {what} failed: {exc.strerror or exc}{where}; the partial output was removed; check the disk and its permissions") from None

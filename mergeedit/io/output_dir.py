@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.errors import MergeEditError
-from ..core.paths import kind_of
+from ..core.paths import TMP_MARK, kind_of
 
-TMP_MARK = ".mergeedit-tmp-"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
 )
 GENERATION_FILES = ("generation_config.json",)
+SIDE_FILES = ("config.json", *GENERATION_FILES, *TOKENIZER_FILES, "preprocessor_config.json")  # read by transformers itself
 
 
 def check_output_location(out: Path, inputs: list[Path], overwrite: bool, protect: tuple[Path, ...] = ()) -> None:

@@ -26,6 +26,7 @@ import torch
 from ..core.errors import MergeEditError
 from ..core.memory import peak_rss, total_ram
 from ..io.shard_writer import ShardWriter
+from ..io.source_reader import read_stored
 from ..io.tensor_reader import TensorReader
 from .buffers import BufferPool, Cancelled, MemoryBudget, merge_allocator
 from .chunks import DEFAULT_BLOCK, build_statistics, input_blocks, load_inputs, merge_chunk, probe_inputs, sample_inputs
@@ -72,6 +73,25 @@ class ExecutionReport:
     resumed_shards: int = 0  # shards reused from a killed run (--resume), not recomputed
     fused_blocks: int = 0  # blocks computed by a compiled kernel (--kernels): merge formula, DARE norms
     kernel_failure: Optional[str] = None  # why compiled kernels are not in use, if compiling or running one failed
+
+
+def _config_line(doc, ref: str) -> str:
+    """`file:line (key)` of the first place in the merge config that names model `ref`, else the file."""
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, path + (k,))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from walk(v, path + (i,))
+        elif isinstance(node, str) and path and path[-1] in ("model", "base_model"):
+            yield node, path
+
+    for value, path in walk(doc.data, ()):
+        if value == ref or ref.startswith(value + "+") or value.startswith(ref + "+"):
+            return doc.where(path)
+    return str(doc.path)
 
 
 class Executor:
@@ -351,9 +371,22 @@ class Executor:
         """NaN/Inf in the output: blame the input checkpoint that holds them, else the output dtype's range."""
         for k, x in enumerate(block.tensors):
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                model = self.plan.models[t.sources[k].model]
+                source = t.sources[k]
+                model = self.plan.models[source.model]
+                line = _config_line(self.plan.doc, model.ref)
+                try:
+                    stored = read_stored(self.reader, source.stored)
+                    stored_finite = not stored.is_floating_point() or bool(torch.isfinite(stored).all())
+                except Exception:  # noqa: BLE001 - only the wording depends on it
+                    stored_finite = False
+                if stored_finite and t.load_dtype is not None:
+                    load_name = str(t.load_dtype).removeprefix("torch.")
+                    return MergeEditError(
+                        f"{self.plan.doc.where(('dtype',))}: dtype {load_name} cannot hold the values of '{source.info.name}' in "
+                        f"{line} (stored as {source.info.dtype}, finite): converted, they become Inf; use dtype: float32 (or bfloat16)"
+                    )
                 return MergeEditError(
-                    f"{model.ref}: tensor '{t.sources[k].info.name}' holds NaN/Inf values, so the merged '{t.name}' would too; "
+                    f"{line}: tensor '{source.info.name}' of {model.ref} holds NaN/Inf values, so the merged '{t.name}' would too; "
                     "repair or replace that checkpoint"
                 )
         # The inputs are finite, so the parameters made it: say which, and whether a wider output dtype can help at all.
@@ -370,8 +403,9 @@ class Executor:
                 f"'{t.name}': the {t.method.name} merge overflows even in its compute dtype {compute_name}, before any output "
                 f"dtype applies: the parameters in {where} scale finite inputs past its range; use smaller weights (or lambda)"
             )
+        lead = f"{self.plan.doc.where(('out_dtype',))}: " if ("out_dtype",) in self.plan.doc.lines else ""
         return MergeEditError(
-            f"'{t.name}': the {t.method.name} merge overflows {out_name} (Inf/NaN in the output): the parameters in {where} "
+            f"{lead}'{t.name}': the {t.method.name} merge overflows {out_name} (Inf/NaN in the output): the parameters in {where} "
             "produce values the output dtype cannot hold; choose a wider output dtype (--dtype bfloat16 or float32) or smaller weights"
         )
 

@@ -54,6 +54,10 @@ def config_vocab_size(config: Optional[dict]) -> Optional[int]:
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    from ..core.paths import require_regular_if_present
+    from ..io.output_dir import SIDE_FILES
+
+    require_regular_if_present(folder, SIDE_FILES)
     return AutoTokenizer.from_pretrained(str(folder), use_fast=True)
 
 

@@ -46,21 +46,50 @@ def pick_device(setting: str) -> torch.device:
     return device
 
 
-def load_model_and_tokenizer(folder: Path, dtype: str, device: torch.device, trust_remote_code: bool = False):
-    """The causal LM (eval mode, no grads) and its tokenizer, with a pad token (EOS when the tokenizer has none)."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer_config.json")
 
+
+def _check_side_files(folder: Path) -> None:
+    from ..core.paths import require_regular_if_present
+    from ..io.output_dir import SIDE_FILES
+
+    require_regular_if_present(folder, SIDE_FILES)
+
+
+def _load_failure(folder: Path, exc: BaseException) -> MergeEditError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    return MergeEditError(f"{folder}: transformers cannot load this model ({first}); it needs config.json, tokenizer files and safetensors weights")
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    """The folder's tokenizer, with a pad token (EOS when the tokenizer has none); a folder without tokenizer files, or
+    whose tokenizer files are not regular files, is one line."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    _check_side_files(folder)
+    if Path(folder).is_dir() and not any((Path(folder) / n).is_file() for n in _TOKENIZER_FILES):
+        raise MergeEditError(f"{folder}: the model has no tokenizer ({', '.join(_TOKENIZER_FILES)} are all missing); copy its tokenizer files into the folder")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise MergeEditError(f"{folder}: transformers cannot load this model ({first}); it needs config.json, tokenizer files and safetensors weights") from None
+        raise _load_failure(folder, exc) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(folder: Path, dtype: str, device: torch.device, trust_remote_code: bool = False):
+    """The causal LM (eval mode, no grads) and its tokenizer, with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(folder, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise _load_failure(folder, exc) from None
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

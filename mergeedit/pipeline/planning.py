@@ -9,7 +9,8 @@ from pathlib import Path
 from ..editing.trainable import select_trainable
 from ..io.dtypes import itemsize, parse_user_dtype
 from ..io.model_source import open_local
-from .runner import RecipeRun, stage_names, train_settings
+from .checks import check_drift_texts, check_layers, check_recipe_merge, check_run_location, examples_for, prompt_format
+from .runner import RecipeRun, answer_eos, stage_names, train_settings
 
 
 @dataclass
@@ -46,10 +47,13 @@ def _base_folder_if_available(run: RecipeRun) -> Path | None:
 
 
 def plan_recipe(path: Path) -> RecipePlan:
-    """Everything that can be checked before training: schema, dataset, merge references, trainable patterns."""
+    """Every check `run` makes before it trains (schema, dataset, run folder, merge method and parameters, layers,
+    trainable patterns, tokenizer, chat template, targets), without loading the model's weights."""
     run = RecipeRun(path)
     recipe = run.recipe
+    check_run_location(run.root, run.doc, [])
     records = run.load_records()
+    check_drift_texts(recipe, run.doc, run.recipe_dir)
     batches = run.batches(records)
     n = len(batches)
     stages = stage_names(recipe, n)
@@ -62,9 +66,17 @@ def plan_recipe(path: Path) -> RecipePlan:
     if folder is None:
         plan.notes.append(f"{recipe.model.base} is converted on first run; trainable parameters are checked then")
         return plan
+    check_run_location(run.root, run.doc, [folder])
     source = open_local(recipe.model.base, folder)
     _, patterns, layers = train_settings(recipe)
+    check_layers(recipe, run.doc, source)
     trainable = select_trainable(list(source.tensors), patterns, layers, run.doc.where(("rsft", "trainable")))
+    check_recipe_merge(recipe.merge, run.doc, source, trainable, n, recipe.sequential.strategy == "anchored")
+    from ..models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(folder, recipe.model.trust_remote_code)
+    fmt = prompt_format(recipe, run.doc, tokenizer)
+    examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, run.doc.where(("dataset",)), system_prompt=recipe.dataset.system_prompt, eos=answer_eos(recipe))
     dtype = parse_user_dtype(recipe.model.dtype, run.doc.where(("model", "dtype")))
     params = sum(i.numel for i in source.tensors.values())
     trained = sum(source.tensors[n].numel for n in trainable)

@@ -46,6 +46,17 @@ class DatasetSection(_Strict):
     )
 
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_mode_or_template(cls, v):
+        from ..editing.prompts import prompt_setting_problem
+
+        problem = prompt_setting_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+
 class RsftSection(_Strict):
     method: Literal["rsft", "ft-l", "ft-m", "locft-bf"] = Field(
         "rsft",

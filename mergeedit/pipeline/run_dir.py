@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
+from ..io.integrity import write_errors_named
 from ..io.output_dir import AtomicOutputDir
 
 STAGE_FILE = "stage.json"
@@ -95,15 +96,14 @@ class Stage:
     @contextmanager
     def writing(self) -> Iterator[Path]:
         """A temporary folder that becomes the stage's folder (with its stage.json) only if the block completes."""
-        with AtomicOutputDir(self.path) as tmp:
+        with write_errors_named(self.path, f"stage {self.name}"), AtomicOutputDir(self.path) as tmp:
             yield tmp
             (tmp / STAGE_FILE).write_text(json.dumps({"stage": self.name, "key": self.key, "output_id": uuid.uuid4().hex}, indent=2))
 
 
 class RunDir:
     def __init__(self, root: Path, force: list[str] | None = None, reporter: Optional[StageReporter] = None, dist=None) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)  # created with the first stage written (AtomicOutputDir makes the parents)
         self.force = list(force or [])
         self.order: list[str] = []
         self.reporter = reporter or _Quiet()

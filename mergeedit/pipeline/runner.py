@@ -22,7 +22,7 @@ from ..core.units import parse_size
 from ..core.yaml_source import YamlDocument
 from ..editing.datasets import load_edits
 from ..editing.forward import training_forward
-from ..editing.prompts import PromptFormat, training_pairs
+from ..editing.prompts import PromptFormat
 from ..editing.records import EditRecord
 from ..editing.rsft import TrainingExample, TrainSettings, mark_trainable, train_edits
 from ..editing.trainable import select_trainable
@@ -31,6 +31,8 @@ from ..io.model_source import ModelSource, open_local, overlay
 from ..merging.merge import MergeOptions, write_merge
 from ..merging.plan import build_plan
 from ..merging.schema import MergeConfig
+from .checks import check_drift_texts, check_layers, check_recipe_merge, check_run_location, examples_for, expand_rsft, prompt_format
+from .checks import merge_doc as _merge_doc
 from .distributed import Distributed
 from .evaluation_stage import DriftSetup
 from .recipe import DEFAULT_TRAINABLE, Recipe, load_recipe
@@ -177,12 +179,6 @@ def train_settings(recipe: Recipe) -> tuple[TrainSettings, list[str], Optional[t
     return s, patterns, layers
 
 
-def _merge_doc(doc: YamlDocument) -> YamlDocument:
-    """The recipe's `merge:` section as a document of its own, keeping the recipe's file and line numbers."""
-    lines = {k[1:]: v for k, v in doc.lines.items() if k and k[0] == "merge"}
-    return YamlDocument(doc.path, doc.data.get("merge") if isinstance(doc.data, dict) else None, lines)
-
-
 def check_merge_refs(config: MergeConfig, doc: YamlDocument) -> None:
     for ref in config.referenced_models():
         if ref not in ("base", "rsft"):
@@ -191,38 +187,9 @@ def check_merge_refs(config: MergeConfig, doc: YamlDocument) -> None:
         raise MergeEditError(f"{doc.where(('merge',))}: the merge never uses `rsft`, so the edits would be discarded; add a model `rsft`")
 
 
-def expand_rsft(config: MergeConfig, count: int) -> MergeConfig:
-    """Anchored strategy: the `rsft` entry stands for every batch's R-SFT model (rsft.0, rsft.1, ...)."""
-    if config.models is None or count == 1:
-        return config
-    models = []
-    for m in config.models:
-        if m.model == "rsft":
-            models += [m.model_copy(update={"model": f"rsft.{i}"}) for i in range(count)]
-        else:
-            models.append(m)
-    return config.model_copy(update={"models": models})
-
-
 def answer_eos(recipe: Recipe) -> bool:
     """Whether raw-form answers train an EOS after them (the locft-bf default)."""
     return recipe.rsft.eos if recipe.rsft.eos is not None else recipe.rsft.method == "locft-bf"
-
-
-def examples_for(
-    records: list[EditRecord], tokenizer, fmt: PromptFormat, rephrases: bool, where: str, *, system_prompt: Optional[str] = None, eos: bool = False
-) -> list[TrainingExample]:
-    out = []
-    for rec in records:
-        if not tokenizer(rec.target, add_special_tokens=False)["input_ids"]:
-            raise MergeEditError(f"{where}: edit {rec.case_id}: target {rec.target!r} tokenizes to nothing; fix or drop the record")
-        for question in [rec.prompt] + (list(rec.rephrases) if rephrases else []):
-            try:
-                pairs = training_pairs(tokenizer, fmt, question, rec.target, system_prompt=system_prompt, eos=eos)
-            except MergeEditError as exc:
-                raise MergeEditError(f"{where}: edit {rec.case_id}: {exc}") from None
-            out += [TrainingExample(rec.case_id, p, a) for p, a in pairs]
-    return out
 
 
 def replay_records(batches: list[list[EditRecord]], b: int, share: float, seed: int) -> list[EditRecord]:
@@ -277,10 +244,12 @@ class RecipeRun:
         recipe = self.recipe
         records = self.load_records()
         dist = self.dist = Distributed()
-        run = RunDir(self.root, self.force, self.reporter, dist)
         base_folder = resolve_base_folder(recipe.model.base, self.recipe_dir, recipe.model.dtype)
+        check_run_location(self.root, self.doc, [base_folder])
+        check_drift_texts(recipe, self.doc, self.recipe_dir)
         base_source = open_local(recipe.model.base, base_folder)
         settings, patterns, layers = train_settings(recipe)
+        check_layers(recipe, self.doc, base_source)
         if recipe.rsft.method == "locft-bf" and layers is None:
             from ..io.architecture import layer_count
 
@@ -288,6 +257,7 @@ class RecipeRun:
             layer = min(max(round(0.2 * n), 0), max(n - 1, 0))
             layers = (layer, layer + 1)
         trainable = select_trainable(list(base_source.tensors), patterns, layers, self.doc.where(("rsft", "trainable")))
+        check_recipe_merge(self.merge_config, self.doc, base_source, trainable, len(self.batches(records)), recipe.sequential.strategy == "anchored")
         device = dist.device(pick_device(recipe.model.device))
         model, tokenizer = load_model_and_tokenizer(base_folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
         if recipe.rsft.gradient_checkpointing:
@@ -300,12 +270,13 @@ class RecipeRun:
         if dist.enabled:
             mark_trainable(model, trainable)
             training_model = dist.accelerator.prepare_model(model)
-        fmt = PromptFormat.resolve(recipe.dataset.prompt, tokenizer)
+        fmt = prompt_format(recipe, self.doc, tokenizer)
         where = self.doc.where(("dataset",))
         # Tokenized once, up front: a target that tokenizes to nothing fails here, before any training.
         examples_by_case: dict[str, list[TrainingExample]] = {}
         for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where, system_prompt=recipe.dataset.system_prompt, eos=answer_eos(recipe)):
             examples_by_case.setdefault(ex.case_id, []).append(ex)
+        run = RunDir(self.root, self.force, self.reporter, dist)  # only now: an error above leaves no run folder behind
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
         initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable}
         forward = training_forward(model, trainable, dist.accelerator if dist.enabled else None)

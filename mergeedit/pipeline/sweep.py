@@ -26,6 +26,7 @@ from ..core.yaml_source import did_you_mean
 from ..editing.records import EditRecord
 from ..merging.methods import get_method
 from ..merging.schema import MergeConfig
+from .checks import check_recipe_merge
 from .run_dir import stable_hash
 from .runner import RecipeRun, Reporter, load_delta
 
@@ -73,7 +74,10 @@ def apply_point(config: MergeConfig, point: dict, where: str) -> MergeConfig:
     for key, value in point.items():
         if key not in params:
             raise MergeEditError(f"{where}: grid key '{key}' is not a parameter of merge_method {config.merge_method}{did_you_mean(key, params)}; use one of {', '.join(params)}")
-        value = params[key].coerce(value)
+        try:
+            value = params[key].coerce(value)
+        except (TypeError, ValueError) as exc:
+            raise MergeEditError(f"{where}: grid value {key}={value!r} for {config.merge_method}: {exc}; change the grid (--grid or sweep.grid)") from None
         if params[key].scope == "shared":
             global_params[key] = value
             continue
@@ -147,6 +151,8 @@ def run_sweep(
             f"{rr.doc.where(('sequential',))}: a chained recipe of several batches merges after every batch, so each grid point would retrain; "
             "sweep with sequential.strategy: anchored or one batch"
         )
+    for config in configs:  # every grid point's merge planned against the base now (ranges, dtypes), not after training
+        check_recipe_merge(config, rr.doc, s.base_source, s.trainable, len(rr.batches(s.records)), anchored=True)
     size = validation if validation is not None else cfg.validation
     split_seed = seed if seed is not None else cfg.seed
     val_records = validation_split(s.records, size, split_seed)

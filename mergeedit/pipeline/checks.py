@@ -1,0 +1,129 @@
+"""The checks `run` makes before its first expensive step, written once so `validate` and `plan` make the same ones.
+
+Each raises one MergeEditError line naming the recipe line and the fix: where the run folder goes, the drift text set,
+the trained layer range, the merge section planned against the base's tensors (method, parameter names and ranges,
+dtypes), and what the tokenizer does with every edit (tokenizer present, chat template for the chat forms, no target
+that tokenizes to nothing).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..core.errors import MergeEditError
+from ..core.paths import kind_of
+from ..core.yaml_source import YamlDocument
+from ..io.model_source import ModelSource
+from ..merging.schema import MergeConfig
+from .recipe import Recipe
+
+
+def merge_doc(doc: YamlDocument) -> YamlDocument:
+    """The recipe's `merge:` section as a document of its own, keeping the recipe's file and line numbers."""
+    lines = {k[1:]: v for k, v in doc.lines.items() if k and k[0] == "merge"}
+    return YamlDocument(doc.path, doc.data.get("merge") if isinstance(doc.data, dict) else None, lines)
+
+
+def expand_rsft(config: MergeConfig, count: int) -> MergeConfig:
+    """Anchored strategy: the `rsft` entry stands for every batch's R-SFT model (rsft.0, rsft.1, ...)."""
+    if config.models is None or count == 1:
+        return config
+    models = []
+    for m in config.models:
+        if m.model == "rsft":
+            models += [m.model_copy(update={"model": f"rsft.{i}"}) for i in range(count)]
+        else:
+            models.append(m)
+    return config.model_copy(update={"models": models})
+
+
+def check_run_location(root: Path, doc: YamlDocument, inputs: list[Path]) -> None:
+    """The run folder is a folder (or not there yet) and shares nothing with the base model's folder: the run replaces
+    its own `model/` on every run, so an input there would be deleted."""
+    where = doc.where(("output", "dir")) if ("output", "dir") in doc.lines else str(doc.path)
+    if os.path.lexists(root) and not root.is_dir():
+        raise MergeEditError(f"{where}: the run folder {root} is {kind_of(root)}, not a folder; set output.dir to a new or existing run folder")
+    resolved = root.resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if resolved == src or src in resolved.parents or resolved in src.parents:
+            raise MergeEditError(f"{where}: the run folder {root} overlaps the base model folder {src}; set output.dir to a separate folder")
+    model = root / "model"
+    if os.path.lexists(model) and not model.is_symlink():
+        from ..io.output_dir import replaceable_problem
+
+        problem = replaceable_problem(model) if model.is_dir() else f"it is {kind_of(model)}"
+        if problem is not None:
+            raise MergeEditError(f"{where}: the run would replace {model}, but {problem}; move it away or set output.dir to another folder")
+
+
+def check_drift_texts(recipe: Recipe, doc: YamlDocument, recipe_dir: Path) -> None:
+    """A drift text set the recipe names is read and checked now, not after the pre-edit evaluation."""
+    ev = recipe.eval
+    if not (ev.enabled and ev.drift and ev.drift_texts is not None):
+        return
+    from ..evaluation.drift import load_drift_texts
+    from .evaluation_stage import drift_texts_path
+
+    try:
+        load_drift_texts(drift_texts_path(ev, recipe_dir))
+    except MergeEditError as exc:
+        raise MergeEditError(f"{doc.where(('eval', 'drift_texts'))}: {exc}") from None
+
+
+def check_layers(recipe: Recipe, doc: YamlDocument, base: ModelSource) -> None:
+    """rsft.layers [start, end) lies inside the model's layers."""
+    layers = recipe.rsft.layers
+    if layers is None:
+        return
+    from ..io.architecture import layer_count
+
+    n = layer_count(base)
+    start, end = layers
+    if not 0 <= start < end <= n:
+        span = f"0..{n - 1}" if n else "none"
+        raise MergeEditError(
+            f"{doc.where(('rsft', 'layers'))}: rsft.layers [{start}, {end}) is not a range of the model's {n} layers (numbered {span}); "
+            f"give [start, end) with 0 <= start < end <= {n}"
+        )
+
+
+def check_recipe_merge(config: Optional[MergeConfig], doc: YamlDocument, base: ModelSource, trainable: list[str], batches: int, anchored: bool) -> None:
+    """Plan the recipe's merge against the base's tensors (standing in for every R-SFT model, which has the same names
+    and shapes): an unknown method or parameter, a density out of range or a bad dtype fails here, not after training."""
+    if config is None:
+        return
+    from ..merging.plan import build_plan
+
+    expanded = expand_rsft(config, batches) if anchored else config
+    build_plan(expanded, merge_doc(doc), opener=lambda ref: base, only=set(trainable), out_dtype="float32")
+
+
+def prompt_format(recipe: Recipe, doc: YamlDocument, tokenizer):
+    """The recipe's prompt format for this tokenizer (a chat form needs a chat template), located at dataset.prompt."""
+    from ..editing.prompts import PromptFormat
+
+    try:
+        return PromptFormat.resolve(recipe.dataset.prompt, tokenizer)
+    except MergeEditError as exc:
+        raise MergeEditError(f"{doc.where(('dataset', 'prompt'))}: {str(exc).removeprefix('dataset.prompt: ')}") from None
+
+
+def examples_for(records, tokenizer, fmt, rephrases: bool, where: str, *, system_prompt: Optional[str] = None, eos: bool = False) -> list:
+    """Every edit's training examples (prompt ids, answer ids); a target that tokenizes to nothing is refused."""
+    from ..editing.prompts import training_pairs
+    from ..editing.rsft import TrainingExample
+
+    out = []
+    for rec in records:
+        if not tokenizer(rec.target, add_special_tokens=False)["input_ids"]:
+            raise MergeEditError(f"{where}: edit {rec.case_id}: target {rec.target!r} tokenizes to nothing; fix or drop the record")
+        for question in [rec.prompt] + (list(rec.rephrases) if rephrases else []):
+            try:
+                pairs = training_pairs(tokenizer, fmt, question, rec.target, system_prompt=system_prompt, eos=eos)
+            except MergeEditError as exc:
+                raise MergeEditError(f"{where}: edit {rec.case_id}: {exc}") from None
+            out += [TrainingExample(rec.case_id, p, a) for p, a in pairs]
+    return out
