@@ -261,3 +261,37 @@ def test_skip_leaves_named_tensors_out(pair, bad_models, tmp_path):
     report = extract_lora(str(bad_models["norm"]), str(pair["base"]), out, ExtractOptions(rank=4, skip=["layernorm"]))
     assert report.skipped_changed == ["model.layers.1.input_layernorm.weight"]
     assert set(_factors(out)) == {"model.layers.0.mlp.up_proj"}
+
+
+# -- in a recipe: output: {adapter: {rank: R}} ----------------------------------------------------------------------
+from test_pipeline import tiny_model  # noqa: E402,F401  (the module-scoped tiny trainable model fixture)
+
+
+def test_recipe_exports_the_edits_as_an_adapter_beside_the_model(tmp_path, tiny_model):  # noqa: F811
+    from test_pipeline import _recipe
+
+    from mergeedit.io.integrity import verify_folder
+    from mergeedit.pipeline.runner import RecipeRun
+
+    recipe = _recipe(tmp_path, tiny_model, output={"dir": "run", "adapter": {"rank": 32}}, eval={"enabled": False},
+                     rsft={"max_epochs": 1, "max_steps_per_batch": 2})  # a few steps: the adapter needs a change, not learned edits
+    result = RecipeRun(recipe).run()
+    adapter = tmp_path / "run" / "adapter"
+    assert "adapter" in result.stages_run and verify_folder(adapter) >= 4
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model)
+    edited, base, factors = load_state_dict(result.model_dir), load_state_dict(tiny_model), _factors(adapter)
+    changed = {n.removesuffix(".weight") for n in base if not torch.equal(edited[n], base[n])}
+    assert factors and set(factors) == changed  # exactly the tensors the edit changed (the trained MLP matrices)
+    for m, (a, b) in factors.items():  # full rank: base + B A is the edited model
+        torch.testing.assert_close(b @ a, edited[m + ".weight"].double() - base[m + ".weight"].double(), atol=1e-6, rtol=0)
+    again = RecipeRun(recipe).run()
+    assert "adapter" in again.stages_cached and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_recipe_adapter_section_needs_a_rank(tmp_path, tiny_model, run_cli):  # noqa: F811
+    from test_pipeline import _recipe
+
+    recipe = _recipe(tmp_path, tiny_model, output={"dir": "run", "adapter": {"dtype": "float32"}})
+    result = run_cli("validate", recipe)
+    assert result.code == 2 and "output.adapter" in result.stderr and "give rank" in result.stderr, result.stderr

@@ -278,9 +278,11 @@ def open_pair(model_ref: str, base_ref: str) -> tuple[ModelSource, ModelSource]:
 
 
 def extract_lora(
-    model_ref: str, base_ref: str, out_dir: Path, options: ExtractOptions, progress: Optional[Callable[[str, int, int], None]] = None
+    model_ref: str, base_ref: str, out_dir: Path, options: ExtractOptions, progress: Optional[Callable[[str, int, int], None]] = None,
+    base_name: Optional[str] = None,
 ) -> ExtractReport:
-    """Write the PEFT adapter of MODEL - BASE to `out_dir` (atomically); see the module docstring."""
+    """Write the PEFT adapter of MODEL - BASE to `out_dir` (atomically); see the module docstring. `base_name` is what
+    the adapter config records as its base (default: `base_ref`), e.g. a hub id or built-in name rather than a cache path."""
     started = time.perf_counter()
     options.check()
     out_dtype = parse_user_dtype(options.dtype, "--dtype")
@@ -373,7 +375,7 @@ def extract_lora(
             raise MergeEditError(f"{model.ref}: no changed weight matrix to export ({why}); check MODEL and --base")
         _write_adapter_file(tmp, spill_path, entries)
         spill_path.unlink()
-        write_json(tmp / ADAPTER_CONFIG, adapter_config(modules, base_ref))
+        write_json(tmp / ADAPTER_CONFIG, adapter_config(modules, base_name or base_ref))
         report = ExtractReport(out_dir, modules, unchanged, skipped, (tmp / ADAPTER_WEIGHTS).stat().st_size, 0.0, budget, 0, options.dtype)
         write_json(tmp / REPORT_FILE, {**report.to_dict(), "model": model_ref, "base": base_ref, "options": _options_record(options)})
         (tmp / "README.md").write_text(adapter_card(report, model_ref, base_ref))
