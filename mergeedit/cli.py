@@ -193,7 +193,7 @@ def extract_lora(
         rank=rank, rank_for=parse_rank_rules(rank_for), sv_energy=sv_energy, skip=list(skip), dtype=dtype,
         memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None, overwrite=overwrite,
     )
-    report = extract_lora(model, base, out_dir, options, progress=lambda name, i, n: console.print(f"  [dim]{i + 1}/{n}[/] {name}", highlight=False) if console.is_terminal else None)
+    report = extract_lora(model, base, out_dir, options, progress=lambda name, i, n: console.print(f"  [dim]{i}/{n}[/] {name}", highlight=False) if console.is_terminal else None)
     summary = Table(show_header=False, box=None)
     ranks = sorted({m.rank for m in report.modules})
     summary.add_row("adapter", str(out_dir))

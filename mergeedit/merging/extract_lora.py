@@ -20,11 +20,14 @@ no changed tensor at all.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,11 +108,15 @@ def check_regex(pattern: str, what: str) -> str:
 
 # -- the decomposition --------------------------------------------------------------------------------------------
 _ONE_THREAD = threading.Lock()
+_PINNED = threading.local()  # set on the SVD pool's threads, which run on one thread each
 
 
 @contextmanager
 def one_thread() -> Iterator[None]:
     """torch (and MKL) on one thread for the block: the SVD's bits then do not depend on the thread count."""
+    if getattr(_PINNED, "value", False):
+        yield
+        return
     with _ONE_THREAD:
         before = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -117,6 +124,23 @@ def one_thread() -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(before)
+
+
+def _pin_this_thread() -> None:
+    torch.set_num_threads(1)  # in a fresh thread this sets its own OpenMP thread count (and MKL's) to one
+    _PINNED.value = True
+
+
+@contextmanager
+def _svd_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """`workers` threads, each pinned to one thread, for SVDs that run side by side with the same bits as one alone
+    (checked: MKL in an unpinned worker thread gives other bits). The caller's thread count is restored after."""
+    before = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max(1, workers), initializer=_pin_this_thread, thread_name_prefix="svd") as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -271,6 +295,34 @@ class _Reader:
         return False
 
 
+def _matrix_job(reader: _Reader, model: ModelSource, base: ModelSource, options: ExtractOptions, skip: list[str], budget: int, n: str):
+    """One matrix, on a pool thread: ("skipped" | "unchanged", None, None) or ("module", factors, report)."""
+    if any(re.search(p, n) for p in skip):
+        return ("skipped" if reader.differ(model, base, n, budget) else "unchanged"), None, None
+    out, inn = model.tensors[n].shape
+    module = _module_name(n)
+    cap = options.cap_for(module)
+    delta = reader.read64(model, n)
+    delta -= reader.read64(base, n)
+    if not bool(torch.isfinite(delta).all()):
+        if not reader.differ(model, base, n, budget):
+            return "unchanged", None, None
+        raise MergeEditError(f"{model.ref}: tensor '{n}' minus the base holds NaN or infinite values; check both checkpoints")
+    if not bool(delta.ne(0).any()):
+        return "unchanged", None, None
+    if cap is not None and cap > min(out, inn):
+        which = "--rank-for" if cap != options.rank else "--rank"
+        raise MergeEditError(
+            f"{model.ref}: tensor '{n}' is {out}x{inn}, so its rank is at most {min(out, inn)}, but {which} asks for {cap}; "
+            f"lower it, or set this tensor's rank with --rank-for '{re.escape(module)}={min(out, inn)}'"
+        )
+    f = decompose(delta, cap, options.sv_energy)
+    del delta
+    norm = float(torch.linalg.vector_norm(f.singular_values))
+    kept = float((f.singular_values[: f.rank] ** 2).sum()) / (norm**2) if norm else 1.0
+    return "module", f, ModuleReport(module, (out, inn), f.rank, norm, f.dropped_error, kept)
+
+
 def open_pair(model_ref: str, base_ref: str) -> tuple[ModelSource, ModelSource]:
     model, base = open_model(model_ref), open_model(base_ref)
     _check_pair(model, base)
@@ -318,7 +370,7 @@ def extract_lora(
                     skipped.append(n)
                     continue
                 shape = list(model.tensors[n].shape)
-                if n in matrices or (len(shape) == 2 and _is_embedding_or_head(n, model.tensors[n], vocab)):
+                if len(shape) == 2 and _is_embedding_or_head(n, model.tensors[n], vocab):
                     raise MergeEditError(
                         f"{model.ref}: tensor '{n}' {shape} (a token embedding or output head) changed; extract-lora does not export "
                         f"embedding deltas (every token's row would be approximated); leave it out with --skip '{re.escape(_module_name(n))}' or ship a full checkpoint"
@@ -327,49 +379,52 @@ def extract_lora(
                     f"{model.ref}: tensor '{n}' {shape} changed, but a LoRA adapter holds only 2-D weight matrices (norms and biases "
                     f"would need PEFT's modules_to_save, which extract-lora does not write); leave it out with --skip '{re.escape(n)}' or ship a full checkpoint"
                 )
-            for i, n in enumerate(matrices):
+            # Matrices: each SVD on a pool thread pinned to one thread; as many at once as the budget and the
+            # thread count allow; results taken in tensor order, so the file's bytes do not depend on either.
+            workers = torch.get_num_threads()
+            pending: deque = deque()
+            charged = done = 0
+
+            def take_oldest() -> None:
+                nonlocal charged, unchanged, done
+                n, future, charge = pending.popleft()
+                charged -= charge
+                kind, f, rec = future.result()
+                done += 1
                 if progress is not None:
-                    progress(n, i, len(matrices))
-                info = model.tensors[n]
-                module = _module_name(n)
-                out, inn = info.shape
-                cap = options.cap_for(module)
-                if any(re.search(p, n) for p in skip):
-                    if reader.differ(model, base, n, budget):
-                        skipped.append(n)
-                    else:
-                        unchanged += 1
-                    continue
-                if needs[n] > budget:
-                    raise MergeEditError(
-                        f"{model.ref}: tensor '{n}' {[out, inn]} needs about {format_size(needs[n])} for its SVD (computed on the whole tensor) "
-                        f"but the memory budget is {format_size(budget)}; raise --memory-budget to at least {format_size(needs[n])}"
-                    )
-                delta = reader.read64(model, n)
-                delta -= reader.read64(base, n)
-                if not bool(torch.isfinite(delta).all()):
-                    if not reader.differ(model, base, n, budget):
-                        unchanged += 1
-                        continue
-                    raise MergeEditError(f"{model.ref}: tensor '{n}' minus the base holds NaN or infinite values; check both checkpoints")
-                if not bool(delta.ne(0).any()):
+                    progress(n, done, len(matrices))
+                if kind == "unchanged":
                     unchanged += 1
-                    continue
-                if cap is not None and cap > min(out, inn):
-                    which = "--rank-for" if cap != options.rank else "--rank"
-                    raise MergeEditError(
-                        f"{model.ref}: tensor '{n}' is {out}x{inn}, so its rank is at most {min(out, inn)}, but {which} asks for {cap}; "
-                        f"lower it, or set this tensor's rank with --rank-for '{re.escape(module)}={min(out, inn)}'"
-                    )
-                f = decompose(delta, cap, options.sv_energy)
-                norm = float(torch.linalg.vector_norm(f.singular_values))
-                del delta
-                kept = float((f.singular_values[: f.rank] ** 2).sum()) / (norm**2) if norm else 1.0
-                modules.append(ModuleReport(module, (out, inn), f.rank, norm, f.dropped_error, kept))
-                for part, t in (("lora_A", f.a), ("lora_B", f.b)):
-                    data = t.to(out_dtype).contiguous()
-                    entries.append((OutputEntry(f"base_model.model.{module}.{part}.weight", out_dtype, tuple(data.shape)), spill.tell()))
-                    spill.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+                elif kind == "skipped":
+                    skipped.append(n)
+                else:
+                    modules.append(rec)
+                    for part, t in (("lora_A", f.a), ("lora_B", f.b)):
+                        data = t.to(out_dtype).contiguous()
+                        entries.append((OutputEntry(f"base_model.model.{rec.module}.{part}.weight", out_dtype, tuple(data.shape)), spill.tell()))
+                        spill.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+
+            job = functools.partial(_matrix_job, reader, model, base, options, skip, budget)
+            with _svd_pool(workers) as pool:
+                try:
+                    for n in matrices:
+                        skipping = any(re.search(p, n) for p in skip)
+                        charge = 0 if skipping else needs[n]
+                        if charge > budget:
+                            out, inn = model.tensors[n].shape
+                            raise MergeEditError(
+                                f"{model.ref}: tensor '{n}' {[out, inn]} needs about {format_size(charge)} for its SVD (computed on the whole tensor) "
+                                f"but the memory budget is {format_size(budget)}; raise --memory-budget to at least {format_size(charge)}"
+                            )
+                        while pending and (len(pending) >= workers or charged + charge > budget):
+                            take_oldest()
+                        pending.append((n, pool.submit(job, n), charge))
+                        charged += charge
+                    while pending:
+                        take_oldest()
+                finally:
+                    for _, future, _ in pending:
+                        future.cancel()
         if not modules:
             why = f"all {len(skipped)} changed tensors match --skip" if skipped else "every tensor is identical to the base's"
             raise MergeEditError(f"{model.ref}: no changed weight matrix to export ({why}); check MODEL and --base")
