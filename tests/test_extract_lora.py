@@ -295,3 +295,36 @@ def test_recipe_adapter_section_needs_a_rank(tmp_path, tiny_model, run_cli):  # 
     recipe = _recipe(tmp_path, tiny_model, output={"dir": "run", "adapter": {"dtype": "float32"}})
     result = run_cli("validate", recipe)
     assert result.code == 2 and "output.adapter" in result.stderr and "give rank" in result.stderr, result.stderr
+
+
+def test_conv1d_models_are_decomposed_transposed_with_fan_in_fan_out(tmp_path, run_cli):
+    """GPT-2 stores its projections (in, out) (transformers' Conv1D): the adapter holds the layer's (out, in) factors and
+    says fan_in_fan_out, which peft and mergeedit's path+lora both read."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)).save_pretrained(tmp_path / "base")
+    sd = load_file(tmp_path / "base" / "model.safetensors")
+    changed = ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_attn.weight"]
+    edited = _write_like(tmp_path / "base", tmp_path / "edited", _edit(sd, changed, seed=5))
+    ad = tmp_path / "ad"
+    extract_lora(str(edited), str(tmp_path / "base"), ad, ExtractOptions(rank=32))
+    assert json.loads((ad / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    e = load_file(edited / "model.safetensors")
+    for name in changed:
+        a, b = _factors(ad)[name.removesuffix(".weight")]
+        stored = sd[name]  # (in, out)
+        assert a.shape == (32, stored.shape[0]) and b.shape == (stored.shape[1], 32)
+        torch.testing.assert_close((b @ a).t(), e[name].double() - stored.double(), atol=1e-7, rtol=0)
+    config = tmp_path / "fold.yaml"
+    config.write_text(f"merge_method: passthrough\nmodels:\n  - model: {tmp_path / 'base'}+{ad}\ndtype: float32\n")
+    assert run_cli("merge", config, tmp_path / "folded").code == 0
+    folded = load_state_dict(tmp_path / "folded")
+    for name in changed:
+        torch.testing.assert_close(folded[name], e[name], atol=1e-6, rtol=0)
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install -c constraints.txt 'mergeedit[adapter]')")
+    ids = torch.tensor([[1, 5, 9, 17, 33, 63]])
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), str(ad)).eval()(ids).logits
+        want = GPT2LMHeadModel.from_pretrained(edited).eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

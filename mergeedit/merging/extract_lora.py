@@ -51,6 +51,8 @@ from ..io.tensor_reader import TensorReader
 REPORT_FILE = "extract_lora.json"
 _SPILL = ".factors.spill"
 _HEAD_NAMES = ("lm_head", "embed_out", "output.weight")
+# Architectures whose projections are transformers' Conv1D, stored (in, out): decomposed transposed, fan_in_fan_out.
+CONV1D_MODEL_TYPES = frozenset({"gpt2"})
 
 
 @dataclass
@@ -295,15 +297,18 @@ class _Reader:
         return False
 
 
-def _matrix_job(reader: _Reader, model: ModelSource, base: ModelSource, options: ExtractOptions, skip: list[str], budget: int, n: str):
-    """One matrix, on a pool thread: ("skipped" | "unchanged", None, None) or ("module", factors, report)."""
+def _matrix_job(reader: _Reader, model: ModelSource, base: ModelSource, options: ExtractOptions, skip: list[str], budget: int, transposed: bool, n: str):
+    """One matrix, on a pool thread: ("skipped" | "unchanged", None, None) or ("module", factors, report). With
+    `transposed` the stored weight is (in, out) (Conv1D) and its transpose, the layer's (out, in), is decomposed."""
     if any(re.search(p, n) for p in skip):
         return ("skipped" if reader.differ(model, base, n, budget) else "unchanged"), None, None
-    out, inn = model.tensors[n].shape
+    out, inn = reversed(model.tensors[n].shape) if transposed else model.tensors[n].shape
     module = _module_name(n)
     cap = options.cap_for(module)
     delta = reader.read64(model, n)
     delta -= reader.read64(base, n)
+    if transposed:
+        delta = delta.t()
     if not bool(torch.isfinite(delta).all()):
         if not reader.differ(model, base, n, budget):
             return "unchanged", None, None
@@ -341,6 +346,7 @@ def extract_lora(
     skip = [check_regex(p, "--skip") for p in options.skip]
     model, base = open_pair(model_ref, base_ref)
     vocab = (model.config or {}).get("vocab_size") or (base.config or {}).get("vocab_size")
+    transposed = (model.config or base.config or {}).get("model_type") in CONV1D_MODEL_TYPES
     names = list(model.tensors)
     matrices = [n for n in names if len(model.tensors[n].shape) == 2 and n.endswith(".weight") and not _is_embedding_or_head(n, model.tensors[n], vocab)]
     others = [n for n in names if n not in set(matrices)]
@@ -404,7 +410,7 @@ def extract_lora(
                         entries.append((OutputEntry(f"base_model.model.{rec.module}.{part}.weight", out_dtype, tuple(data.shape)), spill.tell()))
                         spill.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
 
-            job = functools.partial(_matrix_job, reader, model, base, options, skip, budget)
+            job = functools.partial(_matrix_job, reader, model, base, options, skip, budget, transposed)
             with _svd_pool(workers) as pool:
                 try:
                     for n in matrices:
@@ -430,7 +436,7 @@ def extract_lora(
             raise MergeEditError(f"{model.ref}: no changed weight matrix to export ({why}); check MODEL and --base")
         _write_adapter_file(tmp, spill_path, entries)
         spill_path.unlink()
-        write_json(tmp / ADAPTER_CONFIG, adapter_config(modules, base_name or base_ref))
+        write_json(tmp / ADAPTER_CONFIG, adapter_config(modules, base_name or base_ref, fan_in_fan_out=transposed))
         report = ExtractReport(out_dir, modules, unchanged, skipped, (tmp / ADAPTER_WEIGHTS).stat().st_size, 0.0, budget, 0, options.dtype)
         write_json(tmp / REPORT_FILE, {**report.to_dict(), "model": model_ref, "base": base_ref, "options": _options_record(options)})
         (tmp / "README.md").write_text(adapter_card(report, model_ref, base_ref))
@@ -471,7 +477,7 @@ def pattern_key(module: str) -> str:
     return "^" + re.escape(module)
 
 
-def adapter_config(modules: list[ModuleReport], base_ref: str) -> dict:
+def adapter_config(modules: list[ModuleReport], base_ref: str, fan_in_fan_out: bool = False) -> dict:
     """PEFT LoraConfig fields: r and lora_alpha equal (scale 1), per-module ranks in rank_pattern/alpha_pattern."""
     ranks = [m.rank for m in modules]
     common = max(set(ranks), key=lambda r: (ranks.count(r), r))
@@ -487,7 +493,7 @@ def adapter_config(modules: list[ModuleReport], base_ref: str) -> dict:
         "target_modules": sorted(m.module for m in modules),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
         "modules_to_save": None,
