@@ -5,11 +5,14 @@ truncated SVD, D ~ U_r S_r Vh_r, the best rank-r approximation in Frobenius norm
 sqrt(sum of the dropped squared singular values). The adapter stores lora_A = sqrt(S_r) Vh_r (r, in) and
 lora_B = U_r sqrt(S_r) (out, r) with lora_alpha = r, so PEFT's scale alpha / r is 1 and B @ A is the approximation.
 
-Tensors are read one at a time (a tensor's SVD needs all of it: each one must fit in the memory budget); the factors
-are spilled to disk as they come, so memory does not grow with the adapter. The bytes depend on nothing but the two
-checkpoints and the options: each SVD is of the whole tensor, computed in float64 on one thread (MKL's multithreaded
-SVD returns different low bits for different thread counts), every singular pair gets a fixed sign (the largest entry
-of u positive, the first one on ties), and the factors are rounded once to the output dtype.
+A tensor's SVD needs all of it, so tensors are the unit of work: as many are read and decomposed side by side as the
+memory budget (each charged what its SVD holds) and the thread count allow, each on a worker pinned to one thread,
+and the results are taken in tensor order. The factors are spilled to disk as they come, so memory does not grow
+with the adapter. The bytes depend on nothing but the two checkpoints and the options: each SVD is of the whole
+tensor, in float64, on one thread (MKL's multithreaded SVD returns different low bits for different thread counts),
+every singular pair gets a fixed sign (the largest entry of u positive, the first one on ties), and the factors are
+rounded once to the output dtype. GPT-2's Conv1D weights, stored (in, out), are decomposed transposed and the adapter
+says fan_in_fan_out, as peft expects.
 
 What is refused, with one line each: a base whose tensor names or shapes differ, a changed tensor that is not a 2-D
 weight (norms, biases: PEFT would keep them whole in modules_to_save, which neither mergeedit's `path+lora` nor a
