@@ -205,6 +205,7 @@ def bad_models(pair) -> dict[str, Path]:
     other_shape = build_llama(root / "other_shape", LlamaShape(**{**SHAPE.__dict__, "intermediate": 48}), shards=1)
     tied = build_llama(root / "tied", LlamaShape(**{**SHAPE.__dict__, "tied": True}), shards=1)  # no lm_head.weight
     return {
+        "unrelated": build_llama(root / "unrelated", SHAPE, base_seed=9, shards=1),  # same architecture, another model
         "other_shape": other_shape,
         "tied": tied,
         "embedding": _write_like(base, root / "embedding", _edit(sd, ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"], seed=2)),
@@ -218,6 +219,7 @@ def bad_models(pair) -> dict[str, Path]:
         ("rank too large", ["{edited}", "--base", "{base}", "--rank", "40"], "so its rank is at most 32, but --rank asks for 40"),
         ("shapes differ", ["{edited}", "--base", "{other_shape}", "--rank", "4"], "is [32, 64] but the base"),
         ("names differ", ["{edited}", "--base", "{tied}", "--rank", "4"], "tensor 'lm_head.weight' is not in the base"),
+        ("unrelated base", ["{edited}", "--base", "{unrelated}", "--rank", "4"], "BASE does not look like the model MODEL was made from"),
         ("embedding delta", ["{embedding}", "--base", "{base}", "--rank", "4"], "'model.embed_tokens.weight' [128, 32] (a token embedding or output head) changed"),
         ("norm delta", ["{norm}", "--base", "{base}", "--rank", "4"], "'model.layers.1.input_layernorm.weight' [32] changed, but a LoRA adapter holds only 2-D weight matrices"),
         ("model is base", ["{base}", "--base", "{base}", "--rank", "4"], "no changed weight matrix to export (every tensor is identical"),

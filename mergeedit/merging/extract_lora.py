@@ -371,13 +371,20 @@ def extract_lora(
         entries: list[tuple[OutputEntry, int]] = []  # entry, offset in the spill file
         with open(spill_path, "wb") as spill:
             # Tensors that cannot become LoRA first: one that changed ends the run before any SVD is spent.
+            refused = []
             for n in others:
                 if not reader.differ(model, base, n, budget):
                     unchanged += 1
-                    continue
-                if any(re.search(p, n) for p in skip):
+                elif any(re.search(p, n) for p in skip):
                     skipped.append(n)
-                    continue
+                else:
+                    refused.append(n)
+            if refused and len(refused) == len(others) > 2:
+                raise MergeEditError(
+                    f"{model.ref}: every one of its {len(others)} norms, biases and embeddings differs from {base.ref}'s "
+                    f"(e.g. '{refused[0]}'); BASE does not look like the model MODEL was made from; check --base"
+                )
+            for n in refused[:1]:
                 shape = list(model.tensors[n].shape)
                 if len(shape) == 2 and _is_embedding_or_head(n, model.tensors[n], vocab):
                     raise MergeEditError(
