@@ -183,7 +183,7 @@ def extract_lora(
     sv_energy: Optional[float] = typer.Option(None, "--sv-energy", help="Per module, the smallest rank keeping this share of the delta's squared singular values (e.g. 0.99)."),
     skip: list[str] = typer.Option([], "--skip", help="REGEX: leave matching tensors out of the adapter even if they changed; repeatable."),
     dtype: str = typer.Option("float32", "--dtype", help="dtype of the stored factors (float32, bfloat16, float16)."),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Max bytes one tensor's SVD may hold (default: 2G or a quarter of RAM, raised to the largest tensor's need when it fits in half the RAM)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Max bytes the SVDs in flight hold together; more budget, more tensors side by side (default: 2G or a quarter of RAM, raised to the largest tensor's need when it fits in half the RAM)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new adapter is complete)."),
 ) -> None:
     """Write MODEL - BASE as a PEFT LoRA adapter: a truncated SVD of every changed weight matrix, tensor by tensor."""
@@ -193,7 +193,10 @@ def extract_lora(
         rank=rank, rank_for=parse_rank_rules(rank_for), sv_energy=sv_energy, skip=list(skip), dtype=dtype,
         memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None, overwrite=overwrite,
     )
-    report = extract_lora(model, base, out_dir, options, progress=lambda name, i, n: console.print(f"  [dim]{i}/{n}[/] {name}", highlight=False) if console.is_terminal else None)
+    with Progress(TextColumn("[bold]decomposing"), BarColumn(), TextColumn("{task.completed}/{task.total} matrices"), TimeRemainingColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("svd", total=None)
+        report = extract_lora(model, base, out_dir, options, progress=lambda name, i, n: bar.update(task, completed=i, total=n))
     summary = Table(show_header=False, box=None)
     ranks = sorted({m.rank for m in report.modules})
     summary.add_row("adapter", str(out_dir))
