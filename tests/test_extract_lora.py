@@ -330,3 +330,16 @@ def test_conv1d_models_are_decomposed_transposed_with_fan_in_fan_out(tmp_path, r
         got = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), str(ad)).eval()(ids).logits
         want = GPT2LMHeadModel.from_pretrained(edited).eval()(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_pattern_matching_is_peft_s_own():
+    """path+lora picks a module's rank/alpha pattern entry exactly as peft does (mergekit writes unescaped names)."""
+    other = pytest.importorskip("peft.utils.other", reason="peft is not installed (pip install -c constraints.txt 'mergeedit[adapter]')")
+    from mergeedit.io.lora import pattern_value
+    from mergeedit.merging.extract_lora import pattern_key
+
+    pattern = {"model.layers.1.mlp.down_proj": 3, pattern_key("model.layers.11.mlp.up_proj"): 5, "up_proj": 7, "^model\\.layers\\.2\\..*": 9}
+    for module in ["model.layers.1.mlp.down_proj", "model.layers.11.mlp.down_proj", "model.layers.11.mlp.up_proj", "model.layers.1.mlp.up_proj",
+                   "model.layers.2.self_attn.q_proj", "model.layers.21.mlp.gate_proj", "lm_head"]:
+        key = other.get_pattern_key(list(pattern), module)
+        assert pattern_value(pattern, module, -1) == pattern.get(key, -1), module
