@@ -259,6 +259,42 @@ def verify(folder: Path = typer.Argument(..., help="A folder written by mergeedi
     out.print(f"[green]ok[/]: {folder}: {n} files match the manifest")
 
 
+@app.command("extract-lora")
+def extract_lora(
+    model: str = typer.Argument(..., help="The fine-tuned or edited model (folder, .safetensors file, hub id, or model+adapter)."),
+    out_dir: Path = typer.Argument(..., help="Output adapter folder (created atomically): adapter_config.json + adapter_model.safetensors."),
+    base: str = typer.Option(..., "--base", help="The model MODEL was fine-tuned from: same tensor names and shapes."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank of every changed matrix (with --sv-energy: the largest rank)."),
+    rank_for: list[str] = typer.Option([], "--rank-for", help="REGEX=R: rank R for modules whose name matches REGEX (first match wins); repeatable."),
+    sv_energy: Optional[float] = typer.Option(None, "--sv-energy", help="Per module, the smallest rank keeping this share of the delta's squared singular values (e.g. 0.99)."),
+    skip: list[str] = typer.Option([], "--skip", help="REGEX: leave matching tensors out of the adapter even if they changed; repeatable."),
+    dtype: str = typer.Option("float32", "--dtype", help="dtype of the stored factors (float32, bfloat16, float16)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Max bytes the SVDs in flight hold together; more budget, more tensors side by side (default: 2G or a quarter of RAM, raised to the largest tensor's need when it fits in half the RAM)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new adapter is complete)."),
+) -> None:
+    """Write MODEL - BASE as a PEFT LoRA adapter: a truncated SVD of every changed weight matrix, tensor by tensor."""
+    from .merging.extract_lora import ExtractOptions, extract_lora, parse_rank_rules
+
+    options = ExtractOptions(
+        rank=rank, rank_for=parse_rank_rules(rank_for), sv_energy=sv_energy, skip=list(skip), dtype=dtype,
+        memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None, overwrite=overwrite,
+    )
+    with Progress(TextColumn("[bold]decomposing"), BarColumn(), TextColumn("{task.completed}/{task.total} matrices"), TimeRemainingColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("svd", total=None)
+        report = extract_lora(model, base, out_dir, options, progress=lambda name, i, n: bar.update(task, completed=i, total=n))
+    summary = Table(show_header=False, box=None)
+    ranks = sorted({m.rank for m in report.modules})
+    summary.add_row("adapter", str(out_dir))
+    summary.add_row("modules", f"{len(report.modules)} changed matrices, rank {', '.join(map(str, ranks))}; {report.unchanged} tensors unchanged")
+    if report.skipped_changed:
+        summary.add_row("left out", f"{len(report.skipped_changed)} changed tensors matching --skip (e.g. {report.skipped_changed[0]})")
+    summary.add_row("error", f"relative Frobenius error {report.relative_error:.3e} (per module in {out_dir / 'extract_lora.json'})")
+    summary.add_row("size", f"{format_size(report.adapter_bytes)} ({report.dtype})")
+    summary.add_row("time", f"{report.seconds:.2f} s, peak memory {format_size(report.peak_rss)} RSS (budget {format_size(report.budget)})")
+    out.print(summary)
+
+
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Where the demo's models and merges go."),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -110,8 +111,15 @@ def _adapter_config(folder: Path) -> dict:
         raise MergeEditError(f"{path}: DoRA adapters (use_dora: true) are not supported; merge it with peft first")
     if cfg.get("modules_to_save"):
         raise MergeEditError(f"{path}: modules_to_save {cfg['modules_to_save']} is not supported; merge it with peft first")
-    if cfg.get("alpha_pattern"):
-        raise MergeEditError(f"{path}: alpha_pattern is not supported; merge it with peft first")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in pattern.values()):
+            raise MergeEditError(f"{path}: '{key}' must map module patterns to positive numbers, got {pattern!r}")
+        for k in pattern:
+            try:
+                re.compile(k)
+            except re.error as exc:
+                raise MergeEditError(f"{path}: {key} key {k!r} is not a valid regular expression ({exc})") from None
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
             raise MergeEditError(f"{path}: '{key}' must be a positive number, got {cfg.get(key)!r}")
@@ -127,6 +135,15 @@ def _weights_file(folder: Path) -> Path:
             f"{folder}: holds only adapter_model.bin (pickle, which can run code when loaded); convert it to {ADAPTER_WEIGHTS}"
         )
     raise MergeEditError(f"{folder}: no {ADAPTER_WEIGHTS}; point '+' at a PEFT LoRA adapter folder")
+
+
+def pattern_value(pattern: dict, module: str, default: float) -> float:
+    """A rank_pattern / alpha_pattern entry for `module`, as peft picks it: the first key K (in file order) for which
+    `(.*\\.)?(K)$` matches the module's name; `default` when none does."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 def _target_name(key: str, part: str) -> str:
@@ -151,7 +168,7 @@ def load_adapter(folder: Path, base_tensors: dict[str, TensorInfo]) -> dict[str,
         if part is None:
             raise MergeEditError(f"{weights}: tensor '{key}' is not a lora_A/lora_B weight (bias or saved module); merge it with peft first")
         pairs.setdefault(_target_name(key, part), {})[part] = info
-    alpha = float(cfg["lora_alpha"])
+    alpha_pattern = cfg.get("alpha_pattern") or {}
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     updates: dict[str, LowRankUpdate] = {}
     for name, pair in pairs.items():
@@ -168,6 +185,7 @@ def load_adapter(folder: Path, base_tensors: dict[str, TensorInfo]) -> dict[str,
                 f"{weights}: '{name}' lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the base weight {list(base.shape)}"
                 + ("" if fan_in_fan_out else "; if the base stores (in, out) weights set fan_in_fan_out: true")
             )
+        alpha = float(pattern_value(alpha_pattern, name.removesuffix(".weight"), cfg["lora_alpha"]))
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         updates[name] = LowRankUpdate(a, b, scale, fan_in_fan_out)
     return updates

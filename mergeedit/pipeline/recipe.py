@@ -119,10 +119,41 @@ class SweepSection(_Strict):
     grid: Optional[dict[str, list[Union[float, bool]]]] = Field(None, description="Merge parameter -> values to try (the CLI's --grid overrides it).")
 
 
+class AdapterSection(_Strict):
+    """The edits as a PEFT LoRA adapter (RUN/adapter): a truncated SVD of each changed matrix (mergeedit extract-lora)."""
+
+    rank: Optional[int] = Field(None, ge=1, description="LoRA rank of every changed matrix (with sv_energy: the largest rank).")
+    sv_energy: Optional[float] = Field(None, gt=0, le=1, description="Per module, the smallest rank keeping this share of the delta's squared singular values.")
+    rank_for: Optional[dict[str, int]] = Field(None, description="Regex over module names -> rank (first match wins), e.g. {'down_proj': 16}.")
+    skip: Optional[list[str]] = Field(None, description="Regexes of changed tensors to leave out of the adapter (norms, embeddings), which it cannot hold.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the stored factors.")
+
+    @model_validator(mode="after")
+    def _rank_given(self):
+        if self.rank is None and self.sv_energy is None:
+            raise ValueError("give rank (e.g. rank: 64) or sv_energy (e.g. sv_energy: 0.99)")
+        return self
+
+    @field_validator("rank_for")
+    @classmethod
+    def _rules(cls, v):
+        import re
+
+        for pattern, rank in (v or {}).items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"rank_for pattern {pattern!r} is not a valid regular expression ({exc})") from None
+            if rank < 1:
+                raise ValueError(f"rank_for {pattern!r}: a rank must be at least 1")
+        return v
+
+
 class OutputSection(_Strict):
     dir: Optional[str] = Field(None, description="Run directory (default: runs/<recipe file stem> next to the recipe).")
     shard_size: str = "5G"
     memory_budget: Optional[str] = None
+    adapter: Optional[AdapterSection] = Field(None, description="Also export the edits as a PEFT LoRA adapter at RUN/adapter, e.g. {rank: 64}.")
 
 
 class Recipe(_Strict):

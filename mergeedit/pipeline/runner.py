@@ -31,6 +31,7 @@ from ..io.model_source import ModelSource, open_local, overlay
 from ..merging.merge import MergeOptions, write_merge
 from ..merging.plan import build_plan
 from ..merging.schema import MergeConfig
+from .adapter_stage import adapter_stage
 from .checks import check_drift_texts, check_layers, check_recipe_merge, check_run_location, examples_for, expand_rsft, prompt_format
 from .checks import merge_doc as _merge_doc
 from .distributed import Distributed
@@ -69,7 +70,7 @@ def stage_names(recipe: Recipe, batches: int, prefix: str = "") -> list[str]:
         names.append(ANCHORED_MERGE)
     every = ev.curve_every if ev.enabled else None
     names += [curve_stage_name(b) for b in range(batches) if every and ((b + 1) % every == 0 or b + 1 == batches)]
-    return names + ["export"] + (["eval"] if ev.enabled else [])
+    return names + ["export"] + (["adapter"] if recipe.output.adapter else []) + (["eval"] if ev.enabled else [])
 
 
 def load_delta(model, delta: ModelSource) -> None:
@@ -421,6 +422,7 @@ class RecipeRun:
         final_source = overlay(s.base_source, current_delta, "edited") if current_delta else s.base_source
         export_inputs = {"upstream": upstream, "dtype": recipe.model.dtype, "shard": recipe.output.shard_size}
         export = run.produce("export", export_inputs, lambda tmp: self._export(tmp, final_source, s.base_folder), detail=str(result.model_dir))
+        adapter_stage(run, recipe, export, s.base_folder, self.root)  # output.adapter: RUN/adapter, a PEFT LoRA of the edits
 
         # 4. evaluate the final model against the pre-edit reference
         if recipe.eval.enabled:
