@@ -255,7 +255,7 @@ class GraphPlanner:
         try:
             plan = build_plan(
                 node.config, node.doc, random_seed=self.options.random_seed, out_dtype=self.options.out_dtype if final else None,
-                opener=partial(self._open, node),
+                opener=partial(self._open, node), float32_compute=self.options.float32_compute,
             )
         except MergeEditError as exc:
             raise MergeEditError(f"{exc} (in {node.label})") from None

@@ -184,6 +184,7 @@ class RankedBernoulli:
 
     elementwise = False  # ranks are per row: the merge gets whole rows, in groups of about one block
     randomized = True
+    upcasts_float16 = True  # mergekit's della_magprune works in float32 on float16 tensors (task_arithmetic.rescale_factor)
     params = (Param("epsilon", float, "non_base", 0.15),)
     wrap_merge = staticmethod(in_row_groups)
 
