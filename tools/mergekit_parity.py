@@ -432,10 +432,8 @@ class TieExplainer:
     ranked in the case's dtype, as both tools rank them; in bfloat16/float16 equal magnitudes are common.
 
     With rescale, a tie resolved differently also changes that input's kept L1 norm, so its rescale factor may differ
-    in the last place: then every element of the tensor may be off by a few ulp (`ulp_slack`).
+    in the last place: then any element of the tensor may move by that much of its delta (`beyond_rescale_slack`).
     """
-
-    ulp_slack = 2
 
     def __init__(self, config: dict) -> None:
         self.config = config
@@ -488,6 +486,19 @@ class TieExplainer:
             if not ok:
                 left.append(p)
         return torch.tensor(left, dtype=torch.long)
+
+    def beyond_rescale_slack(self, name: str, positions: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The positions where the outputs differ by more than a rescale factor one ulp apart can explain: twice the
+        dtype's relative spacing of the merged delta |out - base|, plus two ulp of the output."""
+        srcs = _sources_for(self.config, name)
+        if not srcs or srcs[0][1] is None or self._sd(srcs[0][1]).get(srcs[0][2]) is None:
+            return positions
+        base = self._sd(srcs[0][1])[srcs[0][2]].to(x.dtype).double().flatten()[positions]
+        a, b = x.double().flatten()[positions], y.double().flatten()[positions]
+        rel = torch.finfo(x.dtype).eps  # spacing relative to the value, at worst
+        ulp = torch.maximum(a.abs(), b.abs()) * rel + torch.finfo(x.dtype).tiny
+        slack = 2 * rel * torch.maximum((a - base).abs(), (b - base).abs()) + 2 * ulp
+        return positions[(a - b).abs() > slack]
 
     def explains(self, name: str, positions: torch.Tensor) -> bool:
         return self.unexplained(name, positions).numel() == 0
@@ -574,9 +585,7 @@ def compare(case: Case, me_out: Path, mk_out: Path, base: Optional[dict[str, tor
                 bad = (d > EXACT_TOL).flatten().nonzero().flatten()
                 left = explainer.unexplained(name, bad) if explainer is not None else bad
                 if explainer is not None and explainer.rescales and 0 < left.numel() < bad.numel():
-                    # ties moved a kept norm: the rest may be off by the rescale factor's last place
-                    flat_x, flat_y = x.view(-1), y.view(-1)
-                    left = left[[max_ulps(flat_x[p : p + 1], flat_y[p : p + 1]) > explainer.ulp_slack for p in left.tolist()]]
+                    left = explainer.beyond_rescale_slack(name, left, x, y)
                 if left.numel() == 0:
                     tie_explained.append(f"{name} ({len(bad)} el, {md:.3g})")
                 else:

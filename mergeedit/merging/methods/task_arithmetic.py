@@ -151,8 +151,10 @@ class DeltaStatistics:
             if first and self.rescale:
                 self.before[j] = _l1(d.abs(), self.before[j])
             if phase == "after":
-                keep = magnitude_bits(d) >= sel.threshold_bits
+                keep = sel.keeps(magnitude_bits(d), block.offset).view(d.shape)
                 self.after[j] = _l1(d.abs() * keep, self.after[j])
+            elif phase == "ties":
+                sel.observe_ties(magnitude_bits(d), block.offset)
             elif not sel.done:
                 bits = magnitude_bits(d)
                 {"band": sel.observe_band, "high": sel.observe_high, "low": sel.observe_low}[phase](bits)
@@ -187,6 +189,11 @@ class DeltaStatistics:
                 sel.end_low()
         elif phase == "band" and not all([sel.end_band() for sel in sels]):
             self.phases[pass_index + 1 : pass_index + 1] = ["high", "low"]  # for the selectors the band missed
+        elif phase == "ties":
+            for sel in sels:
+                sel.end_ties()
+        if all(sel.done for sel in sels) and any(sel.needs_cutoff for sel in sels) and "ties" not in self.phases:
+            self.phases.insert(pass_index + 1, "ties")  # more values tie at a threshold than the k-th place needs
 
     def result(self) -> "DeltaStatistics":
         return self
@@ -226,7 +233,12 @@ def _sparsified_delta(inputs: MergeInputs, j: int, sparsify: Sparsify) -> torch.
         return d.zero_()
     stats: DeltaStatistics = inputs.stats
     if sparsify == "magnitude":
-        d = trim_magnitude(d, stats.selectors[j].threshold_bits)
+        sel = stats.selectors[j]
+        if sel.cutoff is not None and inputs.offset < sel.cutoff < inputs.offset + d.numel():
+            d.mul_(sel.keeps(magnitude_bits(d), inputs.offset).view(d.shape))  # the block holding the last kept tie
+        else:
+            bits = sel.threshold_bits + (1 if sel.cutoff is not None and inputs.offset >= sel.cutoff else 0)
+            d = trim_magnitude(d, bits)  # |d| >= the threshold, or past the cutoff |d| > it
     elif not isinstance(sparsify, str):
         d.mul_(sparsify.keep(inputs, j, d))
     else:
@@ -260,7 +272,10 @@ def _merge_fused(inputs: MergeInputs, v: fused.Variant) -> Optional[torch.Tensor
     masks = []
     if v.sparsify == "magnitude":
         for j in range(v.inputs):
-            bits = stats.selectors[j].threshold_bits if sparse(j) else 0
+            sel = stats.selectors[j] if sparse(j) else None
+            if sel is not None and sel.cutoff is not None and inputs.offset < sel.cutoff < inputs.offset + inputs.tensors[0].numel():
+                return None  # the block holding the last kept tie: eager
+            bits = (sel.threshold_bits + (sel.cutoff is not None and inputs.offset >= sel.cutoff)) if sel is not None else 0
             if bits > 0:  # as trim_magnitude: |d| <= the float just below the threshold is dropped
                 below[j] = float_of_bits(bits - 1)
     elif v.sparsify == "mask":
