@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import write_config
 
+from mergeedit.merging import executor
 from mergeedit.merging.merge import MergeOptions, load_plan
 from mergeedit.merging.methods import METHODS
 from mergeedit.merging.methods.spec import MergeInputs
@@ -114,3 +115,63 @@ def test_compute_dtype_follows_mergekit_and_float32_compute_opts_out(tmp_path, m
     assert _plan_dtypes(tmp_path, models, "ties", "dtype: bfloat16\n", float32_compute=True) == (torch.float32, torch.bfloat16)
     assert _plan_dtypes(tmp_path, models, "linear", "dtype: bfloat16\n") == (torch.float32, torch.bfloat16)
     assert _plan_dtypes(tmp_path, models, "ties", "dtype: float32\n") == (torch.float32, torch.float32)
+
+
+def _reference_ties(base, xs, weights, densities, dtype, normalize):
+    """TIES as mergekit defines it, written plainly with torch ops in `dtype` on whole tensors: delta, top-k magnitude
+    (exactly k; tied magnitudes by position: a stable descending sort), a weight tensor of the dtype, the sign of the
+    sum over models, the agreeing sum, the agreeing weights' sum, base + delta."""
+    base = base.to(dtype)
+    deltas = []
+    for x, density in zip(xs, densities):
+        d = x.to(dtype) - base
+        k = max(1, int(density * d.numel()))
+        order = torch.sort(d.abs().reshape(-1).float(), descending=True, stable=True).indices[:k]
+        mask = torch.zeros(d.numel(), dtype=dtype)
+        mask[order] = 1
+        deltas.append(d * mask.view(d.shape))
+    deltas = torch.stack(deltas)
+    w = torch.tensor(weights, dtype=dtype).view(-1, *([1] * base.dim()))
+    deltas = deltas * w
+    majority = (deltas.sum(dim=0) >= 0).to(dtype) * 2 - 1
+    agree = deltas.sign() == majority
+    mixed = (deltas * agree).sum(dim=0)
+    if normalize:
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+        mixed = mixed / divisor
+    return base + mixed
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ties_merge_equals_the_plain_definition_in_the_dtype(dtype, normalize, models, tmp_path):
+    """The issue's case (ties, int8_mask, two models at densities 0.4 / 0.6) through the planner and executor, with a
+    budget that cuts tensors into row chunks: every output tensor is bit-equal to the plain definition computed in the
+    dtype. The precondition: the float32-compute merge (--float32-compute) differs somewhere, so the case can fail."""
+    from safetensors.torch import load_file
+
+    from mergeedit.merging.merge import write_merge
+
+    text = (
+        f"merge_method: ties\nbase_model: {models['base']}\nmodels:\n"
+        f"  - model: {models['a']}\n    parameters: {{weight: 0.7, density: 0.4}}\n"
+        f"  - model: {models['b']}\n    parameters: {{weight: 0.45, density: 0.6}}\n"
+        f"parameters: {{int8_mask: true, normalize: {str(normalize).lower()}}}\ndtype: {dtype}\n"
+    )
+    cfg = write_config(tmp_path, text)
+    outs = {}
+    for label, float32_compute in (("native", False), ("float32", True)):
+        opts = MergeOptions(memory_budget=20_000, fsync=False, float32_compute=float32_compute)
+        plan = load_plan(cfg, opts)
+        assert sum(len(s.chunks) > 1 for s in executor.schedule_plan(plan, opts.memory_budget)) > 3  # row chunks
+        write_merge(plan, tmp_path / label, opts)
+        outs[label] = {k: v for f in sorted((tmp_path / label).glob("*.safetensors")) for k, v in load_file(f).items()}
+    inputs = {key: {k: v for f in sorted(models[key].glob("*.safetensors")) for k, v in load_file(f).items()} for key in ("base", "a", "b")}
+    torch_dtype = getattr(torch, dtype)
+    differs = 0
+    for name, got in outs["native"].items():
+        want = _reference_ties(inputs["base"][name], [inputs["a"][name], inputs["b"][name]], [0.7, 0.45], [0.4, 0.6], torch_dtype, normalize)
+        assert torch.equal(got, want), name
+        differs += int((outs["float32"][name] != got).sum())
+    assert differs > 0
