@@ -5,7 +5,7 @@ mergekit is an outside oracle here: it is run as a subprocess from its own virtu
 Both tools get the same YAML config; every output tensor is compared.
 
     python tools/mergekit_parity.py [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--mergeedit PATH] [--keep]
-                                    [--work-dir DIR] [--only NAME ...] [--seed N]
+                                    [--work-dir DIR] [--only NAME ...] [--seed N] [--dtypes float32 bf16 fp16]
 
 Verdicts:
   exact       deterministic config, float32 in and out: max |a - b| <= 1e-5 on every tensor.
@@ -287,8 +287,9 @@ def build_cases() -> list[Case]:
 
 LOW_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 # methods whose mergekit result is float32 even in a bf16/fp16 config (ramplus_tl: a float32 lambda tensor promotes
-# it, and with no out_dtype mergekit writes what it computed); mergeedit writes the configured dtype
-FLOAT32_OUTPUT = {"ramplus_tl"}
+# it; arcee_fusion: its mask is .float(); with no out_dtype mergekit writes what it computed); mergeedit writes the
+# configured dtype
+FLOAT32_OUTPUT = {"ramplus_tl", "arcee_fusion"}
 
 
 def low_precision_variants(case: Case) -> list[Case]:
@@ -622,7 +623,7 @@ def compare(case: Case, me_out: Path, mk_out: Path, base: Optional[dict[str, tor
             total = sum(int(n.rsplit(":", 1)[1]) for n in notes)
             notes = [f"{total} elems off by 1 fp16 ulp"]
         if float32_out:
-            notes.append("mergekit wrote float32 (its float32 lambda tensor promotes the result), compared rounded to the dtype")
+            notes.append("mergekit wrote float32 (a float32 tensor in its formula promotes the result), compared rounded to the dtype")
         if case.kind in LOW_DTYPES:
             if low_stats[0]:
                 notes.append(f"{low_stats[0]}/{low_stats[1]} elems not bit-equal, at most {low_stats[2]} ulp (worst {worst})")
@@ -645,6 +646,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--work-dir", type=Path, default=None, help="use this dir (implies --keep)")
     ap.add_argument("--only", nargs="*", default=None, help="run only configs whose name contains one of these")
     ap.add_argument("--seed", type=int, default=0, help="--random-seed for both tools")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bf16", "fp16"], choices=["float32", "bf16", "fp16"],
+                    help="which variants to run: the configs as written (float32) and/or their bf16/fp16 copies")
     ap.add_argument("--strict-ties", action="store_true",
                     help="count TIE verdicts (differences explained by exact top-k magnitude ties) as failures")
     args = ap.parse_args(argv)
@@ -671,6 +674,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cases = build_cases()
         if args.only:
             cases = [c for c in cases if any(s in c.name for s in args.only)]
+        cases = [c for c in cases if (c.name.rsplit("@", 1)[1] if "@" in c.name else "float32") in args.dtypes]
         results: list[Result] = []
         base_sd = {k: load_folder(Path(p["base"])) for k, p in paths.items()}
         for case in cases:
