@@ -76,6 +76,10 @@ def merge(
         "auto", "--kernels",
         help="fused: compile the TIES/DARE/task-arithmetic formula into one loop (torch.compile; a few seconds, needs a C++ compiler; identical bytes); eager: never; auto: fused for merges of 2^29+ elements.",
     ),
+    float32_compute: bool = typer.Option(
+        False, "--float32-compute",
+        help="Compute in float32 and round once, where mergekit computes a bfloat16/float16 config's TIES/DARE/task-arithmetic arithmetic in that dtype (more precise; not mergekit's bytes).",
+    ),
     keep_intermediates: Optional[Path] = typer.Option(
         None, "--keep-intermediates",
         help="Merge graphs (several YAML documents): also write each named merge to DIR/<name>, as mergekit-multi does; by default they are never written.",
@@ -107,6 +111,7 @@ def merge(
         resume=resume,
         allow_pickle=allow_pickle,
         kernels=kernels,
+        float32_compute=float32_compute,
     )
     plan = load_plan(config, options)
     for w in plan.warnings:

@@ -53,10 +53,11 @@ def run_whole(method: MergeMethod, tensors, base, shared, per_input, seed: int =
     numel = flat[0].numel()
     stats = method.statistics(_probe(flat, base, shared, per_input, numel, seed, tensors[0].shape)) if method.statistics else None
     inputs = MergeInputs(name, flat, base, shared, per_input, 0, numel, seed, shape=tuple(tensors[0].shape), kernels=kernels)
-    if stats:
-        for p in range(stats.passes):
-            stats.observe(p, inputs)
-            stats.end_pass(p)
+    p = 0
+    while stats and p < stats.passes:  # a statistic may add passes as it learns (the executor reads it after each)
+        stats.observe(p, inputs)
+        stats.end_pass(p)
+        p += 1
     inputs.stats = stats.result() if stats else None
     return method.merge(inputs).reshape(tensors[0].shape)
 
@@ -74,11 +75,12 @@ def run_blocked(method: MergeMethod, tensors, base, shared, per_input, cuts, see
         return MergeInputs(name, [x[a:b] for x in flat], base, shared, per_input, a, numel, seed, shape=tuple(tensors[0].shape))
 
     stats = method.statistics(_probe(flat, base, shared, per_input, numel, seed, tensors[0].shape)) if method.statistics else None
-    if stats:
-        for p in range(stats.passes):
-            for a, b in blocks:
-                stats.observe(p, block_inputs(a, b))
-            stats.end_pass(p)
+    p = 0
+    while stats and p < stats.passes:
+        for a, b in blocks:
+            stats.observe(p, block_inputs(a, b))
+        stats.end_pass(p)
+        p += 1
     result = stats.result() if stats else None
     pieces = []
     for a, b in blocks:

@@ -437,13 +437,48 @@ def test_ties_kept_count_equals_k_without_ties():
         assert int((out != 0).sum()) == max(1, int(density * n))
 
 
-def test_ties_threshold_ties_keep_all_equal_magnitudes():
-    # with exact ties at the threshold, every entry of that magnitude is kept (documented: "up to exact ties")
+def test_ties_keeps_exactly_k_taking_tied_magnitudes_in_element_order():
+    """k = 3 of |3, -2, 2, -2, 1, 0.5|: 3 and two of the three 2s. As mergekit, exactly k are kept; of the tied
+    entries, those at the lowest positions (mergekit's argsort picks an arbitrary subset). Cut anywhere, the same."""
     base = torch.zeros(6)
     x = T(3, -2, 2, -2, 1, 0.5)
     pi = _per_input(2, 0, weight=[None, 1.0], density=[None, 0.5])  # k = 3, 3rd magnitude = 2
     out = run_whole(TIES, [base, x], 0, _shared(TIES), pi)
-    assert torch.equal(out, T(3, -2, 2, -2, 0, 0))
+    assert torch.equal(out, T(3, -2, 2, 0, 0, 0))
+    for cuts in ([1], [2], [3], [1, 2, 4]):
+        assert torch.equal(run_blocked(TIES, [base, x], 0, _shared(TIES), pi, cuts), out), cuts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_ties_exact_k_on_a_large_tie_group(dtype, rescale):
+    """200k entries (past the direct-selection size, so the radix or band passes settle the threshold) whose
+    magnitudes take only 64 values: the k-th place falls inside a group of ~3000 equal magnitudes. Exactly k entries
+    survive, those of the threshold magnitude at the lowest positions, the same whole and cut at odd places; the
+    rescale factor is original / kept L1 norm of exactly those k."""
+    g = torch.Generator().manual_seed(3)
+    n, density = 200_000, 0.37
+    levels = torch.randint(1, 65, (n,), generator=g).to(torch.float32) / 64
+    x = (levels * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)).to(dtype)
+    base = torch.zeros(n, dtype=dtype)
+    k = int(density * n)
+    mags = x.abs().float()
+    thr = mags.sort(descending=True).values[k - 1]
+    greater, equal = int((mags > thr).sum()), int((mags == thr).sum())
+    assert greater < k < greater + equal and equal > 1000  # the precondition: a big tie group straddles k
+    tied = torch.nonzero(mags == thr).reshape(-1)
+    keep = (mags > thr).clone()
+    keep[tied[: k - greater]] = True
+    pi = _per_input(2, 0, weight=[None, 1.0], density=[None, density])
+    shared = {**_shared(TIES), "rescale": rescale, "normalize": False}
+    out = run_whole(TIES, [base, x], 0, shared, pi)
+    assert int((out != 0).sum()) == k
+    factor = float(mags.double().sum() / (mags.double() * keep).sum()) if rescale else 1.0
+    if dtype == torch.float32:
+        assert torch.equal(out, x * keep * factor if rescale else x * keep)
+    else:
+        assert torch.equal(out != 0, keep)
+    assert torch.equal(run_blocked(TIES, [base, x], 0, shared, pi, [1, 77_777, 123_456]), out)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -471,3 +471,28 @@ models:
     result = run_cli("merge", cfg, tmp_path / "out")
     assert result.code == 2 and "Traceback" not in result.stderr
     assert "density 0.1 +/- epsilon 0.15" in result.stderr and "lower epsilon" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_breadcrumbs_keep_exactly_their_counts_through_tie_groups(dtype):
+    """200k entries whose magnitudes take 64 values, so both boundaries (the gamma outliers dropped from the top, then
+    `density` kept) fall inside big groups of equal magnitudes. As mergekit, exactly int(gamma * n) are dropped from
+    the top and int(density * n) kept after them; tied magnitudes rank by position (a stable descending sort), the
+    same whole and cut at odd places."""
+    g = torch.Generator().manual_seed(4)
+    n, density, gamma = 200_000, 0.4, 0.05
+    levels = torch.randint(1, 65, (n,), generator=g).to(torch.float32) / 64
+    x = (levels * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)).to(dtype)
+    base = torch.zeros(n, dtype=dtype)
+    mags = x.abs().float()
+    order = torch.sort(mags, descending=True, stable=True).indices
+    skip, keep = int(gamma * n), int(density * n)
+    ranked = mags[order]
+    assert ranked[skip - 1] == ranked[skip] and ranked[skip + keep - 1] == ranked[skip + keep]  # precondition: ties at both
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[order[skip : skip + keep]] = True
+    pi = per_input_params(2, 0, weight=[None, 1.0], density=[None, density], gamma=[None, gamma])
+    shared = shared_params(BREADCRUMBS)
+    out = run_whole(BREADCRUMBS, [base, x], 0, shared, pi)
+    assert torch.equal(out != 0, expected)
+    assert torch.equal(run_blocked(BREADCRUMBS, [base, x], 0, shared, pi, [1, 77_777, 123_456]), out)

@@ -61,7 +61,7 @@ def _merge(cfg, out, budget, block, threads, monkeypatch):
     return cuts, {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_bytes_do_not_depend_on_budget_blocks_or_threads(method, dtype, models, tmp_path, monkeypatch):
     head, tail = CONFIGS[method]

@@ -184,11 +184,13 @@ class NodeOutput:
             return None
         step = rows[1] - rows[0] if rows is not None else t.rows
         chunks = [None] if rows is None else [(a, min(a + step, t.rows)) for a in range(0, t.rows, step)]
-        for p in range(stats.passes):
+        p = 0
+        while p < stats.passes:  # a statistic may add passes as it learns (a tie group at a top-k threshold)
             for chunk in chunks:
                 for _, block in input_blocks(t, chunk, load_inputs(reader, t, chunk), self.block):
                     stats.observe(p, block)
             stats.end_pass(p)
+            p += 1
         result = self._statistics[t.name] = stats.result()
         while len(self._statistics) > _CACHED_STATISTICS:
             self._statistics.popitem(last=False)
@@ -265,7 +267,7 @@ class GraphPlanner:
         try:
             plan = build_plan(
                 node.config, node.doc, random_seed=self.options.random_seed, out_dtype=self.options.out_dtype if final else None,
-                opener=partial(self._open, node),
+                opener=partial(self._open, node), float32_compute=self.options.float32_compute,
             )
         except MergeEditError as exc:
             raise MergeEditError(f"{exc} (in {node.label})") from None

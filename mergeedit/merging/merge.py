@@ -43,6 +43,8 @@ class MergeOptions:
     allow_pickle: bool = field(default=False, metadata=_flag("--allow-pickle"))  # torch.load(weights_only=True), converted once
     resume: bool = field(default=False, metadata=_flag("--resume"))  # reuse a killed run's checksum-verified shards
     kernels: str = field(default="auto", metadata=_flag("--kernels"))  # fused | eager | auto (executor.KERNELS)
+    # compute in float32 where mergekit computes in a config's bfloat16/float16 (README: Where we differ)
+    float32_compute: bool = field(default=False, metadata=_flag("--float32-compute"))
     # read once from the environment (core.environment): MERGEEDIT_DIRECT_READS=0 / MERGEEDIT_DIRECT_WRITES=0 go
     # through the page cache (file systems without O_DIRECT); the tests' fault injection kills the merge at a point
     direct_reads: bool = field(default_factory=lambda: merge_switches()["direct_reads"])
@@ -75,7 +77,8 @@ def load_plan(config_path: Path, options: MergeOptions) -> MergePlan:
     if is_merge_graph(config_path):  # several named merges feeding each other (merge_graph.py)
         return plan_merge_graph(config_path, options)
     config, doc = load_merge_config(config_path)
-    return build_plan(config, doc, random_seed=options.random_seed, out_dtype=options.out_dtype, allow_pickle=options.allow_pickle)
+    return build_plan(config, doc, random_seed=options.random_seed, out_dtype=options.out_dtype, allow_pickle=options.allow_pickle,
+                      float32_compute=options.float32_compute)
 
 
 def estimate(plan: MergePlan, options: MergeOptions) -> PlanEstimate:

@@ -134,6 +134,7 @@ class Planner:
         opener: Optional[Callable[[str], ModelSource]] = None,
         only: Optional[set[str]] = None,
         allow_pickle: bool = False,
+        float32_compute: bool = False,
     ) -> None:
         """`opener` maps a model reference to its ModelSource; without one, references are paths or hub ids opened from
         disk (relative paths also tried beside the config), pickled folders only with `allow_pickle`."""
@@ -141,6 +142,7 @@ class Planner:
         self.doc = doc
         self.random_seed = random_seed
         self.out_dtype_override = out_dtype
+        self.float32_compute = float32_compute  # compute in float32 even where mergekit computes in bfloat16/float16
         self.opens_paths = opener is None
         self.opener = opener or partial(open_model, allow_pickle=allow_pickle)
         self.only = only  # restrict the output to these tensor names (R-SFT deltas: every other tensor is the base's)
@@ -361,6 +363,8 @@ class Planner:
             return None, stored, stored
         load = parse_user_dtype(self.config.dtype, self.doc.where(("dtype",))) if self.config.dtype else None
         compute = compute_dtype_for({load} if load else dtypes)
+        if method.low_precision_compute and not self.float32_compute:
+            compute = low_precision_compute_dtype({load} if load else dtypes) or compute
         return load, compute, self._out_dtype() or load or stored
 
     def _row_maps(self, out_name: str, refs: list[str], infos: list[TensorInfo], base_ref: Optional[str]) -> Optional[dict]:
@@ -492,6 +496,14 @@ class Planner:
         if source not in self._model_index:
             self._open(source, ("tokenizer", "source"))
         return self.model(source)
+
+
+def low_precision_compute_dtype(dtypes: set[torch.dtype]) -> Optional[torch.dtype]:
+    """bfloat16 or float16 when every input is in it (after the config's `dtype` cast): what mergekit computes in for a
+    method that does not upcast (torch's promotion of the inputs' dtypes); None otherwise."""
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.bfloat16, torch.float16):
+        return next(iter(dtypes))
+    return None
 
 
 def build_plan(config: MergeConfig, doc: YamlDocument, **options: Any) -> MergePlan:

@@ -28,5 +28,7 @@ NEARSWAP = MergeMethod(
     base_model="required",
     min_inputs=2,
     max_inputs=2,
+    # the formula is mergekit's op for op, so a bfloat16/float16 block rounds where mergekit's does
+    low_precision_compute=True,
     description="take the other model's value where it lies within t of the base, else step t towards it",
 )

@@ -79,13 +79,54 @@ def _merge(inputs: MergeInputs, unique_scales: list[float]) -> torch.Tensor:
     return base + merged
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _merge_rounded(inputs: MergeInputs, unique_scales: Optional[list[float]]) -> torch.Tensor:
+    """A bfloat16/float16 block with mergekit's roundings (ram.py computes in the dtype): the deltas and each model's
+    term (unique part + shared part / count) are in the dtype, the sum over models accumulates in float32 and rounds
+    once, and base + that rounds once. ramplus_tl's lambda is a float32 tensor in mergekit, which promotes the terms,
+    their sum and base + sum to float32: the result is then float32, rounded to the output dtype when written."""
+    base = inputs.tensors[inputs.base]
+    deltas, changed, count = _changed(inputs)
+    alone, overlap, divisor = count == 1, count > 1, count.clamp(min=1)
+    terms = []
+    for j, (delta, mask) in enumerate(zip(deltas, changed)):
+        kept = delta * mask
+        unique = kept * alone
+        if unique_scales is not None:
+            unique = unique.to(torch.float32).mul_(unique_scales[j])
+        terms.append(unique + kept * overlap / divisor)
+    total = terms[0].to(torch.float32, copy=True)
+    for term in terms[1:]:
+        total.add_(term)
+    if unique_scales is not None:
+        return base.to(torch.float32) + total
+    return base + total.to(base.dtype)
+
+
 def ram_merge(inputs: MergeInputs) -> torch.Tensor:
+    if inputs.non_base and inputs.tensors[inputs.base].dtype in LOW_PRECISION:
+        return _merge_rounded(inputs, None)
     return _merge(inputs, [1.0] * len(inputs.non_base))
+
+
+def _float32_unique_scale(stats: SharedUniqueCounts, j: int, r: float, alpha: float, epsilon: float) -> float:
+    """lambda_j as mergekit's float32 tensors compute it: rho = shared / max(unique, epsilon), 1 + r * clamp(rho, 0,
+    alpha), each step rounded to float32."""
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    unique = torch.clamp(f32(float(stats.unique[j])), min=f32(epsilon))
+    rho = (f32(float(stats.shared[j])) / unique).clamp(min=0, max=alpha)
+    return float(1 + rho * r)
 
 
 def ramplus_merge(inputs: MergeInputs) -> torch.Tensor:
     stats: Optional[SharedUniqueCounts] = inputs.stats
     s = inputs.shared
+    if inputs.non_base and inputs.tensors[inputs.base].dtype in LOW_PRECISION:
+        scales = [_float32_unique_scale(stats, j, s["r"], s["alpha"], s["epsilon"]) if stats and stats.shared else 1.0
+                  for j in range(len(inputs.non_base))]
+        return _merge_rounded(inputs, scales)
     scales = [stats.unique_scale(j, s["r"], s["alpha"], s["epsilon"]) if stats else 1.0 for j in range(len(inputs.non_base))]
     return _merge(inputs, scales)
 
@@ -99,6 +140,7 @@ RAM = MergeMethod(
     params=(Param("epsilon", float, "shared", 1e-5),),
     merge=ram_merge,
     base_model="required",
+    low_precision_compute=True,
     description="deltas changed by one model are kept whole, deltas changed by several are averaged (RAM)",
 )
 
@@ -107,6 +149,7 @@ RAMPLUS_TL = MergeMethod(
     params=(Param("r", float, "shared", 0.1), Param("alpha", float, "shared", 0.2), Param("epsilon", float, "shared", 1e-5)),
     merge=ramplus_merge,
     base_model="required",
+    low_precision_compute=True,
     statistics=_count_statistics,
     description="RAM with each model's unique deltas boosted by its shared/unique ratio in the tensor (RAM+, tensor-local)",
 )

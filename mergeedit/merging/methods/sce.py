@@ -102,12 +102,20 @@ class SceStatistics:
             tvs.mul_(variance_bits(tvs) >= self.select.threshold_bits)
         return tvs
 
-    def weights(self) -> list[float]:
+    def weights(self, dtype: torch.dtype = torch.float32) -> list[float]:
+        """Each model's mean square over the sum of them. For bfloat16/float16 as mergekit computes them in the dtype:
+        each mean rounded to it, their sum accumulated in float32 and rounded, each quotient rounded."""
         means = [s / self.numel if self.numel else 0.0 for s in self.sum_squares]
-        total = sum(means)
+        if dtype not in (torch.bfloat16, torch.float16):
+            total = sum(means)
+            if abs(total) < WEIGHT_SUM_EPS:
+                return [1.0 / self.models] * self.models
+            return [m / total for m in means]
+        rounded = torch.tensor(means, dtype=torch.float64).to(dtype)
+        total = rounded.to(torch.float32).cumsum(0)[-1].to(dtype).item()  # float32 running sum, rounded once
         if abs(total) < WEIGHT_SUM_EPS:
-            return [1.0 / self.models] * self.models
-        return [m / total for m in means]
+            return (torch.ones(self.models, dtype=dtype) / self.models).tolist()
+        return (rounded / total).tolist()
 
 
 def _statistics(inputs: MergeInputs) -> Optional[SceStatistics]:
@@ -123,7 +131,7 @@ def _merge(inputs: MergeInputs) -> torch.Tensor:
     stats: SceStatistics = inputs.stats
     tvs = stats.apply_selection(task_vectors(inputs))
     elected = torch.where(tvs.sum(dim=0) >= 0, 1.0, -1.0).to(tvs.dtype)
-    weights = torch.tensor(stats.weights(), dtype=tvs.dtype).unsqueeze(-1)
+    weights = torch.tensor(stats.weights(tvs.dtype), dtype=tvs.dtype).unsqueeze(-1)
     agreeing = (tvs.sign() == elected).to(tvs.dtype).mul_(weights)
     merged = (tvs * agreeing).sum(dim=0).div_(agreeing.sum(dim=0).clamp_(min=DIVISOR_MIN))
     return base + merged
@@ -136,6 +144,7 @@ SCE = MergeMethod(
         Param("select_topk", float, "shared", 1.0, bounds=(0.0, 1.0)),
     ),
     merge=_merge,
+    low_precision_compute=True,  # mergekit's sce computes in the dtype; the merge above is its op sequence
     base_model="required",
     statistics=_statistics,
     description="keep the highest-variance entries, weight models by mean squared task vector, erase minority signs (SCE)",

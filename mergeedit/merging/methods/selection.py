@@ -4,7 +4,11 @@ Non-negative float32 values order like their int32 bit patterns, so a two-level 
 high 16 bits, then of the low 16 bits inside the one bucket that holds the k-th value) finds the exact k-th largest
 magnitude with two cheap counting passes: no sort, and the same answer whether the tensor arrives whole or in blocks.
 Small tensors (norms, biases) skip the histograms: their values are kept and selected directly in the first pass.
-Keeping |x| >= threshold reproduces a top-k selection up to elements exactly equal to the threshold.
+Keeping |x| >= threshold reproduces a top-k selection up to elements exactly equal to the threshold; when more
+values equal it than the k-th place needs (`needs_cutoff`), one more streaming pass finds the position of the last
+tied value to keep, counting in element order (`observe_ties`), so exactly k are kept: the tied values at the lowest
+positions. That is a fixed rule, the same however the tensor is cut (mergekit's unstable argsort picks an arbitrary
+subset of the ties instead; which one depends on torch's sort).
 
 A cheaper route when a sample of the values is at hand: `aim` guesses, from the sample, a narrow band of bit patterns
 that holds the k-th largest with overwhelming probability; one pass then counts the values at or above the band and
@@ -79,6 +83,11 @@ class KthLargest:
         self._inside: list[torch.Tensor] = []
         self._inside_count = 0
         self._band_cap = 0
+        self.greater: int | None = None  # values above the threshold, once settled
+        self.equal: int | None = None  # values equal to it
+        self._above_high = 0
+        self._tie_positions: list[torch.Tensor] = []
+        self.cutoff: int | None = None  # tied values at flat positions below this are kept (set by end_ties)
 
     @property
     def done(self) -> bool:
@@ -128,12 +137,16 @@ class KthLargest:
         if above < k <= self._at_least_lo and (lo == hi or self._inside_count <= self._band_cap):
             if lo == hi:
                 settled = lo
+                self.greater, self.equal = above, self._inside_count
             else:
                 values = self._inside[0] if len(self._inside) == 1 else torch.cat(self._inside)
                 self._inside = []  # kthvalue copies `values`: free the pieces first (at small budgets this is the peak)
                 settled = int(torch.kthvalue(values, values.numel() - (k - above) + 1).values)
+                self.greater = above + int((values > settled).sum())
+                self.equal = int((values == settled).sum())
         elif k > self._at_least_lo and lo == 1:  # everything below the band is exactly zero
             settled = 0
+            self.greater, self.equal = self._at_least_lo, self._band_seen - self._at_least_lo
         self._inside = []
         self.band = None
         if settled is None:
@@ -168,9 +181,12 @@ class KthLargest:
                 return
             k = min(self.k, values.numel())
             self.threshold_bits = int(torch.kthvalue(values, values.numel() - k + 1).values)
+            self.greater = int((values > self.threshold_bits).sum())
+            self.equal = int((values == self.threshold_bits).sum())
             self._small = None
             return
         self.bucket, above = _kth_from_top(self._high, min(self.k, self.seen))
+        self._above_high = above
         self.rank_in_bucket = min(self.k, self.seen) - above
         self._low = torch.zeros(_LOW_BINS, dtype=torch.int64)
 
@@ -186,9 +202,42 @@ class KthLargest:
     def end_low(self) -> None:
         if self._low is None or self.done:
             return
-        low, _ = _kth_from_top(self._low, self.rank_in_bucket)
+        low, above_low = _kth_from_top(self._low, self.rank_in_bucket)
         self.threshold_bits = (self.bucket << 16) | low
+        self.greater, self.equal = self._above_high + above_low, int(self._low[low])
         self._low = self._high = None
+
+    # -- exactly k: the tied values at the lowest positions ------------------------------------------------------------
+    @property
+    def needs_cutoff(self) -> bool:
+        """Settled with more values equal to the threshold than the k-th place needs (a zero threshold never does:
+        zeros contribute nothing, kept or not)."""
+        return bool(self.threshold_bits) and self.greater is not None and self.greater + self.equal > self.k
+
+    def observe_ties(self, bits: torch.Tensor, offset: int) -> None:
+        """Note the flat positions (block offset + index) of the values equal to the threshold."""
+        if self.needs_cutoff and self.cutoff is None:
+            self._tie_positions.append(torch.nonzero(bits.reshape(-1) == self.threshold_bits).reshape(-1).add_(offset))
+
+    def end_ties(self) -> None:
+        """cutoff = 1 + the position of the (k - greater)-th tied value in element order."""
+        if not self.needs_cutoff or self.cutoff is not None:
+            return
+        positions = torch.cat(self._tie_positions) if self._tie_positions else torch.zeros(0, dtype=torch.int64)
+        self._tie_positions = []
+        m = self.k - self.greater
+        self.cutoff = int(torch.kthvalue(positions, m).values) + 1
+
+    def keeps(self, bits: torch.Tensor, offset: int) -> torch.Tensor:
+        """Which of a block's values (bit patterns, flat, starting at element `offset`) are among the k kept."""
+        flat = bits.reshape(-1)
+        n = flat.numel()
+        if self.cutoff is None or offset + n <= self.cutoff:
+            return flat >= self.threshold_bits
+        if offset >= self.cutoff:
+            return flat > self.threshold_bits
+        c = self.cutoff - offset
+        return torch.cat([flat[:c] >= self.threshold_bits, flat[c:] > self.threshold_bits])
 
     @property
     def threshold(self) -> float:

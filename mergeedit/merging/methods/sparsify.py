@@ -86,31 +86,46 @@ class MaskStatistics:
 
     def __post_init__(self) -> None:
         self.selecting = any(s is not None for sel in self.selectors.values() for s in sel)
-        self.passes = (2 if self.selecting else 0) + (1 if self.rescale else 0)
+        # one streaming pass each; "ties" is inserted when a tie group straddles a threshold (selection.py)
+        self.phases = (["high", "low"] if self.selecting else []) + (["after"] if self.rescale else [])
         self.before = {j: 0.0 for j in self.sparse}
         self.after = {j: 0.0 for j in self.sparse}
 
+    @property
+    def passes(self) -> int:
+        return len(self.phases)
+
+    def _selectors(self):
+        return [s for sels in self.selectors.values() for s in sels if s is not None]
+
     def observe(self, pass_index: int, block: MergeInputs) -> None:
+        phase = self.phases[pass_index]
         parts = [block] if self.sparsifier.elementwise else row_groups(block)
         for part in parts:
             part.stats = self
             for j in self.sparse:
                 d = task_delta(part, j)
-                if self.selecting and pass_index < 2:
+                if phase != "after":
                     bits = magnitude_bits(d)
                     for sel in self.selectors.get(j, ()):
-                        if sel is not None:
-                            (sel.observe_high if pass_index == 0 else sel.observe_low)(bits)
+                        if sel is None:
+                            continue
+                        if phase == "ties":
+                            sel.observe_ties(bits, part.offset)
+                        else:
+                            (sel.observe_high if phase == "high" else sel.observe_low)(bits)
                     continue
                 a = d.abs()
                 self.before[j] = ordered_sum(a, self.before[j])  # element order: the same sum however it is cut
                 self.after[j] = ordered_sum(a * self.sparsifier.keep(part, j, d), self.after[j])
 
     def end_pass(self, pass_index: int) -> None:
-        if not self.selecting or pass_index >= 2:
-            return
-        for sel in (s for sels in self.selectors.values() for s in sels if s is not None):
-            sel.end_high() if pass_index == 0 else sel.end_low()
+        phase = self.phases[pass_index]
+        sels = self._selectors()
+        for sel in sels:
+            {"high": sel.end_high, "low": sel.end_low, "ties": sel.end_ties}.get(phase, lambda: None)()
+        if phase == "low" and any(sel.needs_cutoff for sel in sels):
+            self.phases.insert(pass_index + 1, "ties")  # exactly skip / skip + keep entries, ties by position
 
     def result(self) -> "MaskStatistics":
         return self
@@ -122,7 +137,8 @@ class MaskStatistics:
 # ---- breadcrumbs ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MagnitudeBand(MaskSparsifier):
-    """Keep the |delta| ranks skip+1 .. skip+keep from the top: upper <= skip-th largest excluded, >= lower kept."""
+    """Keep the |delta| ranks skip+1 .. skip+keep from the top: the top skip + keep less the top skip, each exactly
+    that many (mergekit's sort positions n_bot .. n_bot + keep); tied magnitudes are ranked by position."""
 
     elementwise = True
     randomized = False
@@ -146,11 +162,11 @@ class MagnitudeBand(MaskSparsifier):
         if stats is None or j not in stats.selectors:  # keep = 0 entries
             return torch.zeros_like(delta, dtype=torch.bool)
         upper, lower = stats.selectors[j]
-        bits = magnitude_bits(delta).view(delta.shape)
-        kept = bits >= lower.threshold_bits
+        bits = magnitude_bits(delta)
+        kept = lower.keeps(bits, inputs.offset)  # the top skip + keep entries (tied ones at the lowest positions)
         if upper is not None:
-            kept &= bits < upper.threshold_bits
-        return kept
+            kept &= ~upper.keeps(bits, inputs.offset)  # less the top skip
+        return kept.view(delta.shape)
 
     @staticmethod
     def check(shared: dict, per_input: list[dict]) -> None:
@@ -177,6 +193,7 @@ class RankedBernoulli(MaskSparsifier):
 
     elementwise = False  # ranks are per row: the merge gets whole rows, in groups of about one block
     randomized = True
+    upcasts_float16 = True  # mergekit's della_magprune works in float32 on float16 tensors (task_arithmetic.rescale_factor)
     params = (Param("epsilon", float, "non_base", 0.15),)
     wrap_merge = staticmethod(in_row_groups)
 

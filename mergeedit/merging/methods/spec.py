@@ -121,6 +121,11 @@ class MergeMethod:
     warm_up: Optional[Callable[[MergeInputs], None]] = None
     # Plan-time check of one tensor's resolved parameters; raises ValueError with a user-facing reason.
     check: Optional[Callable[[dict, list[dict]], None]] = None
+    # True when mergekit computes this method in the inputs' own dtype (a config's `dtype: bfloat16`), rounding to it
+    # after every operation, and `merge` reproduces those roundings for bfloat16/float16 blocks: the planner then hands
+    # it blocks in that dtype. False: it computes in float32 and the result is rounded once (as mergekit does for
+    # methods that upcast, and for every method under --float32-compute).
+    low_precision_compute: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -166,8 +166,10 @@ class DeltaStatistics:
             if first and self.rescale:
                 self.before[j] = _l1(d.abs(), self.before[j])
             if phase == "after":
-                keep = magnitude_bits(d) >= sel.threshold_bits
+                keep = sel.keeps(magnitude_bits(d), block.offset).view(d.shape)
                 self.after[j] = _l1(d.abs() * keep, self.after[j])
+            elif phase == "ties":
+                sel.observe_ties(magnitude_bits(d), block.offset)
             elif not sel.done:
                 bits = magnitude_bits(d)
                 {"band": sel.observe_band, "high": sel.observe_high, "low": sel.observe_low}[phase](bits)
@@ -200,6 +202,11 @@ class DeltaStatistics:
                 sel.end_low()
         elif phase == "band" and not all([sel.end_band() for sel in sels]):
             self.phases[pass_index + 1 : pass_index + 1] = ["high", "low"]  # for the selectors the band missed
+        elif phase == "ties":
+            for sel in sels:
+                sel.end_ties()
+        if all(sel.done for sel in sels) and any(sel.needs_cutoff for sel in sels) and "ties" not in self.phases:
+            self.phases.insert(pass_index + 1, "ties")  # more values tie at a threshold than the k-th place needs
 
     def result(self) -> "DeltaStatistics":
         return self
@@ -236,10 +243,14 @@ class TopKMagnitude(MaskSparsifier):
         return DeltaStatistics(self, rescale, sparse, ["high", "low"] + (["after"] if rescale else []), selectors)
 
     def keep(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
-        return magnitude_bits(delta) >= inputs.stats.selectors[j].threshold_bits
+        return inputs.stats.selectors[j].keeps(magnitude_bits(delta), inputs.offset).view(delta.shape)
 
     def apply(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
-        return trim_magnitude(delta, inputs.stats.selectors[j].threshold_bits)  # one hardshrink instead of a mask
+        sel = inputs.stats.selectors[j]
+        if sel.cutoff is not None and inputs.offset < sel.cutoff < inputs.offset + delta.numel():
+            return delta.mul_(self.keep(inputs, j, delta))  # the block holding the last kept tie
+        bits = sel.threshold_bits + (1 if sel.cutoff is not None and inputs.offset >= sel.cutoff else 0)
+        return trim_magnitude(delta, bits)  # one hardshrink: |d| >= the threshold, or past the cutoff |d| > it
 
 
 class DareBernoulli(MaskSparsifier):
@@ -247,6 +258,7 @@ class DareBernoulli(MaskSparsifier):
 
     randomized = True
     kernel = "mask"
+    upcasts_float16 = True  # mergekit's Bernoulli runs in float32 on float16 tensors (rescale_factor)
 
     def statistics(self, inputs: MergeInputs, sparse: list[int], rescale: bool) -> Optional[DeltaStatistics]:
         return DeltaStatistics(self, rescale, sparse, ["norms"]) if rescale else None  # a mask alone needs no whole-tensor numbers
@@ -279,7 +291,7 @@ def _sparsified_delta(inputs: MergeInputs, j: int, sparsify: Sparsify) -> torch.
     d = sparsify.apply(inputs, j, d)
     stats = inputs.stats
     if stats is not None and stats.rescale:
-        factor = stats.scale(j)
+        factor = rescale_factor(stats, j, d.dtype, _upcasts_float16(sparsify))
         if factor != 1.0:
             d.mul_(factor)
     return d
@@ -307,7 +319,10 @@ def _merge_fused(inputs: MergeInputs, v: fused.Variant) -> Optional[torch.Tensor
     masks = []
     if v.sparsify == "magnitude":
         for j in range(v.inputs):
-            bits = stats.selectors[j].threshold_bits if sparse(j) else 0
+            sel = stats.selectors[j] if sparse(j) else None
+            if sel is not None and sel.cutoff is not None and inputs.offset < sel.cutoff < inputs.offset + inputs.tensors[0].numel():
+                return None  # the block holding the last kept tie: eager
+            bits = (sel.threshold_bits + (sel.cutoff is not None and inputs.offset >= sel.cutoff)) if sel is not None else 0
             if bits > 0:  # as trim_magnitude: |d| <= the float just below the threshold is dropped
                 below[j] = float_of_bits(bits - 1)
     elif v.sparsify == "mask":
@@ -350,6 +365,8 @@ def _merge_for(sparsify: Sparsify, consensus: bool):
         out = _merge_fused(inputs, v) if v is not None else None
         if out is not None:
             return out
+        if base.dtype in LOW_PRECISION:
+            return _merge_rounded(inputs, sparsify, consensus)
         weights = [inputs.per_input[i]["weight"] for i in inputs.non_base]
         deltas = [_sparsified_delta(inputs, j, sparsify) for j in range(len(weights))]
         deltas = [d.mul_(w) if w != 1 else d for d, w in zip(deltas, weights)]
@@ -369,6 +386,83 @@ def _merge_for(sparsify: Sparsify, consensus: bool):
         return base + mixed
 
     return merge
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def round_to(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype` (round to nearest even), as a Python float."""
+    return torch.tensor(value, dtype=torch.float64).to(dtype).item()
+
+
+def _upcasts_float16(sparsify: Sparsify) -> bool:
+    """mergekit's random sparsifiers (DARE's Bernoulli, DELLA's) work in float32 on float16 tensors (CPU torch has no
+    float16 bernoulli), so their rescale rounds to float32 there; bfloat16 and the magnitude ones stay in the dtype."""
+    return bool(getattr(sparsify, "upcasts_float16", False))
+
+
+def rescale_factor(stats, j: int, dtype: torch.dtype, upcasts_float16: bool = False) -> float:
+    """The L1 rescale factor of sparse input j (original norm / kept norm, 1 below RESCALE_EPS) for deltas in `dtype`.
+
+    float32/float64: the exact quotient of the float64 norms. bfloat16/float16: as mergekit computes it in that dtype:
+    each norm rounded to the dtype (mergekit's bf16 sum is a float32 accumulation rounded once; ours is the ordered
+    float64 sum, so the two agree unless a norm sits within float32 noise of a bf16 rounding boundary), their quotient
+    computed in float32 and rounded to the dtype."""
+    if dtype not in LOW_PRECISION:
+        return stats.scale(j)
+    if not stats.rescale:
+        return 1.0
+    work = torch.float32 if (upcasts_float16 and dtype == torch.float16) else dtype
+    before, after = round_to(stats.before[j], work), round_to(stats.after[j], work)
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return 1.0
+    quotient = torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32)
+    return quotient.to(work).item()
+
+
+def _float32_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """parts[0] + parts[1] + ..., accumulated in float32 in model order: what torch's sum over a stacked bfloat16 or
+    float16 tensor's first axis computes before it rounds once to the dtype (checked in tests/test_low_precision.py)."""
+    total = parts[0].to(torch.float32, copy=True)
+    for p in parts[1:]:
+        total.add_(p)
+    return total
+
+
+def _merge_rounded(inputs: MergeInputs, sparsify: Sparsify, consensus: bool) -> torch.Tensor:
+    """The merge of a bfloat16/float16 block with mergekit's roundings: mergekit computes this family in the config's
+    dtype op by op (generalized_task_arithmetic.py), so every intermediate it rounds is rounded here too. Deltas, the
+    rescaled deltas and the weighted deltas are in the dtype (each op's exact result rounded once); the weights are
+    rounded to the dtype (mergekit builds them as a tensor of that dtype); every sum over the models, the elected sign's
+    included, is accumulated in float32 and rounded once; the normalising division, lambda and the final base + delta
+    each round once. All of it is elementwise over the models, so it is the same however the tensor is cut."""
+    base = inputs.tensors[inputs.base]
+    dtype = base.dtype
+    weights = [round_to(inputs.per_input[i]["weight"], dtype) for i in inputs.non_base]
+    deltas = [_sparsified_delta(inputs, j, sparsify) for j in range(len(weights))]
+    deltas = [d.mul_(w) if w != 1 else d for d, w in zip(deltas, weights)]
+    normalize = inputs.shared["normalize"]
+    if consensus:
+        positive = _float32_sum(deltas).to(dtype) >= 0  # mergekit: majority sign +1 where the rounded sum >= 0
+        agree = [torch.where(positive, d > 0, d < 0) for d in deltas]  # sign(d) == majority; a zero never agrees
+        mixed = _float32_sum([d * a for d, a in zip(deltas, agree)]).to(dtype)
+        if normalize:
+            divisor = _float32_sum([a.to(dtype) * w for a, w in zip(agree, weights)]).to(dtype)
+            divisor.masked_fill_(divisor == 0, 1)
+            mixed = mixed / divisor
+    else:
+        mixed = _float32_sum(deltas).to(dtype)
+        if normalize:
+            total = torch.tensor(0.0, dtype=torch.float32)
+            for w in weights:
+                total += w
+            divisor = total.to(dtype).item()
+            mixed = mixed / (divisor if abs(divisor) >= 1e-8 else 1.0)
+    lam = inputs.shared["lambda"]
+    if lam != 1:
+        mixed = mixed * lam
+    return base + mixed
 
 
 def _sign_consensus(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -420,6 +514,7 @@ def task_arithmetic_family(name: str, sparsify: Sparsify, consensus: bool, norma
         description=description,
         warm_up=_warm_up_for(sparsify, consensus) if fusable else None,
         check=sparsify.check if sparsify else None,
+        low_precision_compute=True,
     )
 
 
