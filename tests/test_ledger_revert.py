@@ -162,7 +162,8 @@ def test_anchored_revert_of_the_middle_batch_equals_a_run_that_never_had_it(anch
     assert [e["delta"]["sha256"] for e in own[:2]] == [entries[0]["delta"]["sha256"], entries[2]["delta"]["sha256"]]
     from mergeedit.pipeline.ledger import verify_target
 
-    assert any("2 batch(es); 4 delta(s) match" in line for line in verify_target(out))  # manifest + the deltas it names
+    # manifest + the deltas it names: batches 1 and 3 (R-SFT delta, the revert's merge) and the revert's own
+    assert any("2 batch(es); 5 delta(s) match" in line for line in verify_target(out))
     # the same revert again is all cache hits
     again = revert_run(run, [2], tmp_path / "again")
     assert again.stages_run == [] and tensors(tmp_path / "again") == tensors(out)
@@ -196,14 +197,16 @@ def test_bad_revert_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     ledger_before = (run / "ledger.jsonl").read_bytes()
     out = tmp_path / "out"
 
-    def revert(*args):
-        result = subprocess.run([str(SCRIPT), "revert", str(run), *args], capture_output=True, text=True, timeout=300)
+    def revert(*args, command=("revert", str(run))):
+        result = subprocess.run([str(SCRIPT), *command, *args], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr and "internal error" not in result.stderr
         assert not out.exists() and not list(tmp_path.glob(".out*")) and (run / "ledger.jsonl").read_bytes() == ledger_before
         return " ".join(result.stderr.split())
 
     assert "batch 7 is not in the ledger (it has batch(es) 1-3)" in revert("--batch", "7", str(out))
+    assert "is a model folder, not a run directory; revert works on the run that made it" in revert("--batch", "2", str(out), command=("revert", str(run / "model")))
+    assert f"{tmp_path}: no ledger.jsonl" in revert(command=("edits", str(tmp_path)))
     assert "leaves the unedited base model" in revert("--batch", "1", "--batch", "2", "--batch", "3", str(out))
     # a base that is not the run's base: same names and shapes, other weights
     saved = tmp_path / "saved"

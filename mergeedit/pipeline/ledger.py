@@ -168,15 +168,19 @@ def append_entry(run_root: Path, entry: dict) -> None:
 
 
 # -- checks -------------------------------------------------------------------------------------------------------
-def delta_problem(run_root: Path, ref: dict, batch: int, what: str = "R-SFT delta") -> Optional[str]:
+def delta_problem(run_root: Path, ref: dict, batch, what: str = "R-SFT delta") -> Optional[str]:
     """Why the file a ledger entry names is not the one it recorded (missing, or another sha256); None when it is."""
     path = Path(run_root) / ref["file"]
     if not path.is_file():
-        return f"{path}: the {what} of batch {batch} is missing (deleted?); rerun the recipe to rebuild it"
+        return f"{path}: the {what} of {_which(batch)} is missing (deleted?); rerun the recipe to rebuild it"
     digest = sha256_file(path)
     if digest != ref.get("sha256"):
-        return f"{path}: the {what} of batch {batch} has sha256 {digest[:16]}..., the ledger says {str(ref.get('sha256'))[:16]}...; the delta was modified or replaced, rerun the recipe to rebuild it"
+        return f"{path}: the {what} of {_which(batch)} has sha256 {digest[:16]}..., the ledger says {str(ref.get('sha256'))[:16]}...; the delta was modified or replaced, rerun the recipe to rebuild it"
     return None
+
+
+def _which(batch) -> str:
+    return f"batch {batch}" if isinstance(batch, int) else str(batch)
 
 
 def run_of(entries: list[dict], folder: Path) -> Optional[Path]:
@@ -200,10 +204,13 @@ def verify_ledger(folder: Path) -> tuple[int, Optional[str]]:
         where = f" {run}" if run else ""
         return 0, f"ledger: {len(batches)} batch(es); their deltas were not checked: the run directory{where} is not on this disk"
     checked = 0
-    for e in batches:
-        refs = [(e["delta"], "R-SFT delta")] + ([(e["merge"], "merged delta")] if e.get("merge") and e["merge"].get("file") else [])
+    for e in entries:
+        if e["kind"] == "batch":
+            refs = [(e["delta"], "R-SFT delta")] + ([(e["merge"], "merged delta")] if e.get("merge") and e["merge"].get("file") else [])
+        else:  # a revert names the delta its model was made from
+            refs = [(e["delta"], "reverted model's delta")] if isinstance(e.get("delta"), dict) else []
         for ref, what in refs:
-            problem = delta_problem(run, ref, e["batch"], what)
+            problem = delta_problem(run, ref, e.get("batch") or "revert " + ",".join(map(str, e.get("batches", []))), what)
             if problem is not None:
                 raise MergeEditError(f"{ledger_path(folder)}: {problem}")
             checked += 1
