@@ -127,6 +127,13 @@ def test_ledger_names_every_batch_with_its_records_and_digests(anchored, run_cli
 
 def test_verify_names_a_changed_or_missing_delta(tmp_path, tiny, run_cli):
     RecipeRun(recipe(tmp_path, tiny, "anchored")).run()
+    # a model folder shipped without its run: the manifest is checked, the deltas are said not to be
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tmp_path / "run" / "model", shipped)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    alone = run_cli("verify", shipped)
+    (tmp_path / "moved").rename(tmp_path / "run")
+    assert alone.code == 0 and "3 batch(es); their deltas were not checked: the run directory" in alone.stdout.replace("\n", "")
     delta = tmp_path / "run" / "stages" / "rsft-001" / "model.safetensors"
     original = delta.read_bytes()
     delta.write_bytes(original[:-4] + b"\0\0\0\0")
@@ -164,6 +171,9 @@ def test_anchored_revert_of_the_middle_batch_equals_a_run_that_never_had_it(anch
 
     # manifest + the deltas it names: batches 1 and 3 (R-SFT delta, the revert's merge) and the revert's own
     assert any("2 batch(es); 5 delta(s) match" in line for line in verify_target(out))
+    card = (out / "README.md").read_text()
+    assert "Batch(es) 2 of the run were taken back by `mergeedit revert`" in card and "| 3 | 1 | e3 |" in card
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     # the same revert again is all cache hits
     again = revert_run(run, [2], tmp_path / "again")
     assert again.stages_run == [] and tensors(tmp_path / "again") == tensors(out)
