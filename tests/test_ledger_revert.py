@@ -98,7 +98,10 @@ def test_ledger_names_every_batch_with_its_records_and_digests(anchored, run_cli
     for k, e in enumerate(entries):
         assert [(x["case_id"], x["prompt"], x["target"]) for x in e["edits"]] == [(EDITS[k]["case_id"], EDITS[k]["prompt"], EDITS[k]["target"])]
         delta = run / "stages" / f"rsft-{k:03d}" / "model.safetensors"
-        assert e["delta"] == {"stage": f"rsft-{k:03d}", "file": f"stages/rsft-{k:03d}/model.safetensors", "sha256": sha256(delta), "bytes": delta.stat().st_size}
+        stage = json.loads((run / "stages" / f"rsft-{k:03d}" / "stage.json").read_text())
+        assert {key: e["delta"][key] for key in ("stage", "output_id", "file", "sha256", "bytes")} == {
+            "stage": f"rsft-{k:03d}", "output_id": stage["output_id"], "file": f"stages/rsft-{k:03d}/model.safetensors", "sha256": sha256(delta), "bytes": delta.stat().st_size
+        }
         assert e["recipe"] == {"path": str((folder / "recipe.yaml").resolve()), "sha256": recipe_sha}
         # the merge actually used: every batch's task vector, added once to the base
         assert e["merge"]["stage"] == "merge" and e["merge"]["sha256"] == sha256(run / "stages" / "merge" / "model.safetensors")
@@ -120,7 +123,7 @@ def test_ledger_names_every_batch_with_its_records_and_digests(anchored, run_cli
     ok = run_cli("verify", run)
     assert ok.code == 0 and "3 batch(es); 6 delta(s) match their sha256" in ok.stdout, ok.stdout + ok.stderr
     assert run_cli("verify", run / "model").code == 0
-    # a rerun with every stage cached keeps the time each batch was first recorded
+    # a rerun with every stage cached keeps each batch's time (when its delta was made)
     again = RecipeRun(folder / "recipe.yaml").run()
     assert again.stages_run == [] and [e["recorded"] for e in again.ledger] == [e["recorded"] for e in entries]
 

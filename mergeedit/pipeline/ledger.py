@@ -83,18 +83,31 @@ def batch_entries(
     previous: list[dict],
 ) -> list[dict]:
     """The ledger's batch entries for a finished run. `merge_stages[b]` is the stage whose delta holds batch b's merge
-    (chained: merge-00b; anchored: the one merge of every batch); `previous` keeps the time a batch was first recorded."""
+    (chained: merge-00b; anchored: the one merge of every batch). `recorded` is when the batch's delta was made; the
+    previous ledger's digests are reused for stages that were not redone (same output id and size)."""
     recipe = {"path": str(Path(recipe_path).resolve()), "sha256": sha256_file(Path(recipe_path))}
     scores = {r["case_id"]: r for r in per_edit or []}
-    recorded = {(e.get("batch"), (e.get("delta") or {}).get("sha256")): e.get("recorded") for e in previous if e.get("kind") == "batch"}
+    known = {}  # (stage, output id) -> digest from the previous ledger: a stage that was not redone is not re-hashed
+    for e in previous:
+        for ref in (e.get("delta"), e.get("merge")):
+            if isinstance(ref, dict) and ref.get("output_id") and ref.get("sha256"):
+                known[(ref.get("stage"), ref["output_id"])] = {"sha256": ref["sha256"], "bytes": ref.get("bytes")}
+
+    def ref(stage: str) -> dict:
+        file = Path("stages") / stage / "model.safetensors"
+        meta = json.loads((Path(run_root) / "stages" / stage / "stage.json").read_text())
+        digest = known.get((stage, meta["output_id"]))
+        if digest is None or digest["bytes"] != (Path(run_root) / file).stat().st_size:
+            digest = file_digest(Path(run_root) / file)
+        made = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((Path(run_root) / "stages" / stage / "stage.json").stat().st_mtime))
+        return {"stage": stage, "output_id": meta["output_id"], "file": file.as_posix(), **digest, "made": made}
+
     entries = []
     for b, (records, stage) in enumerate(zip(batches, rsft_stages)):
-        delta_file = Path("stages") / stage / "model.safetensors"
-        delta = {"stage": stage, "file": delta_file.as_posix(), **file_digest(run_root / delta_file)}
+        delta = ref(stage)
         merge = None
         if merge_config is not None and merge_stages[b] is not None:
-            merged = Path("stages") / merge_stages[b] / "model.safetensors"
-            merge = {"stage": merge_stages[b], "config": merge_config, "file": merged.as_posix(), **file_digest(run_root / merged)}
+            merge = {**ref(merge_stages[b]), "config": merge_config}
         edits = []
         for r in records:
             edit = {"case_id": r.case_id, "prompt": r.prompt, "target": r.target}
@@ -108,7 +121,7 @@ def batch_entries(
         entries.append({
             "kind": "batch", "batch": b + 1, "strategy": strategy, "run": str(Path(run_root).resolve()), "recipe": recipe, "base": base,
             "edits": edits, "delta": delta, "merge": merge, "metrics": metrics,
-            "recorded": recorded.get((b + 1, delta["sha256"])) or now(),
+            "recorded": delta["made"],
         })
     return entries
 
