@@ -231,7 +231,7 @@ def _write(runner: RecipeRun, s, out: Path, source, entries: list[dict], card: R
     from .model_card import write_model_card
 
     with write_errors_named(out, "reverted model"), AtomicOutputDir(out) as tmp:
-        runner._export(tmp, source, s.base_folder)
+        runner.export_model(tmp, source, s.base_folder)
         model = tmp / "model"
         write_ledger(model / LEDGER_FILE, entries)
         add_to_manifest(model, LEDGER_FILE)

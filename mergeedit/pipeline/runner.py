@@ -533,6 +533,10 @@ class RecipeRun:
         options = MergeOptions(overwrite=True, out_shard_size=parse_size(self.recipe.output.shard_size, "output.shard_size"), save_config=False)
         write_merge(plan, tmp / "model", options)
 
+    def export_model(self, tmp: Path, source: ModelSource, base_folder: Path) -> None:
+        """The export stage's writer, for other pipeline modules (a revert writes its model as a run does)."""
+        self._export(tmp, source, base_folder)
+
     def _publish(self, result: RunResult, export) -> None:
         """Place the exported model at run_dir/model with its model card (recipe, edits, metrics, versions)."""
         from .model_card import write_model_card
