@@ -246,7 +246,7 @@ def revert_summary(result: RevertResult) -> list[str]:
     """Lines for the CLI: what was reverted, the stages, and how the two groups of facts scored."""
     lines = [
         f"reverted batch(es) {', '.join(map(str, result.reverted))} of the {result.strategy} run; kept {', '.join(map(str, result.kept))}",
-        f"stages run: {len(result.stages_run)} ({', '.join(result.stages_run) or '-'}); cached: {len(result.stages_cached)}",
+        f"stages run: {len(result.stages_run)} ({', '.join(result.stages_run) or '-'}); cached: {len(result.stages_cached)}; {result.seconds:.1f} s",
     ]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     tol = result.entry["tolerance"]
