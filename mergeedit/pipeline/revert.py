@@ -154,7 +154,7 @@ def revert_run(
             used = config.model_dump(mode="json") if config is not None else None
             reports = result.train_reports
 
-        scores = _score(runner, s, delta, upstream, pre, drift, tag, reverted) if runner.recipe.eval.enabled else None
+        scores = _score(runner, s, delta, upstream, pre, drift, tag) if runner.recipe.eval.enabled else None
         base = rows[0]["base"]
         out_rows = batch_entries(
             run_root=run_dir, recipe_path=recipe_path, strategy=strategy, base=base, batches=kept_batches, rsft_stages=rsft_stages,
@@ -183,7 +183,7 @@ def revert_run(
     return RevertResult(out, requested, entry["kept"], strategy, entry["stages_run"], entry["stages_cached"], groups, checks, entry, time.perf_counter() - started, notes)
 
 
-def _score(runner: RecipeRun, s, delta, upstream: str, pre, drift, tag: str, reverted: list[dict]) -> dict:
+def _score(runner: RecipeRun, s, delta, upstream: str, pre, drift, tag: str) -> dict:
     """Stage `{tag}-eval`: every edit scored on the reverted model (and on the base, for the pre-edit side)."""
     from ..evaluation.evaluate import evaluate_edits
     from .evaluation_stage import post_edit_evaluation
