@@ -232,3 +232,27 @@ def test_bad_revert_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     shutil.rmtree(run / "stages" / "rsft-002")
     message = revert("--batch", "2", str(out))
     assert "R-SFT delta of batch 3 is missing" in message and "rsft-002" in message
+
+
+def test_revert_checks_by_hand():
+    """Reverted edits must come back to their pre-edit scores (either way), kept ones must not lose more than the
+    tolerance (a gain is fine); a reverted edit whose target a kept edit teaches is listed and checked apart."""
+    from mergeedit.pipeline.revert import _compare
+
+    def per(**rel):
+        return [{"case_id": k, "rel": v, "gen": None} for k, v in rel.items()]
+
+    scores = {"base_per_edit": per(a=0.0, b=0.25, c=0.0, d=0.5), "per_edit": per(a=0.05, b=1.0, c=0.9, d=1.0)}
+    reverted = [{"edits": [{"case_id": "a", "target": "X", "scores": {"rel": 1.0}}, {"case_id": "b", "target": "Y", "scores": {"rel": 1.0}}]}]
+    kept = [{"edits": [{"case_id": "c", "target": " y ", "scores": {"rel": 1.0}}, {"case_id": "d", "target": "Z", "scores": {"rel": 0.5}}]}]
+    groups, checks = _compare(scores, reverted, kept, tolerance=0.1)
+    assert groups["reverted"]["shared_targets"] == [["b", "c"]]
+    assert groups["reverted"]["before_edit"]["rel"] == 0.125 and groups["reverted"]["after_revert"]["rel"] == 0.525
+    assert groups["kept"]["in_run"]["rel"] == 0.75 and groups["kept"]["after_revert"]["rel"] == 0.95
+    assert [(c["group"], c["metric"], c["expected"], c["got"], c["ok"]) for c in checks] == [
+        ("reverted", "rel", 0.125, 0.525, False),  # b is still taught by c
+        ("reverted_unshared", "rel", 0.0, 0.05, True),
+        ("kept", "rel", 0.75, 0.95, True),  # a gain is not a failure
+    ]
+    _, dropped = _compare({**scores, "per_edit": per(a=0.0, b=0.25, c=0.5, d=0.5)}, reverted, kept, tolerance=0.1)
+    assert [c["ok"] for c in dropped if c["group"] == "kept"] == [False]  # 0.75 -> 0.5 is a loss beyond 0.1
