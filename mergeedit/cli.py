@@ -250,18 +250,60 @@ def inspect(model: str = typer.Argument(..., help="Model folder, .safetensors fi
 
 
 @app.command()
-def verify(folder: Path = typer.Argument(..., help="A folder written by mergeedit merge or run.")) -> None:
-    """Check every file of FOLDER against its sha256 manifest; name the first bad file (exit status 2)."""
-    from .io.integrity import verify_folder
+def verify(folder: Path = typer.Argument(..., help="A folder written by mergeedit merge or run, a run directory, or a partitioned merge's OUT.")) -> None:
+    """Check every file of FOLDER against its sha256 manifest, and the deltas its edit ledger names against their
+    sha256 (a partitioned merge not yet assembled: every finished part's shards); name the first bad file (exit status 2)."""
     from .io.parts import parts_folder, verify_parts
+    from .pipeline.ledger import verify_target
 
     if not os.path.lexists(folder) and parts_folder(folder).is_dir():  # a partitioned merge not assembled yet
         for record, n in verify_parts(folder):
             out.print(f"[green]ok[/]: part {record.label}: {n} shard(s) in {record.folder} match its record", highlight=False)
         out.print(f"{folder} is not assembled yet: run mergeedit merge CONFIG {folder} --assemble once every part is finished", highlight=False)
         return
-    n = verify_folder(folder)
-    out.print(f"[green]ok[/]: {folder}: {n} files match the manifest")
+    for line in verify_target(folder):
+        out.print(f"[green]ok[/]: {line}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def edits(
+    target: Path = typer.Argument(..., help="A run directory or a model folder it exported (or a revert wrote)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the ledger's entries as one JSON list instead of a table."),
+) -> None:
+    """Print the edit ledger: every batch of edits in the model, its delta's sha256, merge and scores; and reverts."""
+    import json
+
+    from .pipeline.ledger import ledger_rows, read_ledger
+
+    entries = read_ledger(target)
+    if json_out:
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
+        return
+    rows = ledger_rows(entries)
+    table = Table(title=f"edit ledger of {target}")
+    for col in rows[0] if rows else ("batch",):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row.values())
+    out.print(table)
+
+
+@app.command()
+def revert(
+    run_dir: Path = typer.Argument(..., help="The run directory (it holds ledger.jsonl and stages/)."),
+    out_dir: Path = typer.Argument(..., help="Where the model without those batches goes (created atomically)."),
+    batch: list[int] = typer.Option(..., "--batch", help="A batch number from `mergeedit edits RUN` to take back; repeatable."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new model is complete)."),
+    tolerance: float = typer.Option(0.1, "--tolerance", help="How far (mean teacher-forced score) the reverted facts may stay from their pre-edit scores, and the kept ones from their run scores."),
+) -> None:
+    """Write RUN's model without batch(es) K to OUT_DIR (anchored: re-merge, no training; chained: replay from the batch
+    before K, reusing cached stages), score it, and record the revert in the ledger."""
+    from .pipeline.revert import revert_run, revert_summary
+
+    result = revert_run(run_dir, batch, out_dir, overwrite=overwrite, tolerance=tolerance, reporter=_RichReporter())
+    for line in revert_summary(result):
+        out.print(line, highlight=False, soft_wrap=True)
+    out.print(f"[green]model:[/] {result.out} (Hugging Face folder with its ledger and model card)")
 
 
 @app.command("extract-lora")

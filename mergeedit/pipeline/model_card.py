@@ -32,6 +32,39 @@ def _metrics_table(pre: dict | None, post: dict | None) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _short(values: list[str], n: int = 4) -> str:
+    return ", ".join(values[:n]) + (f" (+{len(values) - n} more)" if len(values) > n else "")
+
+
+def _ledger_section(entries: list[dict] | None) -> str:
+    """The batches in this model (from its ledger.jsonl) and how to check them."""
+    if not entries:
+        return ""
+    rows = ["| batch | edits | case ids | R-SFT delta sha256 | merge | rel (final) |", "|---|---|---|---|---|---|"]
+    reverts = []
+    for e in entries:
+        if e.get("kind") == "revert":
+            reverts.append(e)
+            continue
+        merge = (e.get("merge") or {}).get("config") or {}
+        rel = ((e.get("metrics") or {}).get("final") or {}).get("rel")
+        ids = [str(x["case_id"]) for x in e["edits"]]
+        rows.append(f"| {e['batch']} | {len(ids)} | {_short(ids)} | `{e['delta']['sha256'][:16]}` | {merge.get('merge_method', 'none')} | {'n/a' if rel is None else f'{rel:.3f}'} |")
+    text = "## Edit ledger\n\n" + "\n".join(rows) + "\n"
+    for r in reverts:
+        text += f"\nBatch(es) {', '.join(map(str, r['batches']))} of the run were taken back by `mergeedit revert` ({r.get('recorded', '')}); this model keeps batch(es) {', '.join(map(str, r['kept']))}.\n"
+    run = next((e.get("run") for e in entries if e.get("run")), "RUN")
+    text += (
+        "\n`ledger.jsonl` in this folder lists every batch: its edits (case id, prompt, target, final scores), the recipe's "
+        "sha256, the base, the R-SFT delta's sha256 and the merge settings used. To check them:\n\n"
+        f"- `mergeedit edits <this folder>` prints the ledger (`--json` for machines);\n"
+        f"- `mergeedit verify <this folder>` checks every file against `mergeedit-manifest.json` and, where the run directory "
+        f"(`{run}`) is present, each delta the ledger names against its sha256;\n"
+        f"- `mergeedit revert {run} --batch K OUT` writes the model without batch K.\n"
+    )
+    return text + "\n"
+
+
 def write_model_card(path: Path, recipe, doc, result) -> None:
     name = recipe.name or Path(doc.path).stem
     learned = [r.get("learned_fraction") for r in result.train_reports]
@@ -56,6 +89,7 @@ base_model: {recipe.model.base}
 Locality is post-edit vs pre-edit agreement of argmax tokens; teacher-forced scores give partial credit per token;
 generation scores are exact match of greedy answers.
 
+{_ledger_section(getattr(result, "ledger", None))}
 ## Recipe
 
 ```yaml

@@ -118,6 +118,7 @@ class RunResult:
     curve: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     stage_profile: dict = field(default_factory=dict)  # stage -> {"seconds", "peak_rss"} for the stages run
+    ledger: list[dict] = field(default_factory=list)  # the run's ledger.jsonl batch entries (pipeline.ledger)
 
 
 @dataclass
@@ -301,15 +302,21 @@ class RecipeRun:
                 result.pre_metrics = {**(result.pre_metrics or {}), **drift.reference_metrics()}
         return pre, drift
 
-    def train_batches(self, s: Session, result: RunResult, merge: bool = True) -> Trained:
-        """R-SFT per batch (chained: merged back after each batch unless `merge` is False); every stage cached."""
+    def train_batches(
+        self, s: Session, result: RunResult, merge: bool = True, batches: Optional[list[list[EditRecord]]] = None, renamed_from: Optional[int] = None, prefix: str = ""
+    ) -> Trained:
+        """R-SFT per batch (chained: merged back after each batch unless `merge` is False); every stage cached.
+        `batches` replaces the recipe's (a revert's remaining batches); stages from batch `renamed_from` on get `prefix`."""
         recipe = self.recipe
         strategy = recipe.sequential.strategy
         named = s.named
         upstream = stable_hash(s.base_key)
         current_delta: Optional[ModelSource] = None  # chained: base + this delta is the current model
         trained = Trained()
-        batches = self.batches(s.records)
+        batches = self.batches(s.records) if batches is None else batches
+
+        def named_stage(name: str, b: int) -> str:
+            return prefix + name if renamed_from is not None and b >= renamed_from else name
 
         def replayed(b: int) -> list[EditRecord]:
             return replay_records(batches, b, recipe.rsft.replay, recipe.rsft.seed) if strategy == "chained" else []
@@ -335,7 +342,7 @@ class RecipeRun:
 
             inputs = {"upstream": upstream if strategy == "chained" else stable_hash(s.base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": s.fmt.describe(), "trainable": s.trainable, "system_prompt": recipe.dataset.system_prompt}
             detail = f"{len(batch)} edits, {sum(named[n].numel() for n in s.trainable):,} trainable parameters"
-            rsft_stage = s.run.produce(rsft_stage_name(b), inputs, write_delta, compute=train, detail=detail)
+            rsft_stage = s.run.produce(named_stage(rsft_stage_name(b), b), inputs, write_delta, compute=train, detail=detail)
             result.train_reports.append(json.loads((rsft_stage.path / "train_report.json").read_text()))
             rsft_delta = open_local(f"rsft.{b}", rsft_stage.path)
             trained.rsft_deltas.append(rsft_delta)
@@ -346,7 +353,7 @@ class RecipeRun:
                     current_ref = overlay(s.base_source, current_delta, "base") if current_delta else s.base_source
                     sources = {"base": current_ref, "rsft": overlay(s.base_source, rsft_delta, "rsft")}
                     inputs = {"upstream": upstream, "merge": self.merge_config.model_dump()}
-                    merge_stage = self._merge_delta(s.run, merge_stage_name(b), inputs, self.merge_config, sources, set(s.trainable))
+                    merge_stage = self._merge_delta(s.run, named_stage(merge_stage_name(b), b), inputs, self.merge_config, sources, set(s.trainable))
                     current_delta = open_local("merged", merge_stage.path)
                     upstream = merge_stage.output_id
                 else:
@@ -433,10 +440,27 @@ class RecipeRun:
             result.metrics = post["metrics"]
             result.examples = post.get("examples", [])
         result.seconds = time.perf_counter() - started
+        result.ledger = self.ledger_entries(s, result)
         self._publish(result, export)
         return result
 
     # helpers --------------------------------------------------------------------------------------------------------
+    def ledger_entries(self, s: Session, result: RunResult) -> list[dict]:
+        """The run's ledger: one entry per batch (records, recipe hash, delta sha256, merge used, metrics)."""
+        from .ledger import batch_entries, read_ledger, tensors_sha256
+
+        batches, strategy, config = self.batches(s.records), self.recipe.sequential.strategy, self.merge_config
+        merges = [None if config is None else ANCHORED_MERGE if strategy == "anchored" else merge_stage_name(b) for b in range(len(batches))]
+        used = None if config is None else (expand_rsft(config, len(batches)) if strategy == "anchored" else config).model_dump(mode="json")
+        eval_file = s.run.root / "stages" / "eval" / "result.json"
+        per_edit = json.loads(eval_file.read_text()).get("per_edit") if self.recipe.eval.enabled and eval_file.is_file() else None
+        base = {"ref": self.recipe.model.base, "dtype": self.recipe.model.dtype, "trained_sha256": tensors_sha256(s.initial)}
+        return batch_entries(
+            run_root=self.root, recipe_path=self.recipe_path, strategy=strategy, base=base, batches=batches,
+            rsft_stages=[rsft_stage_name(b) for b in range(len(batches))], merge_stages=merges, merge_config=used,
+            train_reports=result.train_reports, per_edit=per_edit, previous=read_ledger(self.root, required=False),
+        )
+
     def new_result(self, s: Session) -> RunResult:
         """The result of a run over this session; its stage lists are the run directory's own record."""
         result = RunResult(self.root, self.root / "model", len(s.records), len(self.batches(s.records)), [], None, None)
@@ -482,6 +506,10 @@ class RecipeRun:
         options = MergeOptions(overwrite=True, out_shard_size=parse_size(self.recipe.output.shard_size, "output.shard_size"), save_config=False)
         write_merge(plan, tmp / "model", options)
 
+    def export_model(self, tmp: Path, source: ModelSource, base_folder: Path) -> None:
+        """The export stage's writer, for other pipeline modules (a revert writes its model as a run does)."""
+        self._export(tmp, source, base_folder)
+
     def _publish(self, result: RunResult, export) -> None:
         """Place the exported model at run_dir/model with its model card (recipe, edits, metrics, versions)."""
         from .model_card import write_model_card
@@ -500,3 +528,6 @@ class RecipeRun:
         target.symlink_to(source.relative_to(target.parent), target_is_directory=True)
         write_model_card(source / "README.md", self.recipe, self.doc, result)
         add_to_manifest(source, "README.md")
+        from .ledger import publish_run_ledger
+
+        publish_run_ledger(self.root, source, result.ledger)
