@@ -70,6 +70,17 @@ def stage_names(recipe: Recipe, batches: int, prefix: str = "") -> list[str]:
     return names + ["export"] + (["eval"] if ev.enabled else [])
 
 
+def is_evaluation_stage(name: str) -> bool:
+    """Stages that score models (reference outputs, drift reference, curve points, the final evaluation)."""
+    return name.endswith("pre-eval") or name in ("pre-drift", "eval") or name.startswith("curve-")
+
+
+def evaluation_share(result: "RunResult") -> tuple[float, float]:
+    """(seconds spent in evaluation stages run this time, their share of the run's wall time)."""
+    seconds = sum(p["seconds"] for name, p in result.stage_profile.items() if is_evaluation_stage(name))
+    return seconds, (seconds / result.seconds if result.seconds > 0 else 0.0)
+
+
 def load_delta(model, delta: ModelSource) -> None:
     """Overwrite the model's trained tensors with a delta checkpoint's (the other tensors are untouched)."""
     tensors: dict[str, torch.Tensor] = {}
