@@ -180,3 +180,24 @@ def test_run_summary_shows_each_stage_peak_rss_and_the_evaluation_share(tmp_path
 
     result = RunResult(tmp_path, tmp_path, 1, 1, [], None, None, seconds=10.0, stage_profile={"pre-eval": {"seconds": 1.0}, "rsft-000": {"seconds": 6.0}, "eval": {"seconds": 1.5}, "curve-000": {"seconds": 0.5}})
     assert evaluation_share(result) == (3.0, 0.3)
+
+
+def test_generation_asks_in_the_trained_chat_form_without_the_default_system_prompt():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergeedit.editing.prompts import chat_pair
+    from mergeedit.evaluation.metrics import _generation_inputs
+
+    words = ["<pad>", "SYS", "DEFAULT", "system", "user", "assistant", "x", "brief"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<pad>")
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}SYS DEFAULT {% endif %}"
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
+    )
+    ids = {w: i for i, w in enumerate(words)}
+    assert _generation_inputs(tok, ["x"], True) == [[ids["user"], ids["x"], ids["assistant"]]]
+    assert _generation_inputs(tok, ["x"], True, "brief") == [[ids["system"], ids["brief"], ids["user"], ids["x"], ids["assistant"]]]
+    assert _generation_inputs(tok, ["x"], True) == [chat_pair(tok, "x", "x")[0]]  # the prompt R-SFT trains on

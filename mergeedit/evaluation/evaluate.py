@@ -112,12 +112,14 @@ def evaluate_edits(
     fluency: bool = False,
     fluency_tokens: int = 100,
     padding_side: str = "right",
+    system_prompt: str | None = None,
 ) -> EvalResult:
     """Score every edit on the (edited) model. See the module docstring for the protocols.
 
     pre: `reference_outputs` of the unedited model on the same records; without it loc is None.
     generation: also run the generation protocol (rel_em, gen_em and the answers).
-    chat_template: for the generation protocol (None: use the tokenizer's template when it has one).
+    chat_template: for the generation protocol (None: use the tokenizer's template when it has one); the chat form
+    has no template default system prompt unless `system_prompt` gives one (as in training).
     fluency: also greedily continue each edit prompt for `fluency_tokens` tokens (raw prompt, no chat template,
     stops only at EOS) and score its n-gram entropy.
     """
@@ -161,7 +163,7 @@ def evaluate_edits(
     if generation:
         questions = [r.prompt for r in records] + [q for r in records for q in r.rephrases]
         answers = metrics.generate_answers(
-            model, tokenizer, questions, max_new_tokens=max_new_tokens, chat_template=chat_template, batch_size=batch_size
+            model, tokenizer, questions, max_new_tokens=max_new_tokens, chat_template=chat_template, batch_size=batch_size, system_prompt=system_prompt
         )
         answers_rel = answers[: len(records)]
         pos = len(records)
@@ -220,6 +222,7 @@ def evaluate_edits(
         if generation
         else None,
         "max_new_tokens": max_new_tokens if generation else None,
+        "system_prompt": system_prompt if generation else None,
         "fluency_tokens": fluency_tokens if fluency else None,
         "batch_size": batch_size,
         "padding_side": padding_side,
@@ -227,7 +230,8 @@ def evaluate_edits(
             TEACHER_FORCED: "prompt + ' ' + target tokenized whole; argmax at the position before each target token; "
             "fraction of target tokens correct",
             PRE_VS_POST: "mean(pre-edit argmax == post-edit argmax) over the target positions of locality prompt + ' ' + answer",
-            GENERATION: "greedy answer to the question alone, cut at the first newline/period/EOS; SQuAD exact match",
+            GENERATION: "greedy answer to the question alone (chat form: no template default system prompt), cut at the "
+            "first newline/period/EOS; SQuAD exact match",
         },
     }
     return EvalResult(records=out_records, aggregate=aggregate, settings=settings)
