@@ -105,6 +105,15 @@ class Peak:
         self.device = device
 
     def __enter__(self):
+        import gc
+
+        gc.collect()
+        try:  # hand memory freed by the previous phase back to the OS, so it does not count in this phase's peak
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         reset_peak_rss()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -187,10 +196,14 @@ def warm_up(model, examples, trainable, pad_id, device, half) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def restore(model, initial: dict[str, torch.Tensor]) -> None:
+def restore(model, saved: Path) -> None:
+    """Put back the trainable tensors saved before the first loop (kept on disk: a copy in memory would count in
+    every phase's peak RSS)."""
+    from safetensors.torch import load_file
+
     named = dict(model.named_parameters())
     with torch.no_grad():
-        for n, t in initial.items():
+        for n, t in load_file(saved).items():
             named[n].copy_(t)
             named[n].grad = None
 
@@ -224,7 +237,13 @@ def bench_model(kind: str, args, recipe_run: RecipeRun) -> dict:
     resolved = pick_precision(device)[0] if precision == "auto" else precision
     half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(resolved)
     named = dict(model.named_parameters())
-    initial = {n: named[n].detach().clone() for n in trainable}
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    scratch = tempfile.TemporaryDirectory(prefix="edit-throughput-")
+    initial = Path(scratch.name) / "initial.safetensors"
+    save_file({n: named[n].detach().to("cpu").contiguous() for n in trainable}, initial)
     row: dict = {
         "model": description,
         "edits": len(records),
@@ -288,6 +307,7 @@ def bench_model(kind: str, args, recipe_run: RecipeRun) -> dict:
     row["ratio_tokens_per_s"] = ours["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
     row["ratio_edits_per_min"] = ours["edits_per_min"] / base["edits_per_min"]
     del model
+    scratch.cleanup()
     return row
 
 
