@@ -201,3 +201,29 @@ def test_generation_asks_in_the_trained_chat_form_without_the_default_system_pro
     assert _generation_inputs(tok, ["x"], True) == [[ids["user"], ids["x"], ids["assistant"]]]
     assert _generation_inputs(tok, ["x"], True, "brief") == [[ids["system"], ids["brief"], ids["user"], ids["x"], ids["assistant"]]]
     assert _generation_inputs(tok, ["x"], True) == [chat_pair(tok, "x", "x")[0]]  # the prompt R-SFT trains on
+
+
+def test_teacher_forced_scoring_runs_the_output_layer_only_from_the_first_scored_position():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergeedit.evaluation.metrics import teacher_forced_tokens
+
+    model = _model(initializer_range=0.3)
+    tk = Tokenizer(models.WordLevel({"<pad>": 0, **{f"w{i}": i for i in range(1, 50)}}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<pad>")
+    prompts, targets = ["w1 w2 w3 w4 w5 w6", "w7 w8 w9 w10", "w11 w12 w13 w14 w15"], ["w20 w21", "w22", "w23 w24 w25"]
+    rows = []
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: rows.append(tuple(args[0].shape[:2])))
+    try:
+        got = teacher_forced_tokens(model, tok, prompts, targets, batch_size=3)
+    finally:
+        handle.remove()
+    # right padding, widths 8/5/8: the earliest position predicting a target token is 3 (the 4-word prompt), so 8 - 3 columns
+    assert rows == [(3, 5)]
+    with torch.no_grad():
+        for p, t, pred in zip(prompts, targets, got):
+            ids = tok(p + " " + t)["input_ids"]
+            start = len(p.split())
+            assert model(torch.tensor([ids])).logits[0, start - 1 : len(ids) - 1].argmax(-1).tolist() == pred

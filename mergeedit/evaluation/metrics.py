@@ -112,12 +112,19 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, padding_side: str):
+def batched_logits(
+    model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, padding_side: str, read_from: Sequence[int] | None = None
+):
     """Yields (batch indices, logits [rows, width, vocab], left-pad offsets) for length-sorted padded batches of `seqs`,
-    in inference mode, with position ids that ignore padding when the model takes them."""
+    in inference mode, with position ids that ignore padding when the model takes them.
+
+    read_from: per sequence, the first position whose logits the caller reads. Then (when the model takes
+    `logits_to_keep`) the output layer runs only from the batch's earliest such position on, and the offsets come
+    back shifted by that position, so `logits[r, offsets[r] + t]` is still position t of row r's sequence."""
     device = _device(model)
     with_positions = _accepts(model, "position_ids")
     no_cache = _accepts(model, "use_cache")
+    trim = read_from is not None and _accepts(model, "logits_to_keep")
     with _inference(model):
         for batch in _batches([len(s) for s in seqs], batch_size):
             ids, mask, positions, offsets = pad_sequences([seqs[i] for i in batch], pad_id, padding_side)
@@ -126,8 +133,11 @@ def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size
                 kwargs["position_ids"] = positions.to(device)
             if no_cache:
                 kwargs["use_cache"] = False
+            first = min(offsets[r] + read_from[i] for r, i in enumerate(batch)) if trim else 0  # type: ignore[index]
+            if trim:
+                kwargs["logits_to_keep"] = ids.shape[1] - first
             logits = model(**kwargs).logits
-            yield batch, logits, offsets
+            yield batch, logits, [off - first for off in offsets]
             del logits
 
 
@@ -141,7 +151,8 @@ def teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size: i
     if not encoded:
         return []
     pad_id = pad_token_id(tokenizer, model)
-    for batch, logits, offsets in batched_logits(model, [e[0] for e in encoded], pad_id, batch_size, padding_side):
+    seqs, starts = [e[0] for e in encoded], [e[1] - 1 for e in encoded]  # only the positions that predict a target token
+    for batch, logits, offsets in batched_logits(model, seqs, pad_id, batch_size, padding_side, read_from=starts):
         for r, i in enumerate(batch):
             seq, start, stop = encoded[i]
             off = offsets[r]
