@@ -318,7 +318,8 @@ class RecipeRun:
         for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where, system_prompt=recipe.dataset.system_prompt, eos=answer_eos(recipe)):
             examples_by_case.setdefault(ex.case_id, []).append(ex)
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
-        initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable}
+        # the base's trained tensors, to start every anchored batch from (only the anchored strategy needs the copy)
+        initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable} if recipe.sequential.strategy == "anchored" else {}
         forward = training_forward(model, trainable, dist.accelerator if dist.enabled else None)
         return Session(run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, training_model, named, device, fmt, examples_by_case, initial, forward)
 
