@@ -429,8 +429,19 @@ def run(
     )
     for name, p in result.stage_profile.items():
         out.print(f"stage {name}: {p['seconds']:.1f} s, peak RSS {p['peak_rss'] / 2**30:.2f} GiB")
+    if result.stage_profile:
+        from .pipeline.runner import evaluation_share
+
+        eval_seconds, share = evaluation_share(result)
+        out.print(f"evaluation: {eval_seconds:.1f} s of {result.seconds:.1f} s wall time ({share:.0%})")
     for r in result.train_reports[:1]:
         out.print(f"training forward: {r.get('forward', '')}; precision: {r.get('precision', '')}")
+    spent: dict[str, float] = {}
+    for r in result.train_reports:
+        for part, seconds in r.get("profile", {}).items():
+            spent[part] = spent.get(part, 0.0) + seconds
+    if spent:
+        out.print("training time: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in spent.items()))
     for note in result.notes:
         out.print(f"note: {note}")
     out.print(f"[green]model:[/] {result.model_dir} (Hugging Face folder with model card)")

@@ -1,6 +1,7 @@
 """#16: the frozen-prefix forward is exact, bucketing keeps examples apart, learned edits leave, no system prompt."""
 
 import torch
+from test_pipeline import tiny_model  # noqa: F401  (a fixture)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mergeedit.editing.forward import FullForward, PrefixForward
@@ -10,9 +11,9 @@ from mergeedit.editing.tokens import length_buckets, pad_batch
 EXAMPLES = [TrainingExample("a", [1, 5, 6, 7], [8, 9]), TrainingExample("b", [1, 5], [10]), TrainingExample("c", [1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13])]
 
 
-def _model():
+def _model(initializer_range: float = 0.02):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, initializer_range=initializer_range)
     return LlamaForCausalLM(cfg)
 
 
@@ -49,13 +50,14 @@ def test_learned_edit_gets_no_gradient_for_the_rest_of_its_epoch():
     assert pool.active([0, 1, 2]) == [2]
     pool.new_epoch()
     assert pool.active([0, 1, 2]) == [0, 1, 2]
-    model = _model()
+    model = _model(initializer_range=0.3)  # logits wide enough for the losses to reach the threshold
     seen = []
-    settings = TrainSettings(lr=1e-2, batch_size=3, max_epochs=2, max_steps_per_batch=30, loss_threshold=1.0)
+    settings = TrainSettings(lr=1e-2, batch_size=3, max_epochs=2, max_steps_per_batch=30, loss_threshold=0.5)
     trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
     train_edits(model, EXAMPLES, trainable, settings, pad_id=0, device=torch.device("cpu"), on_step=lambda step, cases: seen.append(cases))
     # within the first epoch, once an edit drops out of the trained set it never returns
     first = seen[: next((k for k in range(1, len(seen)) if len(seen[k]) > len(seen[k - 1])), len(seen))]
+    assert len(first[-1]) < len(first[0])  # precondition, by construction: some edit was learned and left mid-epoch
     for k in range(1, len(first)):
         assert set(first[k]) <= set(first[k - 1])
 
@@ -87,3 +89,141 @@ def test_chat_form_has_no_system_prompt_unless_asked():
     )
     assert chat_prompt(tok, "Q?") == "<user>Q?</user><assistant>"
     assert chat_prompt(tok, "Q?", "Be brief.") == "<system>Be brief.</system><user>Q?</user><assistant>"
+
+
+def test_prefix_cache_kept_across_epochs_and_calls_rebuilt_only_when_a_frozen_layer_changes():
+    model = _model()
+    cpu = torch.device("cpu")
+    pf = PrefixForward(model, 2)
+    calls = []
+    run_prefix = pf._prefix
+    pf._prefix = lambda ids, mask: calls.append(ids.shape[0]) or run_prefix(ids, mask)
+    trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n or "layers.3.mlp" in n]
+    settings = TrainSettings(lr=1e-2, batch_size=3, max_epochs=3, max_steps_per_batch=2, loss_threshold=0.0)
+    train_edits(model, EXAMPLES, trainable, settings, pad_id=0, device=cpu, forward=pf)
+    assert sum(calls) == len(EXAMPLES)  # each example's prefix once, for all three epochs
+    cached = dict(pf.hidden)
+    # a second sequential batch (chained editing): training changed layers 2-3 only, so nothing is recomputed
+    train_edits(model, EXAMPLES, trainable, settings, pad_id=0, device=cpu, forward=pf)
+    assert sum(calls) == len(EXAMPLES) and all(pf.hidden[k] is v for k, v in cached.items())
+    # a merged delta that writes a layer below L (as load_delta does): the cache is rebuilt and matches a fresh one
+    below = "model.layers.1.mlp.down_proj.weight"
+    model.load_state_dict({below: dict(model.named_parameters())[below].detach() + 0.5}, strict=False)
+    pf.prepare(EXAMPLES, 0, cpu)
+    assert sum(calls) == 2 * len(EXAMPLES)
+    fresh = PrefixForward(model, 2)
+    fresh.prepare(EXAMPLES, 0, cpu)
+    for k, v in cached.items():
+        assert not torch.allclose(pf.hidden[k], v) and torch.equal(pf.hidden[k], fresh.hidden[k])
+
+
+def test_gradients_are_none_after_every_step():
+    model = _model()
+    trainable = [n for n, _ in model.named_parameters() if "mlp" in n]
+    checked = []
+
+    def no_grads(step, cases):
+        checked.append(all(p.grad is None for p in model.parameters()))
+
+    settings = TrainSettings(lr=1e-2, batch_size=2, max_epochs=2, max_steps_per_batch=3, loss_threshold=0.0)
+    train_edits(model, EXAMPLES, trainable, settings, pad_id=0, device=torch.device("cpu"), on_step=no_grads)
+    assert len(checked) == 2 * 2 * 3 and all(checked)  # two epochs of two batches ({2 edits}, {1 edit}), 3 steps each
+
+
+def test_generation_is_batched_left_padded_and_reuses_the_kv_cache():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergeedit.evaluation.metrics import generate_answers
+
+    model = _model()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, 50)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<pad>")
+    prompts = ["w1 w2 w3 w4 w5", "w6", "w7 w8 w9"]
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((tuple(kwargs["input_ids"].shape), kwargs["attention_mask"].tolist()))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        batched = generate_answers(model, tok, prompts, max_new_tokens=4, chat_template=False, batch_size=3)
+    finally:
+        handle.remove()
+    # one batch of 3: the first call reads the left-padded prompts, every later call only the newest token (KV cache)
+    assert seen[0] == ((3, 5), [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])  # longest first
+    assert len(seen) == 4 and all(shape == (3, 1) for shape, _ in seen[1:])
+    single = [generate_answers(model, tok, [p], max_new_tokens=4, chat_template=False, batch_size=1)[0] for p in prompts]
+    assert batched == single
+
+
+def test_run_summary_shows_each_stage_peak_rss_and_the_evaluation_share(tmp_path, tiny_model, run_cli):  # noqa: F811
+    from test_pipeline import _recipe
+
+    from mergeedit.pipeline.runner import evaluation_share, is_evaluation_stage
+
+    recipe = _recipe(tmp_path, tiny_model, merge=None, rsft={"max_epochs": 1, "max_steps_per_batch": 1})
+    got = run_cli("run", recipe)
+    assert got.code == 0, got.stderr
+    stages = ["pre-eval", "rsft-000", "export", "eval"]
+    for name in stages:
+        line = next(x for x in got.stdout.splitlines() if x.startswith(f"stage {name}: "))
+        assert line.endswith(" GiB") and "peak RSS" in line
+        assert float(line.split("peak RSS ")[1].split()[0]) > 0  # a measured figure, not a placeholder
+    assert [n for n in stages if is_evaluation_stage(n)] == ["pre-eval", "eval"]
+    assert "evaluation: " in got.stdout and "training time: prefix" in got.stdout
+    from mergeedit.pipeline.runner import RunResult
+
+    result = RunResult(tmp_path, tmp_path, 1, 1, [], None, None, seconds=10.0, stage_profile={"pre-eval": {"seconds": 1.0}, "rsft-000": {"seconds": 6.0}, "eval": {"seconds": 1.5}, "curve-000": {"seconds": 0.5}})
+    assert evaluation_share(result) == (3.0, 0.3)
+
+
+def test_generation_asks_in_the_trained_chat_form_without_the_default_system_prompt():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergeedit.editing.prompts import chat_pair
+    from mergeedit.evaluation.metrics import _generation_inputs
+
+    words = ["<pad>", "SYS", "DEFAULT", "system", "user", "assistant", "x", "brief"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<pad>")
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}SYS DEFAULT {% endif %}"
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
+    )
+    ids = {w: i for i, w in enumerate(words)}
+    assert _generation_inputs(tok, ["x"], True) == [[ids["user"], ids["x"], ids["assistant"]]]
+    assert _generation_inputs(tok, ["x"], True, "brief") == [[ids["system"], ids["brief"], ids["user"], ids["x"], ids["assistant"]]]
+    assert _generation_inputs(tok, ["x"], True) == [chat_pair(tok, "x", "x")[0]]  # the prompt R-SFT trains on
+
+
+def test_teacher_forced_scoring_runs_the_output_layer_only_from_the_first_scored_position():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergeedit.evaluation.metrics import teacher_forced_tokens
+
+    model = _model(initializer_range=0.3)
+    tk = Tokenizer(models.WordLevel({"<pad>": 0, **{f"w{i}": i for i in range(1, 50)}}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<pad>")
+    prompts, targets = ["w1 w2 w3 w4 w5 w6", "w7 w8 w9 w10", "w11 w12 w13 w14 w15"], ["w20 w21", "w22", "w23 w24 w25"]
+    rows = []
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: rows.append(tuple(args[0].shape[:2])))
+    try:
+        got = teacher_forced_tokens(model, tok, prompts, targets, batch_size=3)
+    finally:
+        handle.remove()
+    # right padding, widths 8/5/8: the earliest position predicting a target token is 3 (the 4-word prompt), so 8 - 3 columns
+    assert rows == [(3, 5)]
+    with torch.no_grad():
+        for p, t, pred in zip(prompts, targets, got):
+            ids = tok(p + " " + t)["input_ids"]
+            start = len(p.split())
+            assert model(torch.tensor([ids])).logits[0, start - 1 : len(ids) - 1].argmax(-1).tolist() == pred

@@ -112,12 +112,14 @@ def evaluate_edits(
     fluency: bool = False,
     fluency_tokens: int = 100,
     padding_side: str = "right",
+    system_prompt: str | None = None,
 ) -> EvalResult:
     """Score every edit on the (edited) model. See the module docstring for the protocols.
 
     pre: `reference_outputs` of the unedited model on the same records; without it loc is None.
     generation: also run the generation protocol (rel_em, gen_em and the answers).
-    chat_template: for the generation protocol (None: use the tokenizer's template when it has one).
+    chat_template: for the generation protocol (None: use the tokenizer's template when it has one); the chat form
+    has no template default system prompt unless `system_prompt` gives one (as in training).
     fluency: also greedily continue each edit prompt for `fluency_tokens` tokens (raw prompt, no chat template,
     stops only at EOS) and score its n-gram entropy.
     """
@@ -125,7 +127,7 @@ def evaluate_edits(
     _check_unique(records)
     _check_pre(records, pre)
     per = _teacher_forced_scores(model, tokenizer, records, pre, batch_size, padding_side)
-    answers_rel, answers_gen = _generated_answers(model, tokenizer, records, max_new_tokens, chat_template, batch_size) if generation else ([], [])
+    answers_rel, answers_gen = _generated_answers(model, tokenizer, records, max_new_tokens, chat_template, batch_size, system_prompt) if generation else ([], [])
     continuations: list[str] = []
     if fluency:
         continuations = metrics.generate_continuations(
@@ -145,7 +147,7 @@ def evaluate_edits(
     for name, protocol in PROTOCOLS.items():
         values = [rec[name] for rec in out_records if rec[name] is not None]
         aggregate[name] = metric(_mean(values), protocol, len(values))
-    settings = _settings(tokenizer, len(records), pre is not None, generation, chat_template, max_new_tokens, fluency, fluency_tokens, batch_size, padding_side)
+    settings = _settings(tokenizer, len(records), pre is not None, generation, chat_template, max_new_tokens, fluency, fluency_tokens, batch_size, padding_side, system_prompt)
     return EvalResult(records=out_records, aggregate=aggregate, settings=settings)
 
 
@@ -189,11 +191,11 @@ def _teacher_forced_scores(model, tokenizer, records: list[EditRecord], pre, bat
     return per
 
 
-def _generated_answers(model, tokenizer, records: list[EditRecord], max_new_tokens: int, chat_template, batch_size: int):
+def _generated_answers(model, tokenizer, records: list[EditRecord], max_new_tokens: int, chat_template, batch_size: int, system_prompt: str | None):
     """Greedy answers to every edit question: (one per record, the rephrases' per record)."""
     questions = [r.prompt for r in records] + [q for r in records for q in r.rephrases]
     answers = metrics.generate_answers(
-        model, tokenizer, questions, max_new_tokens=max_new_tokens, chat_template=chat_template, batch_size=batch_size
+        model, tokenizer, questions, max_new_tokens=max_new_tokens, chat_template=chat_template, batch_size=batch_size, system_prompt=system_prompt
     )
     answers_rel = answers[: len(records)]
     answers_gen: list[list[str]] = []
@@ -231,7 +233,7 @@ def _edit_record(r: EditRecord, p: dict, pre, answer_rel: str | None, answers_ge
 
 
 def _settings(tokenizer, n_edits: int, has_pre: bool, generation: bool, chat_template, max_new_tokens: int, fluency: bool,
-              fluency_tokens: int, batch_size: int, padding_side: str) -> dict:
+              fluency_tokens: int, batch_size: int, padding_side: str, system_prompt: str | None = None) -> dict:
     """How the scores were made, stored with them."""
     return {
         "n_edits": n_edits,
@@ -241,6 +243,7 @@ def _settings(tokenizer, n_edits: int, has_pre: bool, generation: bool, chat_tem
         if generation
         else None,
         "max_new_tokens": max_new_tokens if generation else None,
+        "system_prompt": system_prompt if generation else None,
         "fluency_tokens": fluency_tokens if fluency else None,
         "batch_size": batch_size,
         "padding_side": padding_side,
@@ -248,6 +251,7 @@ def _settings(tokenizer, n_edits: int, has_pre: bool, generation: bool, chat_tem
             TEACHER_FORCED: "prompt + ' ' + target tokenized whole; argmax at the position before each target token; "
             "fraction of target tokens correct",
             PRE_VS_POST: "mean(pre-edit argmax == post-edit argmax) over the target positions of locality prompt + ' ' + answer",
-            GENERATION: "greedy answer to the question alone, cut at the first newline/period/EOS; SQuAD exact match",
+            GENERATION: "greedy answer to the question alone (chat form: no template default system prompt), cut at the "
+            "first newline/period/EOS; SQuAD exact match",
         },
     }

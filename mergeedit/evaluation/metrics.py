@@ -23,7 +23,9 @@ Padding
 Generation (`generate_answers`)
     Greedy decoding (``do_sample=False, num_beams=1``; the model's sampling defaults are overridden) from the question
     alone, optionally wrapped in the tokenizer's chat template as a single user turn with the generation prompt
-    (then tokenized with ``add_special_tokens=False``: the template writes its own BOS). A row stops at EOS (the
+    (then tokenized with ``add_special_tokens=False``: the template writes its own BOS). The chat form is R-SFT's
+    (``editing.prompts.chat_prompt``): a default system prompt the template would inject is left out unless one is
+    given, so edits are asked the way they were trained. Batched, left-padded, with the KV cache. A row stops at EOS (the
     tokenizer's and the generation config's), or as soon as its decoded continuation contains a newline or a period,
     or after ``max_new_tokens``. The answer is the continuation decoded with special tokens skipped, cut at the first
     ``"\\n"`` or ``"."`` and stripped of surrounding whitespace (so a continuation that starts with a newline yields
@@ -51,6 +53,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
 from ..core.errors import MergeEditError
+from ..editing.prompts import chat_prompt
 from ..editing.tokens import encode_prompt_target, pad_sequences, pad_token_id
 
 __all__ = [
@@ -110,12 +113,19 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, padding_side: str):
+def batched_logits(
+    model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, padding_side: str, read_from: Sequence[int] | None = None
+):
     """Yields (batch indices, logits [rows, width, vocab], left-pad offsets) for length-sorted padded batches of `seqs`,
-    in inference mode, with position ids that ignore padding when the model takes them."""
+    in inference mode, with position ids that ignore padding when the model takes them.
+
+    read_from: per sequence, the first position whose logits the caller reads. Then (when the model takes
+    `logits_to_keep`) the output layer runs only from the batch's earliest such position on, and the offsets come
+    back shifted by that position, so `logits[r, offsets[r] + t]` is still position t of row r's sequence."""
     device = _device(model)
     with_positions = _accepts(model, "position_ids")
     no_cache = _accepts(model, "use_cache")
+    trim = read_from is not None and _accepts(model, "logits_to_keep")
     with _inference(model):
         for batch in _batches([len(s) for s in seqs], batch_size):
             ids, mask, positions, offsets = pad_sequences([seqs[i] for i in batch], pad_id, padding_side)
@@ -124,8 +134,11 @@ def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size
                 kwargs["position_ids"] = positions.to(device)
             if no_cache:
                 kwargs["use_cache"] = False
+            first = min(offsets[r] + read_from[i] for r, i in enumerate(batch)) if trim else 0  # type: ignore[index]
+            if trim:
+                kwargs["logits_to_keep"] = ids.shape[1] - first
             logits = model(**kwargs).logits
-            yield batch, logits, offsets
+            yield batch, logits, [off - first for off in offsets]
             del logits
 
 
@@ -139,7 +152,8 @@ def teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size: i
     if not encoded:
         return []
     pad_id = pad_token_id(tokenizer, model)
-    for batch, logits, offsets in batched_logits(model, [e[0] for e in encoded], pad_id, batch_size, padding_side):
+    seqs, starts = [e[0] for e in encoded], [e[1] - 1 for e in encoded]  # only the positions that predict a target token
+    for batch, logits, offsets in batched_logits(model, seqs, pad_id, batch_size, padding_side, read_from=starts):
         for r, i in enumerate(batch):
             seq, start, stop = encoded[i]
             off = offsets[r]
@@ -184,18 +198,16 @@ def locality(pre_tokens: Sequence[Sequence[int]], post_tokens: Sequence[Sequence
 # Generation
 
 
-def _generation_inputs(tokenizer, prompts: Sequence[str], chat_template: bool | None) -> list[list[int]]:
+def _generation_inputs(tokenizer, prompts: Sequence[str], chat_template: bool | None, system_prompt: str | None = None) -> list[list[int]]:
+    """Prompt ids: the raw question, or the chat form R-SFT trains on (`editing.prompts.chat_prompt`: no template
+    default system prompt unless `system_prompt` is given)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     use = has_template if chat_template is None else bool(chat_template)
     if use and not has_template:
         raise MergeEditError("chat_template=True but the tokenizer has no chat template; pass chat_template=False")
     if not use:
         return [list(tokenizer(p)["input_ids"]) for p in prompts]
-    out = []
-    for p in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    return out
+    return [list(tokenizer(chat_prompt(tokenizer, p, system_prompt), add_special_tokens=False)["input_ids"]) for p in prompts]
 
 
 def _eos_ids(tokenizer, model) -> list[int]:
@@ -216,15 +228,19 @@ def generate_continuations(
     chat_template: bool | None,
     batch_size: int,
     stop_chars: Sequence[str],
+    system_prompt: str | None = None,
 ) -> list[str]:
-    """Greedy continuations (decoded, special tokens skipped), cut at the first of `stop_chars` (not stripped)."""
+    """Greedy continuations (decoded, special tokens skipped), cut at the first of `stop_chars` (not stripped).
+
+    Batches of `batch_size` prompts of similar length, left-padded, decoded with the KV cache (each step after the
+    first feeds only the newest token)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     prompts = list(prompts)
     if not prompts:
         return []
-    inputs = _generation_inputs(tokenizer, prompts, chat_template)
+    inputs = _generation_inputs(tokenizer, prompts, chat_template, system_prompt)
     pad_id = pad_token_id(tokenizer, model)
     eos = _eos_ids(tokenizer, model)
     device = _device(model)
@@ -259,6 +275,7 @@ def generate_continuations(
                 pad_token_id=pad_id,
                 eos_token_id=eos or None,
                 stopping_criteria=criteria,
+                use_cache=True,
             )
             for r, i in enumerate(batch):
                 new = out[r, width:].tolist()
@@ -281,11 +298,13 @@ def generate_answers(
     max_new_tokens: int = 16,
     chat_template: bool | None = None,
     batch_size: int = 16,
+    system_prompt: str | None = None,
 ) -> list[str]:
     """Greedy answers to the questions alone: stop at newline, period or EOS; text cut at the first '\\n' or '.'.
 
     chat_template: True wraps each question in the tokenizer's chat template (error if it has none), False feeds the
-    raw question, None (auto) uses the template when the tokenizer has one.
+    raw question, None (auto) uses the template when the tokenizer has one. The chat form is the one R-SFT trains
+    on: the template's default system prompt is left out unless `system_prompt` gives one.
     """
     texts = generate_continuations(
         model,
@@ -295,6 +314,7 @@ def generate_answers(
         chat_template=chat_template,
         batch_size=batch_size,
         stop_chars=STOP_CHARS,
+        system_prompt=system_prompt,
     )
     return [t.strip() for t in texts]
 

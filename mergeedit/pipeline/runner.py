@@ -73,6 +73,17 @@ def stage_names(recipe: Recipe, batches: int, prefix: str = "") -> list[str]:
     return names + ["export"] + (["adapter"] if recipe.output.adapter else []) + (["eval"] if ev.enabled else [])
 
 
+def is_evaluation_stage(name: str) -> bool:
+    """Stages that score models (reference outputs, drift reference, curve points, the final evaluation)."""
+    return name.endswith("pre-eval") or name in ("pre-drift", "eval") or name.startswith("curve-")
+
+
+def evaluation_share(result: "RunResult") -> tuple[float, float]:
+    """(seconds spent in evaluation stages run this time, their share of the run's wall time)."""
+    seconds = sum(p["seconds"] for name, p in result.stage_profile.items() if is_evaluation_stage(name))
+    return seconds, (seconds / result.seconds if result.seconds > 0 else 0.0)
+
+
 def load_delta(model, delta: ModelSource) -> None:
     """Overwrite the model's trained tensors with a delta checkpoint's (the other tensors are untouched)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -280,7 +291,8 @@ class RecipeRun:
             examples_by_case.setdefault(ex.case_id, []).append(ex)
         run = RunDir(self.root, self.force, self.reporter, dist)  # only now: an error above leaves no run folder behind
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
-        initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable}
+        # the base's trained tensors, to start every anchored batch from (only the anchored strategy needs the copy)
+        initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable} if recipe.sequential.strategy == "anchored" else {}
         forward = training_forward(model, trainable, dist.accelerator if dist.enabled else None)
         return Session(run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, training_model, named, device, fmt, examples_by_case, initial, forward)
 
