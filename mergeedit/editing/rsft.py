@@ -174,6 +174,194 @@ class EpochPool:
         return [self.case_of[i] not in self.learned for i in indices]
 
 
+@dataclass
+class _Setup:
+    """What `_set_up` made ready for the loops."""
+
+    named: dict  # the module's parameters by name
+    optimizer: torch.optim.Optimizer
+    precision_note: str  # the report's `precision`: the setting, and for `auto` what it chose and why
+    half: Optional[torch.dtype]  # the autocast dtype; None runs in float32
+    forward: object  # a FullForward or PrefixForward, prepared for `examples`
+    prefix_before: float  # the forward's prefix seconds before this call (a passed-in forward keeps its total)
+
+
+def _set_up(model, examples, trainable, settings, *, pad_id, device, accelerator, precision, forward) -> _Setup:
+    """Seed, mark the trainable parameters, make the optimizer, choose the precision and prepare the forward.
+
+    The frozen-prefix cache is computed here, once, under the same autocast as the steps. A forward passed in keeps its
+    cache across calls (chained sequential batches, replayed edits); under several processes DDP needs its own forward.
+    """
+    torch.manual_seed(settings.seed)
+    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    named = mark_trainable(module, trainable)
+    optimizer = _make_optimizer([named[n] for n in trainable], settings)
+    if accelerator is not None:
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    model.train()
+    precision_note = precision
+    if precision == "auto":
+        precision, why = pick_precision(device)
+        precision_note = f"auto -> {precision} ({why})"
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+    if forward is None:
+        forward = training_forward(model, trainable, accelerator) if accelerator is None else FullForward(model, "several processes: DDP needs its own forward")
+    prefix_before = forward.prefix_seconds
+    with torch.autocast(device.type, dtype=half, enabled=half is not None):
+        forward.prepare(examples, pad_id, device)
+    return _Setup(named, optimizer, precision_note, half, forward, prefix_before)
+
+
+class _EditLoop:
+    """The state of one `train_edits` call's loops: the edits by case, the epoch pool, each edit's steps and last
+    measured loss, the batch loss of every optimizer step, the seconds per phase and the tokens through the trained
+    layers. `run_epoch` is loops 2 and 3 of the module docstring, `end_epoch` the check after every epoch."""
+
+    def __init__(self, model, examples, settings, setup: _Setup, *, pad_id, device, accelerator, progress, on_step) -> None:
+        self.model, self.examples, self.settings, self.setup = model, examples, settings, setup
+        self.pad_id, self.device, self.accelerator = pad_id, device, accelerator
+        self.progress, self.on_step = progress, on_step
+        self.timing = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "measure": 0.0}
+        self.tokens = 0
+        self.case_ids = list(dict.fromkeys(e.case_id for e in examples))
+        self.by_case: dict[str, list[int]] = {c: [] for c in self.case_ids}
+        for i, e in enumerate(examples):
+            self.by_case[e.case_id].append(i)
+        self.steps_per_case = {c: 0 for c in self.case_ids}
+        self.last_loss = {c: math.inf for c in self.case_ids}
+        self.total_steps, self.losses, self.epochs = 0, [], 0
+        self.pool = EpochPool([e.case_id for e in examples], settings.loss_threshold)
+        self.steps_per_batch = 1 if settings.schedule == "breadth-first" else settings.max_steps_per_batch
+
+    def losses_of(self, indices: list[int], count: bool = True) -> torch.Tensor:
+        """Per-example losses of `indices` (in that order), computed in length buckets so padding stays small."""
+        examples, half = self.examples, self.setup.half
+        out: list[Optional[torch.Tensor]] = [None] * len(indices)
+        lengths = [len(examples[i].prompt_ids) + len(examples[i].answer_ids) for i in indices]
+        with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
+            for bucket in length_buckets(lengths):
+                chosen = [indices[j] for j in bucket]
+                b = pad_batch([(examples[i].prompt_ids, examples[i].answer_ids) for i in chosen], self.pad_id)
+                b = {k: v.to(self.device) for k, v in b.items()}
+                b["keys"] = [tuple(examples[i].prompt_ids) + tuple(examples[i].answer_ids) for i in chosen]
+                self.tokens += int(b["attention_mask"].sum()) if count else 0
+                values = self.setup.forward.losses(b, chosen)
+                for r, j in enumerate(bucket):
+                    out[j] = values[r]
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def measure_all(self) -> None:
+        """Each edit's loss: the worst of its examples, measured without training (every edit, learned or not)."""
+        t = time.perf_counter()
+        self.model.eval()
+        per_example: list[float] = []
+        n = len(self.examples)
+        with torch.no_grad():
+            for start in range(0, n, 64):
+                per_example += self.losses_of(list(range(start, min(start + 64, n))), count=False).tolist()
+        for c, indices in self.by_case.items():
+            self.last_loss[c] = max(per_example[i] for i in indices)
+        self.model.train()
+        self.timing["measure"] += time.perf_counter() - t
+
+    def learned_count(self) -> int:
+        return sum(v < self.settings.loss_threshold for v in self.last_loss.values())
+
+    def run_epoch(self, epoch: int, gen: torch.Generator) -> None:
+        """Loop 2: the edits in a fresh shuffled order, batch by batch, each batch trained by `train_batch`."""
+        self.epochs = epoch + 1
+        self.pool.new_epoch()
+        order = torch.randperm(len(self.case_ids), generator=gen).tolist()
+        size = self.settings.batch_size
+        for start in range(0, len(order), size):
+            # a batch holds batch_size edits with all their training examples (chat and raw forms, paraphrases)
+            idx = [i for c in order[start : start + size] for i in self.by_case[self.case_ids[c]]]
+            acc = self.accelerator
+            if acc is not None and len(idx) >= acc.num_processes:
+                idx = idx[acc.process_index :: acc.num_processes]  # this process's share of the batch
+            self.train_batch(idx)
+
+    def train_batch(self, idx: list[int]) -> None:
+        """Loop 3: up to `steps_per_batch` steps on one batch (one under breadth-first), until it is learned."""
+        for _ in range(self.steps_per_batch):
+            if not self.step(idx):
+                break
+
+    def step(self, idx: list[int]) -> bool:
+        """One optimizer step on the batch's examples whose edit is still unlearned; False when none is left."""
+        acc = self.accelerator
+        # under several processes every process keeps its whole share (steps stay in step); learned examples are
+        # masked out of the loss instead
+        live = self.pool.active(idx) if acc is None else idx
+        if not live:
+            return False
+        t = time.perf_counter()
+        per_example = self.losses_of(live)
+        keep = self.pool.update(live, per_example.detach().tolist())
+        weights = torch.tensor(keep, dtype=per_example.dtype, device=per_example.device)
+        n_keep = weights.sum()
+        if acc is not None:
+            n_keep = acc.reduce(n_keep, "sum")
+        self.timing["forward"] += time.perf_counter() - t
+        if float(n_keep) == 0:
+            return False
+        loss = (per_example * weights).sum() / n_keep.clamp_min(1) * (acc.num_processes if acc is not None else 1)
+        value = float(loss.detach())
+        self.apply(loss)
+        self.record_step(live, keep, value)
+        return True
+
+    def apply(self, loss: torch.Tensor) -> None:
+        """Backward and optimizer step; the gradients are dropped right after (no gradient memory between steps)."""
+        t = time.perf_counter()
+        (self.accelerator.backward(loss) if self.accelerator is not None else loss.backward())
+        self.timing["backward"] += time.perf_counter() - t
+        t = time.perf_counter()
+        self.setup.optimizer.step()
+        self.setup.optimizer.zero_grad(set_to_none=True)  # no gradient memory held between steps
+        self.timing["optimizer"] += time.perf_counter() - t
+
+    def record_step(self, live: list[int], keep: list[bool], value: float) -> None:
+        """Count the step for every edit that contributed to its loss, then tell `on_step` and `progress`."""
+        self.total_steps += 1
+        self.losses.append(value)
+        trained_cases = list(dict.fromkeys(self.examples[i].case_id for i, k in zip(live, keep) if k))
+        for c in trained_cases:
+            self.steps_per_case[c] += 1
+        if self.on_step:
+            self.on_step(self.total_steps, trained_cases)
+        if self.progress:
+            self.progress(self.learned_count(), len(self.case_ids), value, self.total_steps)
+
+    def end_epoch(self) -> bool:
+        """The check after every epoch: measure every edit again; True when all are learned (training stops)."""
+        self.measure_all()
+        if self.progress:
+            self.progress(self.learned_count(), len(self.case_ids), self.losses[-1] if self.losses else 0.0, self.total_steps)
+        threshold = self.settings.loss_threshold
+        return threshold > 0 and all(v < threshold for v in self.last_loss.values())
+
+    def report(self, trainable: list[str], started: float) -> TrainReport:
+        """Each edit's last measured loss, steps and verdict, with the run's totals, forward path and profile."""
+        self.model.eval()
+        threshold = self.settings.loss_threshold
+        edits = [EditOutcome(c, self.last_loss[c], self.steps_per_case[c], self.last_loss[c] < threshold) for c in self.case_ids]
+        s = self.setup
+        return TrainReport(
+            edits=edits,
+            steps=self.total_steps,
+            epochs=self.epochs,
+            seconds=time.perf_counter() - started,
+            trainable_tensors=list(trainable),
+            trainable_parameters=sum(s.named[n].numel() for n in trainable),
+            losses=self.losses,
+            forward=s.forward.describe(),
+            precision=s.precision_note,
+            tokens=self.tokens,
+            profile={"prefix": s.forward.prefix_seconds - s.prefix_before + 0.0, **self.timing},
+        )
+
+
 def train_edits(
     model,
     examples: list[TrainingExample],
@@ -196,127 +384,11 @@ def train_edits(
     `mark_trainable`; each process trains on its share of every batch (full forward).
     """
     started = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    module = accelerator.unwrap_model(model) if accelerator is not None else model
-    named = mark_trainable(module, trainable)
-    params = [named[n] for n in trainable]
-    optimizer = _make_optimizer(params, settings)
-    if accelerator is not None:
-        optimizer = accelerator.prepare_optimizer(optimizer)
-    model.train()
-    precision_note = precision
-    if precision == "auto":
-        precision, why = pick_precision(device)
-        precision_note = f"auto -> {precision} ({why})"
-    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
-    if forward is None:
-        forward = training_forward(model, trainable, accelerator) if accelerator is None else FullForward(model, "several processes: DDP needs its own forward")
-    prefix_before = forward.prefix_seconds
-    with torch.autocast(device.type, dtype=half, enabled=half is not None):
-        forward.prepare(examples, pad_id, device)
-    timing = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "measure": 0.0}
-    tokens = [0]
-
-    def losses_of(indices: list[int], count: bool = True) -> torch.Tensor:
-        """Per-example losses of `indices` (in that order), computed in length buckets so padding stays small."""
-        out: list[Optional[torch.Tensor]] = [None] * len(indices)
-        lengths = [len(examples[i].prompt_ids) + len(examples[i].answer_ids) for i in indices]
-        with torch.autocast(device.type, dtype=half, enabled=half is not None):
-            for bucket in length_buckets(lengths):
-                chosen = [indices[j] for j in bucket]
-                b = pad_batch([(examples[i].prompt_ids, examples[i].answer_ids) for i in chosen], pad_id)
-                b = {k: v.to(device) for k, v in b.items()}
-                b["keys"] = [tuple(examples[i].prompt_ids) + tuple(examples[i].answer_ids) for i in chosen]
-                tokens[0] += int(b["attention_mask"].sum()) if count else 0
-                values = forward.losses(b, chosen)
-                for r, j in enumerate(bucket):
-                    out[j] = values[r]
-        return torch.stack(out)  # type: ignore[arg-type]
-
-    case_ids = list(dict.fromkeys(e.case_id for e in examples))
-    by_case: dict[str, list[int]] = {c: [] for c in case_ids}
-    for i, e in enumerate(examples):
-        by_case[e.case_id].append(i)
-    steps_per_case = {c: 0 for c in case_ids}
-    last_loss = {c: math.inf for c in case_ids}
+    setup = _set_up(model, examples, trainable, settings, pad_id=pad_id, device=device, accelerator=accelerator, precision=precision, forward=forward)
+    loop = _EditLoop(model, examples, settings, setup, pad_id=pad_id, device=device, accelerator=accelerator, progress=progress, on_step=on_step)
     gen = torch.Generator().manual_seed(settings.seed)
-    total_steps, losses, epochs = 0, [], 0
-    pool = EpochPool([e.case_id for e in examples], settings.loss_threshold)
-    steps_per_batch = 1 if settings.schedule == "breadth-first" else settings.max_steps_per_batch
-
-    def measure_all() -> None:
-        """Each edit's loss: the worst of its examples, measured without training (every edit, learned or not)."""
-        t = time.perf_counter()
-        model.eval()
-        per_example: list[float] = []
-        with torch.no_grad():
-            for start in range(0, len(examples), 64):
-                per_example += losses_of(list(range(start, min(start + 64, len(examples)))), count=False).tolist()
-        for c, indices in by_case.items():
-            last_loss[c] = max(per_example[i] for i in indices)
-        model.train()
-        timing["measure"] += time.perf_counter() - t
-
-    for epoch in range(settings.max_epochs):
-        epochs = epoch + 1
-        pool.new_epoch()
-        order = torch.randperm(len(case_ids), generator=gen).tolist()
-        for start in range(0, len(order), settings.batch_size):
-            # a batch holds batch_size edits with all their training examples (chat and raw forms, paraphrases)
-            idx = [i for c in order[start : start + settings.batch_size] for i in by_case[case_ids[c]]]
-            if accelerator is not None and len(idx) >= accelerator.num_processes:
-                idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share of the batch
-            for _ in range(steps_per_batch):
-                # under several processes every process keeps its whole share (steps stay in step); learned examples
-                # are masked out of the loss instead
-                live = pool.active(idx) if accelerator is None else idx
-                if not live:
-                    break
-                t = time.perf_counter()
-                per_example = losses_of(live)
-                keep = pool.update(live, per_example.detach().tolist())
-                weights = torch.tensor(keep, dtype=per_example.dtype, device=per_example.device)
-                n_keep = weights.sum()
-                if accelerator is not None:
-                    n_keep = accelerator.reduce(n_keep, "sum")
-                timing["forward"] += time.perf_counter() - t
-                if float(n_keep) == 0:
-                    break
-                loss = (per_example * weights).sum() / n_keep.clamp_min(1) * (accelerator.num_processes if accelerator is not None else 1)
-                value = float(loss.detach())
-                t = time.perf_counter()
-                (accelerator.backward(loss) if accelerator is not None else loss.backward())
-                timing["backward"] += time.perf_counter() - t
-                t = time.perf_counter()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)  # no gradient memory held between steps
-                timing["optimizer"] += time.perf_counter() - t
-                total_steps += 1
-                losses.append(value)
-                trained_cases = list(dict.fromkeys(examples[i].case_id for i, k in zip(live, keep) if k))
-                for c in trained_cases:
-                    steps_per_case[c] += 1
-                if on_step:
-                    on_step(total_steps, trained_cases)
-                if progress:
-                    progress(sum(v < settings.loss_threshold for v in last_loss.values()), len(case_ids), value, total_steps)
-        measure_all()
-        if progress:
-            progress(sum(v < settings.loss_threshold for v in last_loss.values()), len(case_ids), losses[-1] if losses else 0.0, total_steps)
-        if settings.loss_threshold > 0 and all(v < settings.loss_threshold for v in last_loss.values()):
+    for epoch in range(settings.max_epochs):  # loop 1
+        loop.run_epoch(epoch, gen)
+        if loop.end_epoch():
             break
-    model.eval()
-    edits = [EditOutcome(c, last_loss[c], steps_per_case[c], last_loss[c] < settings.loss_threshold) for c in case_ids]
-    return TrainReport(
-        edits=edits,
-        steps=total_steps,
-        epochs=epochs,
-        seconds=time.perf_counter() - started,
-        trainable_tensors=list(trainable),
-        trainable_parameters=sum(named[n].numel() for n in trainable),
-        losses=losses,
-        forward=forward.describe(),
-        precision=precision_note,
-        tokens=tokens[0],
-        profile={"prefix": forward.prefix_seconds - prefix_before + 0.0, **timing},
-    )
+    return loop.report(trainable, started)
