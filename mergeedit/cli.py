@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -28,21 +29,28 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _merge_with_progress(plan, out_dir: Path, options, est) -> None:
-    """Run the merge with a live progress bar, then print the closing summary."""
-    from .merging.merge import write_merge
-
+@contextmanager
+def _tensor_progress(label: str, total_bytes: int, tensors: int):
+    """A live bar of bytes and tensors written; yields the executor's per-tensor progress callback."""
     with Progress(
-        TextColumn("[bold]merging"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
         console=console, transient=False, disable=not console.is_terminal,
     ) as bar:
-        task = bar.add_task("merge", total=est.bytes_written, tensors=f"0/{est.tensors}")
+        task = bar.add_task(label, total=total_bytes, tensors=f"0/{tensors}")
         done = [0]
 
         def on_tensor(t, nbytes):
             done[0] += 1
-            bar.update(task, advance=nbytes, tensors=f"{done[0]}/{est.tensors}")
+            bar.update(task, advance=nbytes, tensors=f"{done[0]}/{tensors}")
 
+        yield on_tensor
+
+
+def _merge_with_progress(plan, out_dir: Path, options, est) -> None:
+    """Run the merge with a live progress bar, then print the closing summary."""
+    from .merging.merge import write_merge
+
+    with _tensor_progress("merging", est.bytes_written, est.tensors) as on_tensor:
         report = write_merge(plan, out_dir, options, progress=on_tensor)
     summary = Table(show_header=False, box=None)
     summary.add_row("output", str(out_dir))
@@ -158,17 +166,7 @@ def _partitioned(
                 table.add_row(f"{k}/{n}" + (" *" if k == i else ""), names, str(mine.tensors), format_size(mine.nbytes))
             out.print(table)
             return
-        with Progress(
-            TextColumn(f"[bold]part {i}/{n}"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-            console=console, transient=False, disable=not console.is_terminal,
-        ) as bar:
-            task = bar.add_task("part", total=layout.nbytes, tensors=f"0/{layout.tensors}")
-            done = [0]
-
-            def on_tensor(t, nbytes):
-                done[0] += 1
-                bar.update(task, advance=nbytes, tensors=f"{done[0]}/{layout.tensors}")
-
+        with _tensor_progress(f"part {i}/{n}", layout.nbytes, layout.tensors) as on_tensor:
             report = write_part(plan, out_dir, options, i, n, progress=on_tensor)
         reused = f", {report.resumed_shards} reused (sha256 verified)" if report.resumed_shards else ""
         if not report.shards:
