@@ -6,6 +6,8 @@ process, so wall time and peak RSS are per method; the table compares:
 
     FT-L               rsft.method ft-l: every projection of the middle layer (15), lr 5e-4, no merge
     FT-M               rsft.method ft-m: the middle layer's MLP down projection, answer-token loss, lr 5e-4, no merge
+    LocFT-BF           rsft.method locft-bf with its published settings (breadth-first epochs over mini-batches of 100,
+                       layer round(0.2 * 30) = 6's mlp.down_proj, Adam, lr 5e-4, 25 epochs, EOS after the answer), no merge
     (all methods share the training loop's budget: up to 25 steps per batch of 10, 5 epochs, loss threshold 0.05;
     the recipe presets' one step per batch is overridden so the baselines get EasyEdit's step count, 25 a batch)
     R-SFT              three-loop R-SFT of every MLP matrix, no merge
@@ -41,6 +43,7 @@ MIDDLE_LAYER = [15, 16]  # SmolLM2-135M has 30 layers
 METHODS: dict[str, tuple[dict, object, str]] = {
     "FT-L": ({"method": "ft-l", "layers": MIDDLE_LAYER, "lr": 5.0e-4}, None, "chained"),
     "FT-M": ({"method": "ft-m", "layers": MIDDLE_LAYER, "lr": 5.0e-4}, None, "chained"),
+    "LocFT-BF": ({"method": "locft-bf"}, None, "chained"),
     "R-SFT": ({}, None, "chained"),
     "R-SFT+TIES chained": ({}, TIES, "chained"),
     "R-SFT+TIES anchored": ({}, TIES, "anchored"),
@@ -50,7 +53,10 @@ COLUMNS = [("rel", "Rel TF"), ("gen", "Gen TF"), ("loc", "Loc"), ("rel_em", "Rel
 
 def recipe_for(method: str, args) -> dict:
     rsft_overrides, merge, strategy = METHODS[method]
-    rsft = {"lr": 1.0e-4, "batch_size": 10, "max_epochs": 5, "max_steps_per_batch": 25, "loss_threshold": 0.05, "seed": 0, **rsft_overrides}
+    if rsft_overrides.get("method") == "locft-bf":  # its published settings (runner's presets): Adam, lr 5e-4, batch 100, 25 epochs, breadth-first
+        rsft = {"seed": 0, **rsft_overrides}
+    else:
+        rsft = {"lr": 1.0e-4, "batch_size": 10, "max_epochs": 5, "max_steps_per_batch": 25, "loss_threshold": 0.05, "seed": 0, **rsft_overrides}
     if args.max_epochs is not None:
         rsft["max_epochs"] = args.max_epochs
     if args.max_steps is not None:
