@@ -75,23 +75,13 @@ class ExecutionReport:
     kernel_failure: Optional[str] = None  # why compiled kernels are not in use, if compiling or running one failed
 
 
-def _config_line(doc, ref: str) -> str:
-    """`file:line (key)` of the first place in the merge config that names model `ref`, else the file."""
-
-    def walk(node, path):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                yield from walk(v, path + (k,))
-        elif isinstance(node, list):
-            for i, v in enumerate(node):
-                yield from walk(v, path + (i,))
-        elif isinstance(node, str) and path and path[-1] in ("model", "base_model"):
-            yield node, path
-
-    for value, path in walk(doc.data, ()):
+def _config_line(plan: MergePlan, ref: str) -> str:
+    """`file:line (key)` of the first place in the merge config that names model `ref` (the config's one reference
+    walker, MergeConfig.model_references), else the file."""
+    for value, path in plan.config.model_references(tokenizers=False):
         if value == ref or ref.startswith(value + "+") or value.startswith(ref + "+"):
-            return doc.where(path)
-    return str(doc.path)
+            return plan.doc.where(path)
+    return str(plan.doc.path)
 
 
 class Executor:
@@ -373,7 +363,7 @@ class Executor:
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 source = t.sources[k]
                 model = self.plan.models[source.model]
-                line = _config_line(self.plan.doc, model.ref)
+                line = _config_line(self.plan, model.ref)
                 try:
                     stored = read_stored(self.reader, source.stored)
                     stored_finite = not stored.is_floating_point() or bool(torch.isfinite(stored).all())
