@@ -353,95 +353,22 @@ def extract_lora(
     transposed = (model.config or base.config or {}).get("model_type") in CONV1D_MODEL_TYPES
     names = list(model.tensors)
     matrices = [n for n in names if len(model.tensors[n].shape) == 2 and n.endswith(".weight") and not _is_embedding_or_head(n, model.tensors[n], vocab)]
-    others = [n for n in names if n not in set(matrices)]
+    kept = set(matrices)
+    others = [n for n in names if n not in kept]
     needs = {n: svd_bytes(*model.tensors[n].shape, model.tensors[n].nbytes + base.tensors[n].nbytes) for n in matrices}
-    budget = options.memory_budget
-    if budget is None:
-        budget = default_budget()
-        largest = max(needs.values(), default=0)
-        if budget < largest <= total_ram() // 2:
-            budget = largest
+    budget = _budget(options, needs)
     check_output_location(out_dir, [model.folder, base.folder], options.overwrite)
     check_free_space(out_dir, 0)
-    modules: list[ModuleReport] = []
-    skipped: list[str] = []
-    unchanged = 0
     with write_errors_named(out_dir, "adapter"), OutputLock(out_dir), AtomicOutputDir(out_dir) as tmp, TensorReader(direct=False) as raw:
         reader = _Reader(raw)
         spill_path = tmp / _SPILL
-        entries: list[tuple[OutputEntry, int]] = []  # entry, offset in the spill file
         with open(spill_path, "wb") as spill:
             # Tensors that cannot become LoRA first: one that changed ends the run before any SVD is spent.
-            refused = []
-            for n in others:
-                if not reader.differ(model, base, n, budget):
-                    unchanged += 1
-                elif any(re.search(p, n) for p in skip):
-                    skipped.append(n)
-                else:
-                    refused.append(n)
-            if refused and len(refused) == len(others) > 2:
-                raise MergeEditError(
-                    f"{model.ref}: every one of its {len(others)} norms, biases and embeddings differs from {base.ref}'s "
-                    f"(e.g. '{refused[0]}'); BASE does not look like the model MODEL was made from; check --base"
-                )
-            for n in refused[:1]:
-                shape = list(model.tensors[n].shape)
-                if len(shape) == 2 and _is_embedding_or_head(n, model.tensors[n], vocab):
-                    raise MergeEditError(
-                        f"{model.ref}: tensor '{n}' {shape} (a token embedding or output head) changed; extract-lora does not export "
-                        f"embedding deltas (every token's row would be approximated); leave it out with --skip '{re.escape(_module_name(n))}' or ship a full checkpoint"
-                    )
-                raise MergeEditError(
-                    f"{model.ref}: tensor '{n}' {shape} changed, but a LoRA adapter holds only 2-D weight matrices (norms and biases "
-                    f"would need PEFT's modules_to_save, which extract-lora does not write); leave it out with --skip '{re.escape(n)}' or ship a full checkpoint"
-                )
-            # Matrices: each SVD on a pool thread pinned to one thread; as many at once as the budget and the
-            # thread count allow; results taken in tensor order, so the file's bytes do not depend on either.
-            workers = torch.get_num_threads()
-            pending: deque = deque()
-            charged = done = 0
-
-            def take_oldest() -> None:
-                nonlocal charged, unchanged, done
-                n, future, charge = pending.popleft()
-                charged -= charge
-                kind, f, rec = future.result()
-                done += 1
-                if progress is not None:
-                    progress(n, done, len(matrices))
-                if kind == "unchanged":
-                    unchanged += 1
-                elif kind == "skipped":
-                    skipped.append(n)
-                else:
-                    modules.append(rec)
-                    for part, t in (("lora_A", f.a), ("lora_B", f.b)):
-                        data = t.to(out_dtype).contiguous()
-                        entries.append((OutputEntry(f"base_model.model.{rec.module}.{part}.weight", out_dtype, tuple(data.shape)), spill.tell()))
-                        spill.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
-
-            job = functools.partial(_matrix_job, reader, model, base, options, skip, budget, transposed)
-            with _svd_pool(workers) as pool:
-                try:
-                    for n in matrices:
-                        skipping = any(re.search(p, n) for p in skip)
-                        charge = 0 if skipping else needs[n]
-                        if charge > budget:
-                            out, inn = model.tensors[n].shape
-                            raise MergeEditError(
-                                f"{model.ref}: tensor '{n}' {[out, inn]} needs about {format_size(charge)} for its SVD (computed on the whole tensor) "
-                                f"but the memory budget is {format_size(budget)}; raise --memory-budget to at least {format_size(charge)}"
-                            )
-                        while pending and (len(pending) >= workers or charged + charge > budget):
-                            take_oldest()
-                        pending.append((n, pool.submit(job, n), charge))
-                        charged += charge
-                    while pending:
-                        take_oldest()
-                finally:
-                    for _, future, _ in pending:
-                        future.cancel()
+            unchanged, skipped = _check_undecomposable(reader, model, base, others, skip, vocab, budget)
+            svd = _decompose(reader, model, base, matrices, needs, budget, options, skip, transposed, out_dtype, spill, progress)
+        unchanged += svd.unchanged
+        skipped += svd.skipped
+        modules, entries = svd.modules, svd.entries
         if not modules:
             why = f"all {len(skipped)} changed tensors match --skip" if skipped else "every tensor is identical to the base's"
             raise MergeEditError(f"{model.ref}: no changed weight matrix to export ({why}); check MODEL and --base")
@@ -455,6 +382,109 @@ def extract_lora(
     report.seconds = time.perf_counter() - started
     report.peak_rss = peak_rss()
     return report
+
+
+def _budget(options: ExtractOptions, needs: dict[str, int]) -> int:
+    """--memory-budget, else the default, raised to the largest tensor's SVD need when that fits in half the RAM."""
+    budget = options.memory_budget
+    if budget is None:
+        budget = default_budget()
+        largest = max(needs.values(), default=0)
+        if budget < largest <= total_ram() // 2:
+            budget = largest
+    return budget
+
+
+def _check_undecomposable(reader, model, base, others: list[str], skip: list[str], vocab, budget: int) -> tuple[int, list[str]]:
+    """(unchanged count, skipped names) of the tensors that cannot become LoRA (norms, biases, embeddings); any other
+    change among them is refused, so the run ends before any SVD is spent."""
+    unchanged = 0
+    skipped: list[str] = []
+    refused = []
+    for n in others:
+        if not reader.differ(model, base, n, budget):
+            unchanged += 1
+        elif any(re.search(p, n) for p in skip):
+            skipped.append(n)
+        else:
+            refused.append(n)
+    if refused and len(refused) == len(others) > 2:
+        raise MergeEditError(
+            f"{model.ref}: every one of its {len(others)} norms, biases and embeddings differs from {base.ref}'s "
+            f"(e.g. '{refused[0]}'); BASE does not look like the model MODEL was made from; check --base"
+        )
+    for n in refused[:1]:
+        shape = list(model.tensors[n].shape)
+        if len(shape) == 2 and _is_embedding_or_head(n, model.tensors[n], vocab):
+            raise MergeEditError(
+                f"{model.ref}: tensor '{n}' {shape} (a token embedding or output head) changed; extract-lora does not export "
+                f"embedding deltas (every token's row would be approximated); leave it out with --skip '{re.escape(_module_name(n))}' or ship a full checkpoint"
+            )
+        raise MergeEditError(
+            f"{model.ref}: tensor '{n}' {shape} changed, but a LoRA adapter holds only 2-D weight matrices (norms and biases "
+            f"would need PEFT's modules_to_save, which extract-lora does not write); leave it out with --skip '{re.escape(n)}' or ship a full checkpoint"
+        )
+    return unchanged, skipped
+
+
+@dataclass
+class _Decomposed:
+    modules: list  # ModuleReport per exported matrix, in tensor order
+    entries: list  # (OutputEntry, offset in the spill file) per factor
+    unchanged: int = 0
+    skipped: list = field(default_factory=list)
+
+
+def _decompose(reader, model, base, matrices: list[str], needs: dict[str, int], budget: int, options: ExtractOptions, skip: list[str],
+               transposed: bool, out_dtype, spill, progress) -> _Decomposed:
+    """Every matrix's SVD, each on a pool thread pinned to one thread; as many at once as the budget and the thread
+    count allow; results taken in tensor order and their factors appended to `spill`, so the file's bytes depend on
+    neither."""
+    result = _Decomposed([], [])
+    workers = torch.get_num_threads()
+    pending: deque = deque()
+    charged = done = 0
+
+    def take_oldest() -> None:
+        nonlocal charged, done
+        n, future, charge = pending.popleft()
+        charged -= charge
+        kind, f, rec = future.result()
+        done += 1
+        if progress is not None:
+            progress(n, done, len(matrices))
+        if kind == "unchanged":
+            result.unchanged += 1
+        elif kind == "skipped":
+            result.skipped.append(n)
+        else:
+            result.modules.append(rec)
+            for part, t in (("lora_A", f.a), ("lora_B", f.b)):
+                data = t.to(out_dtype).contiguous()
+                result.entries.append((OutputEntry(f"base_model.model.{rec.module}.{part}.weight", out_dtype, tuple(data.shape)), spill.tell()))
+                spill.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+
+    job = functools.partial(_matrix_job, reader, model, base, options, skip, budget, transposed)
+    with _svd_pool(workers) as pool:
+        try:
+            for n in matrices:
+                charge = 0 if any(re.search(p, n) for p in skip) else needs[n]
+                if charge > budget:
+                    out, inn = model.tensors[n].shape
+                    raise MergeEditError(
+                        f"{model.ref}: tensor '{n}' {[out, inn]} needs about {format_size(charge)} for its SVD (computed on the whole tensor) "
+                        f"but the memory budget is {format_size(budget)}; raise --memory-budget to at least {format_size(charge)}"
+                    )
+                while pending and (len(pending) >= workers or charged + charge > budget):
+                    take_oldest()
+                pending.append((n, pool.submit(job, n), charge))
+                charged += charge
+            while pending:
+                take_oldest()
+        finally:
+            for _, future, _ in pending:
+                future.cancel()
+    return result
 
 
 def _options_record(options: ExtractOptions) -> dict:
