@@ -26,6 +26,7 @@ and general-ability drift against the unedited model (perplexity % and next-toke
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -47,13 +48,22 @@ METHODS: dict[str, tuple[dict, object, str]] = {
     "R-SFT": ({}, None, "chained"),
     "R-SFT+TIES chained": ({}, TIES, "chained"),
     "R-SFT+TIES anchored": ({}, TIES, "anchored"),
+    "shipped": ({}, None, "chained"),  # recipes/zsre-sequential.yaml's rsft, merge and strategy, as a user runs it
 }
+SHIPPED = ROOT / "recipes" / "zsre-sequential.yaml"
+BASELINES = ("FT-L", "FT-M", "LocFT-BF")  # --set never changes these: they keep their published settings
 COLUMNS = [("rel", "Rel TF"), ("gen", "Gen TF"), ("loc", "Loc"), ("rel_em", "Rel gen"), ("gen_em", "Gen gen"), ("ppl_drift_pct", "ppl drift %"), ("kl", "KL")]
 
 
 def recipe_for(method: str, args) -> dict:
     rsft_overrides, merge, strategy = METHODS[method]
-    if rsft_overrides.get("method") == "locft-bf":  # its published settings (runner's presets): Adam, lr 5e-4, batch 100, 25 epochs, breadth-first
+    if method == "shipped":
+        import yaml
+
+        shipped = yaml.safe_load(SHIPPED.read_text())
+        rsft_overrides, merge, strategy = shipped.get("rsft") or {}, shipped.get("merge"), shipped["sequential"]["strategy"]
+        rsft_overrides = {"seed": 0, **rsft_overrides}
+    if method == "shipped" or rsft_overrides.get("method") == "locft-bf":  # its published settings (runner's presets): Adam, lr 5e-4, batch 100, 25 epochs, breadth-first
         rsft = {"seed": 0, **rsft_overrides}
     else:
         rsft = {"lr": 1.0e-4, "batch_size": 10, "max_epochs": 5, "max_steps_per_batch": 25, "loss_threshold": 0.05, "seed": 0, **rsft_overrides}
@@ -62,7 +72,7 @@ def recipe_for(method: str, args) -> dict:
     if args.max_steps is not None:
         rsft["max_steps_per_batch"] = args.max_steps
     seq_batch = args.seq_batch or min(100, max(1, args.edits // 5))
-    return {
+    recipe = {
         "name": f"bench-{method}",
         "model": {"base": "smollm2-135m-instruct", "dtype": "float32", "device": args.device},
         "dataset": {"format": "zsre", "path": str(DATASET), "limit": args.edits, "prompt": "auto"},
@@ -72,6 +82,45 @@ def recipe_for(method: str, args) -> dict:
         "eval": {"generation": not args.no_generation, "batch_size": 32, "max_new_tokens": 16, "examples": 0},
         "output": {"dir": "run"},
     }
+    if args.curve_every:
+        recipe["eval"]["curve_every"] = args.curve_every
+    recipe = copy.deepcopy(recipe)  # the module's TIES section is shared by methods: never edit it in place
+    if method not in BASELINES:
+        for key, value in args.set:
+            apply_setting(recipe, key, value)
+    return recipe
+
+
+def apply_setting(recipe: dict, key: str, value) -> None:
+    """`--set rsft.layers=[8,14]`: a dotted path into the recipe, the value read as YAML (null removes the key)."""
+    *parents, last = key.split(".")
+    node = recipe
+    for part in parents:  # a number indexes a list: merge.models.0.parameters.weight
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = {}
+        node = node[part]
+    if isinstance(node, list):
+        node[int(last)] = value
+    elif value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: write KEY=VALUE, e.g. --set rsft.layers=[8,14]")
+    return key.strip(), yaml.safe_load(value)
+
+
+def row_name(method: str, args) -> str:
+    return f"{method} [{args.label}]" if args.label else method
 
 
 def peak_rss_bytes() -> int:
@@ -103,7 +152,7 @@ def child(recipe_path: Path, out_path: Path) -> None:
 def run_method(method: str, args, work: Path) -> dict:
     import yaml
 
-    folder = work / f"T{args.edits}" / method.replace(" ", "_").replace("+", "-")
+    folder = work / f"T{args.edits}" / row_name(method, args).replace(" ", "_").replace("+", "-").replace("[", "").replace("]", "")
     if folder.exists() and not args.reuse:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,9 +166,14 @@ def run_method(method: str, args, work: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     data = json.loads(out.read_text())
+    if args.curve_every and args.json:  # the per-batch curve beside the JSON
+        for name in ("curve.json", "curve.png"):
+            found = sorted((folder / "run").rglob(name))
+            if found:
+                shutil.copyfile(found[-1], args.json.with_name(f"{args.json.stem}-{row_name(method, args).replace(' ', '_').replace('+', '-')}-{name}"))
     if not args.keep:  # R-SFT deltas, merges and the export take about 2 GB a method at T=10
         shutil.rmtree(folder / "run", ignore_errors=True)
-    return {"method": method, "wall_seconds": wall, **data}
+    return {"method": row_name(method, args), "base_method": method, "settings": [list(kv) for kv in args.set], "wall_seconds": wall, **data}
 
 
 def print_table(rows: list[dict], args) -> None:
@@ -155,6 +209,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="Keep each method's run directory (about 2 GB each); by default it is deleted once scored.")
     parser.add_argument("--reuse", action="store_true", help="Reuse kept run directories (cached stages: times are then not comparable).")
     parser.add_argument("--json", type=Path, default=None, help="Write every number here.")
+    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="Change the R-SFT methods' recipes (not the baselines'), e.g. --set rsft.layers=[8,14] --set merge.models.0.parameters.weight=0.8; repeatable.")
+    parser.add_argument("--label", default=None, help="Name these rows METHOD [LABEL] (an ablation row beside the default one).")
+    parser.add_argument("--curve-every", type=int, default=None, help="eval.curve_every: score after every k sequential batches; curve.json/png are copied beside --json.")
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -180,18 +238,17 @@ def write_json(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     kept only when its method's recipe is unchanged, and a method run now replaces its old row.
     """
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"}
-    recipes = {m: recipe_for(m, args) for m in args.methods}
+    recipes = {row_name(m, args): recipe_for(m, args) for m in args.methods}
     earlier: list[dict] = []
-    if args.json.exists():
+    if args.json.exists():  # rows of other invocations (other methods or labels) are kept with their own recipes
         old = json.loads(args.json.read_text())
-        done = {r["method"] for r in rows}
         for r in old.get("results", []):
-            m = r["method"]
-            if m not in done and m not in recipes and m in METHODS and old.get("recipes", {}).get(m) == recipe_for(m, args):
+            name = r["method"]
+            if name not in recipes and name in old.get("recipes", {}):
                 earlier.append(r)
-                recipes[m] = old["recipes"][m]
+                recipes[name] = old["recipes"][name]
     order = {m: i for i, m in enumerate(METHODS)}
-    merged = sorted(earlier + rows, key=lambda r: order[r["method"]])
+    merged = sorted(earlier + rows, key=lambda r: (order.get(r.get("base_method", r["method"]), len(order)), r["method"]))
     args.json.write_text(json.dumps({"settings": settings, "recipes": recipes, "results": merged}, indent=2))
     return merged
 

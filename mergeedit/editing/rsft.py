@@ -88,11 +88,19 @@ StepHook = Callable[[int, list[str]], None]  # (step, case ids whose examples co
 
 
 def _make_optimizer(params, s: TrainSettings):
+    """The recipe's optimizer; Adam/AdamW as torch's fused kernel on CPU and CUDA.
+
+    The fused kernel updates each tensor in one pass: on SmolLM2's 90 MLP matrices (80M parameters, 1 thread) a step
+    took 0.05 s against 0.68 s for the default multi-tensor ("foreach") path, whose temporaries also added 0.3 GB to
+    the peak (benchmarks/edit_throughput.py). Same formula; the last bits may differ from the foreach path.
+    """
+    params = list(params)
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     if s.optimizer == "adam":
-        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
-    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
 
 
 def mark_trainable(module, trainable: list[str]) -> dict:
