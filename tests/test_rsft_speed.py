@@ -257,3 +257,60 @@ def test_optimizer_step_is_the_textbook_adam_update(name):
         v = b2 * v + (1 - b2) * g * g
         w = w - s.lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
     torch.testing.assert_close(p.detach().double(), w, rtol=1e-6, atol=1e-7)
+
+
+def test_a_step_backpropagates_bucket_by_bucket_with_the_whole_batch_gradient():
+    """Each length bucket is backpropagated on its own (one bucket's activations at a time); the update equals one
+    backward of the mean answer loss over the whole batch (plain SGD, so the update is -lr * gradient)."""
+    examples = EXAMPLES + [TrainingExample("d", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [16, 17])]
+    lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in examples]
+    assert len(length_buckets(lengths)) >= 3  # precondition, by construction: the step spans several buckets
+    trainable_of = lambda m: [n for n, _ in m.named_parameters() if ".mlp." in n]  # noqa: E731
+    reference = _model()
+    ref_params = dict(reference.named_parameters())
+    names = trainable_of(reference)
+    for n, p in ref_params.items():
+        p.requires_grad_(n in names)
+    loss = FullForward(reference, "reference").losses(_batch(examples), list(range(len(examples)))).mean()
+    loss.backward()
+    expected = {n: (ref_params[n] - 0.1 * ref_params[n].grad).detach() for n in names}
+
+    model = _model()
+    backwards = []
+    settings = TrainSettings(lr=0.1, optimizer="sgd", batch_size=len(examples), max_epochs=1, max_steps_per_batch=1, loss_threshold=0.0)
+    hook = model.lm_head.register_full_backward_hook(lambda m, gi, go: backwards.append(m))
+    try:
+        train_edits(model, examples, trainable_of(model), settings, pad_id=0, device=torch.device("cpu"))
+    finally:
+        hook.remove()
+    assert len(backwards) == len(length_buckets(lengths))  # one backward per bucket
+    got = dict(model.named_parameters())
+    for n in names:
+        torch.testing.assert_close(got[n].detach(), expected[n], rtol=1e-5, atol=1e-7)
+
+
+def test_the_check_after_an_epoch_runs_only_when_it_can_stop_training(monkeypatch):
+    """Step losses (each before its step's update) stand in for the per-epoch check; every edit is measured again only
+    when they say all are learned, and after the last epoch, so the report's losses are always fresh."""
+    from mergeedit.editing import rsft
+
+    calls = []
+    real = rsft._EditLoop.measure_all
+    monkeypatch.setattr(rsft._EditLoop, "measure_all", lambda self: (calls.append(self.epochs), real(self))[1])
+    model = _model()
+    never = TrainSettings(lr=1e-6, batch_size=3, max_epochs=4, max_steps_per_batch=1, loss_threshold=0.01)
+    trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
+    report = train_edits(model, EXAMPLES, trainable, never, pad_id=0, device=torch.device("cpu"))
+    assert report.epochs == 4 and calls == [4]  # nothing could stop training: measured once, after the last epoch
+    assert all(not e.learned for e in report.edits)
+    calls.clear()
+    model = _model(initializer_range=0.3)
+    easy = TrainSettings(lr=1e-2, batch_size=3, max_epochs=20, max_steps_per_batch=30, loss_threshold=0.5)
+    report = train_edits(model, EXAMPLES, trainable, easy, pad_id=0, device=torch.device("cpu"))
+    assert report.learned_fraction == 1.0 and report.epochs < 20  # precondition: learned before the last epoch
+    assert calls and calls[-1] == report.epochs  # training stopped on a fresh measurement
+    fresh = {e.case_id: e.final_loss for e in report.edits}
+    model.eval()
+    with torch.no_grad():
+        ref = FullForward(model, "reference").losses(_batch(EXAMPLES), [0, 1, 2])
+    assert fresh == pytest.approx({e.case_id: float(v) for e, v in zip(EXAMPLES, ref)}, rel=1e-5)

@@ -237,25 +237,33 @@ class _EditLoop:
             self.by_case[e.case_id].append(i)
         self.steps_per_case = {c: 0 for c in self.case_ids}
         self.last_loss = {c: math.inf for c in self.case_ids}
+        self.step_loss = {c: math.inf for c in self.case_ids}  # from the training steps' own forwards
         self.total_steps, self.losses, self.epochs = 0, [], 0
         self.pool = EpochPool([e.case_id for e in examples], settings.loss_threshold)
         self.steps_per_batch = 1 if settings.schedule == "breadth-first" else settings.max_steps_per_batch
 
-    def losses_of(self, indices: list[int], count: bool = True) -> torch.Tensor:
-        """Per-example losses of `indices` (in that order), computed in length buckets so padding stays small."""
+    def buckets(self, indices: list[int]) -> list[list[int]]:
+        """Positions in `indices` grouped by length, so padding stays small (deterministic)."""
+        examples = self.examples
+        return length_buckets([len(examples[i].prompt_ids) + len(examples[i].answer_ids) for i in indices])
+
+    def bucket_losses(self, chosen: list[int], count: bool = True) -> torch.Tensor:
+        """Per-example losses of the examples `chosen`, padded into one batch."""
         examples, half = self.examples, self.setup.half
-        out: list[Optional[torch.Tensor]] = [None] * len(indices)
-        lengths = [len(examples[i].prompt_ids) + len(examples[i].answer_ids) for i in indices]
         with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
-            for bucket in length_buckets(lengths):
-                chosen = [indices[j] for j in bucket]
-                b = pad_batch([(examples[i].prompt_ids, examples[i].answer_ids) for i in chosen], self.pad_id)
-                b = {k: v.to(self.device) for k, v in b.items()}
-                b["keys"] = [tuple(examples[i].prompt_ids) + tuple(examples[i].answer_ids) for i in chosen]
-                self.tokens += int(b["attention_mask"].sum()) if count else 0
-                values = self.setup.forward.losses(b, chosen)
-                for r, j in enumerate(bucket):
-                    out[j] = values[r]
+            b = pad_batch([(examples[i].prompt_ids, examples[i].answer_ids) for i in chosen], self.pad_id)
+            b = {k: v.to(self.device) for k, v in b.items()}
+            b["keys"] = [tuple(examples[i].prompt_ids) + tuple(examples[i].answer_ids) for i in chosen]
+            self.tokens += int(b["attention_mask"].sum()) if count else 0
+            return self.setup.forward.losses(b, chosen)
+
+    def losses_of(self, indices: list[int], count: bool = True) -> torch.Tensor:
+        """Per-example losses of `indices` (in that order)."""
+        out: list[Optional[torch.Tensor]] = [None] * len(indices)
+        for bucket in self.buckets(indices):
+            values = self.bucket_losses([indices[j] for j in bucket], count)
+            for r, j in enumerate(bucket):
+                out[j] = values[r]
         return torch.stack(out)  # type: ignore[arg-type]
 
     def measure_all(self) -> None:
@@ -296,34 +304,62 @@ class _EditLoop:
                 break
 
     def step(self, idx: list[int]) -> bool:
-        """One optimizer step on the batch's examples whose edit is still unlearned; False when none is left."""
+        """One optimizer step on the batch's examples whose edit is still unlearned; False when none is left.
+
+        Each length bucket is backpropagated as soon as its losses are known, so a step holds one bucket's
+        activations, not the whole batch's: the gradient is the same mean over the step's examples (the buckets'
+        contributions are summed as autograd sums them in one backward), with the memory of the largest bucket.
+        An edit whose loss falls below the threshold in this step's forward leaves the pool for the next steps.
+        """
         acc = self.accelerator
         # under several processes every process keeps its whole share (steps stay in step); learned examples are
         # masked out of the loss instead
         live = self.pool.active(idx) if acc is None else idx
-        if not live:
-            return False
-        t = time.perf_counter()
-        per_example = self.losses_of(live)
-        keep = self.pool.update(live, per_example.detach().tolist())
-        weights = torch.tensor(keep, dtype=per_example.dtype, device=per_example.device)
-        n_keep = weights.sum()
+        keep = [self.pool.case_of[i] not in self.pool.learned for i in live]
+        n_keep = torch.tensor(float(sum(keep)), device=self.device)
         if acc is not None:
             n_keep = acc.reduce(n_keep, "sum")
-        self.timing["forward"] += time.perf_counter() - t
-        if float(n_keep) == 0:
+        if not live or float(n_keep) == 0:
             return False
-        loss = (per_example * weights).sum() / n_keep.clamp_min(1) * (acc.num_processes if acc is not None else 1)
-        value = float(loss.detach())
-        self.apply(loss)
+        scale = (acc.num_processes if acc is not None else 1) / n_keep
+        measured: list[float] = [0.0] * len(live)
+        stepped: set[str] = set()
+        value = 0.0
+        buckets = self.buckets(live)
+        for k, bucket in enumerate(buckets):
+            t = time.perf_counter()
+            values = self.bucket_losses([live[j] for j in bucket])
+            weights = torch.tensor([keep[j] for j in bucket], dtype=values.dtype, device=values.device)
+            loss = (values * weights).sum() * scale
+            for r, j in enumerate(bucket):
+                measured[j] = float(values[r].detach())
+            value += float(loss.detach())
+            self.timing["forward"] += time.perf_counter() - t
+            self.backward(loss, last=k == len(buckets) - 1)
+        self.pool.update(live, measured)
+        for i, v in zip(live, measured):  # each edit's worst example loss in its latest step (before that update)
+            c = self.examples[i].case_id
+            self.step_loss[c] = max(v, self.step_loss[c]) if c in stepped else v
+            stepped.add(c)
+        self.apply()
         self.record_step(live, keep, value)
         return True
 
-    def apply(self, loss: torch.Tensor) -> None:
-        """Backward and optimizer step; the gradients are dropped right after (no gradient memory between steps)."""
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """One bucket's share of the step's gradient (under several processes, gradients sync once, at the last)."""
         t = time.perf_counter()
-        (self.accelerator.backward(loss) if self.accelerator is not None else loss.backward())
+        acc = self.accelerator
+        if acc is None:
+            loss.backward()
+        elif last:
+            acc.backward(loss)
+        else:
+            with acc.no_sync(self.model):
+                acc.backward(loss)
         self.timing["backward"] += time.perf_counter() - t
+
+    def apply(self) -> None:
+        """The optimizer step; the gradients are dropped right after (no gradient memory between steps)."""
         t = time.perf_counter()
         self.setup.optimizer.step()
         self.setup.optimizer.zero_grad(set_to_none=True)  # no gradient memory held between steps
@@ -341,12 +377,22 @@ class _EditLoop:
         if self.progress:
             self.progress(self.learned_count(), len(self.case_ids), value, self.total_steps)
 
-    def end_epoch(self) -> bool:
-        """The check after every epoch: measure every edit again; True when all are learned (training stops)."""
-        self.measure_all()
+    def end_epoch(self, last: bool) -> bool:
+        """The check after every epoch; True when every edit is learned (training stops).
+
+        Every edit's loss was just computed by the steps' own forwards, each before its step's update. Only when those
+        say every edit is learned (or after the last epoch) is every edit measured again on the current weights, which
+        decides; otherwise an extra forward over all edits could not stop training and is skipped. Under several
+        processes each knows only its share's step losses, so every epoch is measured (the processes must agree).
+        """
+        threshold = self.settings.loss_threshold
+        stale_done = threshold > 0 and all(v < threshold for v in self.step_loss.values())
+        if last or stale_done or self.accelerator is not None:
+            self.measure_all()
+        else:
+            self.last_loss.update(self.step_loss)
         if self.progress:
             self.progress(self.learned_count(), len(self.case_ids), self.losses[-1] if self.losses else 0.0, self.total_steps)
-        threshold = self.settings.loss_threshold
         return threshold > 0 and all(v < threshold for v in self.last_loss.values())
 
     def report(self, trainable: list[str], started: float) -> TrainReport:
@@ -397,6 +443,6 @@ def train_edits(
     gen = torch.Generator().manual_seed(settings.seed)
     for epoch in range(settings.max_epochs):  # loop 1
         loop.run_epoch(epoch, gen)
-        if loop.end_epoch():
+        if loop.end_epoch(last=epoch == settings.max_epochs - 1):
             break
     return loop.report(trainable, started)
