@@ -20,6 +20,7 @@ import torch
 
 from ...core.errors import MergeEditError
 from .gram import GramStatistics, Grouping, Mix, apply_mix
+from .lowp import StagedSums, is_low_precision, round_norm, round_total
 from .spec import MergeInputs, MergeMethod, Param
 
 
@@ -118,6 +119,8 @@ def nuslerp_grouping(shared: dict) -> Grouping:
 def _nuslerp_statistics(inputs: MergeInputs) -> GramStatistics:
     """Two non-base models, t = w2 / (w1 + w2) (0.5 when the weights sum to ~0); with a base, slerp of the task vectors
     added to the base. Norms are floored at 1e-7 (a zero vector gets cos θ = 0); lerp only when exactly colinear."""
+    if is_low_precision(inputs.dtype):
+        return _nuslerp_low_precision_statistics(inputs)
     first, second = inputs.non_base
     weights = _non_base_weights(inputs)
     total = sum(weights)
@@ -133,6 +136,67 @@ def _nuslerp_statistics(inputs: MergeInputs) -> GramStatistics:
     return GramStatistics((first, second), inputs.base, inputs.shape, grouping, finish)
 
 
+def _nuslerp_vectors(block: MergeInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two vectors mergekit slerps, elementwise for a block: the models, or their task vectors (rounded)."""
+    first, second = (block.tensors[i] for i in block.non_base)
+    if block.base is None:
+        return first, second
+    base = block.tensors[block.base]
+    return first - base, second - base
+
+
+def _nuslerp_low_precision_statistics(inputs: MergeInputs) -> StagedSums:
+    """mergekit's nuslerp in the dtype: pass 0 the two norms (rounded, clamped at 1e-7), pass 1 the dot of the
+    normalized vectors (each quotient and product rounded); then cos, theta and the coefficients, each op rounded."""
+    weights = _non_base_weights(inputs)
+    total = sum(weights)
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    dtype = inputs.dtype
+
+    def squares(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        return [v.to(torch.float32).square() for v in _nuslerp_vectors(block)]
+
+    def norms_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        stats.values["norms"] = [round_norm(totals[i], dtype).clamp(min=NUSLERP_NORM_FLOOR) for i in range(2)]
+
+    def products(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        v0, v1 = _nuslerp_vectors(block)
+        n0, n1 = (stats.per_element(n, block) for n in stats.values["norms"])
+        return [(v0 / n0) * (v1 / n1)]
+
+    def cos_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        cos = round_total(totals[0], dtype).clamp(-1, 1)
+        colinear = (1 - cos.square()) <= NUSLERP_EPS**2
+        theta = torch.acos(torch.where(colinear, 0, cos))
+        stats.values.update(
+            t=t, colinear=colinear, sin_theta=torch.sin(theta), sin0=torch.sin((1 - t) * theta), sin1=torch.sin(t * theta)
+        )
+
+    stats = StagedSums(inputs.shape, nuslerp_grouping(inputs.shared), [squares, products], [norms_done, cos_done])
+    if inputs.numel == 0:
+        stats.stop()
+    return stats
+
+
+def nuslerp_low_precision_merge(inputs: MergeInputs) -> torch.Tensor:
+    """`(sin((1-t)θ) v0 + sin(tθ) v1) / sin θ`, or `(1-t) v0 + t v1` where colinear, plus the base: ops in the dtype."""
+    stats: StagedSums = inputs.stats
+    v0, v1 = _nuslerp_vectors(inputs)
+    if v0.numel() == 0:
+        return v0.clone()
+    t = stats.values["t"]
+    at = lambda name: stats.per_element(stats.values[name], inputs)  # noqa: E731
+    result = (at("sin0") * v0 + at("sin1") * v1) / at("sin_theta")
+    result = torch.where(at("colinear"), (1 - t) * v0 + t * v1, result)
+    return result if inputs.base is None else inputs.tensors[inputs.base] + result
+
+
+def _nuslerp_merge(inputs: MergeInputs) -> torch.Tensor:
+    if isinstance(inputs.stats, StagedSums):
+        return nuslerp_low_precision_merge(inputs)
+    return apply_mix(inputs)
+
+
 def _check_nuslerp(shared: dict, per_input: list[dict]) -> None:
     count = _count_weighted(per_input)
     if count != 2:
@@ -146,13 +210,14 @@ NUSLERP = MergeMethod(
         Param("nuslerp_row_wise", bool, "shared", False),
         Param("nuslerp_flatten", bool, "shared", True),
     ),
-    merge=apply_mix,
+    merge=_nuslerp_merge,
     base_model="optional",
     min_inputs=2,
     max_inputs=3,
     statistics=_nuslerp_statistics,
     description="slerp of two models (or their task vectors) at t = w2 / (w1 + w2)",
     check=_check_nuslerp,
+    low_precision_compute=True,  # mergekit computes it in the dtype; the *_low_precision_* functions round as it does
 )
 
 
