@@ -80,9 +80,9 @@ class StagedSums:
     def __post_init__(self) -> None:
         self.passes = len(self.stages)
 
-    def stop(self) -> None:
-        """No further pass is needed (an `after` found the result already decided)."""
-        self.passes = 0
+    def stop(self, done: int = 0) -> None:
+        """No pass after the first `done` is needed (an empty tensor, or an `after` found the result decided)."""
+        self.passes = done
 
     def ids(self, block: MergeInputs) -> Optional[torch.Tensor]:
         return group_ids(self.shape, self.grouping, block.offset, block.tensors[0].numel())

@@ -20,7 +20,7 @@ import torch
 
 from ...core.errors import MergeEditError
 from .gram import GramStatistics, Grouping, Mix, apply_mix
-from .lowp import StagedSums, is_low_precision, round_norm, round_total
+from .lowp import StagedSums, float32_sum, is_low_precision, round_norm, round_total
 from .spec import MergeInputs, MergeMethod, Param
 
 
@@ -256,6 +256,8 @@ def _multislerp_statistics(inputs: MergeInputs):
     terms = tuple(inputs.non_base)
     if len(terms) == 1:
         return copy_of(inputs, terms[0])  # mergekit returns the one model itself, base or not
+    if is_low_precision(inputs.dtype):
+        return _multislerp_low_precision_statistics(inputs, terms)
     weights = torch.tensor(_non_base_weights(inputs), dtype=torch.float64)
     if inputs.shared["normalize_weights"]:
         weights = weights / weights.sum()
@@ -266,6 +268,103 @@ def _multislerp_statistics(inputs: MergeInputs):
         return Mix(coefficients.unsqueeze(0), terms, inputs.base, inputs.shape, "tensor")
 
     return GramStatistics(terms, inputs.base, inputs.shape, "tensor", finish)
+
+
+def _multislerp_low_precision_statistics(inputs: MergeInputs, terms: tuple[int, ...]) -> StagedSums:
+    """mergekit's multislerp in the dtype, in four passes: the task vectors' norms; the norm of the weighted mean of
+    the unit vectors; each unit vector's dot with the normalized mean; the norm of the weighted tangent sum. Every
+    elementwise op and every reduction rounds to the dtype as mergekit's does."""
+    dtype = inputs.dtype
+    eps = inputs.shared["eps"]
+    weights = torch.tensor(_non_base_weights(inputs), dtype=dtype)
+    if inputs.shared["normalize_weights"]:
+        weights = weights / weights.sum()
+    k = len(terms)
+
+    def vectors(block: MergeInputs) -> list[torch.Tensor]:
+        if block.base is None:
+            return [block.tensors[i] for i in terms]
+        return [block.tensors[i] - block.tensors[block.base] for i in terms]
+
+    def units(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        return [v / stats.values["denominators"][i] for i, v in enumerate(vectors(block))]
+
+    def mean(block: MergeInputs, stats: StagedSums) -> torch.Tensor:
+        return float32_sum([u * weights[i] for i, u in enumerate(units(block, stats))])
+
+    def tangent(block: MergeInputs, stats: StagedSums) -> torch.Tensor:
+        m = mean(block, stats) / stats.values["mean_norm"]
+        dots = stats.values["dots"]
+        return float32_sum([(u - dots[i] * m) * weights[i] for i, u in enumerate(units(block, stats))])
+
+    def squares(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        return [v.to(torch.float32).square() for v in vectors(block)]
+
+    def norms_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        stats.values["norms"] = round_norm(totals[:, 0], dtype)
+        stats.values["denominators"] = stats.values["norms"] + eps
+
+    def mean_squares(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        return [mean(block, stats).to(torch.float32).square()]
+
+    def mean_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        mean_norm = round_norm(totals[0, 0], dtype)
+        stats.values["mean_norm"] = mean_norm
+        if mean_norm < eps:
+            if k == 2:
+                stats.values["fallback"] = "linear"  # mergekit's linear interpolation
+            elif float(stats.values["norms"].max()) == 0.0:
+                stats.values["fallback"] = "zero"  # every vector is zero: so is any mix (mergekit raises here)
+            else:
+                raise MergeEditError(
+                    f"tensor '{inputs.name}': multislerp: the weighted mean direction of the models is zero (opposite "
+                    "vectors whose weights cancel); change a weight"
+                )
+            stats.stop(2)
+
+    def dot_terms(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        m = mean(block, stats) / stats.values["mean_norm"]
+        return [u * m for u in units(block, stats)]
+
+    def dots_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        stats.values["dots"] = round_total(totals[:, 0], dtype)
+
+    def tangent_squares(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        return [tangent(block, stats).to(torch.float32).square()]
+
+    def tangent_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        tangent_norm = round_norm(totals[0, 0], dtype) + eps
+        stats.values["cos"] = torch.cos(tangent_norm)
+        stats.values["sin_ratio"] = torch.sin(tangent_norm) / tangent_norm
+        stats.values["avg_norm"] = (stats.values["norms"] * weights).sum()
+
+    def merge(block: MergeInputs) -> torch.Tensor:
+        fallback = stats.values.get("fallback")
+        if fallback == "linear":
+            v0, v1 = vectors(block)
+            result = v0 * weights[0] + v1 * weights[1]
+        elif fallback == "zero":
+            result = torch.zeros_like(block.tensors[terms[0]])
+        else:
+            m = mean(block, stats) / stats.values["mean_norm"]
+            result = m * stats.values["cos"] + tangent(block, stats) * stats.values["sin_ratio"]
+            result = result * stats.values["avg_norm"]
+        return result if block.base is None else result + block.tensors[block.base]
+
+    stats = StagedSums(
+        inputs.shape, "tensor", [squares, mean_squares, dot_terms, tangent_squares], [norms_done, mean_done, dots_done, tangent_done]
+    )
+    stats.values["merge"] = merge
+    if inputs.numel == 0:
+        stats.values["fallback"] = "zero"
+        stats.stop()
+    return stats
+
+
+def _multislerp_merge(inputs: MergeInputs) -> torch.Tensor:
+    if isinstance(inputs.stats, StagedSums):
+        return inputs.stats.values["merge"](inputs)
+    return apply_mix(inputs)
 
 
 def _check_multislerp(shared: dict, per_input: list[dict]) -> None:
@@ -282,9 +381,10 @@ MULTISLERP = MergeMethod(
         Param("normalize_weights", bool, "shared", True),
         Param("eps", float, "shared", 1e-8),
     ),
-    merge=apply_mix,
+    merge=_multislerp_merge,
     base_model="optional",
     statistics=_multislerp_statistics,
+    low_precision_compute=True,  # mergekit computes it in the dtype; the *_low_precision_* functions round as it does
     description="barycentric interpolation on the hypersphere (tangent space at the weighted mean direction)",
     check=_check_multislerp,
 )
