@@ -15,6 +15,7 @@ norms) mergekit is off by up to ~5e-4; we match its algorithm evaluated in float
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -448,6 +449,8 @@ def _karcher_statistics(inputs: MergeInputs):
     k = len(inputs.tensors)
     if k == 1:
         return copy_of(inputs, 0)
+    if is_low_precision(inputs.dtype):
+        return _karcher_low_precision_statistics(inputs)
     weights = torch.tensor([p["weight"] for p in inputs.per_input], dtype=torch.float64)
     alphas = weights / weights.sum()
     max_iter = int(inputs.shared["max_iter"])
@@ -458,6 +461,132 @@ def _karcher_statistics(inputs: MergeInputs):
         return Mix(karcher_coefficients(gram[0], alphas, max_iter, tol).unsqueeze(0), terms, None, inputs.shape, "tensor")
 
     return GramStatistics(terms, None, inputs.shape, "tensor", finish)
+
+
+def _karcher_low_precision_statistics(inputs: MergeInputs) -> StagedSums:
+    """mergekit's karcher with the inputs in bfloat16/float16: its norms are float32 (of the inputs cast to float32),
+    the unit vectors, the running mean, each dot product (torch.dot in the dtype), angle, tangent and update are
+    rounded to the dtype op by op. Each whole-tensor reduction is a streamed pass: the norms, the initial mean's norm,
+    then per iteration the dots, the tangent's norm and the new mean's norm (2 + 3 * iterations passes). The mean is
+    never stored: each pass recomputes it elementwise from the inputs and the numbers of the passes before, so a
+    tensor costs O(iterations^2) elementwise work (instead of a tensor-sized buffer outside the memory budget)."""
+    dtype = inputs.dtype
+    weights = [p["weight"] for p in inputs.per_input]
+    alphas = [w / sum(weights) for w in weights]
+    max_iter = int(inputs.shared["max_iter"])
+    tol = inputs.shared["tol"]
+    k = len(inputs.tensors)
+    v: dict = {}
+
+    def units(block: MergeInputs) -> dict[int, torch.Tensor]:
+        return {i: (block.tensors[i] / v["norms"][i]).to(dtype) for i in v["valid"]}
+
+    def walk(block: MergeInputs) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(mean, tangent, new mean) as far as the finished passes allow: the mean before the pending iteration, its
+        tangent once its dots are known, the updated mean once the tangent's norm is known."""
+        us = units(block)
+        mean = torch.zeros_like(us[v["valid"][0]])
+        for i in v["valid"]:
+            mean += v["alphas"][i] * us[i]
+        if "mean_norm" not in v:
+            return mean, None, None
+        mean = us[v["valid"][0]].clone() if v["mean_norm"].item() < tol else (mean / v["mean_norm"]).to(dtype)
+        for rec in v["iters"]:
+            tangent = torch.zeros_like(mean)
+            for i, coef, dot in rec["terms"]:
+                tangent += coef * (us[i] - dot * mean)
+            if "tangent_norm" not in rec:
+                return mean, tangent, None
+            tn = rec["tangent_norm"]
+            if tn.item() < tol:
+                break
+            new_mean = (torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)).to(dtype)
+            if "unit_norm" not in rec:
+                return mean, tangent, new_mean
+            mean = (new_mean / rec["unit_norm"]).to(dtype) if rec["unit_norm"].item() > tol else new_mean
+        return mean, None, None
+
+    def float32_norm(totals: torch.Tensor) -> torch.Tensor:
+        return totals.to(torch.float32).sqrt()  # torch.linalg.vector_norm of a float32 tensor
+
+    def input_squares(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        return [x.to(torch.float32).square() for x in block.tensors]
+
+    def norms_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        v["norms"] = [float32_norm(totals[i, 0]) for i in range(k)]
+        v["valid"] = [i for i in range(k) if v["norms"][i].item() > tol]
+        v["scale"] = sum(alpha * norm for alpha, norm in zip(alphas, v["norms"]))
+        if not v["valid"]:
+            stats.stop(1)
+            return
+        valid_alphas = [alphas[i] for i in v["valid"]]
+        alpha_sum = sum(valid_alphas)
+        v["alphas"] = {i: a / alpha_sum for i, a in zip(v["valid"], valid_alphas)}
+        v["iters"] = []
+        add(mean_squares, mean_done)
+
+    def mean_squares(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        return [walk(block)[0].to(torch.float32).square()]
+
+    def mean_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        v["mean_norm"] = float32_norm(totals[0, 0])
+        if max_iter > 0:
+            add(dot_terms, dots_done)
+
+    def dot_terms(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        mean = walk(block)[0].to(torch.float32)
+        us = units(block)
+        return [mean * us[i].to(torch.float32) for i in v["valid"]]  # exact products, as torch.dot's
+
+    def dots_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        terms = []
+        for j, i in enumerate(v["valid"]):
+            dot = torch.clamp(round_total(totals[j, 0], dtype), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            terms.append((i, v["alphas"][i] * (theta / torch.sin(theta)), dot))
+        v["iters"].append({"terms": terms})
+        add(tangent_squares, tangent_done)
+
+    def tangent_squares(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        return [walk(block)[1].to(torch.float32).square()]
+
+    def tangent_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        v["iters"][-1]["tangent_norm"] = float32_norm(totals[0, 0])
+        if v["iters"][-1]["tangent_norm"].item() >= tol:
+            add(new_mean_squares, new_mean_done)
+
+    def new_mean_squares(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
+        return [walk(block)[2].to(torch.float32).square()]
+
+    def new_mean_done(stats: StagedSums, totals: torch.Tensor) -> None:
+        v["iters"][-1]["unit_norm"] = float32_norm(totals[0, 0])
+        if len(v["iters"]) < max_iter:
+            add(dot_terms, dots_done)
+
+    def merge(block: MergeInputs) -> torch.Tensor:
+        if not v.get("valid"):
+            return torch.zeros_like(block.tensors[0])
+        return v["scale"] * walk(block)[0]
+
+    stats = StagedSums(inputs.shape, "tensor", [input_squares], [norms_done])
+
+    def add(stage, after) -> None:
+        stats.stages.append(stage)
+        stats.after.append(after)
+        stats.passes = len(stats.stages)
+
+    stats.values["merge"] = merge
+    if inputs.numel == 0:
+        stats.stop()
+    return stats
+
+
+def _karcher_merge(inputs: MergeInputs) -> torch.Tensor:
+    if isinstance(inputs.stats, StagedSums):
+        return inputs.stats.values["merge"](inputs)
+    return apply_mix(inputs)
 
 
 def _check_karcher(shared: dict, per_input: list[dict]) -> None:
@@ -476,9 +605,10 @@ KARCHER = MergeMethod(
         Param("max_iter", float, "shared", 10.0),
         Param("tol", float, "shared", 1e-5),
     ),
-    merge=apply_mix,
+    merge=_karcher_merge,
     base_model="optional",
     statistics=_karcher_statistics,
+    low_precision_compute=True,  # mergekit computes it in the dtype; the *_low_precision_* functions round as it does
     description="weighted Karcher (Riemannian) mean of the models' directions times their mean norm",
     check=_check_karcher,
 )
