@@ -17,8 +17,11 @@ Verdicts:
   structural  DARE / DELLA at density < 1 (mergekit's RNG differs from ours): same tensor names, shapes and dtypes; mergeedit
               reproducible for a fixed seed; the mean |out - base| is reported for both tools as an extra sanity note.
   TIE         (not a failure unless --strict-ties) a deterministic config whose every out-of-tolerance element is
-              explained by an exact float32 tie at a top-k magnitude boundary (ties method): mergeedit keeps every
-              |delta| >= the k-th largest magnitude, mergekit's argsort keeps exactly k and breaks the tie arbitrarily.
+              explained by an exact tie (in the case's dtype) at a top-k boundary: ties/breadcrumbs magnitudes (both
+              tools keep exactly k; mergeedit the tied entries at the lowest positions, mergekit those torch's
+              unstable, whole-tensor-dependent argsort puts first), or sce's variance selection (a tensor whose k-th
+              largest variance is tied across the boundary: its kept set, so its weights, differ; other tensors must
+              match).
 Extra checks per config: same tensor names, shapes, dtypes in both outputs; `num_hidden_layers` of both config.json
 files equals the expected count; expected absence of `lm_head.weight` for tied embeddings.
 
