@@ -10,10 +10,11 @@ does not depend on its neighbours, so the blocks give mergekit's bits. A whole-t
 reproduced bit for bit in a stream: torch's float32 accumulation order depends on the tensor's length, the vector
 width and the threads. So a reduction here adds the exact float32 values of its terms in float64, in element order
 (methods/ordered.py: the same additions however the tensor is cut), and rounds the total to float32 and then to the
-dtype, as torch rounds its float32 total. The two totals differ by torch's float32 accumulation error (~1e-7
-relative for these sizes), so the rounded results differ only when a total falls that close to a bfloat16/float16
-rounding boundary: about one reduction in 10^4 (bfloat16) or 10^3 (float16). Where they differ, mergekit's own value
-is the less accurate one.
+dtype, as torch rounds its float32 total. The two totals differ only by torch's float32 accumulation error, so the
+rounded results differ only when a total falls within that error of a bfloat16/float16 rounding boundary (in
+tools/mergekit_parity.py's configs: never, for the reductions rounded to the dtype). Where they differ, mergekit's
+own value is the less accurate one. (karcher's norms stay float32 in mergekit; there the float32 rounding of our
+exact total can sit a few float32 ulp from torch's: see README "Where we differ".)
 
 `StagedSums` streams those reductions: pass p sums, per vector group (the whole tensor, or each row/column), the terms
 `stages[p]` computes from a block and the numbers finished after earlier passes; `after[p]` turns the rounded totals
