@@ -42,7 +42,7 @@ def _complete(method: MergeMethod, base, per_input: list[dict]) -> list[dict]:
 
 def _probe(tensors, base, shared, per_input, numel, seed, shape=()) -> MergeInputs:
     """What the executor hands `statistics`: parameters and the compute dtype (the inputs' here), but no data."""
-    dtype = tensors[0].dtype if tensors else None
+    dtype = tensors[0].dtype if tensors and tensors[0] is not None else None
     return MergeInputs("t", [None] * len(tensors), base, shared, per_input, 0, numel, seed, shape=tuple(shape), dtype=dtype)
 
 
