@@ -41,8 +41,9 @@ def _complete(method: MergeMethod, base, per_input: list[dict]) -> list[dict]:
 
 
 def _probe(tensors, base, shared, per_input, numel, seed, shape=()) -> MergeInputs:
-    """What the executor hands `statistics`: parameters but no data."""
-    return MergeInputs("t", [None] * len(tensors), base, shared, per_input, 0, numel, seed, shape=tuple(shape))
+    """What the executor hands `statistics`: parameters and the compute dtype (the inputs' here), but no data."""
+    dtype = tensors[0].dtype if tensors and tensors[0] is not None else None
+    return MergeInputs("t", [None] * len(tensors), base, shared, per_input, 0, numel, seed, shape=tuple(shape), dtype=dtype)
 
 
 def run_whole(method: MergeMethod, tensors, base, shared, per_input, seed: int = 0, name: str = "t", kernels=None) -> torch.Tensor:

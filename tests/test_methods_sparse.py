@@ -360,7 +360,7 @@ def test_sce_topk_count_rounds_in_float32_like_mergekit():
         stats.observe(p, inputs)
         stats.end_pass(p)
     assert stats.select.k == 63
-    kept = stats.apply_selection(torch.stack([xs[1], xs[2]]))[0] != 0
+    kept = stats.apply_selection(torch.stack([xs[1], xs[2]]), 0)[0] != 0
     assert torch.equal(kept, torch.arange(90) >= 27)
 
 

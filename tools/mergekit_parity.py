@@ -17,8 +17,11 @@ Verdicts:
   structural  DARE / DELLA at density < 1 (mergekit's RNG differs from ours): same tensor names, shapes and dtypes; mergeedit
               reproducible for a fixed seed; the mean |out - base| is reported for both tools as an extra sanity note.
   TIE         (not a failure unless --strict-ties) a deterministic config whose every out-of-tolerance element is
-              explained by an exact float32 tie at a top-k magnitude boundary (ties method): mergeedit keeps every
-              |delta| >= the k-th largest magnitude, mergekit's argsort keeps exactly k and breaks the tie arbitrarily.
+              explained by an exact tie (in the case's dtype) at a top-k boundary: ties/breadcrumbs magnitudes (both
+              tools keep exactly k; mergeedit the tied entries at the lowest positions, mergekit those torch's
+              unstable, whole-tensor-dependent argsort puts first), or sce's variance selection (a tensor whose k-th
+              largest variance is tied across the boundary: its kept set, so its weights, differ; other tensors must
+              match).
 Extra checks per config: same tensor names, shapes, dtypes in both outputs; `num_hidden_layers` of both config.json
 files equals the expected count; expected absence of `lm_head.weight` for tied embeddings.
 
@@ -505,6 +508,56 @@ class TieExplainer:
         return self.unexplained(name, positions).numel() == 0
 
 
+class SceTieExplainer:
+    """sce with 0 < select_topk < 1: is a tensor's difference explained by a tie at its variance selection boundary?
+
+    Both tools keep exactly k = int(select_topk * count(var != 0)) positions of largest variance across the task
+    vectors (the variance computed in the case's dtype, as both compute it). When the k-th largest variance is tied
+    across the boundary (count(>) < k < count(>=)), mergeedit keeps the tied positions lowest in the tensor,
+    mergekit's torch.topk a subset its partial sort picks; the kept entries then differ and so do the per-model
+    weights (mean square of each selected task vector), which every element of that tensor is scaled by. So every
+    differing element of such a tensor counts as explained; a tensor without a straddling tie must match.
+    """
+
+    rescales = False
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.topks = sorted(_density_candidates(config, key="select_topk"))
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _sd(self, path: str) -> dict[str, torch.Tensor]:
+        if path not in self.cache:
+            self.cache[path] = load_folder(Path(path))
+        return self.cache[path]
+
+    def straddles(self, name: str) -> bool:
+        srcs = _sources_for(self.config, name)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.config.get("dtype"), torch.float32)
+        if not srcs or srcs[0][1] is None:
+            return False
+        base = self._sd(srcs[0][1]).get(srcs[0][2])
+        xs = [self._sd(model).get(src_name) for model, _, src_name in srcs]
+        if base is None or any(x is None for x in xs):
+            return False
+        tvs = torch.stack([x.to(dtype) - base.to(dtype) for x in xs])
+        var = torch.var(tvs, dim=0, unbiased=False).abs().float().flatten()
+        for topk in self.topks:
+            k = int(torch.count_nonzero(var) * topk)
+            if not 0 < topk < 1 or k == 0:
+                continue
+            v = torch.topk(var, k).values[-1]
+            if int((var > v).sum()) < k < int((var >= v).sum()):
+                return True
+        return False
+
+    def unexplained(self, name: str, positions: torch.Tensor) -> torch.Tensor:
+        return positions[:0] if self.straddles(name) else positions
+
+    def explains(self, name: str, positions: torch.Tensor) -> bool:
+        return self.unexplained(name, positions).numel() == 0
+
+
 @dataclass
 class Result:
     case: Case
@@ -520,7 +573,7 @@ class Result:
 def compare(case: Case, me_out: Path, mk_out: Path, base: Optional[dict[str, torch.Tensor]],
             rerun: Optional[Callable[[], Optional[Path]]], config: dict) -> Result:
     r = Result(case)
-    explainer = TieExplainer(config) if case.method in TOPK_METHODS else None
+    explainer = TieExplainer(config) if case.method in TOPK_METHODS else SceTieExplainer(config) if case.method == "sce" else None
     tie_explained: list[str] = []
     a, b = load_folder(me_out), load_folder(mk_out)
     problems: list[str] = []

@@ -21,7 +21,8 @@ SAMPLE = 1 << 14  # elements of the strided sample a statistic may aim with befo
 def probe_inputs(t: PlannedTensor, kernels: Any = None) -> MergeInputs:
     """MergeInputs carrying parameters but no data: enough for a method to say which statistics it needs (and, with
     the merge's `kernels`, which compiled kernels to request)."""
-    return MergeInputs(t.name, [None] * len(t.sources), t.base, t.shared, t.per_input, 0, t.numel, t.seed, shape=tuple(t.shape), kernels=kernels)
+    return MergeInputs(t.name, [None] * len(t.sources), t.base, t.shared, t.per_input, 0, t.numel, t.seed, shape=tuple(t.shape), kernels=kernels,
+                       dtype=t.compute_dtype)
 
 
 def build_statistics(t: PlannedTensor) -> Optional[TensorStatistics]:

@@ -14,6 +14,13 @@ them a group of rows at a time so temporaries stay bounded (tens of MB). Pass 1 
 state that grows with the tensor) and feeds the importances to the selection; pass 2 finishes the selection. The KL of
 a row is computed by the same float32 operations whatever the chunk around it, so chunked and whole agree bit for bit,
 and match mergekit's whole-tensor numbers.
+
+In bfloat16/float16 (a config's `dtype`) mergekit computes the importances in the dtype: both softmaxes, the added
+1e-8, p / q, its log, p * log, the row sum, |x - base| and the product each rounded to it, and the threshold
+median + 1.5 * (q3 - q1) by three rounded ops. The low-precision path runs those ops on the same dtype (the row sum
+added in float64 in element order and rounded as torch rounds its float32 total: lowp.py). mergekit's result,
+base + (x - base) * mask with a float32 mask, is float32 there; here it is that float32 value rounded once to the
+output dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ...core.errors import MergeEditError
+from .lowp import is_low_precision, round_total
+from .ordered import ordered_row_sums
 from .quantiles import ExactOrderStatistics
 from .spec import MergeInputs, MergeMethod
 
@@ -52,6 +61,13 @@ def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         # torch splits a lone long row's sum across threads (a different rounding than a row among others): pad it.
         return torch.cat([terms, torch.zeros_like(terms)]).sum(dim=-1)[:1]
     return terms.sum(dim=-1)
+
+
+def low_precision_row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """row_kl as mergekit computes it on bfloat16/float16 rows: every op rounded to their dtype (returned in it)."""
+    p = F.softmax(x, dim=-1) + SOFTMAX_EPS
+    q = F.softmax(base, dim=-1) + SOFTMAX_EPS
+    return round_total(ordered_row_sums(p * torch.log(p / q)), x.dtype)
 
 
 @dataclass
@@ -83,7 +99,11 @@ def _groups(rows: _Rows) -> Iterator[tuple[int, int]]:
 
 
 def _importance(rows: _Rows, kl: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """|x - base| * row KL in float32 (the selection works on float32 values; float64 inputs are rounded for it)."""
+    """|x - base| * row KL in float32 (the selection works on float32 values; float64 inputs are rounded for it). For
+    bfloat16/float16 rows: computed in their dtype (kl holds its values), then widened exactly to float32."""
+    if is_low_precision(rows.x.dtype):
+        delta = (rows.x[a:b] - rows.base[a:b]).abs()
+        return delta.mul_(kl[rows.first_row + a : rows.first_row + b, None].to(delta.dtype)).to(torch.float32)
     delta = rows.x[a:b].to(torch.float32) - rows.base[a:b].to(torch.float32)
     return delta.abs_().mul_(kl[rows.first_row + a : rows.first_row + b, None])
 
@@ -98,6 +118,7 @@ class FusionStatistics:
     kl: torch.Tensor = field(init=False)
     order: ExactOrderStatistics = field(init=False)
     threshold: Optional[float] = None
+    dtype: torch.dtype = torch.float32  # the dtype the importances and the threshold are computed in
 
     def __post_init__(self) -> None:
         self.kl = torch.zeros(self.n_rows, dtype=torch.float32)
@@ -106,7 +127,11 @@ class FusionStatistics:
     def observe(self, pass_index: int, block: MergeInputs) -> None:
         rows = _rows(block)
         for a, b in _groups(rows):
-            if pass_index == 0:
+            if pass_index == 0 and is_low_precision(rows.x.dtype):
+                self.dtype = rows.x.dtype
+                self.kl[rows.first_row + a : rows.first_row + b] = low_precision_row_kl(rows.x[a:b], rows.base[a:b])
+                self.order.observe_first(_importance(rows, self.kl, a, b))
+            elif pass_index == 0:
                 self.kl[rows.first_row + a : rows.first_row + b] = row_kl(rows.x[a:b].to(torch.float32), rows.base[a:b].to(torch.float32))
                 self.order.observe_first(_importance(rows, self.kl, a, b))
             else:
@@ -117,8 +142,8 @@ class FusionStatistics:
             self.order.end_first()
             return
         self.order.end_second()
-        q1, median, q3 = (torch.tensor(v, dtype=torch.float32) for v in self.order.values)
-        self.threshold = float(median + IQR_FACTOR * (q3 - q1))  # float32 arithmetic, as mergekit's
+        q1, median, q3 = (torch.tensor(v, dtype=self.dtype) for v in self.order.values)
+        self.threshold = float(median + IQR_FACTOR * (q3 - q1))  # in the importances' dtype, as mergekit's
 
     def result(self) -> "FusionStatistics":
         return self
@@ -136,9 +161,12 @@ def arcee_fusion_merge(inputs: MergeInputs) -> torch.Tensor:
     if stats is None:  # an empty tensor
         return base.clone()
     rows = _rows(inputs)
-    out = torch.empty_like(rows.base)
+    low = is_low_precision(rows.base.dtype)
+    out = torch.empty_like(rows.base, dtype=torch.float32 if low else None)
     for a, b in _groups(rows):
         keep = _importance(rows, stats.kl, a, b) >= stats.threshold
+        if low:  # mergekit: base + (x - base) * float32 mask, a float32 result
+            keep = keep.to(torch.float32)
         out[a:b] = rows.base[a:b] + (rows.x[a:b] - rows.base[a:b]) * keep
     return out.view(base.shape)
 
@@ -153,4 +181,5 @@ ARCEE_FUSION = MergeMethod(
     statistics=_statistics,
     elementwise=False,
     description="keep the other model's changes whose |delta| * row KL is an upper outlier (median + 1.5 IQR)",
+    low_precision_compute=True,  # mergekit computes the importances in the dtype; see the module docstring
 )

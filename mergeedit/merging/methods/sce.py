@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .lowp import is_low_precision
 from .ordered import ordered_sum
 from .selection import KthLargest, magnitude_bits
 from .spec import MergeInputs, MergeMethod, Param
@@ -34,7 +35,16 @@ def task_vectors(inputs: MergeInputs) -> torch.Tensor:
 def variance_bits(tvs: torch.Tensor) -> torch.Tensor:
     """Bit patterns of the population variance across models, by the two-pass formula: torch.var over the short model
     axis runs ~40x slower (a reduction of 2-3 values per element); its Welford rounding can differ in the last ulp,
-    which can only move the selection boundary between values that are equal to within an ulp."""
+    which can only move the selection boundary between values that are equal to within an ulp.
+
+    bfloat16/float16 task vectors: torch.var in that dtype computes in float32 and rounds the variance once to the
+    dtype; here the two-pass variance of the same values in float64, rounded to float32 and then to the dtype (the
+    same value unless float32's rounding lands within 1e-7 of a bfloat16/float16 rounding boundary)."""
+    if is_low_precision(tvs.dtype):
+        wide = tvs.to(torch.float64)
+        centred = wide - wide.sum(dim=0).div_(tvs.shape[0])
+        var = centred.square_().sum(dim=0).div_(tvs.shape[0])
+        return magnitude_bits(var.to(torch.float32).to(tvs.dtype))
     mean = tvs.sum(dim=0).div_(tvs.shape[0])
     var = torch.zeros_like(mean)
     for tv in tvs:
@@ -44,8 +54,11 @@ def variance_bits(tvs: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SceStatistics:
-    """Pass 0: count of nonzero variances and the high histogram of the variances; pass 1: the low histogram; last
-    pass (the only one when nothing is selected): sum of squares of each selected task vector."""
+    """Pass 0: count of nonzero variances and the high histogram of the variances; pass 1: the low histogram; pass 2,
+    only when more variances equal the k-th largest than the k-th place needs: where the kept tied ones end (exactly
+    k are kept, the tied ones at the lowest positions: mergekit's torch.topk keeps exactly k too, but which of the
+    tied ones depends on its partial sort over the whole tensor); last pass (the only one when nothing is selected):
+    sum of squares of each selected task vector."""
 
     topk: float
     models: int
@@ -54,6 +67,7 @@ class SceStatistics:
     keep_none: bool = False
     nonzero: int = 0
     sum_squares: list[float] = field(default_factory=list)
+    ties_pass: bool = False
 
     def __post_init__(self) -> None:
         if 0 < self.topk < 1:
@@ -66,20 +80,22 @@ class SceStatistics:
         if self.keep_none:  # nothing survives the selection: every sum of squares stays 0, so skip the work
             return
         tvs = task_vectors(block)
-        if self.select is not None and pass_index < 2:
+        if self.select is not None and pass_index < self.passes - 1:
             bits = variance_bits(tvs)
             if pass_index == 0:
                 self.nonzero += int(torch.count_nonzero(bits))
                 self.select.observe_high(bits)
-            else:
+            elif pass_index == 1:
                 self.select.observe_low(bits)
+            else:
+                self.select.observe_ties(bits, block.offset)
             return
-        self.apply_selection(tvs)
+        self.apply_selection(tvs, block.offset)
         for i in range(self.models):
             self.sum_squares[i] = ordered_sum(tvs[i].square(), self.sum_squares[i])  # element order
 
     def end_pass(self, pass_index: int) -> None:
-        if self.select is None or pass_index >= 2 or self.keep_none:
+        if self.select is None or pass_index >= self.passes - 1 or self.keep_none:
             return
         if pass_index == 0:
             # mergekit's count is a tensor, so the product is rounded in float32: int(90 * 0.7) is 63 there, not 62
@@ -88,18 +104,24 @@ class SceStatistics:
                 self.keep_none = True
                 return
             self.select.end_high()
-        else:
+        elif pass_index == 1:
             self.select.end_low()
+            if self.select.needs_cutoff:
+                self.ties_pass = True
+                self.passes = 4
+        else:
+            self.select.end_ties()
 
     def result(self) -> "SceStatistics":
         return self
 
-    def apply_selection(self, tvs: torch.Tensor) -> torch.Tensor:
-        """Zero, in place, the positions of a block's task vectors that the variance selection drops."""
+    def apply_selection(self, tvs: torch.Tensor, offset: int) -> torch.Tensor:
+        """Zero, in place, the positions of a block's task vectors (starting at element `offset`) that the variance
+        selection drops."""
         if self.keep_none:
             return tvs.zero_()
         if self.select is not None:
-            tvs.mul_(variance_bits(tvs) >= self.select.threshold_bits)
+            tvs.mul_(self.select.keeps(variance_bits(tvs), offset).view(tvs.shape[1:]))
         return tvs
 
     def weights(self, dtype: torch.dtype = torch.float32) -> list[float]:
@@ -129,7 +151,7 @@ def _merge(inputs: MergeInputs) -> torch.Tensor:
     if not inputs.non_base:
         return base.clone()
     stats: SceStatistics = inputs.stats
-    tvs = stats.apply_selection(task_vectors(inputs))
+    tvs = stats.apply_selection(task_vectors(inputs), inputs.offset)
     elected = torch.where(tvs.sum(dim=0) >= 0, 1.0, -1.0).to(tvs.dtype)
     weights = torch.tensor(stats.weights(tvs.dtype), dtype=tvs.dtype).unsqueeze(-1)
     agreeing = (tvs.sign() == elected).to(tvs.dtype).mul_(weights)

@@ -80,6 +80,7 @@ class MergeInputs:
     stats: Any = None  # TensorStatistics.result(), when the method has statistics
     shape: tuple[int, ...] = ()  # shape of the whole output tensor (row-wise statistics: row = offset // prod(shape[1:]))
     kernels: Any = None  # the merge's fused.KernelCompiler: faster kernels a method may request and use; None: eager
+    dtype: Optional[torch.dtype] = None  # the compute dtype the blocks come in (set for statistics' data-less probe)
 
     @property
     def non_base(self) -> list[int]:
