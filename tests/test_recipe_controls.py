@@ -186,3 +186,23 @@ def test_merge_auto_keeps_the_best_reliability_that_meets_the_floor(tmp_path, ti
         assert any(n.startswith(f"merge auto (batch 1) -> lambda={want}") for n in result.notes)
     assert runs[0.0].stages_cached.count("rsft-000") == 1  # the second run reused the training, re-chose the merge
     assert not (runs[0.0].run_dir / "stages" / "merge-auto-scratch").exists()
+
+
+def test_merge_auto_on_the_anchored_merge_and_a_revert_chooses_again(tmp_path, tiny, run_cli):
+    edits = [{**e, "locality_prompt": e["prompt"], "locality_answer": e["target"]} for e in EDITS]
+    merge = {
+        "merge_method": "ties", "base_model": "base", "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 1.0}}], "dtype": "float32",
+        "auto": {"candidates": {"lambda": [1.0, 0.0]}, "floor": 0.9, "validation": 2},
+    }
+    recipe = _recipe(tmp_path, tiny, edits=edits, rsft={"max_epochs": 20, "max_steps_per_batch": 5, "loss_threshold": 0.01}, merge=merge, sequential={"batch_size": 2, "strategy": "anchored"})
+    result = RecipeRun(recipe).run()
+    (choice,) = result.merge_choices
+    assert choice["stage"] == "merge-auto" and "batch" not in choice and choice["params"] == {"lambda": 0.0} and choice["met_floor"]
+    ledger = [json.loads(x) for x in (result.run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert [e["merge"]["auto"]["params"] for e in ledger] == [{"lambda": 0.0}] * 2  # one choice covers every batch
+    assert all(e["merge"]["config"]["parameters"]["lambda"] == 0.0 for e in ledger)
+    got = run_cli("revert", result.run_dir, "--batch", "2", tmp_path / "reverted")
+    assert got.code == 0, got.stderr
+    assert (result.run_dir / "stages" / "revert-002-merge-auto" / "result.json").is_file()
+    kept = [json.loads(x) for x in (tmp_path / "reverted" / "ledger.jsonl").read_text().splitlines() if '"kind": "batch"' in x]
+    assert [e["batch"] for e in kept] == [1] and kept[0]["merge"]["auto"]["stage"] == "revert-002-merge-auto"

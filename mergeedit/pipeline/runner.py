@@ -325,7 +325,7 @@ class RecipeRun:
         base_source = open_local(recipe.model.base, base_folder)
         settings, patterns, layers = train_settings(recipe)
         check_layers(recipe, self.doc, base_source)
-        if recipe.rsft.method == "locft-bf" and layers is None:
+        if recipe.rsft.method == "locft-bf" and layers is None and recipe.rsft.layers_auto is None:
             from ..io.architecture import layer_count
 
             n = layer_count(base_source)
