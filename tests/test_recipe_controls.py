@@ -96,11 +96,13 @@ def test_retain_kl_is_zero_at_step_zero_and_keeps_the_weights_near_the_base(tmp_
     assert plain.train_reports[0]["losses"][0] == report["losses"][0]  # same first step: the edit loss alone is logged
 
 
-def test_retain_in_chained_batches_breadth_first_and_the_prefix_cache_holds_to_the_original_base(tmp_path, tiny):
+def test_retain_in_chained_batches_breadth_first_and_the_prefix_cache_holds_to_the_original_base(tmp_path, tiny, run_cli):
     recipe = _recipe(
         tmp_path, tiny, sequential={"batch_size": 2},
         rsft={"schedule": "breadth-first", "layers": [1, 3], "retain": {"weight": 5.0, "path": "retain.jsonl"}},
     )
+    shown = run_cli("plan", recipe)
+    assert shown.code == 0 and f"retain: 5.0 x KL(base || current) in every step on {len(RETAIN)} texts" in shown.stdout, shown.stdout
     result = RecipeRun(recipe).run()
     first, second = result.train_reports
     assert "frozen" in first["forward"] or "prefix" in first["forward"], first["forward"]  # the frozen-prefix cache path ran
@@ -163,7 +165,7 @@ def test_merge_auto_keeps_the_best_reliability_that_meets_the_floor(tmp_path, ti
     # keeps the edit changes its locality tokens, lambda 0 (the base itself) keeps locality at exactly 1.
     edits = [{**e, "locality_prompt": e["prompt"], "locality_answer": e["target"]} for e in EDITS]
     merge = {"merge_method": "ties", "base_model": "base", "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 1.0}}], "dtype": "float32"}
-    rsft = {"max_epochs": 20, "max_steps_per_batch": 5, "loss_threshold": 0.01}
+    rsft = {"lr": 0.03, "max_epochs": 6, "max_steps_per_batch": 5, "loss_threshold": 0.1}
     runs = {}
     for floor in (0.9, 0.0):  # the second run reuses the training and chooses again
         auto = {"candidates": {"lambda": [1.0, 0.0]}, "floor": floor, "validation": 2, "seed": 0}
@@ -194,7 +196,7 @@ def test_merge_auto_on_the_anchored_merge_and_a_revert_chooses_again(tmp_path, t
         "merge_method": "ties", "base_model": "base", "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 1.0}}], "dtype": "float32",
         "auto": {"candidates": {"lambda": [1.0, 0.0]}, "floor": 0.9, "validation": 2},
     }
-    recipe = _recipe(tmp_path, tiny, edits=edits, rsft={"max_epochs": 20, "max_steps_per_batch": 5, "loss_threshold": 0.01}, merge=merge, sequential={"batch_size": 2, "strategy": "anchored"})
+    recipe = _recipe(tmp_path, tiny, edits=edits, rsft={"lr": 0.03, "max_epochs": 6, "max_steps_per_batch": 5, "loss_threshold": 0.1}, merge=merge, sequential={"batch_size": 2, "strategy": "anchored"})
     result = RecipeRun(recipe).run()
     (choice,) = result.merge_choices
     assert choice["stage"] == "merge-auto" and "batch" not in choice and choice["params"] == {"lambda": 0.0} and choice["met_floor"]
