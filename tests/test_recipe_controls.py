@@ -120,9 +120,18 @@ def test_retain_in_chained_batches_breadth_first_and_the_prefix_cache_holds_to_t
     ({"layers": {"auto": 1, "score": "curvature"}}, "layers.score: Input should be 'grad' or 'relative'"),
     ({"layers": {"auto": 0}}, "layers.auto: Input should be greater than or equal to 1"),
     ({"layers": {"width": 2}}, "unknown key 'width' in layers"),
+    ({"merge": {"floor": 1.5}}, "merge.auto.floor"),
+    ({"merge": {"candidates": {"densty": [0.5]}}}, "grid key 'densty' is not a parameter of merge_method ties (did you mean 'density'?)"),
+    ({"merge": {"candidates": {"density": [1.5]}}}, "merge.auto.candidates"),
+    ({"merge": {"validation": 3}}, "validation asks for 3 edits but the smallest sequential batch has 2"),
+    ({"merge": {"locality": "drift"}}, "merge.auto.locality"),
 ])
 def test_bad_values_of_the_new_keys_are_one_located_line_exit_2(tmp_path, tiny, run_cli, bad, needle):
-    recipe = _recipe(tmp_path, tiny, rsft=bad)
+    if "merge" in bad:
+        ties = {"merge_method": "ties", "base_model": "base", "models": [{"model": "rsft"}]}
+        recipe = _recipe(tmp_path, tiny, merge={**ties, "auto": bad["merge"]}, sequential={"batch_size": 2})
+    else:
+        recipe = _recipe(tmp_path, tiny, rsft=bad)
     for command in ("validate", "plan"):
         got = run_cli(command, recipe)
         assert got.code == 2 and needle in got.stderr and "Traceback" not in got.stderr, got.stderr

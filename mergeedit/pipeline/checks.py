@@ -166,9 +166,12 @@ def check_retain(recipe: Recipe, doc: YamlDocument, recipe_dir: Path):
 AUTO_SCORES = ("rel", "gen", "loc", "port", "rel_em", "gen_em")
 
 
-def check_merge_auto(recipe: Recipe, doc: YamlDocument, base: Optional[ModelSource] = None, trainable: Optional[list[str]] = None, batches: int = 1) -> None:
+def check_merge_auto(
+    recipe: Recipe, doc: YamlDocument, base: Optional[ModelSource] = None, trainable: Optional[list[str]] = None, batches: int = 1, smallest: Optional[int] = None
+) -> None:
     """merge.auto: every candidate is a valid merge (parameter names and values; planned against the base's tensors
-    when `base` is given), the score keys exist, and the evaluation that scores the candidates is on."""
+    when `base` is given), the score keys exist, the evaluation that scores the candidates is on, and a validation
+    count fits the smallest set of edits a choice is made on (`smallest`: a chained batch, or all edits)."""
     merge = recipe.merge
     if merge is None or merge.auto is None:
         return
@@ -181,6 +184,9 @@ def check_merge_auto(recipe: Recipe, doc: YamlDocument, base: Optional[ModelSour
             raise MergeEditError(f"{doc.where(('merge', 'auto', key))}: '{value}' is not a score; use one of {', '.join(AUTO_SCORES)}")
     if not recipe.eval.enabled:
         raise MergeEditError(f"{doc.where(('merge', 'auto'))}: merge.auto scores every candidate with the evaluation; set eval.enabled: true (or drop auto)")
+    if smallest is not None and auto.validation >= 1 and int(auto.validation) > smallest:
+        what = "the smallest sequential batch has" if recipe.sequential.strategy == "chained" else "the recipe has"
+        raise MergeEditError(f"{doc.where(('merge', 'auto', 'validation'))}: validation asks for {int(auto.validation)} edits but {what} {smallest}; use a fraction (0.2) or a smaller count")
     where = doc.where(("merge", "auto", "candidates"))
     plain = merge.plain()
     for point in grid_points(auto.candidates):

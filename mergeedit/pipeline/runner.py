@@ -333,7 +333,7 @@ class RecipeRun:
             layers = (layer, layer + 1)
         trainable = select_trainable(list(base_source.tensors), patterns, layers, self.doc.where(("rsft", "trainable")))
         check_recipe_merge(self.merge_config, self.doc, base_source, trainable, len(self.batches(records)), recipe.sequential.strategy == "anchored")
-        check_merge_auto(recipe, self.doc, base_source, trainable, len(self.batches(records)))
+        check_merge_auto(recipe, self.doc, base_source, trainable, len(self.batches(records)), smallest=min(map(len, self.batches(records)), default=0) if recipe.sequential.strategy == "chained" else len(records))
         retain_texts = check_retain(recipe, self.doc, self.recipe_dir)
         device = dist.device(pick_device(recipe.model.device))
         model, tokenizer = load_model_and_tokenizer(base_folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
@@ -535,7 +535,7 @@ class RecipeRun:
         return open_local("merged", stage.path), stage.output_id
 
     def curve(
-        self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], result: RunResult, final: tuple
+        self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], result: RunResult, final: tuple, config: Optional[MergeConfig] = None
     ) -> list[dict]:
         """Teacher-forced scores (and drift) on the edits so far, after every `eval.curve_every` batches and the last.
         `final` is the run's own (delta, stage id) for the last point (for anchored runs: its merge, already made)."""
@@ -552,7 +552,7 @@ class RecipeRun:
                 if b + 1 == len(batches):
                     delta, delta_id = final
                 else:
-                    delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], self.merge_config, f"curve-{merge_stage_name(b)}")
+                    delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], config or self.merge_config, f"curve-{merge_stage_name(b)}")
             else:
                 delta_id, delta = trained.checkpoints[b]
             so_far = s.records[:done]
@@ -577,6 +577,9 @@ class RecipeRun:
 
         # 2. R-SFT (+ merge) per batch; the anchored strategy merges every batch's task vector at the end
         trained = self.train_batches(s, result)
+        if s.retain is not None:
+            kl = ", ".join(f"{r['retain']['kl'][0]:.4g} -> {r['retain']['kl'][-1]:.4g}" for r in result.train_reports if r.get("retain", {}).get("kl"))
+            result.notes.append(f"retain: {s.retain.weight} x KL(unedited || current) on {s.retain.source}; KL at the first -> last step of each batch: {kl or 'no step'}")
         current_delta, upstream = trained.current_delta, trained.upstream
         if recipe.sequential.strategy == "anchored":
             config = self.merge_config
@@ -589,7 +592,7 @@ class RecipeRun:
         if recipe.eval.enabled and recipe.eval.curve_every:
             from ..evaluation.curves import write_curve
 
-            result.curve = self.curve(s, trained, pre, drift, result, final=(current_delta, upstream))
+            result.curve = self.curve(s, trained, pre, drift, result, final=(current_delta, upstream), config=config if recipe.sequential.strategy == "anchored" else None)
             result.notes += write_curve(result.curve, self.root)
         if current_delta is not None:
             load_delta(model, current_delta)
