@@ -196,7 +196,7 @@ def test_merge_auto_keeps_the_best_reliability_that_meets_the_floor(tmp_path, ti
         assert f"lambda={want}, the best reliability with locality >= {floor}" in card
         assert any(n.startswith(f"merge auto (batch 1) -> lambda={want}") for n in result.notes)
     assert runs[0.0].stages_cached.count("rsft-000") == 1  # the second run reused the training, re-chose the merge
-    assert not (runs[0.0].run_dir / "stages" / "merge-auto-scratch").exists()
+    assert not list(runs[0.0].run_dir.glob(".merge-auto-scratch*")) and not list((runs[0.0].run_dir / "stages").glob("*scratch*"))
 
 
 def test_merge_auto_on_the_anchored_merge_and_a_revert_chooses_again(tmp_path, tiny, run_cli):

@@ -37,7 +37,6 @@ from .ledger import (
 )
 from .run_dir import stable_hash
 from .runner import (
-    AUTO_SCRATCH,
     DELTA_FILE,
     RecipeRun,
     RunResult,
@@ -152,8 +151,8 @@ def revert_run(
             ids = [s.run.output_id(e["delta"]["stage"]) for e in kept]
             if runner.merge_auto is not None:  # choose again on the kept edits, as a run without the batch would
 
-                def candidate(cfg):
-                    return runner.anchored_merge(s, deltas, ids, cfg, AUTO_SCRATCH)[0]
+                def candidate(cfg, tmp):
+                    runner.merge_into(tmp, expand_rsft(cfg, len(deltas)), runner.anchored_sources(s, deltas), set(s.trainable))
 
                 config = runner.merge_point(s, result, f"{tag}-merge-auto", [r for b in kept_batches for r in b], stable_hash(ids), candidate)
             delta, upstream = runner.anchored_merge(s, deltas, ids, config, f"{tag}-merge")

@@ -8,6 +8,7 @@ second full model until the final export.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,7 +69,7 @@ def curve_stage_name(batch: int) -> str:
 ANCHORED_MERGE = "merge"
 LAYER_PROBE = "layer-probe"  # `rsft.layers: auto`: the probe's scores and the chosen window
 ANCHORED_MERGE_AUTO = "merge-auto"  # `merge: {auto: ...}` of the anchored strategy: every candidate scored, one kept
-AUTO_SCRATCH = "merge-auto-scratch"  # a candidate's merged delta while it is scored (removed after)
+AUTO_SCRATCH = "merge-auto-scratch"  # RUN/.merge-auto-scratch-*: a candidate's merged delta while it is scored (removed after)
 
 
 def merge_auto_stage_name(batch: int) -> str:
@@ -474,8 +475,8 @@ class RecipeRun:
                     if self.merge_auto is not None:
                         merge_sources = sources
 
-                        def candidate(cfg, merge_sources=merge_sources):
-                            return open_local("candidate", self._merge_delta(s.run, AUTO_SCRATCH, {"scratch": cfg.model_dump()}, cfg, merge_sources, set(s.trainable)).path)
+                        def candidate(cfg, tmp, merge_sources=merge_sources):
+                            self.merge_into(tmp, cfg, merge_sources, set(s.trainable))
 
                         config = self.merge_point(s, result, named_stage(merge_auto_stage_name(b), b), batch, upstream, candidate, batch_index=b + 1)
                     inputs = {"upstream": upstream, "merge": config.model_dump()}
@@ -490,10 +491,11 @@ class RecipeRun:
         return trained
 
     def merge_point(self, s: Session, result: RunResult, name: str, records: list[EditRecord], upstream: str, candidate, batch_index: Optional[int] = None) -> MergeConfig:
-        """`merge: {auto: ...}`: stage `name` merges every candidate (`candidate(config)` -> the merged delta), scores it
-        on the seeded validation split of `records` against the unedited model's outputs (stage pre-eval), and keeps
-        the best reliability whose locality meets the floor (pipeline.auto_merge). Its result.json holds every
-        candidate's scores and the choice; returns the merge with the chosen parameters."""
+        """`merge: {auto: ...}`: stage `name` merges every candidate (`candidate(config, tmp)` writes its merged delta to
+        the temporary folder `tmp`, removed once scored: a full delta per candidate would fill the disk), scores it on
+        the seeded validation split of `records` against the unedited model's outputs (stage pre-eval), and keeps the
+        best reliability whose locality meets the floor (pipeline.auto_merge). Its result.json holds every candidate's
+        scores and the choice; returns the merge with the chosen parameters."""
         from .auto_merge import auto_validation, choose_merge, describe_choice
         from .checks import AUTO_SCORES
         from .evaluation_stage import post_edit_evaluation
@@ -511,10 +513,11 @@ class RecipeRun:
             pre = json.loads((s.run.root / "stages" / "pre-eval" / "result.json").read_text())
 
             def score(config, point) -> dict:
-                s.run.discard(AUTO_SCRATCH)
-                load_delta(s.model, candidate(config))
+                s.run.root.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=s.run.root, prefix=f".{AUTO_SCRATCH}-") as tmp:
+                    candidate(config, Path(tmp))
+                    load_delta(s.model, open_local("candidate", Path(tmp)))
                 scored = post_edit_evaluation(s.model, s.tokenizer, val, s.fmt, cfg, pre, None)
-                s.run.discard(AUTO_SCRATCH)  # a full delta per candidate would fill the disk
                 return {k: scored["metrics"].get(k, {}).get("value") for k in AUTO_SCORES}
 
             choice = choose_merge(self.merge_config, auto, score, where=where)
@@ -528,11 +531,16 @@ class RecipeRun:
 
     def anchored_merge(self, s: Session, deltas: list[ModelSource], ids: list[str], config: MergeConfig, name: str) -> tuple[ModelSource, str]:
         """Task vectors of `deltas` (each trained from the base) merged into the base by `config`; a cached stage."""
+        sources = self.anchored_sources(s, deltas)
+        stage = self._merge_delta(s.run, name, {"rsft": ids, "merge": config.model_dump()}, expand_rsft(config, len(deltas)), sources, set(s.trainable))
+        return open_local("merged", stage.path), stage.output_id
+
+    def anchored_sources(self, s: Session, deltas: list[ModelSource]) -> dict[str, ModelSource]:
+        """The anchored merge's inputs: the base, and the base overlaid with each batch's delta (rsft.0, rsft.1, ...)."""
         sources = {"base": s.base_source, **{f"rsft.{i}": overlay(s.base_source, d, f"rsft.{i}") for i, d in enumerate(deltas)}}
         if len(deltas) == 1:
             sources["rsft"] = sources.pop("rsft.0")
-        stage = self._merge_delta(s.run, name, {"rsft": ids, "merge": config.model_dump()}, expand_rsft(config, len(deltas)), sources, set(s.trainable))
-        return open_local("merged", stage.path), stage.output_id
+        return sources
 
     def curve(
         self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], result: RunResult, final: tuple, config: Optional[MergeConfig] = None
@@ -584,8 +592,8 @@ class RecipeRun:
         if recipe.sequential.strategy == "anchored":
             config = self.merge_config
             if self.merge_auto is not None:
-                def candidate(cfg):
-                    return self.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, cfg, AUTO_SCRATCH)[0]
+                def candidate(cfg, tmp):
+                    self.merge_into(tmp, expand_rsft(cfg, len(trained.rsft_deltas)), self.anchored_sources(s, trained.rsft_deltas), set(s.trainable))
 
                 config = self.merge_point(s, result, ANCHORED_MERGE_AUTO, records, stable_hash(trained.rsft_ids), candidate)
             current_delta, upstream = self.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, config, ANCHORED_MERGE)
@@ -651,26 +659,31 @@ class RecipeRun:
     def _merge_delta(self, run: RunDir, name: str, inputs: dict, config: MergeConfig, sources: dict[str, ModelSource], names: set[str]):
         """Stage `name`: merge only the trained tensors (every other tensor of the result is the base's, bit for bit)."""
 
+        def write(tmp: Path) -> None:
+            self.merge_into(tmp, config, sources, names)
+
+        return run.produce(name, inputs, write, detail=f"{config.merge_method} of {len(sources) - 1} R-SFT model(s) into the base")
+
+    def merge_into(self, tmp: Path, config: MergeConfig, sources: dict[str, ModelSource], names: set[str]) -> None:
+        """Write the merge of the trained tensors `names` as tmp/model.safetensors (no stage: `merge_point`'s candidates)."""
+
         def opener(ref: str) -> ModelSource:
             if ref not in sources:
                 raise MergeEditError(f"unknown model reference '{ref}' in the recipe's merge; use base or rsft")
             return sources[ref]
 
-        def write(tmp: Path) -> None:
-            plan = build_plan(config, _merge_doc(self.doc), opener=opener, only=names, out_dtype="float32")
-            options = MergeOptions(overwrite=True, copy_tokenizer=False)
-            if self.recipe.output.memory_budget:
-                options.memory_budget = parse_size(self.recipe.output.memory_budget, "output.memory_budget")
-            done = [0]
+        plan = build_plan(config, _merge_doc(self.doc), opener=opener, only=names, out_dtype="float32")
+        options = MergeOptions(overwrite=True, copy_tokenizer=False)
+        if self.recipe.output.memory_budget:
+            options.memory_budget = parse_size(self.recipe.output.memory_budget, "output.memory_budget")
+        done = [0]
 
-            def progress(t, nbytes):
-                done[0] += 1
-                self.reporter.merging(done[0], len(plan.tensors))
+        def progress(t, nbytes):
+            done[0] += 1
+            self.reporter.merging(done[0], len(plan.tensors))
 
-            write_merge(plan, tmp / "delta", options, progress=progress)
-            (tmp / "delta" / DELTA_FILE).rename(tmp / DELTA_FILE)
-
-        return run.produce(name, inputs, write, detail=f"{config.merge_method} of {len(sources) - 1} R-SFT model(s) into the base")
+        write_merge(plan, tmp / "delta", options, progress=progress)
+        (tmp / "delta" / DELTA_FILE).rename(tmp / DELTA_FILE)
 
     def _export(self, tmp: Path, source: ModelSource, base_folder: Path) -> None:
         """Stream base + delta into a sharded Hugging Face folder, with the base's config and tokenizer."""
