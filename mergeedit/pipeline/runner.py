@@ -589,8 +589,8 @@ class RecipeRun:
             kl = ", ".join(f"{r['retain']['kl'][0]:.4g} -> {r['retain']['kl'][-1]:.4g}" for r in result.train_reports if r.get("retain", {}).get("kl"))
             result.notes.append(f"retain: {s.retain.weight} x KL(unedited || current) on {s.retain.source}; KL at the first -> last step of each batch: {kl or 'no step'}")
         current_delta, upstream = trained.current_delta, trained.upstream
+        config = self.merge_config  # anchored with merge.auto: the chosen point
         if recipe.sequential.strategy == "anchored":
-            config = self.merge_config
             if self.merge_auto is not None:
                 def candidate(cfg, tmp):
                     self.merge_into(tmp, expand_rsft(cfg, len(trained.rsft_deltas)), self.anchored_sources(s, trained.rsft_deltas), set(s.trainable))
