@@ -524,7 +524,7 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")) -
     """Check a recipe (schema, dataset, merge references, trainable patterns) without training anything."""
     from .pipeline.planning import plan_recipe
 
-    p = plan_recipe(recipe)
+    p = plan_recipe(recipe, probe=False)
     detail = f", {p.trainable_tensors} trainable tensors ({p.trainable_parameters:,} parameters)" if p.trainable_tensors else ""
     out.print(f"[green]ok[/]: {recipe}: {p.edits} edits in {p.batches} batch(es){detail}")
     for note in p.notes:

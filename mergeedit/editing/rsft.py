@@ -14,6 +14,9 @@
 Both schedules share one mechanism (`EpochPool`): a learned edit leaves the pool for the rest of its epoch and gets
 no gradient, but the check after every epoch measures every edit again.
 
+`rsft.retain` adds ``weight * KL(base || current)`` on a mini-batch of unrelated text (editing.retain) to every step's
+loss, in both schedules and on either forward path (the retain texts always run the model's own full forward).
+
 The baselines are the same loop with other settings: FT-L (every layer, one step per batch, no threshold) and FT-M
 (one layer's MLP down projection, answer-token loss, one step per batch). Only the chosen parameters get gradients.
 """
@@ -27,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..core.errors import MergeEditError
 from .forward import FullForward, training_forward
 from .tokens import length_buckets, pad_batch
 
@@ -72,6 +76,7 @@ class TrainReport:
     precision: str = "float32"
     tokens: int = 0  # tokens through the trained layers, summed over steps
     profile: dict = field(default_factory=dict)  # seconds in prefix, forward, backward, optimizer, measure
+    retain: dict = field(default_factory=dict)  # the retain term (RetainKL.describe) and its unweighted KL at every step
 
     @property
     def learned_fraction(self) -> float:
@@ -225,8 +230,9 @@ class _EditLoop:
     measured loss, the batch loss of every optimizer step, the seconds per phase and the tokens through the trained
     layers. `run_epoch` is loops 2 and 3 of the module docstring, `end_epoch` the check after every epoch."""
 
-    def __init__(self, model, examples, settings, setup: _Setup, *, pad_id, device, accelerator, progress, on_step) -> None:
+    def __init__(self, model, examples, settings, setup: _Setup, *, pad_id, device, accelerator, progress, on_step, retain=None) -> None:
         self.model, self.examples, self.settings, self.setup = model, examples, settings, setup
+        self.retain, self.retain_kl = retain, []  # a RetainKL (editing.retain) or None; its KL at every step
         self.pad_id, self.device, self.accelerator = pad_id, device, accelerator
         self.progress, self.on_step = progress, on_step
         self.timing = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "measure": 0.0}
@@ -335,7 +341,9 @@ class _EditLoop:
                 measured[j] = float(values[r].detach())
             value += float(loss.detach())
             self.timing["forward"] += time.perf_counter() - t
-            self.backward(loss, last=k == len(buckets) - 1)
+            self.backward(loss, last=k == len(buckets) - 1 and self.retain is None)
+        if self.retain is not None:  # its own backward: the retain forward's activations are held alone too
+            self.backward(self.retain_term(), last=True)
         self.pool.update(live, measured)
         for i, v in zip(live, measured):  # each edit's worst example loss in its latest step (before that update)
             c = self.examples[i].case_id
@@ -344,6 +352,17 @@ class _EditLoop:
         self.apply()
         self.record_step(live, keep, value)
         return True
+
+    def retain_term(self) -> torch.Tensor:
+        """``weight * KL(base || current)`` on this step's retain mini-batch (step s reads mini-batch s mod count),
+        under the steps' autocast; the unweighted KL is recorded for the report."""
+        t = time.perf_counter()
+        half = self.setup.half
+        with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
+            kl = self.retain.kl(self.model, self.total_steps)
+        self.retain_kl.append(float(kl.detach()))
+        self.timing["retain"] = self.timing.get("retain", 0.0) + time.perf_counter() - t
+        return self.retain.weight * kl
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """One bucket's share of the step's gradient (under several processes, gradients sync once, at the last)."""
@@ -413,6 +432,7 @@ class _EditLoop:
             precision=s.precision_note,
             tokens=self.tokens,
             profile={"prefix": s.forward.prefix_seconds - s.prefix_before + 0.0, **self.timing},
+            retain={**self.retain.describe(), "kl": self.retain_kl} if self.retain is not None else {},
         )
 
 
@@ -429,6 +449,7 @@ def train_edits(
     precision: str = "float32",
     forward=None,
     on_step: Optional[StepHook] = None,
+    retain=None,
 ) -> TrainReport:
     """Fine-tune `trainable` parameters of `model` in place until the edits are learned (or the loops run out).
 
@@ -436,10 +457,18 @@ def train_edits(
     sequential batches, replayed edits); it rebuilds itself when a layer below the lowest trained one changed.
     Under `accelerator` (several processes), `model` is the DDP-wrapped model, prepared once by the caller after
     `mark_trainable`; each process trains on its share of every batch (full forward).
+
+    `retain` (a `RetainKL` built from the unedited model before training, editing.retain) adds ``weight * KL(base ||
+    current)`` on one retain mini-batch to every step's loss; its KL at every step is in the report's ``retain``.
+    None or weight 0: no retain forward at all. Not under several processes (a second DDP forward per step).
     """
+    if retain is not None and retain.weight == 0:
+        retain = None
+    if retain is not None and accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+        raise MergeEditError("rsft.retain: the retain KL is not supported under several processes (it needs a second DDP forward per step); run it in one process or set rsft.retain.weight: 0")
     started = time.perf_counter()
     setup = _set_up(model, examples, trainable, settings, pad_id=pad_id, device=device, accelerator=accelerator, precision=precision, forward=forward)
-    loop = _EditLoop(model, examples, settings, setup, pad_id=pad_id, device=device, accelerator=accelerator, progress=progress, on_step=on_step)
+    loop = _EditLoop(model, examples, settings, setup, pad_id=pad_id, device=device, accelerator=accelerator, progress=progress, on_step=on_step, retain=retain)
     gen = torch.Generator().manual_seed(settings.seed)
     for epoch in range(settings.max_epochs):  # loop 1
         loop.run_epoch(epoch, gen)

@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..core.errors import MergeEditError
 from ..editing.records import EditRecord
 from ..merging.schema import MergeConfig
-from .sweep import apply_point, grid_points, validation_split
+from .grid import apply_point, grid_points, validation_split
 
-__all__ = ["MergeAuto", "AutoChoice", "pick_point", "choose_merge", "auto_validation", "DEFAULT_CANDIDATES"]
+__all__ = ["MergeAuto", "AutoChoice", "pick_point", "choose_merge", "auto_validation", "describe_choice", "DEFAULT_CANDIDATES"]
 
 DEFAULT_CANDIDATES: dict[str, list[float]] = {"lambda": [0.5, 0.7, 1.0], "density": [0.2, 0.5, 1.0]}
 
@@ -128,3 +128,12 @@ def choose_merge(
 def auto_validation(records: Sequence[EditRecord], section: MergeAuto) -> list[EditRecord]:
     """The seeded validation split of the batch's edits the candidates are scored on (sweep.validation_split)."""
     return validation_split(records, section.validation, section.seed)
+
+
+def describe_choice(choice: dict) -> str:
+    """One line for the run's summary from a stored choice (AutoChoice.to_json, with an optional "batch")."""
+    where = f" (batch {choice['batch']})" if choice.get("batch") is not None else ""
+    params = ", ".join(f"{k}={v}" for k, v in choice["params"].items())
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in choice["scores"].items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    flag = "" if choice["met_floor"] else f"; NO candidate reached locality {choice['floor']}: the best locality kept"
+    return f"merge auto{where} -> {params} of {len(choice.get('table', []))} candidates: {scores}{flag}"

@@ -74,12 +74,18 @@ def check_drift_texts(recipe: Recipe, doc: YamlDocument, recipe_dir: Path) -> No
 
 
 def check_layers(recipe: Recipe, doc: YamlDocument, base: ModelSource) -> None:
-    """rsft.layers [start, end) lies inside the model's layers."""
+    """rsft.layers [start, end) lies inside the model's layers; `{auto: WIDTH}` is at most the model's layer count."""
+    from ..io.architecture import layer_count
+
+    auto = recipe.rsft.layers_auto
+    if auto is not None:
+        n = layer_count(base)
+        if auto.auto > n:
+            raise MergeEditError(f"{doc.where(('rsft', 'layers'))}: layers {{auto: {auto.auto}}} asks for a window of {auto.auto} layers but the model has {n}; use a width of 1..{n}")
+        return
     layers = recipe.rsft.layers
     if layers is None:
         return
-    from ..io.architecture import layer_count
-
     n = layer_count(base)
     start, end = layers
     if not 0 <= start < end <= n:
@@ -127,3 +133,63 @@ def examples_for(records, tokenizer, fmt, rephrases: bool, where: str, *, system
                 raise MergeEditError(f"{where}: edit {rec.case_id}: {exc}") from None
             out += [TrainingExample(rec.case_id, p, a) for p, a in pairs]
     return out
+
+
+def retain_path(recipe: Recipe, recipe_dir: Path) -> Optional[Path]:
+    """The retain file the recipe names (relative to the recipe), or None for the shipped set."""
+    r = recipe.rsft.retain
+    if r is None or r.path is None:
+        return None
+    path = Path(r.path)
+    return path if path.is_absolute() else recipe_dir / path
+
+
+def check_retain(recipe: Recipe, doc: YamlDocument, recipe_dir: Path):
+    """rsft.retain: read the retain set and refuse one that shares a prompt or a text with the drift set the run's
+    evaluation uses (the shipped one and eval.drift_texts). Returns the RetainTexts, or None when the term is off."""
+    if recipe.rsft.retain_weight <= 0:
+        return None
+    from ..editing.retain import DRIFT_EVAL_TEXTS, load_retain_texts
+
+    drift = [DRIFT_EVAL_TEXTS]
+    if recipe.eval.drift_texts is not None:
+        from .evaluation_stage import drift_texts_path
+
+        drift.append(drift_texts_path(recipe.eval, recipe_dir))
+    key = ("rsft", "retain", "path") if recipe.rsft.retain.path is not None else ("rsft", "retain")
+    try:
+        return load_retain_texts(retain_path(recipe, recipe_dir), drift_texts=drift)
+    except MergeEditError as exc:
+        raise MergeEditError(f"{doc.where(key)}: {exc}") from None
+
+
+AUTO_SCORES = ("rel", "gen", "loc", "port", "rel_em", "gen_em")
+
+
+def check_merge_auto(
+    recipe: Recipe, doc: YamlDocument, base: Optional[ModelSource] = None, trainable: Optional[list[str]] = None, batches: int = 1, smallest: Optional[int] = None
+) -> None:
+    """merge.auto: every candidate is a valid merge (parameter names and values; planned against the base's tensors
+    when `base` is given), the score keys exist, the evaluation that scores the candidates is on, and a validation
+    count fits the smallest set of edits a choice is made on (`smallest`: a chained batch, or all edits)."""
+    merge = recipe.merge
+    if merge is None or merge.auto is None:
+        return
+    from .grid import apply_point, grid_points
+
+    auto = merge.auto
+    for key in ("reliability", "locality"):
+        value = getattr(auto, key)
+        if value not in AUTO_SCORES:
+            raise MergeEditError(f"{doc.where(('merge', 'auto', key))}: '{value}' is not a score; use one of {', '.join(AUTO_SCORES)}")
+    if not recipe.eval.enabled:
+        raise MergeEditError(f"{doc.where(('merge', 'auto'))}: merge.auto scores every candidate with the evaluation; set eval.enabled: true (or drop auto)")
+    if smallest is not None and auto.validation >= 1 and int(auto.validation) > smallest:
+        what = "the smallest sequential batch has" if recipe.sequential.strategy == "chained" else "the recipe has"
+        raise MergeEditError(f"{doc.where(('merge', 'auto', 'validation'))}: validation asks for {int(auto.validation)} edits but {what} {smallest}; use a fraction (0.2) or a smaller count")
+    where = doc.where(("merge", "auto", "candidates"))
+    plain = merge.plain()
+    for point in grid_points(auto.candidates):
+        config = apply_point(plain, point, where)
+        if base is not None:
+            check_recipe_merge(config, doc, base, trainable or [], batches, recipe.sequential.strategy == "anchored")

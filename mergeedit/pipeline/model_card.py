@@ -65,6 +65,39 @@ def _ledger_section(entries: list[dict] | None) -> str:
     return text + "\n"
 
 
+def _choices_section(recipe, result) -> str:
+    """What the run chose for itself: the `layers: auto` window, each `merge: {auto}` choice with every candidate's
+    scores, and the retain term's settings."""
+    parts = []
+    layer = getattr(result, "layer_choice", None)
+    if layer:
+        scores = ", ".join(f"{i}: {v:.3g}" for i, v in enumerate(layer["scores"]))
+        parts.append(
+            f"- Layers (`rsft.layers: auto`): trained layers [{layer['window'][0]}, {layer['window'][1]}), chosen before training by the "
+            f"{layer['score']} norm of the answer loss's gradient over {layer['examples']} example(s) of the unedited model; per-layer scores: {scores}"
+        )
+    retain = recipe.rsft.retain
+    if retain is not None and retain.weight > 0:
+        parts.append(
+            f"- Retain (`rsft.retain`): weight {retain.weight} x KL(base || current) on `{retain.path or 'data/retain/retain.jsonl'}` in every training step "
+            f"(top-{retain.top_k if retain.top_k else 'all'} base tokens, {retain.batch_size} texts per step, {retain.max_tokens} tokens each)"
+        )
+    for c in getattr(result, "merge_choices", None) or []:
+        keys = list(c["table"][0]["params"]) if c.get("table") else []
+        score_keys = [k for k in ("rel", "gen", "loc", "rel_em", "gen_em") if any(row["scores"].get(k) is not None for row in c["table"])]
+        rows = ["| " + " | ".join(keys + score_keys + ["meets floor", "chosen"]) + " |", "|" + "---|" * (len(keys) + len(score_keys) + 2)]
+        for row in c["table"]:
+            cells = [str(row["params"][k]) for k in keys] + ["n/a" if row["scores"].get(k) is None else f"{row['scores'][k]:.3f}" for k in score_keys]
+            rows.append("| " + " | ".join(cells + ["yes" if row["meets_floor"] else "no", "**yes**" if row["chosen"] else ""]) + " |")
+        where = f"batch {c['batch']}" if c.get("batch") is not None else "the merge of every batch"
+        flag = "" if c["met_floor"] else " No candidate reached the floor: the best locality was kept."
+        parts.append(
+            f"- Merge (`merge: {{auto}}`, {where}): {', '.join(f'{k}={v}' for k, v in c['params'].items())}, the best reliability with locality >= {c['floor']} "
+            f"on {len(c.get('validation', []))} validation edit(s).{flag}\n\n" + "\n".join(rows) + "\n"
+        )
+    return ("## Choices made in the run\n\n" + "\n".join(parts) + "\n\n") if parts else ""
+
+
 def write_model_card(path: Path, recipe, doc, result) -> None:
     name = recipe.name or Path(doc.path).stem
     learned = [r.get("learned_fraction") for r in result.train_reports]
@@ -89,7 +122,7 @@ base_model: {recipe.model.base}
 Locality is post-edit vs pre-edit agreement of argmax tokens; teacher-forced scores give partial credit per token;
 generation scores are exact match of greedy answers.
 
-{_ledger_section(getattr(result, "ledger", None))}
+{_choices_section(recipe, result)}{_ledger_section(getattr(result, "ledger", None))}
 ## Recipe
 
 ```yaml

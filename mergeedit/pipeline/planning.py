@@ -9,8 +9,17 @@ from pathlib import Path
 from ..editing.trainable import select_trainable
 from ..io.dtypes import itemsize, parse_user_dtype
 from ..io.model_source import open_local
-from .checks import check_drift_texts, check_layers, check_recipe_merge, check_run_location, examples_for, prompt_format
-from .runner import RecipeRun, answer_eos, stage_names, train_settings
+from .checks import (
+    check_drift_texts,
+    check_layers,
+    check_merge_auto,
+    check_recipe_merge,
+    check_retain,
+    check_run_location,
+    examples_for,
+    prompt_format,
+)
+from .runner import RecipeRun, answer_eos, probe_layer_window, stage_names, train_settings
 
 
 @dataclass
@@ -32,6 +41,7 @@ class RecipePlan:
     bytes_written: int | None
     peak_memory: int | None
     notes: list[str] = field(default_factory=list)
+    layer_choice: dict | None = None  # `rsft.layers: auto`: the probe's window and scores (plan loads the model for it)
 
 
 def _base_folder_if_available(run: RecipeRun) -> Path | None:
@@ -46,22 +56,47 @@ def _base_folder_if_available(run: RecipeRun) -> Path | None:
     return resolve_base_folder(ref, run.recipe_dir, run.recipe.model.dtype)
 
 
-def plan_recipe(path: Path) -> RecipePlan:
+def _new_key_notes(run: RecipeRun, retain) -> list[str]:
+    """What `rsft.retain` and `merge: {auto}` will do, in one line each."""
+    recipe, notes = run.recipe, []
+    if retain is not None:
+        r = recipe.rsft.retain
+        notes.append(
+            f"retain: {r.weight} x KL(base || current) in every step on {len(retain.texts)} texts of {retain.source} "
+            f"(top-{r.top_k or 'all'}, {r.batch_size} per step, {r.max_tokens} tokens each); the base is the unedited model for every batch"
+        )
+    if recipe.merge is not None and recipe.merge.auto is not None:
+        a = recipe.merge.auto
+        count = 1
+        for values in a.candidates.values():
+            count *= len(values)
+        axes = " x ".join(f"{k} {v}" for k, v in a.candidates.items())
+        per = "every batch" if recipe.sequential.strategy == "chained" else "the anchored merge"
+        notes.append(f"merge auto: for {per}, {count} candidates ({axes}) scored on a validation split ({a.validation}, seed {a.seed}); the best {a.reliability} with {a.locality} >= {a.floor} is kept")
+    return notes
+
+
+def plan_recipe(path: Path, probe: bool = True) -> RecipePlan:
     """Every check `run` makes before it trains (schema, dataset, run folder, merge method and parameters, layers,
-    trainable patterns, tokenizer, chat template, targets), without loading the model's weights."""
+    trainable patterns, tokenizer, chat template, targets), without loading the model's weights, except for
+    `rsft.layers: auto` with `probe`: then the model is loaded and probed as `run` does, and the window is shown."""
     run = RecipeRun(path)
     recipe = run.recipe
     check_run_location(run.root, run.doc, [])
     records = run.load_records()
     check_drift_texts(recipe, run.doc, run.recipe_dir)
+    retain = check_retain(recipe, run.doc, run.recipe_dir)
+    smallest = min(map(len, run.batches(records)), default=0) if recipe.sequential.strategy == "chained" else len(records)
+    check_merge_auto(recipe, run.doc, smallest=smallest)
     batches = run.batches(records)
     n = len(batches)
     stages = stage_names(recipe, n)
     plan = RecipePlan(
         recipe_path=path, edits=len(records), batches=n, strategy=recipe.sequential.strategy, stages=stages, base=recipe.model.base,
         base_folder=None, model_parameters=None, model_bytes=None, trainable_tensors=None, trainable_parameters=None, delta_bytes=None,
-        merge=recipe.merge.merge_method if recipe.merge else "none", bytes_read=None, bytes_written=None, peak_memory=None,
+        merge=(recipe.merge.merge_method + (" (parameters chosen in the run: merge.auto)" if recipe.merge.auto else "")) if recipe.merge else "none", bytes_read=None, bytes_written=None, peak_memory=None,
     )
+    plan.notes += _new_key_notes(run, retain)
     folder = _base_folder_if_available(run)
     if folder is None:
         plan.notes.append(f"{recipe.model.base} is converted on first run; trainable parameters are checked then")
@@ -71,12 +106,27 @@ def plan_recipe(path: Path) -> RecipePlan:
     _, patterns, layers = train_settings(recipe)
     check_layers(recipe, run.doc, source)
     trainable = select_trainable(list(source.tensors), patterns, layers, run.doc.where(("rsft", "trainable")))
-    check_recipe_merge(recipe.merge, run.doc, source, trainable, n, recipe.sequential.strategy == "anchored")
+    check_recipe_merge(run.merge_config, run.doc, source, trainable, n, recipe.sequential.strategy == "anchored")
+    check_merge_auto(recipe, run.doc, source, trainable, n)
     from ..models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(folder, recipe.model.trust_remote_code)
     fmt = prompt_format(recipe, run.doc, tokenizer)
-    examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, run.doc.where(("dataset",)), system_prompt=recipe.dataset.system_prompt, eos=answer_eos(recipe))
+    examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, run.doc.where(("dataset",)), system_prompt=recipe.dataset.system_prompt, eos=answer_eos(recipe))
+    auto = recipe.rsft.layers_auto
+    if auto is not None and not probe:
+        plan.notes.append(f"layers: auto: a window of {auto.auto} layer(s) is chosen before training by the {auto.score} probe of the unedited model (`mergeedit plan` runs it and shows the choice)")
+    elif auto is not None:
+        from ..models.loading import load_model_and_tokenizer, pick_device
+
+        model, tokenizer = load_model_and_tokenizer(folder, recipe.model.dtype, pick_device(recipe.model.device), recipe.model.trust_remote_code)
+        by_case: dict = {}
+        for ex in examples:
+            by_case.setdefault(ex.case_id, []).append(ex)
+        plan.layer_choice = probe_layer_window(recipe, model, tokenizer, records, by_case, trainable)
+        del model
+        trainable = select_trainable(list(source.tensors), patterns, tuple(plan.layer_choice["window"]), run.doc.where(("rsft", "layers")))
+        plan.notes.append(plan.layer_choice["describe"] + " (probed now on the unedited model, as `run` will)")
     dtype = parse_user_dtype(recipe.model.dtype, run.doc.where(("model", "dtype")))
     params = sum(i.numel for i in source.tensors.values())
     trained = sum(source.tensors[n].numel for n in trainable)

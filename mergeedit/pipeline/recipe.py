@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..core.errors import MergeEditError
 from ..core.yaml_source import YamlDocument, load_yaml
 from ..merging.schema import MergeConfig, validation_error_line
+from .auto_merge import MergeAuto
 
 DEFAULT_TRAINABLE = [r"mlp\.(gate_proj|up_proj|down_proj)\.weight$", r"mlp\.(c_fc|c_proj)\.weight$"]
 
@@ -57,13 +58,37 @@ class DatasetSection(_Strict):
         return v
 
 
+class RetainSection(_Strict):
+    """`rsft.retain`: a ``weight * KL(base || current)`` term on unrelated text, added to every training step
+    (mergeedit.editing.retain). The base is the ORIGINAL unedited model, for every sequential batch."""
+
+    weight: float = Field(0.0, ge=0, allow_inf_nan=False, description="Weight of the KL term in every step's loss; 0 (the default) turns it off at no cost.")
+    path: Optional[str] = Field(
+        None, description="JSONL of {prompt, text} lines, relative to the recipe (default: the shipped data/retain/retain.jsonl). Refused when it shares a prompt or text with the drift set the evaluation uses."
+    )
+    top_k: Optional[int] = Field(64, ge=1, description="Keep the base's top-k next tokens per position (plus one bucket for the rest); null: the full distribution (exact KL, more memory).")
+    batch_size: int = Field(8, ge=1, description="Retain texts per step; step s uses mini-batch s mod (texts / batch_size).")
+    max_tokens: int = Field(64, ge=2, description="Each retain text is cut to its first max_tokens tokens.")
+
+
+class LayersAuto(_Strict):
+    """`rsft.layers: auto` or `{auto: WIDTH, ...}`: the window of layers is chosen by a probe (editing.localize)."""
+
+    auto: int = Field(1, ge=1, description="Width of the window: how many consecutive layers train.")
+    score: Literal["grad", "relative"] = Field("grad", description="grad: per-layer norm of the answer loss's gradient; relative: divided by the layer's weight norm.")
+    examples: Optional[int] = Field(100, ge=1, description="Probe the first this many edits of the run (null: all).")
+
+
 class RsftSection(_Strict):
     method: Literal["rsft", "ft-l", "ft-m", "locft-bf"] = Field(
         "rsft",
         description="rsft: three loops with a loss threshold; ft-l / ft-m: the baselines; locft-bf: LocFT-BF (breadth-first, one layer's mlp.down_proj, Adam, lr 5e-4, batch 100, 25 epochs, EOS after the answer).",
     )
     trainable: Optional[list[str]] = Field(None, description="Regexes over parameter names; default: every MLP matrix (ft-m: down_proj).")
-    layers: Optional[tuple[int, int]] = Field(None, description="Train only layers [start, end); ft-m default: the middle layer; locft-bf default: layer round(0.2 * layers) (LocFT's 6 of Qwen2.5-7B's 28).")
+    layers: Optional[Union[tuple[int, int], LayersAuto]] = Field(
+        None,
+        description="Train only layers [start, end); or auto (one layer) / {auto: WIDTH} to choose the window once, before training, by the per-layer gradient norm of the answer loss on the unedited model. ft-m default: the middle layer; locft-bf default: layer round(0.2 * layers) (LocFT's 6 of Qwen2.5-7B's 28).",
+    )
     schedule: Optional[Literal["depth-first", "breadth-first"]] = Field(
         None, description="depth-first: up to max_steps_per_batch steps on a batch before the next (rsft's loop 3); breadth-first: one step per batch, epochs over shuffled batches. Default: depth-first (locft-bf: breadth-first). In both, a learned edit leaves its batch for the rest of the epoch."
     )
@@ -83,6 +108,39 @@ class RsftSection(_Strict):
     gradient_checkpointing: bool = False
     train_rephrases: bool = Field(False, description="Also train on paraphrases (leaks the generalization probe: off by default).")
     replay: float = Field(0.0, ge=0, le=1, description="Chained sequential editing: this share of the earlier batches' edits (1: all) is trained again with each new batch, so later batches do not overwrite earlier facts.")
+    retain: Optional[RetainSection] = Field(None, description="KL(base || current) on unrelated text mixed into every step, e.g. {weight: 0.5}; absent or weight 0: off.")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_form(cls, v):
+        if isinstance(v, str):
+            if v.strip() != "auto":
+                raise ValueError(f"layers must be [start, end), auto or {{auto: WIDTH}}; got {v!r}")
+            return {"auto": 1}
+        if isinstance(v, dict):  # the auto form, checked here so a mistake names its key (not the tuple form's)
+            try:
+                return LayersAuto.model_validate(v)
+            except ValidationError as exc:
+                e = exc.errors()[0]
+                key = ".".join(map(str, e["loc"]))
+                if e["type"] == "extra_forbidden":
+                    raise ValueError(f"unknown key '{key}' in layers; the auto form is {{auto: WIDTH, score: grad|relative, examples: N}}") from None
+                raise ValueError(f"layers.{key}: {e['msg']}") from None
+        return v
+
+    @property
+    def layers_auto(self) -> Optional[LayersAuto]:
+        """The probe's settings when the window is chosen automatically, else None."""
+        return self.layers if isinstance(self.layers, LayersAuto) else None
+
+    @property
+    def layer_range(self) -> Optional[tuple[int, int]]:
+        """The fixed [start, end) the recipe names, else None (all layers, or chosen by the probe)."""
+        return None if isinstance(self.layers, LayersAuto) else self.layers
+
+    @property
+    def retain_weight(self) -> float:
+        return self.retain.weight if self.retain is not None else 0.0
 
     @field_validator("trainable")
     @classmethod
@@ -156,6 +214,19 @@ class OutputSection(_Strict):
     adapter: Optional[AdapterSection] = Field(None, description="Also export the edits as a PEFT LoRA adapter at RUN/adapter, e.g. {rank: 64}.")
 
 
+class RecipeMerge(MergeConfig):
+    """A recipe's merge: `mergeedit merge` syntax plus `auto:` (the operating point chosen inside the run)."""
+
+    auto: Optional[MergeAuto] = Field(
+        None,
+        description="Choose the merge parameters inside the run: every combination of `candidates` is merged and scored on a validation split of the batch's edits; the best reliability whose locality meets `floor` wins.",
+    )
+
+    def plain(self) -> MergeConfig:
+        """The merge without `auto:` (what the merge engine reads; stage hashes are unchanged by the new key)."""
+        return MergeConfig.model_validate({k: getattr(self, k) for k in MergeConfig.model_fields})
+
+
 class Recipe(_Strict):
     name: Optional[str] = None
     description: Optional[str] = None
@@ -163,7 +234,7 @@ class Recipe(_Strict):
     dataset: DatasetSection
     rsft: RsftSection = Field(default_factory=RsftSection)
     sequential: SequentialSection = Field(default_factory=SequentialSection)
-    merge: Optional[MergeConfig] = Field(
+    merge: Optional[RecipeMerge] = Field(
         None, description="A merge in `mergeedit merge` syntax; model references may be `base` and `rsft`. Default: ties of rsft into base. null: no merge (the R-SFT model is the result)."
     )
     eval: EvalSection = Field(default_factory=EvalSection)

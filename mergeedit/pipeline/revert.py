@@ -35,7 +35,17 @@ from .ledger import (
     tensors_sha256,
     write_ledger,
 )
-from .runner import DELTA_FILE, RecipeRun, RunResult, expand_rsft, load_delta, merge_stage_name, rsft_stage_name
+from .run_dir import stable_hash
+from .runner import (
+    DELTA_FILE,
+    RecipeRun,
+    RunResult,
+    auto_merge_in_ledger,
+    expand_rsft,
+    load_delta,
+    merge_stage_name,
+    rsft_stage_name,
+)
 
 CHECKED = ("rel", "gen")  # teacher-forced scores: what "falls back" and "keeps" are judged on
 
@@ -139,6 +149,12 @@ def revert_run(
         if strategy == "anchored":
             deltas = [open_local(f"rsft.{i}", run_dir / "stages" / e["delta"]["stage"]) for i, e in enumerate(kept)]
             ids = [s.run.output_id(e["delta"]["stage"]) for e in kept]
+            if runner.merge_auto is not None:  # choose again on the kept edits, as a run without the batch would
+
+                def candidate(cfg, tmp):
+                    runner.merge_into(tmp, expand_rsft(cfg, len(deltas)), runner.anchored_sources(s, deltas), set(s.trainable))
+
+                config = runner.merge_point(s, result, f"{tag}-merge-auto", [r for b in kept_batches for r in b], stable_hash(ids), candidate)
             delta, upstream = runner.anchored_merge(s, deltas, ids, config, f"{tag}-merge")
             rsft_stages = [e["delta"]["stage"] for e in kept]
             merge_stages = [f"{tag}-merge"] * len(kept)
@@ -160,6 +176,7 @@ def revert_run(
             run_root=run_dir, recipe_path=recipe_path, strategy=strategy, base=base, batches=kept_batches, rsft_stages=rsft_stages,
             merge_stages=merge_stages, merge_config=used, train_reports=reports, per_edit=scores["per_edit"] if scores else None, previous=rows,
         )
+        out_rows = auto_merge_in_ledger(out_rows, result.merge_choices, runner.merge_config, len(kept), strategy)
         for row, e in zip(out_rows, kept):
             row["batch"] = e["batch"]  # the run's numbering: batch 3 stays batch 3 after batch 2 is taken back
         groups, checks = _compare(scores, reverted, kept, tolerance) if scores else (None, [])

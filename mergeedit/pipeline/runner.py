@@ -8,6 +8,7 @@ second full model until the final export.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +33,17 @@ from ..merging.merge import MergeOptions, write_merge
 from ..merging.plan import build_plan
 from ..merging.schema import MergeConfig
 from .adapter_stage import adapter_stage
-from .checks import check_drift_texts, check_layers, check_recipe_merge, check_run_location, examples_for, expand_rsft, prompt_format
+from .checks import (
+    check_drift_texts,
+    check_layers,
+    check_merge_auto,
+    check_recipe_merge,
+    check_retain,
+    check_run_location,
+    examples_for,
+    expand_rsft,
+    prompt_format,
+)
 from .checks import merge_doc as _merge_doc
 from .distributed import Distributed
 from .evaluation_stage import DriftSetup
@@ -56,17 +67,28 @@ def curve_stage_name(batch: int) -> str:
 
 
 ANCHORED_MERGE = "merge"
+LAYER_PROBE = "layer-probe"  # `rsft.layers: auto`: the probe's scores and the chosen window
+ANCHORED_MERGE_AUTO = "merge-auto"  # `merge: {auto: ...}` of the anchored strategy: every candidate scored, one kept
+AUTO_SCRATCH = "merge-auto-scratch"  # RUN/.merge-auto-scratch-*: a candidate's merged delta while it is scored (removed after)
+
+
+def merge_auto_stage_name(batch: int) -> str:
+    return f"merge-auto-{batch:03d}"
 
 
 def stage_names(recipe: Recipe, batches: int, prefix: str = "") -> list[str]:
     """Every stage a run of `recipe` over `batches` sequential batches goes through, in order."""
     ev = recipe.eval
     names = ([f"{prefix}pre-eval"] if ev.enabled else []) + (["pre-drift"] if ev.enabled and ev.drift else [])
+    names += [LAYER_PROBE] if recipe.rsft.layers_auto is not None else []
+    auto = recipe.merge is not None and recipe.merge.auto is not None
     for b in range(batches):
         names.append(rsft_stage_name(b))
         if recipe.merge is not None and recipe.sequential.strategy == "chained":
+            names += [merge_auto_stage_name(b)] if auto else []
             names.append(merge_stage_name(b))
     if recipe.merge is not None and recipe.sequential.strategy == "anchored":
+        names += [ANCHORED_MERGE_AUTO] if auto else []
         names.append(ANCHORED_MERGE)
     every = ev.curve_every if ev.enabled else None
     names += [curve_stage_name(b) for b in range(batches) if every and ((b + 1) % every == 0 or b + 1 == batches)]
@@ -130,6 +152,8 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     stage_profile: dict = field(default_factory=dict)  # stage -> {"seconds", "peak_rss"} for the stages run
     ledger: list[dict] = field(default_factory=list)  # the run's ledger.jsonl batch entries (pipeline.ledger)
+    layer_choice: Optional[dict] = None  # `rsft.layers: auto`: the probe's window and scores (stage layer-probe)
+    merge_choices: list[dict] = field(default_factory=list)  # `merge: {auto}`: per merge, every candidate and the choice
 
 
 @dataclass
@@ -152,6 +176,9 @@ class Session:
     examples_by_case: dict[str, list[TrainingExample]]
     initial: dict[str, torch.Tensor]
     forward: object = None  # the training forward, with its frozen-prefix cache (kept across sequential batches)
+    layer_choice: Optional[dict] = None  # `rsft.layers: auto`: the layer-probe stage's result
+    retain: object = None  # `rsft.retain`: a RetainKL against the original unedited model (None: off)
+    retain_key: Optional[str] = None  # hash of the retain texts and settings (part of every R-SFT stage's key)
 
 
 @dataclass
@@ -172,7 +199,7 @@ def train_settings(recipe: Recipe) -> tuple[TrainSettings, list[str], Optional[t
     given = r.model_fields_set
     s = TrainSettings(r.lr, r.weight_decay, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold, r.seed, r.schedule or "depth-first")
     patterns = r.trainable or DEFAULT_TRAINABLE
-    layers = r.layers
+    layers = r.layer_range  # None for `layers: auto` (the probe narrows the trainable set in open_session)
     if r.method == "locft-bf":  # LocFT-BF's published settings, for whatever the recipe left unset
         for key, value in (("optimizer", "adam"), ("lr", 5e-4), ("batch_size", 100), ("max_epochs", 25), ("loss_threshold", 0.0)):
             if key not in given:
@@ -205,6 +232,39 @@ def answer_eos(recipe: Recipe) -> bool:
     return recipe.rsft.eos if recipe.rsft.eos is not None else recipe.rsft.method == "locft-bf"
 
 
+def probe_layer_window(recipe: Recipe, model, tokenizer, records: list[EditRecord], examples_by_case: dict, trainable: list[str]) -> dict:
+    """`rsft.layers: auto` on the unedited `model`: the training examples of the run's first `examples` edits, the
+    per-layer gradient norm of their answer loss over `trainable` and the best window (editing.localize). The one
+    computation `run` (stage layer-probe) and `mergeedit plan` make."""
+    from ..editing.localize import choose_layers
+
+    auto = recipe.rsft.layers_auto
+    probed = records[: auto.examples] if auto.examples else records
+    pairs = [(ex.prompt_ids, ex.answer_ids) for r in probed for ex in examples_by_case[r.case_id]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    choice = choose_layers(model, pairs, trainable, width=auto.auto, pad_id=pad, max_examples=None, score=auto.score)
+    return {**choice.to_json(), "edits": len(probed), "describe": choice.describe() + f" of the first {len(probed)} edit(s)"}
+
+
+def auto_merge_in_ledger(entries: list[dict], choices: list[dict], config: Optional[MergeConfig], batches: int, strategy: str) -> list[dict]:
+    """`merge: {auto}`: each batch's ledger entry records the merge actually made (the chosen parameters) and the
+    choice (its stage, parameters, scores, floor); an anchored run's one choice covers every batch."""
+    if not choices or config is None:
+        return entries
+    from .checks import expand_rsft
+    from .grid import apply_point
+
+    by_batch = {c.get("batch"): c for c in choices}
+    for e in entries:
+        choice = by_batch.get(e.get("batch"), by_batch.get(None))
+        if choice is None or not e.get("merge"):
+            continue
+        chosen = apply_point(config, choice["params"], "merge.auto")
+        e["merge"]["config"] = (expand_rsft(chosen, batches) if strategy == "anchored" else chosen).model_dump(mode="json")
+        e["merge"]["auto"] = {k: choice[k] for k in ("stage", "params", "scores", "met_floor", "floor")}
+    return entries
+
+
 def replay_records(batches: list[list[EditRecord]], b: int, share: float, seed: int) -> list[EditRecord]:
     """The earlier batches' edits trained again with batch `b`: all of them (share 1), or a seeded share."""
     earlier = [r for batch in batches[:b] for r in batch]
@@ -230,7 +290,10 @@ class RecipeRun:
         self.reporter = reporter or SilentReporter()
         self.root = root
         self.merge_config = self.recipe.merge
+        self.merge_auto = None  # `merge: {auto: ...}`: the chooser's section (MergeAuto)
         if self.merge_config is not None:
+            self.merge_auto = self.merge_config.auto
+            self.merge_config = self.merge_config.plain()
             check_merge_refs(self.merge_config, self.doc)
         if self.merge_config is None and self.recipe.sequential.strategy == "anchored":
             raise MergeEditError(f"{self.doc.where(('sequential', 'strategy'))}: the anchored strategy merges batches together and needs a `merge:` section")
@@ -263,7 +326,7 @@ class RecipeRun:
         base_source = open_local(recipe.model.base, base_folder)
         settings, patterns, layers = train_settings(recipe)
         check_layers(recipe, self.doc, base_source)
-        if recipe.rsft.method == "locft-bf" and layers is None:
+        if recipe.rsft.method == "locft-bf" and layers is None and recipe.rsft.layers_auto is None:
             from ..io.architecture import layer_count
 
             n = layer_count(base_source)
@@ -271,6 +334,8 @@ class RecipeRun:
             layers = (layer, layer + 1)
         trainable = select_trainable(list(base_source.tensors), patterns, layers, self.doc.where(("rsft", "trainable")))
         check_recipe_merge(self.merge_config, self.doc, base_source, trainable, len(self.batches(records)), recipe.sequential.strategy == "anchored")
+        check_merge_auto(recipe, self.doc, base_source, trainable, len(self.batches(records)), smallest=min(map(len, self.batches(records)), default=0) if recipe.sequential.strategy == "chained" else len(records))
+        retain_texts = check_retain(recipe, self.doc, self.recipe_dir)
         device = dist.device(pick_device(recipe.model.device))
         model, tokenizer = load_model_and_tokenizer(base_folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
         if recipe.rsft.gradient_checkpointing:
@@ -279,10 +344,8 @@ class RecipeRun:
         missing = [n for n in trainable if n not in named]
         if missing:
             raise MergeEditError(f"{self.doc.where(('rsft', 'trainable'))}: '{missing[0]}' is in the checkpoint but not a trainable parameter of the loaded model (a tied or buffer tensor?); narrow the pattern")
-        training_model = model
-        if dist.enabled:
-            mark_trainable(model, trainable)
-            training_model = dist.accelerator.prepare_model(model)
+        if dist.enabled and retain_texts is not None:
+            raise MergeEditError(f"{self.doc.where(('rsft', 'retain'))}: the retain KL is not supported under several processes yet (it needs a second DDP forward per step); run in one process or set weight: 0")
         fmt = prompt_format(recipe, self.doc, tokenizer)
         where = self.doc.where(("dataset",))
         # Tokenized once, up front: a target that tokenizes to nothing fails here, before any training.
@@ -291,10 +354,52 @@ class RecipeRun:
             examples_by_case.setdefault(ex.case_id, []).append(ex)
         run = RunDir(self.root, self.force, self.reporter, dist)  # only now: an error above leaves no run folder behind
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
+        layer_choice = None
+        if recipe.rsft.layers_auto is not None:  # before DDP and the training forward: they depend on the trained set
+            layer_choice = self.layer_probe(run, base_key, model, tokenizer, records, examples_by_case, fmt, trainable)
+            trainable = select_trainable(list(base_source.tensors), patterns, tuple(layer_choice["window"]), self.doc.where(("rsft", "layers")))
+        training_model = model
+        if dist.enabled:
+            mark_trainable(model, trainable)
+            training_model = dist.accelerator.prepare_model(model)
         # the base's trained tensors, to start every anchored batch from (only the anchored strategy needs the copy)
         initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable} if recipe.sequential.strategy == "anchored" else {}
         forward = training_forward(model, trainable, dist.accelerator if dist.enabled else None)
-        return Session(run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, training_model, named, device, fmt, examples_by_case, initial, forward)
+        retain, retain_key = self.build_retain(retain_texts, model, tokenizer, device) if retain_texts is not None else (None, None)
+        return Session(
+            run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, training_model, named, device, fmt, examples_by_case, initial, forward,
+            layer_choice=layer_choice, retain=retain, retain_key=retain_key,
+        )
+
+    def layer_probe(self, run: RunDir, base_key: dict, model, tokenizer, records: list[EditRecord], examples_by_case: dict, fmt, trainable: list[str]) -> dict:
+        """`rsft.layers: auto`: stage `layer-probe`, run once per run on the UNEDITED model over the first
+        `examples` edits: the per-layer gradient norm of their answer loss over `trainable` (every layer's matching
+        tensors), and the best window of `auto` layers (editing.localize). Every sequential batch trains that window, so
+        all deltas, merges, the ledger and the adapter cover one tensor set."""
+        auto = self.recipe.rsft.layers_auto
+        probed = records[: auto.examples] if auto.examples else records
+        inputs = {"base": base_key, "records": stable_hash([r.__dict__ for r in probed]), "format": fmt.describe(), "trainable": trainable, "auto": auto.model_dump(), "system_prompt": self.recipe.dataset.system_prompt, "eos": answer_eos(self.recipe)}
+
+        def compute() -> dict:
+            return probe_layer_window(self.recipe, model, tokenizer, records, examples_by_case, trainable)
+
+        _, out = run.produce_json(LAYER_PROBE, inputs, compute, detail=f"{len(probed)} edits, width {auto.auto}")
+        return out
+
+    def build_retain(self, texts, model, tokenizer, device: torch.device):
+        """`rsft.retain`: the base side of the KL term, from the ORIGINAL unedited model (before any batch trains), under
+        the autocast the steps use; every batch (chained or anchored) is held to the same base. Returns (RetainKL, key)."""
+        from ..editing.retain import RetainKL
+        from ..editing.rsft import pick_precision
+
+        r = self.recipe.rsft.retain
+        precision = self.recipe.rsft.precision
+        if precision == "auto":
+            precision = pick_precision(device)[0]
+        half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            kl = RetainKL.build(model, tokenizer, texts, weight=r.weight, top_k=r.top_k, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device)
+        return kl, stable_hash([texts.texts, r.model_dump(), precision])
 
     def pre_edit_stages(self, s: Session, records: list[EditRecord], result: RunResult, prefix: str = "") -> tuple[Optional[dict], Optional[DriftSetup]]:
         """The unedited model's outputs: locality reference tokens and scores (stage `{prefix}pre-eval`), and the drift
@@ -343,7 +448,7 @@ class RecipeRun:
                 report = train_edits(
                     s.training_model, examples, s.trainable, s.settings, pad_id=s.tokenizer.pad_token_id, device=s.device,
                     progress=self.reporter.training, precision=recipe.rsft.precision, accelerator=self.dist.accelerator,
-                    forward=s.forward,
+                    forward=s.forward, retain=s.retain,
                 )
                 self.reporter.training_done()
                 return report
@@ -353,6 +458,8 @@ class RecipeRun:
                 (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
 
             inputs = {"upstream": upstream if strategy == "chained" else stable_hash(s.base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": s.fmt.describe(), "trainable": s.trainable, "system_prompt": recipe.dataset.system_prompt}
+            if s.retain_key is not None:
+                inputs["retain"] = s.retain_key
             detail = f"{len(batch)} edits, {sum(named[n].numel() for n in s.trainable):,} trainable parameters"
             rsft_stage = s.run.produce(named_stage(rsft_stage_name(b), b), inputs, write_delta, compute=train, detail=detail)
             result.train_reports.append(json.loads((rsft_stage.path / "train_report.json").read_text()))
@@ -364,8 +471,16 @@ class RecipeRun:
                 if merge and self.merge_config is not None:
                     current_ref = overlay(s.base_source, current_delta, "base") if current_delta else s.base_source
                     sources = {"base": current_ref, "rsft": overlay(s.base_source, rsft_delta, "rsft")}
-                    inputs = {"upstream": upstream, "merge": self.merge_config.model_dump()}
-                    merge_stage = self._merge_delta(s.run, named_stage(merge_stage_name(b), b), inputs, self.merge_config, sources, set(s.trainable))
+                    config = self.merge_config
+                    if self.merge_auto is not None:
+                        merge_sources = sources
+
+                        def candidate(cfg, tmp, merge_sources=merge_sources):
+                            self.merge_into(tmp, cfg, merge_sources, set(s.trainable))
+
+                        config = self.merge_point(s, result, named_stage(merge_auto_stage_name(b), b), batch, upstream, candidate, batch_index=b + 1)
+                    inputs = {"upstream": upstream, "merge": config.model_dump()}
+                    merge_stage = self._merge_delta(s.run, named_stage(merge_stage_name(b), b), inputs, config, sources, set(s.trainable))
                     current_delta = open_local("merged", merge_stage.path)
                     upstream = merge_stage.output_id
                 else:
@@ -375,16 +490,60 @@ class RecipeRun:
         trained.current_delta, trained.upstream = current_delta, upstream
         return trained
 
+    def merge_point(self, s: Session, result: RunResult, name: str, records: list[EditRecord], upstream: str, candidate, batch_index: Optional[int] = None) -> MergeConfig:
+        """`merge: {auto: ...}`: stage `name` merges every candidate (`candidate(config, tmp)` writes its merged delta to
+        the temporary folder `tmp`, removed once scored: a full delta per candidate would fill the disk), scores it on
+        the seeded validation split of `records` against the unedited model's outputs (stage pre-eval), and keeps the
+        best reliability whose locality meets the floor (pipeline.auto_merge). Its result.json holds every candidate's
+        scores and the choice; returns the merge with the chosen parameters."""
+        from .auto_merge import auto_validation, choose_merge, describe_choice
+        from .checks import AUTO_SCORES
+        from .evaluation_stage import post_edit_evaluation
+        from .grid import apply_point
+
+        auto = self.merge_auto
+        where = self.doc.where(("merge", "auto"))
+        val = auto_validation(records, auto)
+        needs_generation = any(k.endswith("_em") for k in (auto.reliability, auto.locality))
+        cfg = self.recipe.eval.model_copy(update={"generation": needs_generation})
+        pre_id = s.run.output_id("pre-eval")
+        inputs = {"upstream": upstream, "merge": self.merge_config.model_dump(), "auto": auto.model_dump(), "pre": pre_id, "eval": cfg.model_dump(exclude={"curve_every"}), "validation": [r.case_id for r in val]}
+
+        def compute() -> dict:
+            pre = json.loads((s.run.root / "stages" / "pre-eval" / "result.json").read_text())
+
+            def score(config, point) -> dict:
+                s.run.root.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=s.run.root, prefix=f".{AUTO_SCRATCH}-") as tmp:
+                    candidate(config, Path(tmp))
+                    load_delta(s.model, open_local("candidate", Path(tmp)))
+                scored = post_edit_evaluation(s.model, s.tokenizer, val, s.fmt, cfg, pre, None)
+                return {k: scored["metrics"].get(k, {}).get("value") for k in AUTO_SCORES}
+
+            choice = choose_merge(self.merge_config, auto, score, where=where)
+            return {**choice.to_json(), "validation": [r.case_id for r in val], "config": choice.config.model_dump(mode="json")}
+
+        _, chosen = s.run.produce_json(name, inputs, compute, detail=f"{len(auto.candidates)} parameter(s), scored on {len(val)} edit(s)")
+        entry = {"stage": name, **({"batch": batch_index} if batch_index is not None else {}), **chosen}
+        result.merge_choices.append(entry)
+        result.notes.append(describe_choice(entry))
+        return apply_point(self.merge_config, chosen["params"], where)
+
     def anchored_merge(self, s: Session, deltas: list[ModelSource], ids: list[str], config: MergeConfig, name: str) -> tuple[ModelSource, str]:
         """Task vectors of `deltas` (each trained from the base) merged into the base by `config`; a cached stage."""
-        sources = {"base": s.base_source, **{f"rsft.{i}": overlay(s.base_source, d, f"rsft.{i}") for i, d in enumerate(deltas)}}
-        if len(deltas) == 1:
-            sources["rsft"] = sources.pop("rsft.0")
+        sources = self.anchored_sources(s, deltas)
         stage = self._merge_delta(s.run, name, {"rsft": ids, "merge": config.model_dump()}, expand_rsft(config, len(deltas)), sources, set(s.trainable))
         return open_local("merged", stage.path), stage.output_id
 
+    def anchored_sources(self, s: Session, deltas: list[ModelSource]) -> dict[str, ModelSource]:
+        """The anchored merge's inputs: the base, and the base overlaid with each batch's delta (rsft.0, rsft.1, ...)."""
+        sources = {"base": s.base_source, **{f"rsft.{i}": overlay(s.base_source, d, f"rsft.{i}") for i, d in enumerate(deltas)}}
+        if len(deltas) == 1:
+            sources["rsft"] = sources.pop("rsft.0")
+        return sources
+
     def curve(
-        self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], result: RunResult, final: tuple
+        self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], result: RunResult, final: tuple, config: Optional[MergeConfig] = None
     ) -> list[dict]:
         """Teacher-forced scores (and drift) on the edits so far, after every `eval.curve_every` batches and the last.
         `final` is the run's own (delta, stage id) for the last point (for anchored runs: its merge, already made)."""
@@ -401,7 +560,7 @@ class RecipeRun:
                 if b + 1 == len(batches):
                     delta, delta_id = final
                 else:
-                    delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], self.merge_config, f"curve-{merge_stage_name(b)}")
+                    delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], config or self.merge_config, f"curve-{merge_stage_name(b)}")
             else:
                 delta_id, delta = trained.checkpoints[b]
             so_far = s.records[:done]
@@ -426,13 +585,22 @@ class RecipeRun:
 
         # 2. R-SFT (+ merge) per batch; the anchored strategy merges every batch's task vector at the end
         trained = self.train_batches(s, result)
+        if s.retain is not None:
+            kl = ", ".join(f"{r['retain']['kl'][0]:.4g} -> {r['retain']['kl'][-1]:.4g}" for r in result.train_reports if r.get("retain", {}).get("kl"))
+            result.notes.append(f"retain: {s.retain.weight} x KL(unedited || current) on {s.retain.source}; KL at the first -> last step of each batch: {kl or 'no step'}")
         current_delta, upstream = trained.current_delta, trained.upstream
+        config = self.merge_config  # anchored with merge.auto: the chosen point
         if recipe.sequential.strategy == "anchored":
-            current_delta, upstream = self.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, self.merge_config, ANCHORED_MERGE)
+            if self.merge_auto is not None:
+                def candidate(cfg, tmp):
+                    self.merge_into(tmp, expand_rsft(cfg, len(trained.rsft_deltas)), self.anchored_sources(s, trained.rsft_deltas), set(s.trainable))
+
+                config = self.merge_point(s, result, ANCHORED_MERGE_AUTO, records, stable_hash(trained.rsft_ids), candidate)
+            current_delta, upstream = self.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, config, ANCHORED_MERGE)
         if recipe.eval.enabled and recipe.eval.curve_every:
             from ..evaluation.curves import write_curve
 
-            result.curve = self.curve(s, trained, pre, drift, result, final=(current_delta, upstream))
+            result.curve = self.curve(s, trained, pre, drift, result, final=(current_delta, upstream), config=config if recipe.sequential.strategy == "anchored" else None)
             result.notes += write_curve(result.curve, self.root)
         if current_delta is not None:
             load_delta(model, current_delta)
@@ -467,15 +635,19 @@ class RecipeRun:
         eval_file = s.run.root / "stages" / "eval" / "result.json"
         per_edit = json.loads(eval_file.read_text()).get("per_edit") if self.recipe.eval.enabled and eval_file.is_file() else None
         base = {"ref": self.recipe.model.base, "dtype": self.recipe.model.dtype, "trained_sha256": tensors_sha256(s.initial)}
-        return batch_entries(
+        entries = batch_entries(
             run_root=self.root, recipe_path=self.recipe_path, strategy=strategy, base=base, batches=batches,
             rsft_stages=[rsft_stage_name(b) for b in range(len(batches))], merge_stages=merges, merge_config=used,
             train_reports=result.train_reports, per_edit=per_edit, previous=read_ledger(self.root, required=False),
         )
+        return auto_merge_in_ledger(entries, result.merge_choices, self.merge_config, len(batches), strategy)
 
     def new_result(self, s: Session) -> RunResult:
         """The result of a run over this session; its stage lists are the run directory's own record."""
         result = RunResult(self.root, self.root / "model", len(s.records), len(self.batches(s.records)), [], None, None)
+        if s.layer_choice is not None:
+            result.layer_choice = s.layer_choice
+            result.notes.append(s.layer_choice["describe"])
         result.stages_run, result.stages_cached = s.run.ran, s.run.reused
         result.stage_profile = s.run.profile
         return result
@@ -487,26 +659,31 @@ class RecipeRun:
     def _merge_delta(self, run: RunDir, name: str, inputs: dict, config: MergeConfig, sources: dict[str, ModelSource], names: set[str]):
         """Stage `name`: merge only the trained tensors (every other tensor of the result is the base's, bit for bit)."""
 
+        def write(tmp: Path) -> None:
+            self.merge_into(tmp, config, sources, names)
+
+        return run.produce(name, inputs, write, detail=f"{config.merge_method} of {len(sources) - 1} R-SFT model(s) into the base")
+
+    def merge_into(self, tmp: Path, config: MergeConfig, sources: dict[str, ModelSource], names: set[str]) -> None:
+        """Write the merge of the trained tensors `names` as tmp/model.safetensors (no stage: `merge_point`'s candidates)."""
+
         def opener(ref: str) -> ModelSource:
             if ref not in sources:
                 raise MergeEditError(f"unknown model reference '{ref}' in the recipe's merge; use base or rsft")
             return sources[ref]
 
-        def write(tmp: Path) -> None:
-            plan = build_plan(config, _merge_doc(self.doc), opener=opener, only=names, out_dtype="float32")
-            options = MergeOptions(overwrite=True, copy_tokenizer=False)
-            if self.recipe.output.memory_budget:
-                options.memory_budget = parse_size(self.recipe.output.memory_budget, "output.memory_budget")
-            done = [0]
+        plan = build_plan(config, _merge_doc(self.doc), opener=opener, only=names, out_dtype="float32")
+        options = MergeOptions(overwrite=True, copy_tokenizer=False)
+        if self.recipe.output.memory_budget:
+            options.memory_budget = parse_size(self.recipe.output.memory_budget, "output.memory_budget")
+        done = [0]
 
-            def progress(t, nbytes):
-                done[0] += 1
-                self.reporter.merging(done[0], len(plan.tensors))
+        def progress(t, nbytes):
+            done[0] += 1
+            self.reporter.merging(done[0], len(plan.tensors))
 
-            write_merge(plan, tmp / "delta", options, progress=progress)
-            (tmp / "delta" / DELTA_FILE).rename(tmp / DELTA_FILE)
-
-        return run.produce(name, inputs, write, detail=f"{config.merge_method} of {len(sources) - 1} R-SFT model(s) into the base")
+        write_merge(plan, tmp / "delta", options, progress=progress)
+        (tmp / "delta" / DELTA_FILE).rename(tmp / DELTA_FILE)
 
     def _export(self, tmp: Path, source: ModelSource, base_folder: Path) -> None:
         """Stream base + delta into a sharded Hugging Face folder, with the base's config and tokenizer."""
