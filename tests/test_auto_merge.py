@@ -15,12 +15,12 @@ from mergeedit.pipeline.auto_merge import MergeAuto, auto_validation, choose_mer
 POINTS = [{"lambda": lam, "density": d} for lam in (0.5, 1.0) for d in (0.2, 0.5, 1.0)]
 # lambda 0.5 keeps locality, lambda 1.0 buys reliability; (1.0, 0.2) is the best point that still meets 0.95
 TABLE = {
-    (0.5, 0.2): {"rel": 0.70, "loc": 0.99},
-    (0.5, 0.5): {"rel": 0.78, "loc": 0.97},
-    (0.5, 1.0): {"rel": 0.84, "loc": 0.93},
-    (1.0, 0.2): {"rel": 0.88, "loc": 0.95},
-    (1.0, 0.5): {"rel": 0.94, "loc": 0.90},
-    (1.0, 1.0): {"rel": 0.97, "loc": 0.81},
+    (0.5, 0.2): {"rel": 0.70, "retain_loc": 0.99},
+    (0.5, 0.5): {"rel": 0.78, "retain_loc": 0.97},
+    (0.5, 1.0): {"rel": 0.84, "retain_loc": 0.93},
+    (1.0, 0.2): {"rel": 0.88, "retain_loc": 0.95},
+    (1.0, 0.5): {"rel": 0.94, "retain_loc": 0.90},
+    (1.0, 1.0): {"rel": 0.97, "retain_loc": 0.81},
 }
 
 
@@ -49,12 +49,12 @@ def test_no_candidate_meets_the_floor_keeps_the_best_locality_flagged():
 def test_ties_are_broken_deterministically():
     pts = [{"lambda": 0.1}, {"lambda": 0.2}, {"lambda": 0.3}, {"lambda": 0.4}]
     # equal reliability among those meeting the floor: the higher locality, then the earlier candidate
-    assert pick_point(pts, [{"rel": 0.9, "loc": 0.96}, {"rel": 0.9, "loc": 0.98}, {"rel": 0.9, "loc": 0.98}, {"rel": 0.95, "loc": 0.5}], 0.95).index == 1
+    assert pick_point(pts, [{"rel": 0.9, "retain_loc": 0.96}, {"rel": 0.9, "retain_loc": 0.98}, {"rel": 0.9, "retain_loc": 0.98}, {"rel": 0.95, "retain_loc": 0.5}], 0.95).index == 1
     # none meets: equal locality, then the higher reliability, then the earlier
-    assert pick_point(pts, [{"rel": 0.1, "loc": 0.5}, {"rel": 0.3, "loc": 0.5}, {"rel": 0.3, "loc": 0.5}, {"rel": 0.9, "loc": 0.4}], 0.95).index == 1
+    assert pick_point(pts, [{"rel": 0.1, "retain_loc": 0.5}, {"rel": 0.3, "retain_loc": 0.5}, {"rel": 0.3, "retain_loc": 0.5}, {"rel": 0.9, "retain_loc": 0.4}], 0.95).index == 1
     # a missing score counts as the worst
-    assert pick_point(pts[:2], [{"rel": None, "loc": 0.99}, {"rel": 0.1, "loc": 0.99}], 0.95).index == 1
-    assert pick_point(pts[:2], [{"rel": 0.9, "loc": None}, {"rel": 0.1, "loc": 0.99}], 0.95).index == 1
+    assert pick_point(pts[:2], [{"rel": None, "retain_loc": 0.99}, {"rel": 0.1, "retain_loc": 0.99}], 0.95).index == 1
+    assert pick_point(pts[:2], [{"rel": 0.9, "retain_loc": None}, {"rel": 0.1, "retain_loc": 0.99}], 0.95).index == 1
     with pytest.raises(MergeEditError, match="one of each"):
         pick_point(pts, [], 0.95)
 

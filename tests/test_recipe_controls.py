@@ -125,6 +125,8 @@ def test_retain_in_chained_batches_breadth_first_and_the_prefix_cache_holds_to_t
     ({"merge": {"candidates": {"density": [1.5]}}}, "merge.auto.candidates"),
     ({"merge": {"validation": 3}}, "validation asks for 3 edits but the smallest sequential batch has 2"),
     ({"merge": {"locality": "drift"}}, "merge.auto.locality"),
+    ({"merge": {"locality": "loc"}}, "(merge.auto.locality): 'loc' cannot be chosen on (an evaluation probe"),
+    ({"merge": {"reliability": "gen"}}, "(merge.auto.reliability): 'gen' cannot be chosen on (an evaluation probe"),
 ])
 def test_bad_values_of_the_new_keys_are_one_located_line_exit_2(tmp_path, tiny, run_cli, bad, needle):
     if "merge" in bad:
@@ -169,23 +171,32 @@ def test_layers_auto_picks_the_planted_layer_in_plan_run_folder_and_model_card(t
     assert run_cli("validate", recipe).code == 0  # validate does not load the model; it says the window comes at run time
 
 
+def _probe_texts(folder: Path) -> dict:
+    """merge.auto's locality probe for these tests: retain texts that each end with an edit's prompt and new target,
+    so a merge that keeps the edits changes the base's next token there, and lambda 0 (the base) keeps all of them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [{"prompt": e["prompt"], "text": f"{e['prompt']} {e['target']}"} for e in EDITS]
+    (folder / "probe.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return {"weight": 0.0, "path": "probe.jsonl"}  # weight 0: no training term, only the probe texts
+
+
 def test_merge_auto_keeps_the_best_reliability_that_meets_the_floor(tmp_path, tiny, run_cli):
-    # By construction, each edit's locality probe IS the edit (same prompt, the new target as answer): a merge that
-    # keeps the edit changes its locality tokens, lambda 0 (the base itself) keeps locality at exactly 1.
-    edits = [{**e, "locality_prompt": e["prompt"], "locality_answer": e["target"]} for e in EDITS]
     merge = {"merge_method": "ties", "base_model": "base", "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 1.0}}], "dtype": "float32"}
-    rsft = {"lr": 0.03, "max_epochs": 6, "max_steps_per_batch": 5, "loss_threshold": 0.1}
+    rsft = {"lr": 0.03, "max_epochs": 6, "max_steps_per_batch": 5, "loss_threshold": 0.1, "retain": _probe_texts(tmp_path)}
     runs = {}
     for floor in (0.9, 0.0):  # the second run reuses the training and chooses again
         auto = {"candidates": {"lambda": [1.0, 0.0]}, "floor": floor, "validation": 2, "seed": 0}
-        recipe = _recipe(tmp_path, tiny, edits=edits, rsft=rsft, merge={**merge, "auto": auto})
+        recipe = _recipe(tmp_path, tiny, rsft=rsft, merge={**merge, "auto": auto})
         shown = run_cli("plan", recipe)
-        assert shown.code == 0 and f"2 candidates (lambda [1.0, 0.0]) scored on a validation split (2, seed 0); the best rel with loc >= {floor}" in shown.stdout
+        assert shown.code == 0 and f"2 candidates (lambda [1.0, 0.0]) scored on a validation split (2, seed 0); the best rel with retain_loc >= {floor}" in shown.stdout, shown.stdout
+        assert "retain: 0.0 x KL" not in shown.stdout  # weight 0: no training term announced
         runs[floor] = result = RecipeRun(recipe).run()
+        assert result.train_reports[0]["retain"] == {}  # the probe texts add nothing to training
         (choice,) = result.merge_choices
         table = {row["params"]["lambda"]: row for row in choice["table"]}
-        assert table[0.0]["scores"]["loc"] == 1.0 and table[1.0]["scores"]["rel"] == 1.0  # the precondition
-        assert table[1.0]["scores"]["loc"] < 0.9 and table[0.0]["scores"]["rel"] < 1.0
+        assert table[0.0]["scores"]["retain_loc"] == 1.0 and table[0.0]["scores"]["retain_kl"] == 0.0  # the base itself
+        assert table[1.0]["scores"]["rel"] == 1.0 and table[1.0]["scores"]["retain_loc"] < 0.9  # the precondition
+        assert table[0.0]["scores"]["rel"] < 1.0 and "loc" not in table[1.0]["scores"]  # never the evaluation's probes
         want = 0.0 if floor == 0.9 else 1.0
         assert choice["params"] == {"lambda": want} and choice["met_floor"] and choice["batch"] == 1
         stored = json.loads((result.run_dir / "stages" / "merge-auto-000" / "result.json").read_text())
@@ -200,12 +211,12 @@ def test_merge_auto_keeps_the_best_reliability_that_meets_the_floor(tmp_path, ti
 
 
 def test_merge_auto_on_the_anchored_merge_and_a_revert_chooses_again(tmp_path, tiny, run_cli):
-    edits = [{**e, "locality_prompt": e["prompt"], "locality_answer": e["target"]} for e in EDITS]
     merge = {
         "merge_method": "ties", "base_model": "base", "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 1.0}}], "dtype": "float32",
         "auto": {"candidates": {"lambda": [1.0, 0.0]}, "floor": 0.9, "validation": 2},
     }
-    recipe = _recipe(tmp_path, tiny, edits=edits, rsft={"lr": 0.03, "max_epochs": 6, "max_steps_per_batch": 5, "loss_threshold": 0.1}, merge=merge, sequential={"batch_size": 2, "strategy": "anchored"})
+    rsft = {"lr": 0.03, "max_epochs": 6, "max_steps_per_batch": 5, "loss_threshold": 0.1, "retain": _probe_texts(tmp_path)}
+    recipe = _recipe(tmp_path, tiny, rsft=rsft, merge=merge, sequential={"batch_size": 2, "strategy": "anchored"})
     result = RecipeRun(recipe).run()
     (choice,) = result.merge_choices
     assert choice["stage"] == "merge-auto" and "batch" not in choice and choice["params"] == {"lambda": 0.0} and choice["met_floor"]

@@ -172,3 +172,22 @@ def test_build_from_texts_and_memory_bound(toy_folder):
         RetainKL.build(model, Chars(), ["abc"] * 10, top_k=None, max_reference_bytes=100)
     with pytest.raises(MergeEditError, match="at least 2"):
         RetainKL.build(model, Chars(), [""])
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_agreement_is_the_share_of_positions_keeping_the_base_argmax(toy_folder, top_k):
+    """merge.auto's locality probe: 1 and KL 0 for the base itself; after a change, exactly the plain count of
+    positions whose argmax is unchanged (each sequence run alone, unpadded), over every position of every text."""
+    model = load(toy_folder)
+    retain = RetainKL.from_token_ids(model, SEQS, weight=0.0, top_k=top_k, batch_size=2)
+    assert retain.agreement(model) == {"retain_loc": 1.0, "retain_kl": 0.0}
+    with torch.no_grad():
+        before = [model(input_ids=torch.tensor([s])).logits[0, :-1].argmax(-1) for s in SEQS]
+        torch.manual_seed(1)
+        model.model.layers[1].mlp.down_proj.weight.add_(torch.randn_like(model.model.layers[1].mlp.down_proj.weight) * 2.0)
+        after = [model(input_ids=torch.tensor([s])).logits[0, :-1].argmax(-1) for s in SEQS]
+    kept = sum(int((a == b).sum()) for a, b in zip(after, before))
+    total = sum(len(s) - 1 for s in SEQS)
+    assert 0 < kept < total  # precondition: the change moved some argmaxes and not all (float64, wide logit gaps)
+    got = retain.agreement(model)
+    assert got["retain_loc"] == kept / total and got["retain_kl"] > 0

@@ -276,6 +276,24 @@ class RetainKL:
         per_pos = _full_kl(g.logp, current) if g.idx is None else coarsened_kl(g.idx, g.logp, g.rest, current)
         return per_pos.mean()
 
+    def agreement(self, model) -> dict:
+        """How close ``model`` stays to the base on every retain position (no gradients): ``retain_loc``, the share of
+        positions whose most likely next token is still the base's, and ``retain_kl``, the mean KL(base || model).
+        The locality probe of `merge: {auto}`: unrelated text, never the evaluation's locality prompts."""
+        was_training = model.training
+        model.eval()
+        same, kl, n = 0, 0.0, 0
+        with torch.no_grad():
+            for g in self.groups:
+                current = _forward_logp(model, g.batch)[g.rows, g.cols]
+                base_top = g.logp.argmax(-1) if g.idx is None else g.idx.gather(-1, g.logp.argmax(-1, keepdim=True)).squeeze(-1)
+                same += int((current.argmax(-1) == base_top).sum())
+                per_pos = _full_kl(g.logp, current) if g.idx is None else coarsened_kl(g.idx, g.logp, g.rest, current)
+                kl += float(per_pos.double().sum())
+                n += int(g.rows.numel())
+        model.train(was_training)
+        return {"retain_loc": same / n, "retain_kl": kl / n}
+
     def __call__(self, model, step: int) -> torch.Tensor:
         """``weight * kl(model, step)``: add it to the step's loss before ``backward()``."""
         if self.weight == 0:

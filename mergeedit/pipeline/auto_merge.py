@@ -49,8 +49,8 @@ class MergeAuto(BaseModel):
     floor: float = Field(0.95, ge=0, le=1, description="Locality a candidate must reach; the best reliability among those that do wins (none does: the best locality, flagged).")
     validation: Union[int, float] = Field(0.2, gt=0, description="Validation split of the batch's edits the candidates are scored on: a fraction (< 1) or a count.")
     seed: int = Field(0, description="Seed of the validation split.")
-    reliability: str = Field("rel", description="Score key maximised (rel: teacher-forced reliability; rel_em: by generation).")
-    locality: str = Field("loc", description="Score key held to the floor.")
+    reliability: str = Field("rel", description="Score key maximised on the validation edits (rel: teacher-forced reliability; rel_em: by generation).")
+    locality: str = Field("retain_loc", description="Score key held to the floor: retain_loc, the share of retain-text positions (rsft.retain.path, default the shipped retain set; never the evaluation's locality prompts) whose most likely next token is still the unedited model's.")
 
     @field_validator("candidates")
     @classmethod
@@ -86,7 +86,7 @@ def _num(v: Any) -> float:
 
 
 def pick_point(
-    points: Sequence[dict], scores: Sequence[dict], floor: float, *, reliability: str = "rel", locality: str = "loc"
+    points: Sequence[dict], scores: Sequence[dict], floor: float, *, reliability: str = "rel", locality: str = "retain_loc"
 ) -> AutoChoice:
     """Apply the rule (module docstring) to candidates ``points`` with their ``scores`` (same order)."""
     if not points or len(points) != len(scores):

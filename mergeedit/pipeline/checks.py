@@ -146,8 +146,10 @@ def retain_path(recipe: Recipe, recipe_dir: Path) -> Optional[Path]:
 
 def check_retain(recipe: Recipe, doc: YamlDocument, recipe_dir: Path):
     """rsft.retain: read the retain set and refuse one that shares a prompt or a text with the drift set the run's
-    evaluation uses (the shipped one and eval.drift_texts). Returns the RetainTexts, or None when the term is off."""
-    if recipe.rsft.retain_weight <= 0:
+    evaluation uses (the shipped one and eval.drift_texts). Returns the RetainTexts, or None when nothing reads them:
+    the KL term is off and there is no `merge: {auto}` (whose locality probes are the retain texts)."""
+    auto = recipe.merge is not None and recipe.merge.auto is not None
+    if recipe.rsft.retain_weight <= 0 and not auto:
         return None
     from ..editing.retain import DRIFT_EVAL_TEXTS, load_retain_texts
 
@@ -156,14 +158,21 @@ def check_retain(recipe: Recipe, doc: YamlDocument, recipe_dir: Path):
         from .evaluation_stage import drift_texts_path
 
         drift.append(drift_texts_path(recipe.eval, recipe_dir))
-    key = ("rsft", "retain", "path") if recipe.rsft.retain.path is not None else ("rsft", "retain")
+    if recipe.rsft.retain is not None and recipe.rsft.retain.path is not None:
+        key = ("rsft", "retain", "path")
+    else:
+        key = ("rsft", "retain") if recipe.rsft.retain is not None else ("merge", "auto")
     try:
         return load_retain_texts(retain_path(recipe, recipe_dir), drift_texts=drift)
     except MergeEditError as exc:
         raise MergeEditError(f"{doc.where(key)}: {exc}") from None
 
 
-AUTO_SCORES = ("rel", "gen", "loc", "port", "rel_em", "gen_em")
+# merge.auto chooses on the batch's own (trained) edits and on the retain texts, never on the evaluation's probes
+# (paraphrases, locality prompts): choosing on those would tune the run to the figures it is judged by
+AUTO_RELIABILITY = ("rel", "rel_em")
+AUTO_LOCALITY = ("retain_loc",)
+AUTO_SCORES = AUTO_RELIABILITY + AUTO_LOCALITY
 
 
 def check_merge_auto(
@@ -178,10 +187,11 @@ def check_merge_auto(
     from .grid import apply_point, grid_points
 
     auto = merge.auto
-    for key in ("reliability", "locality"):
+    for key, allowed in (("reliability", AUTO_RELIABILITY), ("locality", AUTO_LOCALITY)):
         value = getattr(auto, key)
-        if value not in AUTO_SCORES:
-            raise MergeEditError(f"{doc.where(('merge', 'auto', key))}: '{value}' is not a score; use one of {', '.join(AUTO_SCORES)}")
+        if value not in allowed:
+            why = " (an evaluation probe: choosing on it would tune the run to the figures it is judged by)" if value in ("gen", "loc", "port", "gen_em") else ""
+            raise MergeEditError(f"{doc.where(('merge', 'auto', key))}: '{value}' cannot be chosen on{why}; use one of {', '.join(allowed)}")
     if not recipe.eval.enabled:
         raise MergeEditError(f"{doc.where(('merge', 'auto'))}: merge.auto scores every candidate with the evaluation; set eval.enabled: true (or drop auto)")
     if smallest is not None and auto.validation >= 1 and int(auto.validation) > smallest:

@@ -59,7 +59,7 @@ def _base_folder_if_available(run: RecipeRun) -> Path | None:
 def _new_key_notes(run: RecipeRun, retain) -> list[str]:
     """What `rsft.retain` and `merge: {auto}` will do, in one line each."""
     recipe, notes = run.recipe, []
-    if retain is not None:
+    if retain is not None and recipe.rsft.retain_weight > 0:
         r = recipe.rsft.retain
         notes.append(
             f"retain: {r.weight} x KL(base || current) in every step on {len(retain.texts)} texts of {retain.source} "
@@ -72,7 +72,8 @@ def _new_key_notes(run: RecipeRun, retain) -> list[str]:
             count *= len(values)
         axes = " x ".join(f"{k} {v}" for k, v in a.candidates.items())
         per = "every batch" if recipe.sequential.strategy == "chained" else "the anchored merge"
-        notes.append(f"merge auto: for {per}, {count} candidates ({axes}) scored on a validation split ({a.validation}, seed {a.seed}); the best {a.reliability} with {a.locality} >= {a.floor} is kept")
+        notes.append(f"merge auto: for {per}, {count} candidates ({axes}) scored on a validation split ({a.validation}, seed {a.seed}); the best {a.reliability} with {a.locality} >= {a.floor} is kept"
+                     + (f" ({a.locality}: the unedited model's next token kept on {len(retain.texts)} texts of {retain.source})" if retain is not None else ""))
     return notes
 
 

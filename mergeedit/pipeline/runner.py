@@ -177,7 +177,7 @@ class Session:
     initial: dict[str, torch.Tensor]
     forward: object = None  # the training forward, with its frozen-prefix cache (kept across sequential batches)
     layer_choice: Optional[dict] = None  # `rsft.layers: auto`: the layer-probe stage's result
-    retain: object = None  # `rsft.retain`: a RetainKL against the original unedited model (None: off)
+    retain: object = None  # a RetainKL against the original unedited model: rsft.retain's term, and merge.auto's locality probe (weight 0 when only that); None: neither
     retain_key: Optional[str] = None  # hash of the retain texts and settings (part of every R-SFT stage's key)
 
 
@@ -344,7 +344,7 @@ class RecipeRun:
         missing = [n for n in trainable if n not in named]
         if missing:
             raise MergeEditError(f"{self.doc.where(('rsft', 'trainable'))}: '{missing[0]}' is in the checkpoint but not a trainable parameter of the loaded model (a tied or buffer tensor?); narrow the pattern")
-        if dist.enabled and retain_texts is not None:
+        if dist.enabled and recipe.rsft.retain_weight > 0:
             raise MergeEditError(f"{self.doc.where(('rsft', 'retain'))}: the retain KL is not supported under several processes yet (it needs a second DDP forward per step); run in one process or set weight: 0")
         fmt = prompt_format(recipe, self.doc, tokenizer)
         where = self.doc.where(("dataset",))
@@ -391,8 +391,9 @@ class RecipeRun:
         the autocast the steps use; every batch (chained or anchored) is held to the same base. Returns (RetainKL, key)."""
         from ..editing.retain import RetainKL
         from ..editing.rsft import pick_precision
+        from .recipe import RetainSection
 
-        r = self.recipe.rsft.retain
+        r = self.recipe.rsft.retain or RetainSection()  # weight 0: only merge.auto's locality probe
         precision = self.recipe.rsft.precision
         if precision == "auto":
             precision = pick_precision(device)[0]
@@ -458,7 +459,7 @@ class RecipeRun:
                 (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
 
             inputs = {"upstream": upstream if strategy == "chained" else stable_hash(s.base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": s.fmt.describe(), "trainable": s.trainable, "system_prompt": recipe.dataset.system_prompt}
-            if s.retain_key is not None:
+            if s.retain_key is not None and s.retain.weight > 0:
                 inputs["retain"] = s.retain_key
             detail = f"{len(batch)} edits, {sum(named[n].numel() for n in s.trainable):,} trainable parameters"
             rsft_stage = s.run.produce(named_stage(rsft_stage_name(b), b), inputs, write_delta, compute=train, detail=detail)
@@ -497,7 +498,7 @@ class RecipeRun:
         best reliability whose locality meets the floor (pipeline.auto_merge). Its result.json holds every candidate's
         scores and the choice; returns the merge with the chosen parameters."""
         from .auto_merge import auto_validation, choose_merge, describe_choice
-        from .checks import AUTO_SCORES
+        from .checks import AUTO_RELIABILITY
         from .evaluation_stage import post_edit_evaluation
         from .grid import apply_point
 
@@ -507,7 +508,7 @@ class RecipeRun:
         needs_generation = any(k.endswith("_em") for k in (auto.reliability, auto.locality))
         cfg = self.recipe.eval.model_copy(update={"generation": needs_generation})
         pre_id = s.run.output_id("pre-eval")
-        inputs = {"upstream": upstream, "merge": self.merge_config.model_dump(), "auto": auto.model_dump(), "pre": pre_id, "eval": cfg.model_dump(exclude={"curve_every"}), "validation": [r.case_id for r in val]}
+        inputs = {"upstream": upstream, "merge": self.merge_config.model_dump(), "auto": auto.model_dump(), "pre": pre_id, "eval": cfg.model_dump(exclude={"curve_every"}), "validation": [r.case_id for r in val], "retain": s.retain_key}
 
         def compute() -> dict:
             pre = json.loads((s.run.root / "stages" / "pre-eval" / "result.json").read_text())
@@ -518,7 +519,7 @@ class RecipeRun:
                     candidate(config, Path(tmp))
                     load_delta(s.model, open_local("candidate", Path(tmp)))
                 scored = post_edit_evaluation(s.model, s.tokenizer, val, s.fmt, cfg, pre, None)
-                return {k: scored["metrics"].get(k, {}).get("value") for k in AUTO_SCORES}
+                return {**{k: scored["metrics"].get(k, {}).get("value") for k in AUTO_RELIABILITY}, **s.retain.agreement(s.model)}
 
             choice = choose_merge(self.merge_config, auto, score, where=where)
             return {**choice.to_json(), "validation": [r.case_id for r in val], "config": choice.config.model_dump(mode="json")}
@@ -585,7 +586,7 @@ class RecipeRun:
 
         # 2. R-SFT (+ merge) per batch; the anchored strategy merges every batch's task vector at the end
         trained = self.train_batches(s, result)
-        if s.retain is not None:
+        if s.retain is not None and s.retain.weight > 0:
             kl = ", ".join(f"{r['retain']['kl'][0]:.4g} -> {r['retain']['kl'][-1]:.4g}" for r in result.train_reports if r.get("retain", {}).get("kl"))
             result.notes.append(f"retain: {s.retain.weight} x KL(unedited || current) on {s.retain.source}; KL at the first -> last step of each batch: {kl or 'no step'}")
         current_delta, upstream = trained.current_delta, trained.upstream
