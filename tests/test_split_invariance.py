@@ -102,3 +102,48 @@ def test_ordered_sums_are_the_sequential_sums(threads):
         assert torch.equal(ordered_row_sums(rows)[3:4], ordered_row_sums(rows[3:4]))
     finally:
         torch.set_num_threads(before)
+
+
+# Tensors big enough for torch to split work between threads (its grain is 32,768 elements): a reduction over one row
+# longer than that (a row chunk of one row) is cut between 2 threads, and rows are shared out between them.
+WIDE = {"wide.weight": (3, 34_000), "tall.weight": (2_200, 32), "flat.bias": (70_001,)}
+# (memory budget, elements per block, torch threads): whole and 1 thread first, then 2 threads whole and in row chunks
+# of other sizes, and 1 thread in small blocks
+BIG_RUNS = [(1 << 30, None, 1), (1 << 30, None, 2), (3_000_000, 20_011, 2), (1_500_000, None, 2), (1 << 30, 16_411, 1)]
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("wide")
+    g = torch.Generator().manual_seed(14)
+    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in WIDE.items()}
+    paths = {"base": root / "base.safetensors"}
+    save_file(base, paths["base"])
+    for i, key in enumerate("abc"):
+        x = {k: v + torch.randn(v.shape, generator=g) * 0.002 * (i + 1) for k, v in base.items()}
+        paths[key] = root / f"{key}.safetensors"
+        save_file(x, paths[key])
+    return paths
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_bytes_do_not_depend_on_threads_or_row_chunks_of_tensors_torch_splits(method, wide_models, tmp_path, monkeypatch):
+    """The same, on tensors torch parallelises: rows of 34,000 (a lone row's reduction is split between threads),
+    2,200 rows of 32 (rows shared out between threads) and a 1-D tensor of 70,001, with 1 and 2 threads and budgets
+    that cut `wide` into chunks of one and of two rows."""
+    head, tail = CONFIGS[method]
+    text = f"merge_method: {method}\n{head}{tail}dtype: float32\n"
+    for key in ("base", "a", "b", "c"):
+        text = text.replace(f"@{key}\n", f"{wide_models[key]}\n")
+    cfg = write_config(tmp_path, text)
+    outputs, chunked = [], []
+    for i, (budget, block, threads) in enumerate(BIG_RUNS):
+        cuts, files = _merge(cfg, tmp_path / f"out{i}", budget, block, threads, monkeypatch)
+        outputs.append(files)
+        chunked.append(cuts)
+    assert not chunked[0] and not chunked[1] and chunked[2] and chunked[3] and chunked[2] != chunked[3], chunked
+    assert outputs[0], "no output"
+    for i, files in enumerate(outputs[1:], 1):
+        assert files == outputs[0], (method, BIG_RUNS[i])
