@@ -92,7 +92,13 @@ def test_ordered_sums_are_the_sequential_sums(threads):
         for v in x.tolist():
             loop += v
         assert ordered_sum(x, 0.25) == loop
-        assert float(x.sum()) + 0.25 != loop  # the precondition: torch's own sum adds in another order here
+        # planted: 1.0, then 70,000 values of 2^-53, each lost when added to a running total >= 1 (half an ulp, ties to
+        # even), so the sequential sum is exactly 1.25; any other order adds two of them together somewhere and keeps
+        # them. The precondition, by construction: torch's own sum is another order and gives another number.
+        planted = torch.full((70_001,), 2.0**-53, dtype=torch.float64)
+        planted[0] = 1.0
+        assert ordered_sum(planted, 0.25) == 1.25 and ordered_sum(planted[1:], 1.25) == 1.25
+        assert float(planted.sum()) + 0.25 != 1.25
         for cuts in ([5, 33_000], [1, 2, 3, 65_536], list(range(0, 70_001, 4099))):
             total = 0.25
             for a, b in zip([0, *cuts], [*cuts, x.numel()]):
