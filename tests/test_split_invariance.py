@@ -5,6 +5,8 @@ that cuts a tensor at other rows adds the same numbers in the same order."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import write_config
@@ -131,19 +133,37 @@ def wide_models(tmp_path_factory):
         x = {k: v + torch.randn(v.shape, generator=g) * 0.002 * (i + 1) for k, v in base.items()}
         paths[key] = root / f"{key}.safetensors"
         save_file(x, paths[key])
+    adapter = root / "adapter"  # a LoRA adapter on the two matrices, folded into the base as it is read
+    adapter.mkdir()
+    factors = {}
+    for name in ("wide", "tall"):
+        out_f, in_f = WIDE[f"{name}.weight"]
+        factors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(4, in_f, generator=g)
+        factors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 1e-2
+    save_file(factors, adapter / "adapter_model.safetensors")
+    lora = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["wide", "tall"], "fan_in_fan_out": False}
+    (adapter / "adapter_config.json").write_text(json.dumps(lora))
+    paths["base+adapter"] = f"{paths['base']}+{adapter}"
     return paths
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
+def _wide_config(method: str, dtype: str, models) -> str:
+    """The CONFIGS case of `method` on the wide models; "lora_fold": the base with the adapter folded in."""
+    if method == "lora_fold":
+        return f"merge_method: passthrough\nmodels:\n  - model: {models['base+adapter']}\ndtype: {dtype}\n"
+    head, tail = CONFIGS[method]
+    text = f"merge_method: {method}\n{head}{tail}dtype: {dtype}\n"
+    for key in ("base", "a", "b", "c"):
+        text = text.replace(f"@{key}\n", f"{models[key]}\n")
+    return text
+
+
+@pytest.mark.parametrize("method", [*sorted(CONFIGS), "lora_fold"])
 def test_bytes_do_not_depend_on_threads_or_row_chunks_of_tensors_torch_splits(method, wide_models, tmp_path, monkeypatch):
     """The same, on tensors torch parallelises: rows of 34,000 (a lone row's reduction is split between threads),
     2,200 rows of 32 (rows shared out between threads) and a 1-D tensor of 70,001, with 1 and 2 threads and budgets
-    that cut `wide` into chunks of one and of two rows."""
-    head, tail = CONFIGS[method]
-    text = f"merge_method: {method}\n{head}{tail}dtype: float32\n"
-    for key in ("base", "a", "b", "c"):
-        text = text.replace(f"@{key}\n", f"{wide_models[key]}\n")
-    cfg = write_config(tmp_path, text)
+    that cut the tensors at other rows; and a LoRA fold into the two matrices."""
+    cfg = write_config(tmp_path, _wide_config(method, "float32", wide_models))
     outputs, chunked = [], []
     for i, (budget, block, threads) in enumerate(BIG_RUNS):
         cuts, files = _merge(cfg, tmp_path / f"out{i}", budget, block, threads, monkeypatch)
@@ -181,12 +201,9 @@ def isa_outputs(wide_models, tmp_path_factory):
     import sys
 
     folder = tmp_path_factory.mktemp("isa")
-    for method, (head, tail) in CONFIGS.items():
+    for method in [*CONFIGS, "lora_fold"]:
         for dtype in ("float32", "bfloat16"):
-            text = f"merge_method: {method}\n{head}{tail}dtype: {dtype}\n"
-            for key in ("base", "a", "b", "c"):
-                text = text.replace(f"@{key}\n", f"{wide_models[key]}\n")
-            (folder / f"{method}-{dtype}.yaml").write_text(text)
+            (folder / f"{method}-{dtype}.yaml").write_text(_wide_config(method, dtype, wide_models))
     for isa in ISAS:
         env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "MKL_ENABLE_INSTRUCTIONS": "AVX2" if isa == "avx2" else "AVX512"}
         run = subprocess.run([sys.executable, "-c", _MERGE_ALL, str(folder), isa], env=env, capture_output=True, text=True, timeout=600)
@@ -194,7 +211,7 @@ def isa_outputs(wide_models, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("method", [m if m not in ISA_DEPENDENT else pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=ISA_DEPENDENT[m])) for m in sorted(CONFIGS)])
+@pytest.mark.parametrize("method", [m if m not in ISA_DEPENDENT else pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=ISA_DEPENDENT[m])) for m in [*sorted(CONFIGS), "lora_fold"]])
 def test_bytes_do_not_depend_on_the_vector_isa(method, isa_outputs):
     """The same merge computed with two vector widths (another processor's ATen kernels) writes the same bytes."""
     for dtype in ("float32", "bfloat16"):
