@@ -63,7 +63,7 @@ def _merge_with_progress(plan, out_dir: Path, options, est) -> None:
     summary.add_row("peak memory", f"{format_size(report.peak_rss)} RSS (budget {format_size(report.budget)}, in flight at most {format_size(report.budget_high_water)})")
     if report.fused_blocks or report.kernel_failure:
         kernels = f"fused kernels for {report.fused_blocks:,} blocks" if report.fused_blocks else "eager"
-        summary.add_row("kernels", kernels + (f" (compiling failed, eager instead: {report.kernel_failure})" if report.kernel_failure else ""))
+        summary.add_row("kernels", kernels + (f" (compiled kernels not used, eager instead: {report.kernel_failure})" if report.kernel_failure else ""))
     out.print(summary)
 
 

@@ -210,10 +210,32 @@ def test_edited_model_partial_credit(edited, tok):
     assert teacher_forced_accuracy(edited, tok, ["is"], ["paris berlin"], batch_size=4) == [1.0]
 
 
+MARGIN = 1e-2  # logit gap between the best and the second-best token, far above float32 rounding of these logits
+
+
+def _gaps(model, seqs: list[list[int]], positions: list[range]) -> float:
+    """The smallest gap between the top two logits at the given positions, each sequence run alone. A batch changes
+    the logits only by rounding (other row counts pick other matrix kernels): far below MARGIN, so where every gap
+    is at least MARGIN the batched argmax is the single one by construction, on any processor."""
+    gaps = []
+    with torch.no_grad():
+        for seq, where in zip(seqs, positions):
+            logits = model(input_ids=torch.tensor([seq])).logits[0, list(where)]
+            top = logits.topk(2, dim=-1).values
+            gaps.append(float((top[:, 0] - top[:, 1]).min()))
+    return min(gaps)
+
+
+def _teacher_forced_gaps(model, tok, prompts, targets) -> float:
+    encoded = [encode_prompt_target(tok, p, t) for p, t in zip(prompts, targets)]
+    return _gaps(model, [seq for seq, _, _ in encoded], [range(start - 1, stop - 1) for _, start, stop in encoded])
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_invariance(random_model, tok, side):
     prompts = ["the", "the capital of france is", "a", "is paris . rome", "berlin a an", "of"]
     targets = ["capital of france is paris", "paris", "an apple old", "\n berlin", "apple", "france is"]
+    assert _teacher_forced_gaps(random_model, tok, prompts, targets) > MARGIN  # the precondition: no near-ties
     one_by_one = [teacher_forced_tokens(random_model, tok, [p], [t], batch_size=1)[0] for p, t in zip(prompts, targets)]
     batched = teacher_forced_tokens(random_model, tok, prompts, targets, batch_size=4, padding_side=side)
     assert batched == one_by_one
@@ -263,6 +285,12 @@ def test_generation_stops_at_period_newline_eos_and_budget(base, tok):
 def test_generation_batched_equals_one_at_a_time(random_model, tok):
     prompts = ["the", "the capital of france is", "a", "is paris . rome", "berlin a an"]
     single = [generate_answers(random_model, tok, [p], max_new_tokens=8, chat_template=False, batch_size=1)[0] for p in prompts]
+    # the precondition: each of the 8 greedy steps (decoded here without a cache, one token at a time) wins by MARGIN
+    for ids in metrics._generation_inputs(tok, prompts, False):
+        for _ in range(8):
+            assert _gaps(random_model, [ids], [range(len(ids) - 1, len(ids))]) > MARGIN
+            with torch.no_grad():
+                ids = ids + [int(random_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
     assert generate_answers(random_model, tok, prompts, max_new_tokens=8, chat_template=False, batch_size=5) == single
 
 

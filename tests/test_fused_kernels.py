@@ -190,3 +190,54 @@ models:
     assert any(len(s.chunks) > 1 for s in schedule_plan(load_plan(cfg, chunked), chunked.memory_budget))
     assert merge("fused-chunked", "fused", budget=40 << 20) == eager  # MLP matrices in two chunks of two blocks
     assert set(calls) == kinds
+
+
+def test_a_kernel_that_differs_from_eager_is_never_used(monkeypatch):
+    """The warm-up checks the compiled code against the eager formula on planted inputs: code giving other bits (here
+    one value one ulp off) makes the compiler fail with the reason, and the merge stays eager."""
+    v = fused.Variant(2, None, False, True)
+
+    def off_by_one_ulp(base, xs, *args):
+        out = fused.formula(base, xs, *args).clone()
+        out[5] = torch.nextafter(out[5], torch.tensor(float("inf")))
+        return out
+
+    monkeypatch.setattr(fused, "_WARM", set())  # as in a fresh process: compiled, never run
+    monkeypatch.setitem(fused._CODE, v, off_by_one_ulp)
+    compiler = fused.KernelCompiler()
+    compiler.request(v)
+    assert not compiler.wait()
+    assert not compiler.ready(v) and (v, torch.get_num_threads()) not in fused._WARM
+    assert compiler.failure.startswith("KernelMismatch: the compiled Variant kernel gave other bits than the eager code on 1 of 1024")
+    compiler.close()
+    monkeypatch.setitem(fused._CODE, v, fused.formula)  # the eager formula itself passes the same check
+    compiler = fused.KernelCompiler()
+    compiler.request(v)
+    assert compiler.wait() and compiler.ready(v) and compiler.failure is None
+    compiler.close()
+
+
+_ISA_RUN = """
+import torch
+from mergeedit.merging.methods import fused
+v = fused.Variant(2, "magnitude", True, True)
+fused._CODE[v] = fused._compile(fused.formula)
+fused._warm(v)  # raises KernelMismatch if the compiled bits differ from eager's
+print(fused.simd_bits())
+"""
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs a CPU with AVX-512 to run code of two vector widths")
+def test_code_compiled_for_one_isa_is_not_reused_under_another(tmp_path):
+    """torch's FX graph cache key leaves out the vector ISA (ATEN_CPU_CAPABILITY), so without the width named in the
+    config (fused._compile) a kernel generated for AVX-512 and cached was loaded by an AVX2 process with its 16-lane
+    loop over 8-lane vectors: half the output unwritten. Two processes sharing one inductor cache, AVX-512 first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    for isa, bits in (("avx512", "512"), ("avx2", "256")):
+        run = subprocess.run([sys.executable, "-c", _ISA_RUN], env={**env, "ATEN_CPU_CAPABILITY": isa}, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split()[-1] == bits

@@ -5,6 +5,8 @@ that cuts a tensor at other rows adds the same numbers in the same order."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import write_config
@@ -92,7 +94,13 @@ def test_ordered_sums_are_the_sequential_sums(threads):
         for v in x.tolist():
             loop += v
         assert ordered_sum(x, 0.25) == loop
-        assert float(x.sum()) + 0.25 != loop  # the precondition: torch's own sum adds in another order here
+        # planted: 1.0, then 70,000 values of 2^-53, each lost when added to a running total >= 1 (half an ulp, ties to
+        # even), so the sequential sum is exactly 1.25; any other order adds two of them together somewhere and keeps
+        # them. The precondition, by construction: torch's own sum is another order and gives another number.
+        planted = torch.full((70_001,), 2.0**-53, dtype=torch.float64)
+        planted[0] = 1.0
+        assert ordered_sum(planted, 0.25) == 1.25 and ordered_sum(planted[1:], 1.25) == 1.25
+        assert float(planted.sum()) + 0.25 != 1.25
         for cuts in ([5, 33_000], [1, 2, 3, 65_536], list(range(0, 70_001, 4099))):
             total = 0.25
             for a, b in zip([0, *cuts], [*cuts, x.numel()]):
@@ -102,3 +110,115 @@ def test_ordered_sums_are_the_sequential_sums(threads):
         assert torch.equal(ordered_row_sums(rows)[3:4], ordered_row_sums(rows[3:4]))
     finally:
         torch.set_num_threads(before)
+
+
+# Tensors big enough for torch to split work between threads (its grain is 32,768 elements): a reduction over one row
+# longer than that (a row chunk of one row) is cut between 2 threads, and rows are shared out between them.
+WIDE = {"wide.weight": (3, 34_000), "tall.weight": (2_200, 32), "flat.bias": (70_001,)}
+# (memory budget, elements per block, torch threads): whole and 1 thread first, then 2 threads whole and in row chunks
+# of other sizes, and 1 thread in small blocks
+BIG_RUNS = [(1 << 30, None, 1), (1 << 30, None, 2), (3_000_000, 20_011, 2), (1_500_000, None, 2), (1 << 30, 16_411, 1)]
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("wide")
+    g = torch.Generator().manual_seed(14)
+    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in WIDE.items()}
+    paths = {"base": root / "base.safetensors"}
+    save_file(base, paths["base"])
+    for i, key in enumerate("abc"):
+        x = {k: v + torch.randn(v.shape, generator=g) * 0.002 * (i + 1) for k, v in base.items()}
+        paths[key] = root / f"{key}.safetensors"
+        save_file(x, paths[key])
+    adapter = root / "adapter"  # a LoRA adapter on the two matrices, folded into the base as it is read
+    adapter.mkdir()
+    factors = {}
+    for name in ("wide", "tall"):
+        out_f, in_f = WIDE[f"{name}.weight"]
+        factors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(4, in_f, generator=g)
+        factors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 1e-2
+    save_file(factors, adapter / "adapter_model.safetensors")
+    lora = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["wide", "tall"], "fan_in_fan_out": False}
+    (adapter / "adapter_config.json").write_text(json.dumps(lora))
+    paths["base+adapter"] = f"{paths['base']}+{adapter}"
+    return paths
+
+
+def _wide_config(method: str, dtype: str, models) -> str:
+    """The CONFIGS case of `method` on the wide models; "lora_fold": the base with the adapter folded in."""
+    if method == "lora_fold":
+        return f"merge_method: passthrough\nmodels:\n  - model: {models['base+adapter']}\ndtype: {dtype}\n"
+    head, tail = CONFIGS[method]
+    text = f"merge_method: {method}\n{head}{tail}dtype: {dtype}\n"
+    for key in ("base", "a", "b", "c"):
+        text = text.replace(f"@{key}\n", f"{models[key]}\n")
+    return text
+
+
+@pytest.mark.parametrize("method", [*sorted(CONFIGS), "lora_fold"])
+def test_bytes_do_not_depend_on_threads_or_row_chunks_of_tensors_torch_splits(method, wide_models, tmp_path, monkeypatch):
+    """The same, on tensors torch parallelises: rows of 34,000 (a lone row's reduction is split between threads),
+    2,200 rows of 32 (rows shared out between threads) and a 1-D tensor of 70,001, with 1 and 2 threads and budgets
+    that cut the tensors at other rows; and a LoRA fold into the two matrices."""
+    cfg = write_config(tmp_path, _wide_config(method, "float32", wide_models))
+    outputs, chunked = [], []
+    for i, (budget, block, threads) in enumerate(BIG_RUNS):
+        cuts, files = _merge(cfg, tmp_path / f"out{i}", budget, block, threads, monkeypatch)
+        outputs.append(files)
+        chunked.append(cuts)
+    assert not chunked[0] and not chunked[1] and chunked[2] and chunked[3] and chunked[2] != chunked[3], chunked
+    assert outputs[0], "no output"
+    for i, files in enumerate(outputs[1:], 1):
+        assert files == outputs[0], (method, BIG_RUNS[i])
+
+
+_MERGE_ALL = """
+import sys
+from pathlib import Path
+from mergeedit.merging.merge import MergeOptions, load_plan, write_merge
+folder = Path(sys.argv[1])
+for cfg in sorted(folder.glob("*.yaml")):
+    opts = MergeOptions(fsync=False, random_seed=5)
+    write_merge(load_plan(cfg, opts), folder / sys.argv[2] / cfg.stem, opts)
+"""
+# two vector ISAs (ATen and inductor honour ATEN_CPU_CAPABILITY): 16 and 8 float lanes, both with fused multiply-add.
+# ATen's portable code ("default", for CPUs without AVX2) is not compared: it has no FMA, so ops that ATen fuses on
+# every SIMD ISA (add with alpha, lerp) round twice there, and linear and the slerp family give other low bits.
+ISAS = ("avx512", "avx2")
+NEEDS_AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs a CPU with AVX-512 to run two vector widths")
+ISA_DEPENDENT = {  # known: left to its own issue (the report of #14 has the evidence)
+    "arcee_fusion": "the row KL is torch's float32 softmax and row sum, as mergekit computes it; their rounding follows "
+    "the vector width (1.4% of a 3x34,000 tensor's entries flip at the outlier threshold between AVX-512 and AVX2)",
+}
+
+
+@pytest.fixture(scope="module")
+def isa_outputs(wide_models, tmp_path_factory):
+    """Every method's merge of the wide models in float32 and bfloat16, computed by one process per vector ISA."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("isa")
+    for method in [*CONFIGS, "lora_fold"]:
+        for dtype in ("float32", "bfloat16"):
+            (folder / f"{method}-{dtype}.yaml").write_text(_wide_config(method, dtype, wide_models))
+    for isa in ISAS:
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "MKL_ENABLE_INSTRUCTIONS": "AVX2" if isa == "avx2" else "AVX512"}
+        run = subprocess.run([sys.executable, "-c", _MERGE_ALL, str(folder), isa], env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    return folder
+
+
+@NEEDS_AVX512
+@pytest.mark.parametrize("method", [m if m not in ISA_DEPENDENT else pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=ISA_DEPENDENT[m])) for m in [*sorted(CONFIGS), "lora_fold"]])
+def test_bytes_do_not_depend_on_the_vector_isa(method, isa_outputs):
+    """The same merge computed with two vector widths (another processor's ATen kernels) writes the same bytes."""
+    for dtype in ("float32", "bfloat16"):
+        files = [sorted((isa_outputs / isa / f"{method}-{dtype}").glob("*.safetensors")) for isa in ISAS]
+        assert files[0] and [f.name for f in files[0]] == [f.name for f in files[1]]
+        for a, b in zip(*files):
+            assert a.read_bytes() == b.read_bytes(), (method, dtype, ISAS)

@@ -28,13 +28,14 @@ class Schedule:
 
 
 def schedule_tensor(index: int, t: PlannedTensor, budget: int) -> Schedule:
-    """Whole if its footprint fits a third of the budget (so read, merge and write can overlap), else row chunks."""
+    """Whole if its footprint fits a third of the budget (so read, merge and write can overlap), else row chunks. A 1-D
+    tensor is one row to a method that is not elementwise (a softmax row, a vector to rotate): it stays whole."""
     stats = build_statistics(t)
     passes = stats.passes if stats else 0
     per_element = t.bytes_per_element_in_flight()
     whole = int(per_element * t.numel)
     target = max(1, budget // 3)
-    if whole <= target or t.rows <= 1:
+    if whole <= target or t.rows <= 1 or (len(t.shape) == 1 and not t.method.elementwise):
         return Schedule(index, [None], passes, whole)
     row_elems = t.numel // t.rows
     rows_per_chunk = max(1, int(target // (per_element * row_elems)))

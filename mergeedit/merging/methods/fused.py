@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .seeded_random import keep_from_key
+from .seeded_random import derive_seed, keep_from_key, keep_limit, key
 
 MIN_BLOCK = 16  # smaller blocks stay eager (sizes 0 and 1 would make the compiled code specialise and recompile)
 
@@ -54,9 +54,13 @@ class Variant(NamedTuple):
         return formula
 
     def probe(self, n: int) -> tuple:
-        """Arguments after (base, xs) for a warm-up run on n elements."""
-        masks = [torch.zeros(3, dtype=torch.int32) for _ in range(self.inputs)] if self.sparsify == "mask" else []
-        return masks, [0.5] * self.inputs, [1.0] * self.inputs, [0.5] * self.inputs, 1.0, 1.0
+        """Arguments after (base, xs) for the warm-up run on n elements, which also checks the compiled code's bits
+        against the eager formula's (see `_warm`): DARE keys at density 1/2, a magnitude threshold that trims some
+        entries, rescale factors, weights of both signs (one 1.0), a lambda and a divisor that round in float32."""
+        masks = [key(derive_seed("warm-up", j), 0, keep_limit(0.5)) for j in range(self.inputs)] if self.sparsify == "mask" else []
+        below = [0.004 * (j + 1) if self.sparsify == "magnitude" else -1.0 for j in range(self.inputs)]
+        weight = [[1.0, -0.4, 0.7][j % 3] for j in range(self.inputs)]
+        return masks, below, [as_float32(1.7 + j) for j in range(self.inputs)], [as_float32(w) for w in weight], as_float32(1.3), as_float32(0.9)
 
 
 class Norms(NamedTuple):
@@ -68,7 +72,7 @@ class Norms(NamedTuple):
         return norms
 
     def probe(self, n: int) -> tuple:
-        return ([torch.zeros(3, dtype=torch.int32) for _ in range(self.inputs)],)
+        return ([key(derive_seed("warm-up", j), 0, keep_limit(0.5)) for j in range(self.inputs)],)
 
 
 def formula(base, xs: list, masks: list, below: list, scale: list, weight: list, lam: float, divisor: float, v: Variant):
@@ -203,7 +207,7 @@ class KernelCompiler:
                         torch.set_num_threads(threads)
                     with _CODE_LOCK:
                         if v not in _CODE:
-                            _CODE[v] = torch.compile(_own_code(v.kernel(), len(_CODE)), dynamic=True, fullgraph=True)
+                            _CODE[v] = _compile(_own_code(v.kernel(), len(_CODE)))
                         if key not in _WARM:
                             _warm(v)
                             _WARM.add(key)
@@ -214,15 +218,68 @@ class KernelCompiler:
                 self._queue.task_done()
 
 
+def simd_bits() -> int:
+    """The vector width (bits) inductor generates CPU code for in this process: that of the ISA ATen's dispatch uses
+    (ATEN_CPU_CAPABILITY, else the CPU's best), 0 for scalar code."""
+    from torch._inductor import cpu_vec_isa
+
+    return cpu_vec_isa.pick_vec_isa().bit_width()
+
+
+def _compile(fn):
+    """torch.compile with the vector width named in inductor's config. torch 2.13's FX graph cache leaves the width out
+    of its key, yet the cached wrapper embeds C++ whose loops step by the width it was generated for, and the C++ is
+    rebuilt with the flags of the process that loads it: code generated for AVX-512 (step 16) loaded where ATen runs
+    AVX2 (8 lanes) leaves half of each output block unwritten, and the reverse writes past the output's end. Naming
+    the width puts it in the key, so each ISA gets code of its own."""
+    return torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp.simdlen": simd_bits()})
+
+
+class KernelMismatch(RuntimeError):
+    """The compiled kernel's result differs from the eager formula's on the warm-up's planted inputs."""
+
+
+def _planted(n: int, count: int) -> torch.Tensor:
+    """`count` rows of n float32 values: base, then inputs near it, with the cases a merge formula must keep exact:
+    signs of zero, exact zero deltas, deltas that cancel exactly, deltas at the trim thresholds of Variant.probe."""
+    g = torch.Generator().manual_seed(14)
+    rows = torch.randn(count, n, generator=g)
+    base = rows[0]
+    base[::11] = -0.0
+    for j in range(1, count):
+        rows[j] = base + rows[j] * 0.01
+        rows[j][j::13] = base[j::13] + 0.004 * j  # exactly at (or around, after rounding) input j's threshold
+    rows[1][::7] = base[::7]
+    if count > 2:
+        rows[2][::5] = 2 * base[::5] - rows[1][::5]
+    return rows
+
+
 def _warm(v) -> None:
     """Compile by running the variant once on small tensors laid out as the blocks it will serve are (inputs: views at
-    an offset into a buffer, see `fits`), so they hit it without a guard failing."""
+    an offset into a buffer, see `fits`), so they hit it without a guard failing; then check its result against the
+    same formula run eagerly on those planted inputs. A merge uses the kernel only if the bits agree (the float64 L1
+    norms, summed in another order, to 1e-12 relative): a kernel that gives other numbers on this machine (another
+    ISA's code, a compiler that contracts a multiply-add) raises, and the merge stays eager."""
     n = 1024
     pool = torch.zeros(n * (v.inputs + 2))
     view = lambda i: pool[n * i + 8 : n * (i + 1) + 8]  # noqa: E731
-    xs = [view(1 + j) for j in range(v.inputs)]  # run() makes them aliases, as it does the real blocks
+    base, *xs = [view(i) for i in range(v.inputs + 1)]  # run() makes them aliases, as it does the real blocks
+    rows = _planted(n, v.inputs + 1)
+    for i, t in enumerate([base, *xs]):
+        t.copy_(rows[i])
+    args = v.probe(n)
     with torch.no_grad():  # not run(): a failure here must reach _work
-        _CODE[v](_alias(view(0)), [_alias(x) for x in xs], *v.probe(n), v)
+        fast = _CODE[v](_alias(base), [_alias(x) for x in xs], *args, v)
+        eager = v.kernel()(base, xs, *args, v)
+    if isinstance(v, Norms):
+        same = torch.allclose(fast, eager, rtol=1e-12, atol=0)
+        differ = int((fast != eager).sum())
+    else:
+        differ = int((fast.view(torch.int32) != eager.view(torch.int32)).sum())
+        same = differ == 0
+    if not same:
+        raise KernelMismatch(f"the compiled {type(v).__name__} kernel gave other bits than the eager code on {differ} of {eager.numel()} planted values")
 
 
 def _describe(exc: Exception) -> str:
