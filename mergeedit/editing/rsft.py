@@ -173,8 +173,12 @@ class EpochPool:
     def new_epoch(self) -> None:
         self.learned.clear()
 
+    def training(self, indices: list[int]) -> list[bool]:
+        """Whether each of `indices` still trains (its edit has not left the pool this epoch)."""
+        return [self.case_of[i] not in self.learned for i in indices]
+
     def active(self, indices: list[int]) -> list[int]:
-        return [i for i in indices if self.case_of[i] not in self.learned]
+        return [i for i, t in zip(indices, self.training(indices)) if t]
 
     def update(self, indices: list[int], losses: list[float]) -> list[bool]:
         """Record the losses just measured for `indices`; returns which of them still train (their edit is unlearned)."""
@@ -184,7 +188,7 @@ class EpochPool:
             worst[c] = max(worst.get(c, -math.inf), v)
         if self.threshold > 0:
             self.learned.update(c for c, v in worst.items() if v < self.threshold)
-        return [self.case_of[i] not in self.learned for i in indices]
+        return self.training(indices)
 
 
 @dataclass
@@ -321,7 +325,7 @@ class _EditLoop:
         # under several processes every process keeps its whole share (steps stay in step); learned examples are
         # masked out of the loss instead
         live = self.pool.active(idx) if acc is None else idx
-        keep = [self.pool.case_of[i] not in self.pool.learned for i in live]
+        keep = self.pool.training(live)
         n_keep = torch.tensor(float(sum(keep)), device=self.device)
         if acc is not None:
             n_keep = acc.reduce(n_keep, "sum")

@@ -362,7 +362,8 @@ def _multislerp_low_precision_statistics(inputs: MergeInputs, terms: tuple[int, 
     return stats
 
 
-def _multislerp_merge(inputs: MergeInputs) -> torch.Tensor:
+def _staged_merge(inputs: MergeInputs) -> torch.Tensor:
+    """multislerp and karcher: bf16/fp16 statistics (StagedSums) carry the merge that reads them; else the mix."""
     if isinstance(inputs.stats, StagedSums):
         return inputs.stats.values["merge"](inputs)
     return apply_mix(inputs)
@@ -382,7 +383,7 @@ MULTISLERP = MergeMethod(
         Param("normalize_weights", bool, "shared", True),
         Param("eps", float, "shared", 1e-8),
     ),
-    merge=_multislerp_merge,
+    merge=_staged_merge,
     base_model="optional",
     statistics=_multislerp_statistics,
     low_precision_compute=True,  # mergekit computes it in the dtype; the *_low_precision_* functions round as it does
@@ -583,12 +584,6 @@ def _karcher_low_precision_statistics(inputs: MergeInputs) -> StagedSums:
     return stats
 
 
-def _karcher_merge(inputs: MergeInputs) -> torch.Tensor:
-    if isinstance(inputs.stats, StagedSums):
-        return inputs.stats.values["merge"](inputs)
-    return apply_mix(inputs)
-
-
 def _check_karcher(shared: dict, per_input: list[dict]) -> None:
     max_iter = shared["max_iter"]
     if max_iter < 0 or max_iter != int(max_iter):
@@ -605,7 +600,7 @@ KARCHER = MergeMethod(
         Param("max_iter", float, "shared", 10.0),
         Param("tol", float, "shared", 1e-5),
     ),
-    merge=_karcher_merge,
+    merge=_staged_merge,
     base_model="optional",
     statistics=_karcher_statistics,
     low_precision_compute=True,  # mergekit computes it in the dtype; the *_low_precision_* functions round as it does
