@@ -152,6 +152,11 @@ def test_a_retain_file_sharing_a_prompt_with_the_drift_set_is_refused(tmp_path, 
     recipe = _recipe(tmp_path, tiny, rsft={"retain": {"weight": 1, "path": "retain.jsonl"}}, eval={"drift": True, "drift_texts": "drift.jsonl"})
     got = run_cli("validate", recipe)
     assert got.code == 2 and "shares 1 prompt(s) with the drift evaluation set" in got.stderr and "rsft.retain.path" in got.stderr
+    # a list of files: each is checked, and the error names the key and the offending file
+    recipe = _recipe(tmp_path, tiny, rsft={"retain": {"weight": 1, "path": ["retain.jsonl", str(DRIFT_EVAL_TEXTS)]}})
+    got = run_cli("validate", recipe)
+    assert got.code == 2 and "rsft.retain.path" in got.stderr and f"{DRIFT_EVAL_TEXTS}: is the drift evaluation set" in got.stderr
+    assert len(got.stderr.strip().splitlines()) == 1
 
 
 def test_layers_auto_picks_the_planted_layer_in_plan_run_folder_and_model_card(tmp_path, planted, run_cli):
@@ -228,3 +233,11 @@ def test_merge_auto_on_the_anchored_merge_and_a_revert_chooses_again(tmp_path, t
     assert (result.run_dir / "stages" / "revert-002-merge-auto" / "result.json").is_file()
     kept = [json.loads(x) for x in (tmp_path / "reverted" / "ledger.jsonl").read_text().splitlines() if '"kind": "batch"' in x]
     assert [e["batch"] for e in kept] == [1] and kept[0]["merge"]["auto"]["stage"] == "revert-002-merge-auto"
+
+
+def test_a_list_of_retain_files_trains_on_all_their_texts(tmp_path, tiny, run_cli):
+    (tmp_path / "more.jsonl").write_text(json.dumps({"prompt": "q1 q2", "text": "q1 q2 the w3"}) + "\n")
+    recipe = _recipe(tmp_path, tiny, rsft={"retain": {"weight": 1, "path": ["retain.jsonl", "more.jsonl"]}})
+    shown = run_cli("plan", recipe)
+    assert shown.code == 0, shown.stderr
+    assert f"on {len(RETAIN) + 1} texts of {tmp_path / 'retain.jsonl'} + {tmp_path / 'more.jsonl'}" in " ".join(shown.stdout.split())

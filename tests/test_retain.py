@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mergeedit.core.errors import MergeEditError
-from mergeedit.editing.retain import DEFAULT_RETAIN_TEXTS, DRIFT_EVAL_TEXTS, RetainKL, coarsened_kl, load_retain_texts
+from mergeedit.editing.retain import DEFAULT_RETAIN_TEXTS, DRIFT_EVAL_TEXTS, RETAIN_QUESTIONS, RetainKL, coarsened_kl, load_retain_texts
 from mergeedit.models.toy import LlamaShape, build_llama
 
 SHAPE = LlamaShape(hidden=16, intermediate=32, layers=2, heads=2, kv_heads=1, vocab=48)
@@ -82,6 +82,41 @@ def test_a_users_retain_file_is_read_and_checked_against_the_runs_own_drift_file
     bad.write_text(json.dumps({"prompt": "no text"}) + "\n")
     with pytest.raises(MergeEditError, match=r"bad.jsonl:1: .*'text'"):
         load_retain_texts(bad)
+
+
+def test_shipped_questions_are_not_the_evaluations_probes_and_name_no_edited_subject():
+    """data/retain/questions.jsonl: question + the model's answer; no ZsRE locality probe, edit prompt, paraphrase or
+    subject of the shipped records, and nothing of the drift set."""
+    import re
+
+    questions = jsonl(RETAIN_QUESTIONS)
+    assert len(questions) == 200 and len({q["prompt"] for q in questions}) == 200
+    assert all(q["text"].startswith(q["prompt"] + " ") and len(q["text"]) > len(q["prompt"]) + 1 for q in questions)
+    zsre = json.loads((Path(__file__).resolve().parents[1] / "data" / "zsre" / "zsre_mend_eval_first1000.json").read_text())
+    assert len(zsre) == 1000
+    probes = {x.lower().removeprefix("nq question:").strip() for r in zsre for x in (r["loc"], r["src"], r["rephrase"])}
+    asked = {q["prompt"].lower().strip() for q in questions}
+    assert len(probes) > 2000 and not asked & probes
+    subjects = {r["subject"].lower() for r in zsre}
+    named = [(s, q) for q in asked for s in subjects if re.search(r"\b" + re.escape(s) + r"\b", q)]
+    assert not named
+    drift = jsonl(DRIFT_EVAL_TEXTS)
+    assert not asked & {d["prompt"].lower() for d in drift} and not {q["text"] for q in questions} & {d["text"] for d in drift}
+
+
+def test_several_retain_files_are_read_in_order_and_each_is_checked(tmp_path):
+    both = load_retain_texts([DEFAULT_RETAIN_TEXTS, RETAIN_QUESTIONS])
+    prose, questions = jsonl(DEFAULT_RETAIN_TEXTS), jsonl(RETAIN_QUESTIONS)
+    assert both.texts == [r["text"] for r in prose] + [q["text"] for q in questions]
+    assert both.prompts == [r["prompt"] for r in prose] + [q["prompt"] for q in questions]
+    assert both.source == f"{DEFAULT_RETAIN_TEXTS} + {RETAIN_QUESTIONS}"
+    one = jsonl(DRIFT_EVAL_TEXTS)[0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": one["prompt"], "text": one["prompt"] + " mine"}) + "\n")
+    with pytest.raises(MergeEditError, match=r"bad.jsonl: shares 1 prompt"):
+        load_retain_texts([RETAIN_QUESTIONS, bad])
+    with pytest.raises(MergeEditError, match="empty"):
+        load_retain_texts([])
 
 
 # -- the KL term ----------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from .tokens import pad_sequences
 
 __all__ = [
     "DEFAULT_RETAIN_TEXTS",
+    "RETAIN_QUESTIONS",
     "DRIFT_EVAL_TEXTS",
     "RetainTexts",
     "RetainKL",
@@ -60,6 +61,9 @@ __all__ = [
 
 _DATA = Path(__file__).resolve().parents[2] / "data"
 DEFAULT_RETAIN_TEXTS = _DATA / "retain" / "retain.jsonl"
+# Short questions followed by the unedited model's own answer (data/retain/make_questions.py): question-shaped text
+# for the KL to hold, as the locality probes are; `rsft.retain.path: [retain.jsonl, questions.jsonl]` uses both.
+RETAIN_QUESTIONS = _DATA / "retain" / "questions.jsonl"
 # The shipped drift-evaluation set (mergeedit.evaluation.drift.DEFAULT_DRIFT_TEXTS; editing may not import evaluation).
 DRIFT_EVAL_TEXTS = _DATA / "drift" / "generic.jsonl"
 
@@ -99,23 +103,31 @@ def check_disjoint(retain: RetainTexts, evaluation: RetainTexts) -> None:
 
 
 def load_retain_texts(
-    path: Optional[Union[Path, str]] = None, *, drift_texts: Sequence[Union[Path, str]] = (DRIFT_EVAL_TEXTS,)
+    path: Optional[Union[Path, str, Sequence[Union[Path, str]]]] = None, *, drift_texts: Sequence[Union[Path, str]] = (DRIFT_EVAL_TEXTS,)
 ) -> RetainTexts:
-    """Read a retain JSONL of ``{"prompt", "text"}`` lines (default: the shipped data/retain/retain.jsonl).
+    """Read a retain JSONL of ``{"prompt", "text"}`` lines (default: the shipped data/retain/retain.jsonl), or several
+    (a list of paths: their texts in the order given, e.g. the shipped prose and the shipped questions).
 
     Every file in ``drift_texts`` (default: the shipped drift set; pass the run's drift file too when it uses its own)
     is read and must share no prompt and no text with the retain set. A missing drift file is skipped: there is
     nothing to collide with.
     """
-    path = Path(path) if path is not None else DEFAULT_RETAIN_TEXTS
-    retain = _read_pairs(path, "retain set")
-    for other in drift_texts:
-        other = Path(other)
-        if other.is_file():
-            if other.resolve() == path.resolve():
-                raise MergeEditError(f"{path}: is the drift evaluation set; training on the evaluation texts makes the drift figure meaningless: use another retain file")
-            check_disjoint(retain, _read_pairs(other, "drift set"))
-    return retain
+    paths = [DEFAULT_RETAIN_TEXTS] if path is None else [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+    if not paths:
+        raise MergeEditError("retain set: the list of retain files is empty; name at least one JSONL file")
+    parts = []
+    for one in paths:
+        retain = _read_pairs(one, "retain set")
+        for other in drift_texts:
+            other = Path(other)
+            if other.is_file():
+                if other.resolve() == one.resolve():
+                    raise MergeEditError(f"{one}: is the drift evaluation set; training on the evaluation texts makes the drift figure meaningless: use another retain file")
+                check_disjoint(retain, _read_pairs(other, "drift set"))
+        parts.append(retain)
+    if len(parts) == 1:
+        return parts[0]
+    return RetainTexts([p for r in parts for p in r.prompts], [t for r in parts for t in r.texts], " + ".join(r.source for r in parts))
 
 
 def coarsened_kl(base_idx: torch.Tensor, base_logp: torch.Tensor, base_rest: torch.Tensor, current_logp: torch.Tensor) -> torch.Tensor:

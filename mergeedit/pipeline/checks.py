@@ -135,13 +135,12 @@ def examples_for(records, tokenizer, fmt, rephrases: bool, where: str, *, system
     return out
 
 
-def retain_path(recipe: Recipe, recipe_dir: Path) -> Optional[Path]:
-    """The retain file the recipe names (relative to the recipe), or None for the shipped set."""
+def retain_path(recipe: Recipe, recipe_dir: Path) -> Optional[list[Path]]:
+    """The retain file(s) the recipe names (relative to the recipe), or None for the shipped set."""
     r = recipe.rsft.retain
     if r is None or r.path is None:
         return None
-    path = Path(r.path)
-    return path if path.is_absolute() else recipe_dir / path
+    return [p if p.is_absolute() else recipe_dir / p for p in map(Path, [r.path] if isinstance(r.path, str) else r.path)]
 
 
 def check_retain(recipe: Recipe, doc: YamlDocument, recipe_dir: Path):

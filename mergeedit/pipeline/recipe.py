@@ -63,8 +63,10 @@ class RetainSection(_Strict):
     (mergeedit.editing.retain). The base is the ORIGINAL unedited model, for every sequential batch."""
 
     weight: float = Field(0.0, ge=0, allow_inf_nan=False, description="Weight of the KL term in every step's loss; 0 (the default) turns it off at no cost.")
-    path: Optional[str] = Field(
-        None, description="JSONL of {prompt, text} lines, relative to the recipe (default: the shipped data/retain/retain.jsonl). Refused when it shares a prompt or text with the drift set the evaluation uses."
+    path: Optional[Union[str, list[str]]] = Field(
+        None,
+        description="JSONL of {prompt, text} lines, or a list of them (their texts together), relative to the recipe (default: the shipped data/retain/retain.jsonl; "
+        "data/retain/questions.jsonl holds short questions with the unedited model's answers). Refused when it shares a prompt or text with the drift set the evaluation uses.",
     )
     top_k: Optional[int] = Field(64, ge=1, description="Keep the base's top-k next tokens per position (plus one bucket for the rest); null: the full distribution (exact KL, more memory).")
     batch_size: int = Field(8, ge=1, description="Retain texts per step; step s uses mini-batch s mod (texts / batch_size).")
