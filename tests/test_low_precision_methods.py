@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from method_harness import per_input_params, run_blocked, run_whole, shared_params
 
 from mergeedit.merging.methods import METHODS, MergeInputs
@@ -168,12 +167,19 @@ def test_karcher_rounds_as_mergekit(dtype):
     _check("karcher", tensors, None, shared, [{} for _ in range(3)], reference, dtype)
 
 
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """torch's softmax of a bf16/fp16 tensor (a float32 softmax rounded once to the dtype), with arcee_fusion's float32
+    softmax: exp as a float64 exp rounded to float32, the normaliser the exact total rounded once to float32."""
+    e = torch.exp((x.float() - x.float().max(dim=-1, keepdim=True).values).double()).float()
+    return (e * (1 / _sum(e, dim=-1))).to(x.dtype)
+
+
 @pytest.mark.parametrize("dtype", LOW)
 def test_arcee_fusion_importances_round_as_mergekit(dtype):
     base, x = _models(dtype, 1, shape=(32, 64), seed=4)
     x = x + (torch.arange(64) == 5).to(dtype) * 0.5  # a planted outlier column: some entries are kept
-    p = F.softmax(x, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
+    p = _softmax(x) + 1e-8
+    q = _softmax(base) + 1e-8
     importance = (x - base).abs() * _sum(p * torch.log(p / q), dim=-1)
     ordered = torch.sort(importance.reshape(-1)).values
     n = ordered.numel()

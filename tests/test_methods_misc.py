@@ -6,6 +6,8 @@ formulas written here from the method definitions, never from the code under tes
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,11 +46,19 @@ def nearswap_reference(base, other, t):
     return w * other + (1 - w) * base
 
 
+def row_softmax_reference(x):
+    """The softmax arcee_fusion defines (README "Where we differ"): exp(x - max) as a float64 exp rounded once to
+    float32, the normaliser their sum in float64 rounded once to float32, then e * (1 / normaliser) in float32."""
+    e = torch.exp((x - x.max(dim=-1, keepdim=True).values).double()).float()
+    return e * (1 / e.double().sum(dim=-1, keepdim=True).float())
+
+
 def arcee_reference(base, x):
-    """mergekit's definition on the whole tensor: row KL over the last dim, quantiles at sorted[floor(q * (n - 1))]."""
-    p = F.softmax(x, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
-    importance = (x - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    """mergekit's definition on the whole tensor, with arcee_fusion's reductions (the softmax above, the KL's row sum
+    in float64 rounded once to float32): row KL over the last dim, quantiles at sorted[floor(q * (n - 1))]."""
+    p = row_softmax_reference(x) + 1e-8
+    q = row_softmax_reference(base) + 1e-8
+    importance = (x - base).abs() * (p * torch.log(p / q)).double().sum(dim=-1, keepdim=True).float()
     ordered = torch.sort(importance.reshape(-1)).values
     n = ordered.numel()
     q1, med, q3 = ordered[(n - 1) // 4], ordered[(n - 1) // 2], ordered[3 * (n - 1) // 4]
@@ -260,12 +270,41 @@ def test_arcee_fusion_matches_reference_and_row_aligned_blocks(shape):
 
 @pytest.mark.parametrize("group", [1, 100])
 def test_arcee_fusion_row_groups_do_not_change_the_result(monkeypatch, group):
-    """Chunks are worked through in groups of rows (a lone row's sum is padded): any grouping gives the same bits."""
+    """Chunks are worked through in groups of rows: any grouping (a lone row included) gives the same bits."""
     g = torch.Generator().manual_seed(9)
     base = torch.randn(40, 24, generator=g) * 0.02
     x = base + torch.randn(40, 24, generator=g) * 2e-4
     monkeypatch.setattr(arcee_fusion, "GROUP", group)
     assert torch.equal(run_whole(ARCEE_FUSION, [base, x], 0, {}, per_input(2)), arcee_reference(base, x))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_arcee_fusion_softmax_normaliser_is_the_exact_sum_rounded_once(threads):
+    """Planted rows longer than torch's 32,768-element grain: a 0 and 40,000 logits of -16.7, whose exps (5.6e-8) are
+    each under half an ulp of 1. Added to 1 one at a time in float32 every one of them is lost (normaliser 1, p[0] = 1);
+    the exact sum is 1.0022...: p[0] must be 1 / (the float64 sum rounded once to float32), exactly, with 1 or 2
+    threads, and a row's bits must not depend on the rows around it. The KL's row sum follows the same rule."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.full((3, 40_001), -16.7)
+        x[:, 0] = 0.0
+        x[1, 1::2] = -3.0  # another row, so rows differ
+        e = torch.exp(x[0].double()).float()
+        assert float(e[1]) < 2.0**-24 and float(1.0 + e[1].double()) != 1.0  # lost in float32, kept in float64
+        normaliser = torch.tensor(math.fsum(e.double().tolist()), dtype=torch.float64).float()
+        assert float(normaliser) > 1.002  # the precondition: far from the float32 one-at-a-time total, 1.0
+        p = arcee_fusion.row_softmax(x)
+        assert float(p[0, 0]) == float(1 / normaliser) and torch.equal(p[0, 1:], e[1:] * (1 / normaliser))
+        assert torch.equal(arcee_fusion.row_softmax(x[1:2]), p[1:2]) and torch.equal(p, row_softmax_reference(x))
+        base = x.flip(-1).contiguous()
+        kl = arcee_fusion.row_kl(x, base)
+        pp, qq = p + 1e-8, arcee_fusion.row_softmax(base) + 1e-8
+        terms = (pp * torch.log(pp / qq)).double()
+        exact = torch.tensor([math.fsum(row) for row in terms.tolist()], dtype=torch.float64).float()
+        assert torch.equal(kl, exact) and torch.equal(arcee_fusion.row_kl(x[2:], base[2:]), kl[2:])
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_arcee_fusion_refuses_a_block_that_cuts_a_row():

@@ -12,15 +12,22 @@ needs no seed.
 Softmax rows must be whole, so the method is not elementwise: it sees whole tensors or row chunks, and works through
 them a group of rows at a time so temporaries stay bounded (tens of MB). Pass 1 stores one KL per row (4 bytes a row, the only
 state that grows with the tensor) and feeds the importances to the selection; pass 2 finishes the selection. The KL of
-a row is computed by the same float32 operations whatever the chunk around it, so chunked and whole agree bit for bit,
-and match mergekit's whole-tensor numbers.
+a row depends only on that row, so chunked and whole agree bit for bit.
+
+The same bytes on every CPU: mergekit's KL is torch's float32 softmax and row sum, and torch adds the softmax's float32
+normaliser in vector lanes whose count follows the processor (16 with AVX-512, 8 with AVX2). For rows of small changes
+the KL is a tiny difference of nearly equal terms that a few ulp of normaliser move a lot, so on two processors 1.4% of
+a 3 x 34,000 tensor's entries crossed the outlier threshold. Here each softmax is row_softmax (exp as a float64 exp
+rounded once to float32; the normaliser and the KL's row sum added in float64 in element order and rounded once, the
+rule of lowp.py for every reduction), then mergekit's elementwise float32 ops. That is not mergekit's bits: mergekit's
+own kept set moves with the processor, and ours is one fixed choice (README "Where we differ" has the counts).
 
 In bfloat16/float16 (a config's `dtype`) mergekit computes the importances in the dtype: both softmaxes, the added
 1e-8, p / q, its log, p * log, the row sum, |x - base| and the product each rounded to it, and the threshold
-median + 1.5 * (q3 - q1) by three rounded ops. The low-precision path runs those ops on the same dtype (the row sum
-added in float64 in element order and rounded as torch rounds its float32 total: lowp.py). mergekit's result,
-base + (x - base) * mask with a float32 mask, is float32 there; here it is that float32 value rounded once to the
-output dtype.
+median + 1.5 * (q3 - q1) by three rounded ops. The low-precision path runs those ops on the same dtype (each softmax
+row_softmax's float32 value rounded once to the dtype, as torch rounds its float32 softmax; the row sum added in float64
+in element order and rounded as torch rounds its float32 total: lowp.py). mergekit's result, base + (x - base) * mask
+with a float32 mask, is float32 there; here it is that float32 value rounded once to the output dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ...core.errors import MergeEditError
 from .lowp import is_low_precision, round_total
@@ -52,21 +58,29 @@ def quantile_ranks(n: int) -> list[int]:
     return [(n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4]
 
 
+def row_softmax(x: torch.Tensor) -> torch.Tensor:
+    """softmax over the last axis of 2-D float32 rows, the same bits on every CPU and with any threads: e = exp(x - max)
+    as a float64 exp rounded once to float32, the normaliser the exact sum of e added in float64 in element order and
+    rounded once to float32 (ordered_row_sums, round_total: the rule lowp.py applies to every reduction), then
+    e * (1 / normaliser) in float32 as torch's softmax finishes. torch's own softmax adds its float32 normaliser in
+    vector lanes whose count follows the CPU (16 with AVX-512, 8 with AVX2), so its bits move with the processor."""
+    e = torch.exp((x - x.max(dim=-1, keepdim=True).values).to(torch.float64)).to(torch.float32)
+    return e.mul_(1 / round_total(ordered_row_sums(e), torch.float32).unsqueeze(-1))
+
+
 def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(x) + eps || softmax(base) + eps) per row of 2-D float32 inputs."""
-    p = F.softmax(x, dim=-1).add_(SOFTMAX_EPS)
-    q = F.softmax(base, dim=-1).add_(SOFTMAX_EPS)
-    terms = p * torch.log(p / q)
-    if terms.shape[0] == 1:
-        # torch splits a lone long row's sum across threads (a different rounding than a row among others): pad it.
-        return torch.cat([terms, torch.zeros_like(terms)]).sum(dim=-1)[:1]
-    return terms.sum(dim=-1)
+    """KL(softmax(x) + eps || softmax(base) + eps) per row of 2-D float32 inputs: mergekit's float32 ops with the
+    softmaxes of row_softmax and the row sum added in float64 in element order, rounded once to float32."""
+    p = row_softmax(x).add_(SOFTMAX_EPS)
+    q = row_softmax(base).add_(SOFTMAX_EPS)
+    return round_total(ordered_row_sums(p * torch.log(p / q)), torch.float32)
 
 
 def low_precision_row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """row_kl as mergekit computes it on bfloat16/float16 rows: every op rounded to their dtype (returned in it)."""
-    p = F.softmax(x, dim=-1) + SOFTMAX_EPS
-    q = F.softmax(base, dim=-1) + SOFTMAX_EPS
+    """row_kl as mergekit computes it on bfloat16/float16 rows: every op rounded to their dtype (returned in it); each
+    softmax is row_softmax's float32 value rounded once to the dtype, as torch rounds its float32 softmax."""
+    p = row_softmax(x.to(torch.float32)).to(x.dtype) + SOFTMAX_EPS
+    q = row_softmax(base.to(torch.float32)).to(x.dtype) + SOFTMAX_EPS
     return round_total(ordered_row_sums(p * torch.log(p / q)), x.dtype)
 
 
