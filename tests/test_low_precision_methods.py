@@ -14,6 +14,7 @@ from method_harness import per_input_params, run_blocked, run_whole, shared_para
 from mergeedit.merging.methods import METHODS, MergeInputs
 from mergeedit.merging.methods.lowp import float32_sum, round_norm, round_total
 from mergeedit.merging.methods.sce import variance_bits
+from mergeedit.merging.methods.softmax import torch_softmax
 
 LOW = [torch.bfloat16, torch.float16]
 CUTS = [[], [1, 257, 1000], [333, 334, 2047]]  # block boundaries of the flattened 32 x 64 tensor
@@ -168,10 +169,9 @@ def test_karcher_rounds_as_mergekit(dtype):
 
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:
-    """torch's softmax of a bf16/fp16 tensor (a float32 softmax rounded once to the dtype), with arcee_fusion's float32
-    softmax: exp as a float64 exp rounded to float32, the normaliser the exact total rounded once to float32."""
-    e = torch.exp((x.float() - x.float().max(dim=-1, keepdim=True).values).double()).float()
-    return (e * (1 / _sum(e, dim=-1))).to(x.dtype)
+    """F.softmax of a bf16/fp16 tensor as an AVX-512 CPU computes it (a float32 softmax rounded once to the dtype;
+    tests/test_softmax.py pins torch_softmax to it)."""
+    return torch_softmax(x.float(), reduced=True).to(x.dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW)

@@ -14,19 +14,19 @@ them a group of rows at a time so temporaries stay bounded (tens of MB). Pass 1 
 state that grows with the tensor) and feeds the importances to the selection; pass 2 finishes the selection. The KL of
 a row depends only on that row, so chunked and whole agree bit for bit.
 
-The same bytes on every CPU: mergekit's KL is torch's float32 softmax and row sum, and torch adds the softmax's float32
-normaliser in vector lanes whose count follows the processor (16 with AVX-512, 8 with AVX2). For rows of small changes
-the KL is a tiny difference of nearly equal terms that a few ulp of normaliser move a lot, so on two processors 1.4% of
-a 3 x 34,000 tensor's entries crossed the outlier threshold. Here each softmax is row_softmax (exp as a float64 exp
-rounded once to float32; the normaliser and the KL's row sum added in float64 in element order and rounded once, the
-rule of lowp.py for every reduction), then mergekit's elementwise float32 ops. That is not mergekit's bits: mergekit's
-own kept set moves with the processor, and ours is one fixed choice (README "Where we differ" has the counts).
+The same bytes on every CPU: mergekit's KL is torch's softmax and float32 row sum. torch adds the softmax's float32
+normaliser in vector lanes whose count follows the processor (16 with AVX-512, 8 with AVX2), and for rows of small
+changes the KL is a tiny difference of nearly equal terms that a few ulp of normaliser move a lot: with AVX2 kernels
+mergekit keeps another 9.6% of a float32 toy model's entries than with AVX-512 ones. Here each softmax is torch's as an
+AVX-512 CPU computes it, reproduced by elementwise IEEE ops in a fixed order (softmax.py), and the KL's row sum is
+added in float64 in element order and rounded once (the rule of lowp.py for every reduction): mergekit's bits on an
+AVX-512 CPU in tools/mergekit_parity.py's configs, the same bytes on every CPU.
 
 In bfloat16/float16 (a config's `dtype`) mergekit computes the importances in the dtype: both softmaxes, the added
 1e-8, p / q, its log, p * log, the row sum, |x - base| and the product each rounded to it, and the threshold
 median + 1.5 * (q3 - q1) by three rounded ops. The low-precision path runs those ops on the same dtype (each softmax
-row_softmax's float32 value rounded once to the dtype, as torch rounds its float32 softmax; the row sum added in float64
-in element order and rounded as torch rounds its float32 total: lowp.py). mergekit's result, base + (x - base) * mask
+torch's float32 softmax for that dtype, reproduced as above, rounded once to it; the row sum added in float64 in element
+order and rounded as torch rounds its float32 total: lowp.py). mergekit's result, base + (x - base) * mask
 with a float32 mask, is float32 there; here it is that float32 value rounded once to the output dtype.
 """
 
@@ -41,6 +41,7 @@ from ...core.errors import MergeEditError
 from .lowp import is_low_precision, round_total
 from .ordered import ordered_row_sums
 from .quantiles import ExactOrderStatistics
+from .softmax import torch_softmax
 from .spec import MergeInputs, MergeMethod
 
 SOFTMAX_EPS = 1e-8  # mergekit adds this to both softmaxes before the log
@@ -58,29 +59,19 @@ def quantile_ranks(n: int) -> list[int]:
     return [(n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4]
 
 
-def row_softmax(x: torch.Tensor) -> torch.Tensor:
-    """softmax over the last axis of 2-D float32 rows, the same bits on every CPU and with any threads: e = exp(x - max)
-    as a float64 exp rounded once to float32, the normaliser the exact sum of e added in float64 in element order and
-    rounded once to float32 (ordered_row_sums, round_total: the rule lowp.py applies to every reduction), then
-    e * (1 / normaliser) in float32 as torch's softmax finishes. torch's own softmax adds its float32 normaliser in
-    vector lanes whose count follows the CPU (16 with AVX-512, 8 with AVX2), so its bits move with the processor."""
-    e = torch.exp((x - x.max(dim=-1, keepdim=True).values).to(torch.float64)).to(torch.float32)
-    return e.mul_(1 / round_total(ordered_row_sums(e), torch.float32).unsqueeze(-1))
-
-
 def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(x) + eps || softmax(base) + eps) per row of 2-D float32 inputs: mergekit's float32 ops with the
-    softmaxes of row_softmax and the row sum added in float64 in element order, rounded once to float32."""
-    p = row_softmax(x).add_(SOFTMAX_EPS)
-    q = row_softmax(base).add_(SOFTMAX_EPS)
+    """KL(softmax(x) + eps || softmax(base) + eps) per row of 2-D float32 inputs: mergekit's float32 ops, torch's
+    softmax reproduced in a fixed order (softmax.py), the row sum added in float64 in element order, rounded once."""
+    p = torch_softmax(x).add_(SOFTMAX_EPS)
+    q = torch_softmax(base).add_(SOFTMAX_EPS)
     return round_total(ordered_row_sums(p * torch.log(p / q)), torch.float32)
 
 
 def low_precision_row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """row_kl as mergekit computes it on bfloat16/float16 rows: every op rounded to their dtype (returned in it); each
-    softmax is row_softmax's float32 value rounded once to the dtype, as torch rounds its float32 softmax."""
-    p = row_softmax(x.to(torch.float32)).to(x.dtype) + SOFTMAX_EPS
-    q = row_softmax(base.to(torch.float32)).to(x.dtype) + SOFTMAX_EPS
+    softmax is torch's float32 softmax for that dtype (softmax.py) rounded once to it, as torch rounds it."""
+    p = torch_softmax(x.to(torch.float32), reduced=True).to(x.dtype) + SOFTMAX_EPS
+    q = torch_softmax(base.to(torch.float32), reduced=True).to(x.dtype) + SOFTMAX_EPS
     return round_total(ordered_row_sums(p * torch.log(p / q)), x.dtype)
 
 
