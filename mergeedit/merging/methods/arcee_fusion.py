@@ -16,8 +16,8 @@ a row depends only on that row, so chunked and whole agree bit for bit.
 
 The same bytes on every CPU: mergekit's KL is torch's softmax and float32 row sum. torch adds the softmax's float32
 normaliser in vector lanes whose count follows the processor (16 with AVX-512, 8 with AVX2), and for rows of small
-changes the KL is a tiny difference of nearly equal terms that a few ulp of normaliser move a lot: with AVX2 kernels
-mergekit keeps another 9.6% of a float32 toy model's entries than with AVX-512 ones. Here each softmax is torch's as an
+changes the KL is a tiny difference of nearly equal terms that a few ulp of normaliser move a lot: mergekit's output
+with AVX2 kernels differs from its AVX-512 output on 9.6% of a float32 toy model's entries. Here each softmax is torch's as an
 AVX-512 CPU computes it, reproduced by elementwise IEEE ops in a fixed order (softmax.py), and the KL's row sum is
 added in float64 in element order and rounded once (the rule of lowp.py for every reduction): mergekit's bits on an
 AVX-512 CPU in tools/mergekit_parity.py's configs, the same bytes on every CPU.

@@ -7,7 +7,7 @@ CPU's vector width (16 floats with AVX-512, 8 with AVX2), so the order of the fl
 softmax's bits, follow the processor: mergekit's arcee_fusion kept set differs between the two on 9.6% of a float32
 toy model's entries (README "Where we differ").
 
-Here the same operations run elementwise over the row (float32 add, multiply and divide are IEEE-exact on every CPU;
+Here the same operations run elementwise over the row (float32 add, multiply and divide are correctly rounded on every CPU;
 the fused multiply-add is computed in float64 and rounded once, exactly: fma32), and the normaliser always follows the
 AVX-512 lanes, added in a fixed order that depends only on the row's length: torch's bits on an AVX-512 CPU, the same
 bits on any CPU, with any threads and however the tensor is cut into rows. For bfloat16/float16 input torch's kernel
@@ -31,7 +31,8 @@ def fma32(a: torch.Tensor, b: torch.Tensor | float, c: torch.Tensor | float) -> 
     """a * b + c of float32 values (given as float32 or float64 tensors holding float32 values, or Python floats that
     are float32 values), rounded once to float32: a fused multiply-add. The product of two float32 values is exact in
     float64; the float64 sum s = RN(p + c) rounds to the same float32 as the exact value unless s lies exactly halfway
-    between two float32 values, and there the sign of the float64 rounding error (TwoSum) decides."""
+    between two float32 values, and there the sign of the float64 rounding error (TwoSum) decides. (Results in float32's
+    normal range, as every step of vector_exp's polynomial is; a subnormal result's halfway points are not checked.)"""
     a64, c64 = a.to(torch.float64), c.to(torch.float64) if isinstance(c, torch.Tensor) else c
     b64 = b.to(torch.float64) if isinstance(b, torch.Tensor) else b
     s = a64 * b64
