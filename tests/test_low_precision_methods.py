@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from method_harness import per_input_params, run_blocked, run_whole, shared_params
 
 from mergeedit.merging.methods import METHODS, MergeInputs
 from mergeedit.merging.methods.lowp import float32_sum, round_norm, round_total
 from mergeedit.merging.methods.sce import variance_bits
+from mergeedit.merging.methods.softmax import torch_softmax
 
 LOW = [torch.bfloat16, torch.float16]
 CUTS = [[], [1, 257, 1000], [333, 334, 2047]]  # block boundaries of the flattened 32 x 64 tensor
@@ -168,12 +168,18 @@ def test_karcher_rounds_as_mergekit(dtype):
     _check("karcher", tensors, None, shared, [{} for _ in range(3)], reference, dtype)
 
 
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """F.softmax of a bf16/fp16 tensor as an AVX-512 CPU computes it (a float32 softmax rounded once to the dtype;
+    tests/test_softmax.py pins torch_softmax to it)."""
+    return torch_softmax(x.float(), reduced=True).to(x.dtype)
+
+
 @pytest.mark.parametrize("dtype", LOW)
 def test_arcee_fusion_importances_round_as_mergekit(dtype):
     base, x = _models(dtype, 1, shape=(32, 64), seed=4)
     x = x + (torch.arange(64) == 5).to(dtype) * 0.5  # a planted outlier column: some entries are kept
-    p = F.softmax(x, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
+    p = _softmax(x) + 1e-8
+    q = _softmax(base) + 1e-8
     importance = (x - base).abs() * _sum(p * torch.log(p / q), dim=-1)
     ordered = torch.sort(importance.reshape(-1)).values
     n = ordered.numel()

@@ -6,6 +6,8 @@ formulas written here from the method definitions, never from the code under tes
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from mergeedit.merging.methods.arcee_fusion import ARCEE_FUSION
 from mergeedit.merging.methods.nearswap import NEARSWAP
 from mergeedit.merging.methods.quantiles import ExactOrderStatistics, key_to_value, order_keys
 from mergeedit.merging.methods.ram import RAM, RAMPLUS_TL
+from mergeedit.merging.methods.softmax import torch_softmax
 from mergeedit.models.toy import load_state_dict
 
 
@@ -44,11 +47,17 @@ def nearswap_reference(base, other, t):
     return w * other + (1 - w) * base
 
 
+def _softmax(x):
+    """F.softmax over the last dim as an AVX-512 CPU computes it (tests/test_softmax.py pins torch_softmax to it)."""
+    return torch_softmax(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
 def arcee_reference(base, x):
-    """mergekit's definition on the whole tensor: row KL over the last dim, quantiles at sorted[floor(q * (n - 1))]."""
-    p = F.softmax(x, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
-    importance = (x - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    """mergekit's definition on the whole tensor, with the softmax above and the KL's row sum in float64 rounded once
+    to float32: row KL over the last dim, quantiles at sorted[floor(q * (n - 1))]."""
+    p = _softmax(x) + 1e-8
+    q = _softmax(base) + 1e-8
+    importance = (x - base).abs() * (p * torch.log(p / q)).double().sum(dim=-1, keepdim=True).float()
     ordered = torch.sort(importance.reshape(-1)).values
     n = ordered.numel()
     q1, med, q3 = ordered[(n - 1) // 4], ordered[(n - 1) // 2], ordered[3 * (n - 1) // 4]
@@ -260,12 +269,35 @@ def test_arcee_fusion_matches_reference_and_row_aligned_blocks(shape):
 
 @pytest.mark.parametrize("group", [1, 100])
 def test_arcee_fusion_row_groups_do_not_change_the_result(monkeypatch, group):
-    """Chunks are worked through in groups of rows (a lone row's sum is padded): any grouping gives the same bits."""
+    """Chunks are worked through in groups of rows: any grouping (a lone row included) gives the same bits."""
     g = torch.Generator().manual_seed(9)
     base = torch.randn(40, 24, generator=g) * 0.02
     x = base + torch.randn(40, 24, generator=g) * 2e-4
     monkeypatch.setattr(arcee_fusion, "GROUP", group)
     assert torch.equal(run_whole(ARCEE_FUSION, [base, x], 0, {}, per_input(2)), arcee_reference(base, x))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_arcee_fusion_kl_row_sum_is_the_exact_sum_rounded_once(threads):
+    """Planted rows longer than torch's 32,768-element grain: a 1 then 40,000 logits of -16.7 against the base's
+    mirror image. The KL's row sum is the sum of the float32 terms added in float64 in element order and rounded once to
+    float32 (math.fsum, the exactly rounded float64 sum, gives the same float32 here), with 1 or 2 threads, and a row
+    alone gives the bits it gets among others."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.full((3, 40_001), -16.7)
+        x[:, 0] = 1.0
+        x[1, 1::2] = -3.0  # another row, so rows differ
+        base = x.flip(-1).contiguous()
+        kl = arcee_fusion.row_kl(x, base)
+        p, q = _softmax(x) + 1e-8, _softmax(base) + 1e-8
+        terms = (p * torch.log(p / q)).double()
+        exact = torch.tensor([math.fsum(row) for row in terms.tolist()], dtype=torch.float64).float()
+        assert torch.equal(kl, exact) and torch.equal(arcee_fusion.row_kl(x[2:], base[2:]), kl[2:])
+        assert float(exact.min()) > 0.01  # the precondition: rows that really differ from their base
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_arcee_fusion_refuses_a_block_that_cuts_a_row():

@@ -189,10 +189,6 @@ for cfg in sorted(folder.glob("*.yaml")):
 # every SIMD ISA (add with alpha, lerp) round twice there, and linear and the slerp family give other low bits.
 ISAS = ("avx512", "avx2")
 NEEDS_AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs a CPU with AVX-512 to run two vector widths")
-ISA_DEPENDENT = {  # known: left to its own issue (the report of #14 has the evidence)
-    "arcee_fusion": "the row KL is torch's float32 softmax and row sum, as mergekit computes it; their rounding follows "
-    "the vector width (1.4% of a 3x34,000 tensor's entries flip at the outlier threshold between AVX-512 and AVX2)",
-}
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +210,7 @@ def isa_outputs(wide_models, tmp_path_factory):
 
 
 @NEEDS_AVX512
-@pytest.mark.parametrize("method", [m if m not in ISA_DEPENDENT else pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=ISA_DEPENDENT[m])) for m in [*sorted(CONFIGS), "lora_fold"]])
+@pytest.mark.parametrize("method", [*sorted(CONFIGS), "lora_fold"])
 def test_bytes_do_not_depend_on_the_vector_isa(method, isa_outputs):
     """The same merge computed with two vector widths (another processor's ATen kernels) writes the same bytes."""
     for dtype in ("float32", "bfloat16"):

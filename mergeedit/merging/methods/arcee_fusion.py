@@ -12,15 +12,22 @@ needs no seed.
 Softmax rows must be whole, so the method is not elementwise: it sees whole tensors or row chunks, and works through
 them a group of rows at a time so temporaries stay bounded (tens of MB). Pass 1 stores one KL per row (4 bytes a row, the only
 state that grows with the tensor) and feeds the importances to the selection; pass 2 finishes the selection. The KL of
-a row is computed by the same float32 operations whatever the chunk around it, so chunked and whole agree bit for bit,
-and match mergekit's whole-tensor numbers.
+a row depends only on that row, so chunked and whole agree bit for bit.
+
+The same bytes on every CPU: mergekit's KL is torch's softmax and float32 row sum. torch adds the softmax's float32
+normaliser in vector lanes whose count follows the processor (16 with AVX-512, 8 with AVX2), and for rows of small
+changes the KL is a tiny difference of nearly equal terms that a few ulp of normaliser move a lot: mergekit's output
+with AVX2 kernels differs from its AVX-512 output on 9.6% of a float32 toy model's entries. Here each softmax is torch's as an
+AVX-512 CPU computes it, reproduced by elementwise IEEE ops in a fixed order (softmax.py), and the KL's row sum is
+added in float64 in element order and rounded once (the rule of lowp.py for every reduction): mergekit's bits on an
+AVX-512 CPU in tools/mergekit_parity.py's configs, the same bytes on every CPU.
 
 In bfloat16/float16 (a config's `dtype`) mergekit computes the importances in the dtype: both softmaxes, the added
 1e-8, p / q, its log, p * log, the row sum, |x - base| and the product each rounded to it, and the threshold
-median + 1.5 * (q3 - q1) by three rounded ops. The low-precision path runs those ops on the same dtype (the row sum
-added in float64 in element order and rounded as torch rounds its float32 total: lowp.py). mergekit's result,
-base + (x - base) * mask with a float32 mask, is float32 there; here it is that float32 value rounded once to the
-output dtype.
+median + 1.5 * (q3 - q1) by three rounded ops. The low-precision path runs those ops on the same dtype (each softmax
+torch's float32 softmax for that dtype, reproduced as above, rounded once to it; the row sum added in float64 in element
+order and rounded as torch rounds its float32 total: lowp.py). mergekit's result, base + (x - base) * mask
+with a float32 mask, is float32 there; here it is that float32 value rounded once to the output dtype.
 """
 
 from __future__ import annotations
@@ -29,12 +36,12 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ...core.errors import MergeEditError
 from .lowp import is_low_precision, round_total
 from .ordered import ordered_row_sums
 from .quantiles import ExactOrderStatistics
+from .softmax import torch_softmax
 from .spec import MergeInputs, MergeMethod
 
 SOFTMAX_EPS = 1e-8  # mergekit adds this to both softmaxes before the log
@@ -53,20 +60,18 @@ def quantile_ranks(n: int) -> list[int]:
 
 
 def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(x) + eps || softmax(base) + eps) per row of 2-D float32 inputs."""
-    p = F.softmax(x, dim=-1).add_(SOFTMAX_EPS)
-    q = F.softmax(base, dim=-1).add_(SOFTMAX_EPS)
-    terms = p * torch.log(p / q)
-    if terms.shape[0] == 1:
-        # torch splits a lone long row's sum across threads (a different rounding than a row among others): pad it.
-        return torch.cat([terms, torch.zeros_like(terms)]).sum(dim=-1)[:1]
-    return terms.sum(dim=-1)
+    """KL(softmax(x) + eps || softmax(base) + eps) per row of 2-D float32 inputs: mergekit's float32 ops, torch's
+    softmax reproduced in a fixed order (softmax.py), the row sum added in float64 in element order, rounded once."""
+    p = torch_softmax(x).add_(SOFTMAX_EPS)
+    q = torch_softmax(base).add_(SOFTMAX_EPS)
+    return round_total(ordered_row_sums(p * torch.log(p / q)), torch.float32)
 
 
 def low_precision_row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """row_kl as mergekit computes it on bfloat16/float16 rows: every op rounded to their dtype (returned in it)."""
-    p = F.softmax(x, dim=-1) + SOFTMAX_EPS
-    q = F.softmax(base, dim=-1) + SOFTMAX_EPS
+    """row_kl as mergekit computes it on bfloat16/float16 rows: every op rounded to their dtype (returned in it); each
+    softmax is torch's float32 softmax for that dtype (softmax.py) rounded once to it, as torch rounds it."""
+    p = torch_softmax(x.to(torch.float32), reduced=True).to(x.dtype) + SOFTMAX_EPS
+    q = torch_softmax(base.to(torch.float32), reduced=True).to(x.dtype) + SOFTMAX_EPS
     return round_total(ordered_row_sums(p * torch.log(p / q)), x.dtype)
 
 
