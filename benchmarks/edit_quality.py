@@ -158,6 +158,14 @@ def run_method(method: str, args, work: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     recipe = folder / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_for(method, args), sort_keys=False))
+    shared = work / f"T{args.edits}" / "_unedited-stages"  # the unedited model's scores: the same for every method
+    reused = []
+    if args.share_unedited and shared.is_dir():
+        for stage in sorted(shared.iterdir()):
+            target = folder / "run" / "stages" / stage.name
+            if not target.exists():  # the run checks each stage's key and recomputes one whose inputs differ
+                shutil.copytree(stage, target)
+                reused.append(stage.name)
     out = folder / "bench.json"
     started = time.perf_counter()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -171,9 +179,14 @@ def run_method(method: str, args, work: Path) -> dict:
             found = sorted((folder / "run").rglob(name))
             if found:
                 shutil.copyfile(found[-1], args.json.with_name(f"{args.json.stem}-{row_name(method, args).replace(' ', '_').replace('+', '-')}-{name}"))
+    if args.share_unedited:
+        for stage in sorted((folder / "run" / "stages").glob("*pre-*")):
+            if stage.is_dir() and not stage.name.startswith(".") and not (shared / stage.name).exists():
+                shutil.copytree(stage, shared / stage.name)
     if not args.keep:  # R-SFT deltas, merges and the export take about 2 GB a method at T=10
         shutil.rmtree(folder / "run", ignore_errors=True)
-    return {"method": row_name(method, args), "base_method": method, "settings": [list(kv) for kv in args.set], "wall_seconds": wall, **data}
+    return {"method": row_name(method, args), "base_method": method, "settings": [list(kv) for kv in args.set], "wall_seconds": wall,
+            "unedited_stages_copied": reused, **data}
 
 
 def print_table(rows: list[dict], args) -> None:
@@ -209,6 +222,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="Keep each method's run directory (about 2 GB each); by default it is deleted once scored.")
     parser.add_argument("--reuse", action="store_true", help="Reuse kept run directories (cached stages: times are then not comparable).")
     parser.add_argument("--json", type=Path, default=None, help="Write every number here.")
+    parser.add_argument("--no-share-unedited", dest="share_unedited", action="store_false",
+                        help="Score the unedited model (stages pre-eval, pre-drift: 5-15 minutes at T=1000) in every method's run; by default "
+                        "the first run's are copied into the next ones (the run recomputes any whose inputs differ), so later rows' wall times exclude them.")
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="Change the R-SFT methods' recipes (not the baselines'), e.g. --set rsft.layers=[8,14] --set merge.models.0.parameters.weight=0.8; repeatable.")
     parser.add_argument("--label", default=None, help="Name these rows METHOD [LABEL] (an ablation row beside the default one).")
