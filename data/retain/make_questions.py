@@ -246,31 +246,23 @@ def short_answer(text: str, limit_words: int = 12) -> str:
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from make_retain import greedy, reference_model, write_lines  # beside this script
 
     from mergeedit.editing.prompts import chat_prompt
-    from mergeedit.models.builtin import materialize
 
     assert len(QUESTIONS) == len(set(QUESTIONS)) == 200, (len(QUESTIONS), len(set(QUESTIONS)))
-    folder = materialize("smollm2-135m-instruct", dtype="float32")
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    out = Path(__file__).with_name("questions.jsonl")
-    tmp = out.with_name(out.name + ".tmp")
+    tok, model = reference_model()
     lines = []
     with torch.no_grad():
         for n, question in enumerate(QUESTIONS, 1):
             ids = tok(chat_prompt(tok, question), return_tensors="pt", add_special_tokens=False)
-            gen = model.generate(**ids, do_sample=False, num_beams=1, max_new_tokens=24, temperature=None, top_p=None, top_k=None, pad_token_id=tok.eos_token_id)
-            answer = short_answer(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+            answer = short_answer(greedy(model, tok, ids, 24))
             if not answer:
                 raise SystemExit(f"no answer to {question!r}")
             lines.append(json.dumps({"prompt": question, "text": f"{question} {answer}"}, ensure_ascii=False))
             if n % 20 == 0:
                 print(f"{n}/{len(QUESTIONS)}", file=sys.stderr, flush=True)
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    print(f"wrote {len(lines)} texts to {out}")
+    write_lines(Path(__file__).with_name("questions.jsonl"), lines)
 
 
 if __name__ == "__main__":

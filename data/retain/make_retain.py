@@ -239,28 +239,40 @@ PROMPTS = [
 ]
 
 
-def main() -> None:
+def reference_model():
+    """(tokenizer, model): SmolLM2-135M-Instruct as mergeedit ships it, float32, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mergeedit.models.builtin import materialize
 
     folder = materialize("smollm2-135m-instruct", dtype="float32")
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    out = Path(__file__).with_name("retain.jsonl")
+    return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def greedy(model, tok, ids: dict, max_new_tokens: int) -> str:
+    """The greedy continuation of one tokenized prompt, decoded without special tokens."""
+    gen = model.generate(**ids, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, temperature=None, top_p=None, top_k=None, pad_token_id=tok.eos_token_id)
+    return tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def write_lines(out: Path, lines: list[str]) -> None:
+    """All lines at once, through a temporary sibling."""
     tmp = out.with_name(out.name + ".tmp")
-    lines = []
-    with torch.no_grad():
-        for n, prompt in enumerate(PROMPTS, 1):
-            ids = tok(prompt, return_tensors="pt")
-            gen = model.generate(**ids, do_sample=False, num_beams=1, max_new_tokens=48, temperature=None, top_p=None, top_k=None, pad_token_id=tok.eos_token_id)
-            continuation = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-            lines.append(json.dumps({"prompt": prompt, "text": prompt + continuation}, ensure_ascii=False))
-            if n % 20 == 0:
-                print(f"{n}/{len(PROMPTS)}", file=sys.stderr, flush=True)
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(out)
     print(f"wrote {len(lines)} texts to {out}")
+
+
+def main() -> None:
+    tok, model = reference_model()
+    lines = []
+    with torch.no_grad():
+        for n, prompt in enumerate(PROMPTS, 1):
+            continuation = greedy(model, tok, tok(prompt, return_tensors="pt"), 48)
+            lines.append(json.dumps({"prompt": prompt, "text": prompt + continuation}, ensure_ascii=False))
+            if n % 20 == 0:
+                print(f"{n}/{len(PROMPTS)}", file=sys.stderr, flush=True)
+    write_lines(Path(__file__).with_name("retain.jsonl"), lines)
 
 
 if __name__ == "__main__":
