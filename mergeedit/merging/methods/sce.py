@@ -19,7 +19,7 @@ import torch
 
 from .lowp import is_low_precision
 from .ordered import ordered_sum
-from .selection import KthLargest, magnitude_bits
+from .selection import KthLargest, TieOrder, magnitude_bits
 from .spec import MergeInputs, MergeMethod, Param
 
 WEIGHT_SUM_EPS = 1e-6  # below this sum of mean squares the models are weighted equally
@@ -55,10 +55,10 @@ def variance_bits(tvs: torch.Tensor) -> torch.Tensor:
 @dataclass
 class SceStatistics:
     """Pass 0: count of nonzero variances and the high histogram of the variances; pass 1: the low histogram; pass 2,
-    only when more variances equal the k-th largest than the k-th place needs: where the kept tied ones end (exactly
-    k are kept, the tied ones at the lowest positions: mergekit's torch.topk keeps exactly k too, but which of the
-    tied ones depends on its partial sort over the whole tensor); last pass (the only one when nothing is selected):
-    sum of squares of each selected task vector."""
+    only when more variances equal the k-th largest than the k-th place needs: which tied ones are kept (exactly k
+    are kept, the tied ones those mergekit's torch.topk over the whole tensor keeps: TieOrder; above TIE_ORDER_LIMIT
+    elements the lowest positions); last pass (the only one when nothing is selected): sum of squares of each
+    selected task vector."""
 
     topk: float
     models: int
@@ -68,10 +68,12 @@ class SceStatistics:
     nonzero: int = 0
     sum_squares: list[float] = field(default_factory=list)
     ties_pass: bool = False
+    dtype: torch.dtype = torch.float32  # the compute dtype: mergekit's topk sees the variances in it
 
     def __post_init__(self) -> None:
         if 0 < self.topk < 1:
-            self.select = KthLargest(1)  # k is known only after pass 0 has counted the nonzero variances
+            # k is known only after pass 0 has counted the nonzero variances
+            self.select = KthLargest(1, TieOrder("topk", self.numel, self.dtype))
         self.keep_none = self.topk <= 0
         self.passes = 3 if self.select else 1
         self.sum_squares = [0.0] * self.models
@@ -143,7 +145,7 @@ class SceStatistics:
 def _statistics(inputs: MergeInputs) -> Optional[SceStatistics]:
     if inputs.base is None or not inputs.non_base:
         return None
-    return SceStatistics(inputs.shared["select_topk"], len(inputs.non_base), inputs.numel)
+    return SceStatistics(inputs.shared["select_topk"], len(inputs.non_base), inputs.numel, dtype=inputs.dtype or torch.float32)
 
 
 def _merge(inputs: MergeInputs) -> torch.Tensor:

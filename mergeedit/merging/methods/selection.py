@@ -7,8 +7,16 @@ Small tensors (norms, biases) skip the histograms: their values are kept and sel
 Keeping |x| >= threshold reproduces a top-k selection up to elements exactly equal to the threshold; when more
 values equal it than the k-th place needs (`needs_cutoff`), one more streaming pass finds the position of the last
 tied value to keep, counting in element order (`observe_ties`), so exactly k are kept: the tied values at the lowest
-positions. That is a fixed rule, the same however the tensor is cut (mergekit's unstable argsort picks an arbitrary
-subset of the ties instead; which one depends on torch's sort).
+positions. That is a fixed rule, the same however the tensor is cut.
+
+mergekit picks the tied values kept with one whole-tensor torch call instead (ties/magnitude: argsort descending,
+first k; breadcrumbs: sort ascending, a window; sce: topk), whose choice among equal values depends on the whole
+tensor's contents. A selector given a `TieOrder` reproduces that choice for tensors of up to TIE_ORDER_LIMIT elements:
+the ties pass gathers the whole tensor's values (float32, the ones mergekit sorts) into one vector, makes mergekit's
+call on it and keeps the tied positions the call puts among its k (`kept_ties`, a sorted index tensor). The call sees
+the same vector however the merge is cut into chunks and blocks, and torch's 1-D sort and topk on CPU do not depend
+on the thread count (checked in tests), so the bytes still do not depend on the budget. Above the limit, and without a
+TieOrder, the lowest-position rule stays.
 
 A cheaper route when a sample of the values is at hand: `aim` guesses, from the sample, a narrow band of bit patterns
 that holds the k-th largest with overwhelming probability; one pass then counts the values at or above the band and
@@ -28,6 +36,75 @@ SMALL = 1 << 16  # up to this many values, select directly instead of histogramm
 BAND_MIN = 1 << 18  # below this many values a band saves too little to be worth a sample
 BAND_Z = 5.0  # the band spans this many standard deviations of the sample rank on each side
 BAND_SAMPLE_MIN = 1024  # a smaller sample guesses too wide a band
+
+
+# Tensors up to this many elements get mergekit's tie order (TieOrder). A property of the tensor alone, never of the
+# budget: 2^27 covers every matrix of a 7B Llama/Mistral (the largest, 32000 x 4096 embeddings, is 1.31e8) and every
+# attention matrix of a 70B; the gathered vector plus the sort's values and indices take about 16 bytes an element,
+# at most 2 GiB, and the sort takes seconds. Bigger tensors (large-vocabulary embeddings, 70B MLP matrices) keep the
+# lowest-position rule.
+TIE_ORDER_LIMIT = 1 << 27
+TIE_ORDER_BYTES_PER_ELEMENT = 16  # gathered float32 vector + the sort's float32 values and int64 indices
+TIE_ORDER_CALLS = ("argsort", "sort", "topk")
+
+
+class TieOrder:
+    """Which tied values mergekit keeps: the top k positions of one whole-tensor torch call on the gathered values.
+
+    call: "argsort" (mergekit's magnitude: argsort(w, descending=True)[:k]), "sort" (magnitude_outliers:
+    sort(w).indices[n - k:], the top k of an ascending sort; breadcrumbs' two selectors share one sort) or "topk"
+    (sce: topk(w, k).indices). `dtype` is the dtype the call sees (the gathered float32 values are exact in it): float32
+    for the magnitude sparsifiers (mergekit sorts w.float()), the compute dtype for sce's variances. One TieOrder
+    serves the selectors of one tensor's one input; it frees its vectors when the last of them has its answer."""
+
+    def __init__(self, call: str, numel: int, dtype: torch.dtype = torch.float32) -> None:
+        assert call in TIE_ORDER_CALLS, call
+        self.call, self.numel, self.dtype = call, numel, dtype
+        self._values: torch.Tensor | None = None  # int32 bit patterns of all numel values, by flat position
+        self._last: tuple[int, int] | None = None  # (offset, count) of the last block written
+        self._order: torch.Tensor | None = None  # the sort's permutation (sort: ascending), kept for a second selector
+        self._users: set[int] = set()
+
+    @property
+    def applies(self) -> bool:
+        return self.numel <= TIE_ORDER_LIMIT
+
+    @property
+    def nbytes(self) -> int:
+        """Working memory while the ties pass runs and the call sorts (outside the in-flight budget; see README)."""
+        return TIE_ORDER_BYTES_PER_ELEMENT * self.numel if self.applies else 0
+
+    def observe(self, user: object, bits: torch.Tensor, offset: int) -> None:
+        flat = bits.reshape(-1)
+        self._users.add(id(user))
+        if self._values is None:
+            self._values = torch.zeros(self.numel, dtype=torch.int32)
+        if self._last != (offset, flat.numel()):  # the two selectors of breadcrumbs pass the same block
+            self._values[offset : offset + flat.numel()] = flat
+            self._last = (offset, flat.numel())
+
+    def top(self, k: int) -> torch.Tensor:
+        """The positions mergekit's call puts among its k kept (unsorted)."""
+        assert self._values is not None
+        w = self._values.view(torch.float32)
+        if self.call == "argsort":
+            return torch.argsort(w, descending=True)[:k]
+        if self.call == "topk":
+            return torch.topk(w.to(self.dtype), k=k, largest=True).indices
+        if self._order is None:
+            self._order = torch.sort(w, descending=False).indices
+        return self._order[self.numel - k :]
+
+    def kept_ties(self, user: object, k: int, threshold_bits: int) -> torch.Tensor:
+        """Sorted flat positions of the values equal to the threshold that the call keeps among its top k."""
+        top = self.top(k)
+        assert self._values is not None
+        kept = torch.sort(top[self._values[top] == threshold_bits]).values
+        self._users.discard(id(user))
+        if not self._users:
+            self._values = self._order = None
+            self._last = None
+        return kept
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +145,9 @@ def _kth_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
 class KthLargest:
     """Streaming exact k-th largest of non-negative float32 values given as bit patterns (k >= 1)."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, order: TieOrder | None = None) -> None:
         self.k = k
+        self.order = order  # mergekit's tie order for a tensor up to TIE_ORDER_LIMIT elements; None: lowest positions
         self.seen = 0
         self._small: list[torch.Tensor] | None = []
         self._high: torch.Tensor | None = None
@@ -88,6 +166,7 @@ class KthLargest:
         self._above_high = 0
         self._tie_positions: list[torch.Tensor] = []
         self.cutoff: int | None = None  # tied values at flat positions below this are kept (set by end_ties)
+        self.kept_ties: torch.Tensor | None = None  # or (with an applicable order) exactly these tied positions
 
     @property
     def done(self) -> bool:
@@ -207,31 +286,68 @@ class KthLargest:
         self.greater, self.equal = self._above_high + above_low, int(self._low[low])
         self._low = self._high = None
 
-    # -- exactly k: the tied values at the lowest positions ------------------------------------------------------------
+    # -- exactly k: mergekit's tied values (TieOrder) or the tied values at the lowest positions ----------------------
     @property
     def needs_cutoff(self) -> bool:
         """Settled with more values equal to the threshold than the k-th place needs (a zero threshold never does:
         zeros contribute nothing, kept or not)."""
         return bool(self.threshold_bits) and self.greater is not None and self.greater + self.equal > self.k
 
+    @property
+    def _ordered(self) -> bool:
+        return self.order is not None and self.order.applies
+
+    @property
+    def tie_rule_set(self) -> bool:
+        return self.cutoff is not None or self.kept_ties is not None
+
     def observe_ties(self, bits: torch.Tensor, offset: int) -> None:
-        """Note the flat positions (block offset + index) of the values equal to the threshold."""
-        if self.needs_cutoff and self.cutoff is None:
-            self._tie_positions.append(torch.nonzero(bits.reshape(-1) == self.threshold_bits).reshape(-1).add_(offset))
+        """Gather the block for the tie order, or note the flat positions (block offset + index) of the values equal to
+        the threshold."""
+        if not self.needs_cutoff or self.tie_rule_set:
+            return
+        if self._ordered:
+            self.order.observe(self, bits, offset)
+            return
+        self._tie_positions.append(torch.nonzero(bits.reshape(-1) == self.threshold_bits).reshape(-1).add_(offset))
 
     def end_ties(self) -> None:
-        """cutoff = 1 + the position of the (k - greater)-th tied value in element order."""
-        if not self.needs_cutoff or self.cutoff is not None:
+        """kept_ties from the tie order; else cutoff = 1 + the position of the (k - greater)-th tied value in element
+        order."""
+        if not self.needs_cutoff or self.tie_rule_set:
+            return
+        if self._ordered:
+            self.kept_ties = self.order.kept_ties(self, self.k, self.threshold_bits)
+            assert self.kept_ties.numel() == self.k - self.greater, "the tie order kept a different count"
             return
         positions = torch.cat(self._tie_positions) if self._tie_positions else torch.zeros(0, dtype=torch.int64)
         self._tie_positions = []
         m = self.k - self.greater
         self.cutoff = int(torch.kthvalue(positions, m).values) + 1
 
+    def block_threshold(self, offset: int, n: int) -> int | None:
+        """Bits b such that the block of n values at `offset` keeps exactly |x| >= b (b = threshold + 1: only values
+        above it); None when the block keeps some tied values and drops others (use `keeps`)."""
+        assert self.threshold_bits is not None
+        if self.kept_ties is not None:
+            lo, hi = (int(i) for i in torch.searchsorted(self.kept_ties, torch.tensor([offset, offset + n])))
+            return self.threshold_bits + 1 if lo == hi else None
+        if self.cutoff is None or offset + n <= self.cutoff:
+            return self.threshold_bits
+        if offset >= self.cutoff:
+            return self.threshold_bits + 1
+        return None
+
     def keeps(self, bits: torch.Tensor, offset: int) -> torch.Tensor:
         """Which of a block's values (bit patterns, flat, starting at element `offset`) are among the k kept."""
         flat = bits.reshape(-1)
         n = flat.numel()
+        if self.kept_ties is not None:
+            kept = flat > self.threshold_bits
+            lo, hi = (int(i) for i in torch.searchsorted(self.kept_ties, torch.tensor([offset, offset + n])))
+            if hi > lo:
+                kept[self.kept_ties[lo:hi] - offset] = True
+            return kept
         if self.cutoff is None or offset + n <= self.cutoff:
             return flat >= self.threshold_bits
         if offset >= self.cutoff:

@@ -26,7 +26,7 @@ import torch
 from ...core.errors import MergeEditError
 from .ordered import ordered_sum
 from .seeded_random import derive_seed, seeded_uniform
-from .selection import KthLargest, magnitude_bits
+from .selection import KthLargest, TieOrder, magnitude_bits
 from .spec import MergeInputs, Param
 from .task_arithmetic import MaskSparsifier, density_of, l1_rescale, task_arithmetic_family, task_delta
 
@@ -138,7 +138,8 @@ class MaskStatistics:
 @dataclass(frozen=True)
 class MagnitudeBand(MaskSparsifier):
     """Keep the |delta| ranks skip+1 .. skip+keep from the top: the top skip + keep less the top skip, each exactly
-    that many (mergekit's sort positions n_bot .. n_bot + keep); tied magnitudes are ranked by position."""
+    that many (mergekit's sort positions n_bot .. n_bot + keep); tied magnitudes ranked by mergekit's sort (TieOrder),
+    above TIE_ORDER_LIMIT elements by position."""
 
     elementwise = True
     randomized = False
@@ -153,7 +154,8 @@ class MagnitudeBand(MaskSparsifier):
         for j in sparse:
             skip, keep = self.counts(inputs, j)
             if keep:
-                selectors[j] = (KthLargest(skip) if skip else None, KthLargest(skip + keep))
+                order = TieOrder("sort", inputs.numel)  # mergekit: sort(|d|).indices[n_bot : n_bot + keep], one sort for both
+                selectors[j] = (KthLargest(skip, order) if skip else None, KthLargest(skip + keep, order))
         stats = MaskStatistics(self, rescale, sparse, selectors)
         return stats if stats.passes else None
 
@@ -163,7 +165,7 @@ class MagnitudeBand(MaskSparsifier):
             return torch.zeros_like(delta, dtype=torch.bool)
         upper, lower = stats.selectors[j]
         bits = magnitude_bits(delta)
-        kept = lower.keeps(bits, inputs.offset)  # the top skip + keep entries (tied ones at the lowest positions)
+        kept = lower.keeps(bits, inputs.offset)  # the top skip + keep entries (tied ones as mergekit's sort ranks them)
         if upper is not None:
             kept &= ~upper.keeps(bits, inputs.offset)  # less the top skip
         return kept.view(delta.shape)

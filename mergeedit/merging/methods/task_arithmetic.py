@@ -19,7 +19,7 @@ import torch
 from . import fused, seeded_random
 from .ordered import ordered_sum
 from .seeded_random import derive_seed
-from .selection import KthLargest, float_of_bits, magnitude_bits
+from .selection import KthLargest, TieOrder, float_of_bits, magnitude_bits
 from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
 
 
@@ -239,18 +239,17 @@ class TopKMagnitude(MaskSparsifier):
     kernel = "magnitude"
 
     def statistics(self, inputs: MergeInputs, sparse: list[int], rescale: bool) -> DeltaStatistics:
-        selectors = {j: KthLargest(keep_count(density_of(inputs, j), inputs.numel)) for j in sparse}
+        selectors = {j: KthLargest(keep_count(density_of(inputs, j), inputs.numel), TieOrder("argsort", inputs.numel)) for j in sparse}
         return DeltaStatistics(self, rescale, sparse, ["high", "low"] + (["after"] if rescale else []), selectors)
 
     def keep(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
         return inputs.stats.selectors[j].keeps(magnitude_bits(delta), inputs.offset).view(delta.shape)
 
     def apply(self, inputs: MergeInputs, j: int, delta: torch.Tensor) -> torch.Tensor:
-        sel = inputs.stats.selectors[j]
-        if sel.cutoff is not None and inputs.offset < sel.cutoff < inputs.offset + delta.numel():
-            return delta.mul_(self.keep(inputs, j, delta))  # the block holding the last kept tie
-        bits = sel.threshold_bits + (1 if sel.cutoff is not None and inputs.offset >= sel.cutoff else 0)
-        return trim_magnitude(delta, bits)  # one hardshrink: |d| >= the threshold, or past the cutoff |d| > it
+        bits = inputs.stats.selectors[j].block_threshold(inputs.offset, delta.numel())
+        if bits is None:
+            return delta.mul_(self.keep(inputs, j, delta))  # a block keeping some tied values and not others
+        return trim_magnitude(delta, bits)  # one hardshrink: |d| >= the threshold, or (no tie kept here) |d| > it
 
 
 class DareBernoulli(MaskSparsifier):
@@ -320,9 +319,9 @@ def _merge_fused(inputs: MergeInputs, v: fused.Variant) -> Optional[torch.Tensor
     if v.sparsify == "magnitude":
         for j in range(v.inputs):
             sel = stats.selectors[j] if sparse(j) else None
-            if sel is not None and sel.cutoff is not None and inputs.offset < sel.cutoff < inputs.offset + inputs.tensors[0].numel():
-                return None  # the block holding the last kept tie: eager
-            bits = (sel.threshold_bits + (sel.cutoff is not None and inputs.offset >= sel.cutoff)) if sel is not None else 0
+            bits = sel.block_threshold(inputs.offset, inputs.tensors[0].numel()) if sel is not None else 0
+            if bits is None:
+                return None  # a block keeping some tied values and not others: eager
             if bits > 0:  # as trim_magnitude: |d| <= the float just below the threshold is dropped
                 below[j] = float_of_bits(bits - 1)
     elif v.sparsify == "mask":
