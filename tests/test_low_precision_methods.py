@@ -191,9 +191,9 @@ def test_arcee_fusion_importances_round_as_mergekit(dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW)
-def test_sce_keeps_exactly_k_with_ties_at_the_lowest_positions(dtype):
+def test_sce_keeps_exactly_k_with_ties_as_mergekits_topk(dtype):
     """Variances tied at the selection boundary (planted: equal task-vector spreads): exactly k kept, as mergekit's
-    topk keeps k; the tied ones kept are the lowest positions, the same however the tensor is cut."""
+    topk keeps k; the tied ones kept are those its topk over the whole tensor keeps, however the tensor is cut."""
     n = 64
     base = torch.zeros(n, dtype=dtype)
     spread = torch.where(torch.arange(n) < 16, 2.0, 1.0)
@@ -214,4 +214,7 @@ def test_sce_keeps_exactly_k_with_ties_at_the_lowest_positions(dtype):
             p += 1
         kept = torch.cat([stats.apply_selection(torch.stack([blk.tensors[1], blk.tensors[2]]), blk.offset)[0] != 0 for blk in blocks])
         assert stats.ties_pass and int(kept.sum()) == 32, cuts
-        assert kept[:32].all() and not kept[32:].any(), cuts
+        var = torch.var(torch.stack([a - base, b - base]), dim=0, unbiased=False)  # mergekit's sce_mask
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[torch.topk(var.abs().view(-1), k=32, largest=True).indices] = True
+        assert kept[:16].all() and not kept[40:].any() and torch.equal(kept, expected), cuts

@@ -437,14 +437,17 @@ def test_ties_kept_count_equals_k_without_ties():
         assert int((out != 0).sum()) == max(1, int(density * n))
 
 
-def test_ties_keeps_exactly_k_taking_tied_magnitudes_in_element_order():
+def test_ties_keeps_exactly_k_taking_the_tied_magnitudes_mergekits_argsort_takes():
     """k = 3 of |3, -2, 2, -2, 1, 0.5|: 3 and two of the three 2s. As mergekit, exactly k are kept; of the tied
-    entries, those at the lowest positions (mergekit's argsort picks an arbitrary subset). Cut anywhere, the same."""
+    entries, those mergekit's argsort(|x|, descending=True)[:k] takes (selection.TieOrder). Cut anywhere, the same."""
     base = torch.zeros(6)
     x = T(3, -2, 2, -2, 1, 0.5)
     pi = _per_input(2, 0, weight=[None, 1.0], density=[None, 0.5])  # k = 3, 3rd magnitude = 2
     out = run_whole(TIES, [base, x], 0, _shared(TIES), pi)
-    assert torch.equal(out, T(3, -2, 2, 0, 0, 0))
+    keep = torch.zeros(6, dtype=torch.bool)
+    keep[torch.argsort(x.abs(), descending=True)[:3]] = True
+    assert int(keep[1:4].sum()) == 2  # the precondition: two of the three tied 2s
+    assert torch.equal(out, x * keep)
     for cuts in ([1], [2], [3], [1, 2, 4]):
         assert torch.equal(run_blocked(TIES, [base, x], 0, _shared(TIES), pi, cuts), out), cuts
 
@@ -454,7 +457,7 @@ def test_ties_keeps_exactly_k_taking_tied_magnitudes_in_element_order():
 def test_ties_exact_k_on_a_large_tie_group(dtype, rescale):
     """200k entries (past the direct-selection size, so the radix or band passes settle the threshold) whose
     magnitudes take only 64 values: the k-th place falls inside a group of ~3000 equal magnitudes. Exactly k entries
-    survive, those of the threshold magnitude at the lowest positions, the same whole and cut at odd places; the
+    survive, those of the threshold magnitude that mergekit's argsort keeps, the same whole and cut at odd places; the
     rescale factor is original / kept L1 norm of exactly those k."""
     g = torch.Generator().manual_seed(3)
     n, density = 200_000, 0.37
@@ -466,9 +469,8 @@ def test_ties_exact_k_on_a_large_tie_group(dtype, rescale):
     thr = mags.sort(descending=True).values[k - 1]
     greater, equal = int((mags > thr).sum()), int((mags == thr).sum())
     assert greater < k < greater + equal and equal > 1000  # the precondition: a big tie group straddles k
-    tied = torch.nonzero(mags == thr).reshape(-1)
-    keep = (mags > thr).clone()
-    keep[tied[: k - greater]] = True
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.argsort(mags, descending=True)[:k]] = True  # mergekit's magnitude()
     pi = _per_input(2, 0, weight=[None, 1.0], density=[None, density])
     shared = {**_shared(TIES), "rescale": rescale, "normalize": False}
     out = run_whole(TIES, [base, x], 0, shared, pi)

@@ -477,8 +477,8 @@ models:
 def test_breadcrumbs_keep_exactly_their_counts_through_tie_groups(dtype):
     """200k entries whose magnitudes take 64 values, so both boundaries (the gamma outliers dropped from the top, then
     `density` kept) fall inside big groups of equal magnitudes. As mergekit, exactly int(gamma * n) are dropped from
-    the top and int(density * n) kept after them; tied magnitudes rank by position (a stable descending sort), the
-    same whole and cut at odd places."""
+    the top and int(density * n) kept after them; tied magnitudes rank as mergekit's ascending sort ranks them
+    (sort(|x|).indices[n_bot : n_bot + keep]), the same whole and cut at odd places."""
     g = torch.Generator().manual_seed(4)
     n, density, gamma = 200_000, 0.4, 0.05
     levels = torch.randint(1, 65, (n,), generator=g).to(torch.float32) / 64
@@ -489,8 +489,9 @@ def test_breadcrumbs_keep_exactly_their_counts_through_tie_groups(dtype):
     skip, keep = int(gamma * n), int(density * n)
     ranked = mags[order]
     assert ranked[skip - 1] == ranked[skip] and ranked[skip + keep - 1] == ranked[skip + keep]  # precondition: ties at both
+    n_bot = n - skip - keep
     expected = torch.zeros(n, dtype=torch.bool)
-    expected[order[skip : skip + keep]] = True
+    expected[torch.sort(mags).indices[n_bot : n_bot + keep]] = True  # mergekit's magnitude_outliers
     pi = per_input_params(2, 0, weight=[None, 1.0], density=[None, density], gamma=[None, gamma])
     shared = shared_params(BREADCRUMBS)
     out = run_whole(BREADCRUMBS, [base, x], 0, shared, pi)
