@@ -128,6 +128,7 @@ def merge(
         _partitioned(config, plan, out_dir, options, part, assemble, ray, workers, dry_run, keep_intermediates is not None)
         return
     est = estimate(plan, options)
+    _note_tie_order_memory(est, options)
     if dry_run:
         _print_dry_run(plan, est, options, out_dir, keep_intermediates)
         return
@@ -199,6 +200,18 @@ def _partitioned(
     )
 
 
+def _note_tie_order_memory(est, options) -> None:
+    """One line when mergekit's tie order (ties/breadcrumbs/sce, tensors up to 2^27 elements) may need more memory
+    than --memory-budget: it is held outside the budget, so the bytes stay the same under any budget."""
+    if est.selection_bytes > options.memory_budget:
+        console.print(
+            f"[yellow]note:[/] where magnitudes tie at a top-k boundary, reproducing mergekit's tie order takes up to "
+            f"{format_size(est.selection_bytes)} for the largest tensor, outside --memory-budget "
+            f"{format_size(options.memory_budget)} (the output bytes do not depend on the budget)",
+            highlight=False, soft_wrap=True,
+        )
+
+
 def _print_dry_run(plan, est, options, out_dir: Path, keep_dir: Optional[Path]) -> None:
     """--dry-run: every output tensor with its inputs and row chunks, then the work and memory estimate."""
     from .core.memory import current_rss
@@ -216,6 +229,8 @@ def _print_dry_run(plan, est, options, out_dir: Path, keep_dir: Optional[Path]) 
         f"memory: budget {format_size(options.memory_budget)}, estimated peak {format_size(current_rss() + est.peak_in_flight)} "
         f"(process {format_size(current_rss())} + in flight {format_size(est.peak_in_flight)}); {est.chunked_tensors} tensor(s) in row chunks"
     )
+    if est.selection_bytes:
+        out.print(f"tie order: up to {format_size(est.selection_bytes)} more, outside the budget, only where magnitudes tie at a top-k boundary")
     _print_merge_graph(plan, out_dir, keep_dir)
 
 

@@ -140,3 +140,31 @@ def test_tie_order_working_memory_is_declared():
     order = selection.TieOrder("argsort", 1000)
     assert order.applies and order.nbytes == 1000 * selection.TIE_ORDER_BYTES_PER_ELEMENT
     assert selection.TieOrder("sort", selection.TIE_ORDER_LIMIT + 1).nbytes == 0  # above the limit: positions only
+
+
+def test_dry_run_and_merge_report_the_tie_order_memory_outside_the_budget(tmp_path, models, run_cli):
+    """The estimate counts the tie order's working memory (16 bytes an element of the largest tensor, per sparsified
+    model); a budget below it gets one note line, and the merge still runs (the bytes do not depend on the budget:
+    tests/test_split_invariance.py)."""
+    from conftest import write_config
+
+    from mergeedit.merging.merge import MergeOptions, estimate, load_plan
+
+    cfg = write_config(tmp_path, f"""merge_method: ties
+base_model: {models['base']}
+models:
+  - model: {models['a']}
+    parameters: {{weight: 0.6, density: 0.4}}
+  - model: {models['b']}
+    parameters: {{weight: 0.4, density: 0.6}}
+parameters: {{int8_mask: true, normalize: false}}
+dtype: bfloat16
+""")
+    plan = load_plan(cfg, MergeOptions(memory_budget=10_000))
+    largest = max(t.numel for t in plan.tensors)
+    assert estimate(plan, MergeOptions(memory_budget=10_000)).selection_bytes == 2 * 16 * largest
+    dry = run_cli("merge", cfg, tmp_path / "out", "--memory-budget", "10K", "--dry-run")
+    assert dry.code == 0 and "tie order: up to" in dry.stdout
+    assert sum("outside --memory-budget" in line for line in (dry.stdout + dry.stderr).splitlines()) == 1
+    roomy = run_cli("merge", cfg, tmp_path / "out", "--memory-budget", "1G", "--dry-run")
+    assert "outside --memory-budget" not in roomy.stdout + roomy.stderr

@@ -14,6 +14,7 @@ from ..io.output_dir import GENERATION_FILES, TOKENIZER_FILES, AtomicOutputDir, 
 from ..io.resume import Journal, find_resumable, fingerprint, verified_prefix
 from ..io.shard_writer import OutputEntry, Shard, ShardWriter, layout_shards, stage_size
 from .chat_templates import write_chat_template
+from .chunks import build_statistics
 from .config import load_merge_config
 from .executor import ExecutionReport, Executor, ProgressCallback
 from .graph import every_merge, input_folders, is_merge_graph, plan_merge_graph
@@ -67,6 +68,9 @@ class PlanEstimate:
     shards: int
     peak_in_flight: int
     chunks: list[int]  # per planned tensor: 1 = whole, more = row chunks
+    # the most working memory one tensor's statistics may hold outside the budget (mergekit's tie order, used only
+    # where magnitudes tie at a top-k boundary: selection.TieOrder); 0 when no tensor can need it
+    selection_bytes: int = 0
 
     @property
     def chunked_tensors(self) -> int:
@@ -93,6 +97,7 @@ def estimate(plan: MergePlan, options: MergeOptions) -> PlanEstimate:
         shards=len(layout_shards(output_entries(plan), options.out_shard_size)),
         peak_in_flight=max(min(sum(largest), options.memory_budget), largest[0] if largest else 0),
         chunks=[len(s.chunks) for s in schedules],
+        selection_bytes=max((getattr(build_statistics(t), "selection_bytes", 0) for t in plan.tensors), default=0),
     )
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .lowp import is_low_precision
 from .ordered import ordered_sum
-from .selection import KthLargest, TieOrder, magnitude_bits
+from .selection import KthLargest, TieOrder, magnitude_bits, tie_order_bytes
 from .spec import MergeInputs, MergeMethod, Param
 
 WEIGHT_SUM_EPS = 1e-6  # below this sum of mean squares the models are weighted equally
@@ -77,6 +77,10 @@ class SceStatistics:
         self.keep_none = self.topk <= 0
         self.passes = 3 if self.select else 1
         self.sum_squares = [0.0] * self.models
+
+    @property
+    def selection_bytes(self) -> int:
+        return tie_order_bytes([self.select])
 
     def observe(self, pass_index: int, block: MergeInputs) -> None:
         if self.keep_none:  # nothing survives the selection: every sum of squares stays 0, so skip the work

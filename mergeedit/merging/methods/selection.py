@@ -107,6 +107,13 @@ class TieOrder:
         return kept
 
 
+def tie_order_bytes(selectors) -> int:
+    """Upper bound of the memory the selectors' tie orders may hold at once, outside the in-flight budget (each
+    distinct order counted once; breadcrumbs' two selectors share one)."""
+    orders = {id(s.order): s.order for s in selectors if s is not None and s.order is not None}
+    return sum(o.nbytes for o in orders.values())
+
+
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     """int32 bit patterns of |x| as float32, ordered like the magnitudes."""
     return x.abs().to(torch.float32).contiguous().view(torch.int32)

@@ -26,7 +26,7 @@ import torch
 from ...core.errors import MergeEditError
 from .ordered import ordered_sum
 from .seeded_random import derive_seed, seeded_uniform
-from .selection import KthLargest, TieOrder, magnitude_bits
+from .selection import KthLargest, TieOrder, magnitude_bits, tie_order_bytes
 from .spec import MergeInputs, Param
 from .task_arithmetic import MaskSparsifier, density_of, l1_rescale, task_arithmetic_family, task_delta
 
@@ -94,6 +94,10 @@ class MaskStatistics:
     @property
     def passes(self) -> int:
         return len(self.phases)
+
+    @property
+    def selection_bytes(self) -> int:
+        return tie_order_bytes(self._selectors())
 
     def _selectors(self):
         return [s for sels in self.selectors.values() for s in sels if s is not None]

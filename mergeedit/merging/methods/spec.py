@@ -92,7 +92,9 @@ class TensorStatistics(Protocol):
 
     `passes` may change as the statistic learns: the executor schedules reads for the value it has when built and
     reads it again after every pass. An optional `prepare(sample: MergeInputs)` is called with a strided sample of
-    the tensor before the first pass (a TIES threshold aims a narrow band with it)."""
+    the tensor before the first pass (a TIES threshold aims a narrow band with it). An optional `selection_bytes`
+    bounds the working memory the statistic may hold outside the in-flight budget (mergekit's tie order: see
+    selection.TieOrder); the plan estimate reports the largest."""
 
     passes: int
 

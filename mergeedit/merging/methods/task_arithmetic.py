@@ -19,7 +19,7 @@ import torch
 from . import fused, seeded_random
 from .ordered import ordered_sum
 from .seeded_random import derive_seed
-from .selection import KthLargest, TieOrder, float_of_bits, magnitude_bits
+from .selection import KthLargest, TieOrder, float_of_bits, magnitude_bits, tie_order_bytes
 from .spec import MergeInputs, MergeMethod, Param, TensorStatistics
 
 
@@ -144,6 +144,10 @@ class DeltaStatistics:
     @property
     def passes(self) -> int:
         return len(self.phases)
+
+    @property
+    def selection_bytes(self) -> int:
+        return tie_order_bytes(self.selectors.values())
 
     def prepare(self, sample: MergeInputs) -> None:
         """Aim each selector's band from a strided sample of the tensor."""
