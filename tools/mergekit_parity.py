@@ -18,10 +18,11 @@ Verdicts:
               reproducible for a fixed seed; the mean |out - base| is reported for both tools as an extra sanity note.
   TIE         (not a failure unless --strict-ties) a deterministic config whose every out-of-tolerance element is
               explained by an exact tie (in the case's dtype) at a top-k boundary: ties/breadcrumbs magnitudes (both
-              tools keep exactly k; mergeedit the tied entries at the lowest positions, mergekit those torch's
-              unstable, whole-tensor-dependent argsort puts first), or sce's variance selection (a tensor whose k-th
-              largest variance is tied across the boundary: its kept set, so its weights, differ; other tensors must
-              match).
+              tools keep exactly k; mergeedit reproduces mergekit's choice among the tied entries, the one torch's
+              whole-tensor argsort/sort makes, for tensors up to 2^27 elements and keeps the lowest positions above
+              that, so TIE can only appear there), or sce's variance selection (likewise with torch.topk: a tensor
+              whose k-th largest variance is tied across the boundary; its kept set, so its weights, differ; other
+              tensors must match).
 Extra checks per config: same tensor names, shapes, dtypes in both outputs; `num_hidden_layers` of both config.json
 files equals the expected count; expected absence of `lm_head.weight` for tied embeddings.
 
@@ -513,8 +514,9 @@ class SceTieExplainer:
 
     Both tools keep exactly k = int(select_topk * count(var != 0)) positions of largest variance across the task
     vectors (the variance computed in the case's dtype, as both compute it). When the k-th largest variance is tied
-    across the boundary (count(>) < k < count(>=)), mergeedit keeps the tied positions lowest in the tensor,
-    mergekit's torch.topk a subset its partial sort picks; the kept entries then differ and so do the per-model
+    across the boundary (count(>) < k < count(>=)), mergekit's torch.topk keeps a subset its partial sort picks;
+    mergeedit makes the same topk call up to 2^27 elements (selection.TieOrder), keeps the tied positions lowest in
+    the tensor above that; where the kept entries differ, so do the per-model
     weights (mean square of each selected task vector), which every element of that tensor is scaled by. So every
     differing element of such a tensor counts as explained; a tensor without a straddling tie must match.
     """
