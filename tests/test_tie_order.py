@@ -168,3 +168,28 @@ dtype: bfloat16
     assert sum("outside --memory-budget" in line for line in (dry.stdout + dry.stderr).splitlines()) == 1
     roomy = run_cli("merge", cfg, tmp_path / "out", "--memory-budget", "1G", "--dry-run")
     assert "outside --memory-budget" not in roomy.stdout + roomy.stderr
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "sce"])
+def test_merge_bytes_with_the_tie_order_do_not_depend_on_budget_or_threads(method, models, tmp_path, monkeypatch):
+    """End to end in bfloat16 (ties at the boundary by the dozen): whole tensors with 1 thread, row chunks at two
+    budgets with 2 and 1 threads, the same bytes; the precondition, that the tie order decided kept entries in every
+    run, is asserted."""
+    from conftest import write_config
+    from test_split_invariance import CONFIGS, _merge
+
+    calls = []
+    kept_ties = selection.TieOrder.kept_ties
+    monkeypatch.setattr(selection.TieOrder, "kept_ties", lambda self, *a: calls.append(self.call) or kept_ties(self, *a))
+    head, tail = CONFIGS[method]
+    text = f"merge_method: {method}\n{head}{tail}dtype: bfloat16\n"
+    for key in ("base", "a", "b", "c"):
+        text = text.replace(f"@{key}\n", f"{models[key]}\n")
+    cfg = write_config(tmp_path, text)
+    outputs = []
+    for i, (budget, threads) in enumerate([(1 << 30, 1), (9_000, 2), (5_000, 1)]):
+        calls.clear()
+        cuts, files = _merge(cfg, tmp_path / f"out{i}", budget, None, threads, monkeypatch)
+        assert bool(cuts) == (i > 0) and calls and set(calls) == {"topk" if method == "sce" else "argsort" if method == "ties" else "sort"}
+        outputs.append(files)
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
