@@ -119,14 +119,14 @@ def test_compute_dtype_follows_mergekit_and_float32_compute_opts_out(tmp_path, m
 
 def _reference_ties(base, xs, weights, densities, dtype, normalize):
     """TIES as mergekit defines it, written plainly with torch ops in `dtype` on whole tensors: delta, top-k magnitude
-    (exactly k; tied magnitudes by position: a stable descending sort), a weight tensor of the dtype, the sign of the
-    sum over models, the agreeing sum, the agreeing weights' sum, base + delta."""
+    (exactly k; tied magnitudes as mergekit's argsort(w.float(), descending=True)[:k] takes them), a weight tensor of
+    the dtype, the sign of the sum over models, the agreeing sum, the agreeing weights' sum, base + delta."""
     base = base.to(dtype)
     deltas = []
     for x, density in zip(xs, densities):
         d = x.to(dtype) - base
         k = max(1, int(density * d.numel()))
-        order = torch.sort(d.abs().reshape(-1).float(), descending=True, stable=True).indices[:k]
+        order = torch.argsort(d.abs().reshape(-1).float(), descending=True)[:k]
         mask = torch.zeros(d.numel(), dtype=dtype)
         mask[order] = 1
         deltas.append(d * mask.view(d.shape))
