@@ -13,8 +13,9 @@ width and the threads. So a reduction here adds the exact float32 values of its 
 dtype, as torch rounds its float32 total. The two totals differ only by torch's float32 accumulation error, so the
 rounded results differ only when a total falls within that error of a bfloat16/float16 rounding boundary (in
 tools/mergekit_parity.py's configs: never, for the reductions rounded to the dtype). Where they differ, mergekit's
-own value is the less accurate one. (karcher's norms stay float32 in mergekit; there the float32 rounding of our
-exact total can sit a few float32 ulp from torch's: see README "Where we differ".)
+own value is the less accurate one. karcher's norms stay float32 in mergekit (torch.linalg.norm of the tensor cast to
+float32), so there a float32 ulp shows: those passes (`torch_norm_passes`) add the squares in torch's own order
+instead (methods/norm_order.py), bit for bit.
 
 `StagedSums` streams those reductions: pass p sums, per vector group (the whole tensor, or each row/column), the terms
 `stages[p]` computes from a block and the numbers finished after earlier passes; `after[p]` turns the rounded totals
@@ -23,12 +24,14 @@ into the numbers the next pass (or the merge) needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
 from .gram import Grouping, group_count, group_ids
+from .norm_order import NormSquares
 from .ordered import ordered_sum
 from .spec import MergeInputs
 
@@ -68,14 +71,18 @@ class StagedSums:
 
     stages[p](block, self) returns the terms to sum in pass p (each with the block's elements, any dtype);
     after[p](self, totals) gets their float64 totals [len(terms), groups] when pass p ends. Attributes the `after`
-    functions set are what later stages and the merge read."""
+    functions set are what later stages and the merge read. A pass in `torch_norm_passes` (whole-tensor grouping
+    only) gets exact float32 squares as its terms and sums them as torch.linalg.norm of a float32 tensor does: its
+    totals are those float32 sums of squares (before the sqrt)."""
 
     shape: tuple[int, ...]
     grouping: Grouping
     stages: list[Stage]
     after: list[Callable[[Any, torch.Tensor], None]]
+    torch_norm_passes: set[int] = field(default_factory=set)
     passes: int = field(init=False)
     _totals: Optional[torch.Tensor] = field(init=False, default=None)
+    _norms: Optional[list[NormSquares]] = field(init=False, default=None)
     values: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,6 +97,12 @@ class StagedSums:
 
     def observe(self, pass_index: int, block: MergeInputs) -> None:
         terms = self.stages[pass_index](block, self)
+        if pass_index in self.torch_norm_passes:
+            if self._norms is None:
+                self._norms = [NormSquares(math.prod(self.shape)) for _ in terms]
+            for norm, term in zip(self._norms, terms):
+                norm.add(term, block.offset)
+            return
         if self._totals is None:
             self._totals = torch.zeros(len(terms), group_count(self.shape, self.grouping), dtype=torch.float64)
         ids = self.ids(block)
@@ -103,6 +116,9 @@ class StagedSums:
     def end_pass(self, pass_index: int) -> None:
         totals = self._totals
         self._totals = None
+        if self._norms is not None:
+            totals = torch.stack([n.total() for n in self._norms]).to(torch.float64).unsqueeze(1)
+            self._norms = None
         if totals is None:  # an empty tensor
             totals = torch.zeros(0, group_count(self.shape, self.grouping), dtype=torch.float64)
         self.after[pass_index](self, totals)

@@ -22,6 +22,7 @@ import torch
 from ...core.errors import MergeEditError
 from .gram import GramStatistics, Grouping, Mix, apply_mix
 from .lowp import StagedSums, float32_sum, is_low_precision, round_norm, round_total
+from .norm_order import sqrt32
 from .spec import MergeInputs, MergeMethod, Param
 
 
@@ -508,7 +509,7 @@ def _karcher_low_precision_statistics(inputs: MergeInputs) -> StagedSums:
         return mean, None, None
 
     def float32_norm(totals: torch.Tensor) -> torch.Tensor:
-        return totals.to(torch.float32).sqrt()  # torch.linalg.vector_norm of a float32 tensor
+        return sqrt32(totals.to(torch.float32))  # torch.linalg.norm of a float32 tensor (a torch_norm_passes total)
 
     def input_squares(block: MergeInputs, stats: StagedSums) -> list[torch.Tensor]:
         return [x.to(torch.float32).square() for x in block.tensors]
@@ -571,9 +572,11 @@ def _karcher_low_precision_statistics(inputs: MergeInputs) -> StagedSums:
             return torch.zeros_like(block.tensors[0])
         return v["scale"] * walk(block)[0]
 
-    stats = StagedSums(inputs.shape, "tensor", [input_squares], [norms_done])
+    stats = StagedSums(inputs.shape, "tensor", [input_squares], [norms_done], torch_norm_passes={0})
 
     def add(stage, after) -> None:
+        if stage is not dot_terms:  # every other pass is a float32 norm (torch's order); the dots are rounded
+            stats.torch_norm_passes.add(len(stats.stages))
         stats.stages.append(stage)
         stats.after.append(after)
         stats.passes = len(stats.stages)
