@@ -1,7 +1,7 @@
 """bfloat16/float16 compute as mergekit's for nuslerp, multislerp, karcher, model_stock, arcee_fusion and sce's
 variance (methods/lowp.py): each method, streamed in blocks, gives the bits of a plain whole-tensor reference written
 from mergekit's op order in the dtype, where every reduction is the exact total rounded as torch rounds its float32
-total. The first test pins that reduction rule to torch's own on planted values whose float32 sums are exact, so it
+total (karcher's float32 norms, never rounded to the dtype, follow torch's own order instead). The first test pins that reduction rule to torch's own on planted values whose float32 sums are exact, so it
 holds on any processor. Each reference case also asserts its precondition: computing in float32 and rounding once
 gives other bits, so rounding where mergekit rounds is what the comparison checks."""
 
@@ -13,6 +13,7 @@ from method_harness import per_input_params, run_blocked, run_whole, shared_para
 
 from mergeedit.merging.methods import METHODS, MergeInputs
 from mergeedit.merging.methods.lowp import float32_sum, round_norm, round_total
+from mergeedit.merging.methods.norm_order import torch_norm
 from mergeedit.merging.methods.sce import variance_bits
 from mergeedit.merging.methods.softmax import torch_softmax
 
@@ -38,10 +39,10 @@ def _models(dtype, n=3, shape=(32, 64), seed=0):
     return [base.to(dtype)] + [(base + torch.randn(shape, generator=g) * 0.01 * (i + 1)).to(dtype) for i in range(n)]
 
 
-def _check(method, tensors, base, shared, per_input, reference, dtype):
-    """Whole and blocked runs equal the reference bit for bit; the float32-once result differs (the precondition)."""
+def _check(method, tensors, base, shared, per_input, reference, dtype, row_cuts=((), (64, 640), (1024,))):
+    """Whole and blocked runs equal the reference bit for bit; the float32-once result differs (the precondition).
+    row_cuts: block boundaries at whole rows, for a method that is not elementwise."""
     m = METHODS[method]
-    row_cuts = [[], [64, 640], [1024]]  # whole rows for a method that is not elementwise
     for cuts in CUTS if m.elementwise else row_cuts:
         got = run_blocked(m, tensors, base, shared, per_input, cuts) if cuts else run_whole(m, tensors, base, shared, per_input)
         assert got.dtype == reference.dtype or method == "arcee_fusion"
@@ -137,17 +138,22 @@ def test_model_stock_rounds_as_mergekit(dtype, filter_wise):
 
 
 @pytest.mark.parametrize("dtype", LOW)
-def test_karcher_rounds_as_mergekit(dtype):
-    """mergekit's loop: float32 norms (here of the exact sums), units and every update rounded to the dtype."""
-    tensors = _models(dtype, 2)
+@pytest.mark.parametrize("shape", [(32, 64), (29, 61)])
+def test_karcher_rounds_as_mergekit(dtype, shape):
+    """mergekit's loop: float32 norms (torch.linalg.norm of a float32 tensor, in torch's order: torch_norm, pinned to
+    torch in tests/test_norm_order.py), units and every update rounded to the dtype. Rows of 61 put the block
+    boundaries off torch's 8-element lanes, so the streamed norms carry the lanes across blocks."""
+    tensors = _models(dtype, 2, shape)
     shared = shared_params(METHODS["karcher"])
     tol, alphas = shared["tol"], [1 / 3] * 3
-    norms = [x.to(torch.float64).square().sum().to(torch.float32).sqrt() for x in tensors]
+    norms = [torch_norm(x) for x in tensors]
+    exact = [x.to(torch.float64).square().sum().sqrt().to(torch.float32) for x in tensors]
+    assert any(n != e for n, e in zip(norms, exact))  # torch's order is not the correctly rounded norm here
     units = [(x / n).to(dtype) for x, n in zip(tensors, norms)]
     mean = torch.zeros_like(units[0])
     for u in units:
         mean += (1 / 3) * u
-    mean = (mean / mean.to(torch.float64).square().sum().to(torch.float32).sqrt()).to(dtype)
+    mean = (mean / torch_norm(mean)).to(dtype)
     iterations = 0
     for _ in range(int(shared["max_iter"])):
         tangent = torch.zeros_like(mean)
@@ -157,15 +163,16 @@ def test_karcher_rounds_as_mergekit(dtype):
             if theta.item() < tol:
                 continue
             tangent += (1 / 3) * (theta / torch.sin(theta)) * (u - dot * mean)
-        tn = tangent.to(torch.float64).square().sum().to(torch.float32).sqrt()
+        tn = torch_norm(tangent)
         if tn.item() < tol:
             break
         iterations += 1
         mean = (torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)).to(dtype)
-        mean = (mean / mean.to(torch.float64).square().sum().to(torch.float32).sqrt()).to(dtype)
+        mean = (mean / torch_norm(mean)).to(dtype)
     assert iterations >= 2  # the streamed passes replay several updates
     reference = sum(a * n for a, n in zip(alphas, norms)) * mean
-    _check("karcher", tensors, None, shared, [{} for _ in range(3)], reference, dtype)
+    row = shape[1]
+    _check("karcher", tensors, None, shared, [{} for _ in range(3)], reference, dtype, ((), (row, 10 * row), (16 * row,)))
 
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:
