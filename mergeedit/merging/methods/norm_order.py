@@ -23,6 +23,19 @@ import torch
 LANES = 8  # float32 lanes of the accumulator torch's vector norm uses on x86 (AVX-512, AVX2 and default builds)
 
 
+_PATTERN = torch.zeros(0, dtype=torch.int64)  # 0, 1, ..., 7, 0, 1, ...: lane ids, sliced (not rebuilt) per block
+
+
+def _lane_ids(phase: int, n: int) -> torch.Tensor:
+    """The lanes of n consecutive elements, the first in lane `phase`."""
+    global _PATTERN
+    pattern = _PATTERN  # one read: another thread may replace the cache meanwhile, never mutate it
+    if pattern.numel() < phase + n:
+        pattern = torch.arange(max(phase + n, 2 * pattern.numel()), dtype=torch.int64).remainder_(LANES)
+        _PATTERN = pattern
+    return pattern[phase : phase + n]
+
+
 class NormSquares:
     """The float32 sum of squares torch.linalg.norm takes the sqrt of, fed block by block in flat element order.
 
@@ -39,8 +52,7 @@ class NormSquares:
         flat = squares.reshape(-1).to(torch.float32)
         head = max(0, min(flat.numel(), self.full - offset))
         if head:
-            ids = torch.arange(offset, offset + head, dtype=torch.int64).remainder_(LANES)
-            self.lanes.index_add_(0, ids, flat[:head])
+            self.lanes.index_add_(0, _lane_ids(offset % LANES, head), flat[:head])
         if head < flat.numel():
             self.tail.append(flat[head:].clone())
 
