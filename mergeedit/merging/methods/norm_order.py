@@ -4,7 +4,7 @@ mergekit's karcher takes torch.linalg.norm(t.float()) of whole tensors. On the C
 contiguous float32 tensor reduced to one number in norm_kernel_tensor_iterator_impl's `is_reduce_lastdim` path
 (aten/src/ATen/native/cpu/ReduceOpsKernel.cpp): one Vectorized<float> accumulator, `acc += x * x` vector by vector over
 the first n - n % LANES elements (flat element order), the lanes stored and folded left to right (lane 0 + lane 1 +
-... + lane 7), then the last n % LANES squares added one at a time, then a float32 sqrt. The reduction has a single
+... + lane 7), then the last n % LANES squares added one at a time, then std::sqrt (sqrt32). The reduction has a single
 output, so binary_kernel_reduce_lastdim runs it on one thread. LANES is 8 on every x86 build: measured on an AVX-512
 CPU, torch.linalg.norm gives the 8-lane bits with ATEN_CPU_CAPABILITY=avx512, avx2 and default, 1 and 2 threads, 1-D and
 2-D (tests/test_norm_order.py checks the avx512 case against torch; the bits depend only on the tensor's length).
