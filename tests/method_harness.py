@@ -91,6 +91,24 @@ def run_blocked(method: MergeMethod, tensors, base, shared, per_input, cuts, see
     return torch.cat(pieces).reshape(tensors[0].shape)
 
 
+def observed_statistics(method: MergeMethod, tensors, shared, cuts, dtype):
+    """(blocks, statistics) for 1-D tensors (the base first) cut at the flat positions `cuts`, every statistics pass
+    streamed over the blocks (the pass count is re-read after each pass: a method may add one); for tests that inspect
+    the statistics object itself."""
+    n = tensors[0].numel()
+    per_input = [{} for _ in tensors]
+    bounds = [0, *cuts, n]
+    blocks = [MergeInputs("t", [x[s:e] for x in tensors], 0, shared, per_input, s, n, shape=(n,), dtype=dtype) for s, e in zip(bounds[:-1], bounds[1:])]
+    stats = method.statistics(MergeInputs("t", [None] * len(tensors), 0, shared, per_input, 0, n, shape=(n,), dtype=dtype))
+    p = 0
+    while p < stats.passes:
+        for block in blocks:
+            stats.observe(p, block)
+        stats.end_pass(p)
+        p += 1
+    return blocks, stats
+
+
 def T(*values, dtype=torch.float32) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_harness import per_input_params, run_blocked, run_whole, shared_params
+from method_harness import observed_statistics, per_input_params, run_blocked, run_whole, shared_params
 
-from mergeedit.merging.methods import METHODS, MergeInputs
+from mergeedit.merging.methods import METHODS
 from mergeedit.merging.methods.lowp import float32_sum, round_norm, round_total
 from mergeedit.merging.methods.norm_order import torch_norm
 from mergeedit.merging.methods.sce import variance_bits
@@ -209,16 +209,7 @@ def test_sce_keeps_exactly_k_with_ties_as_mergekits_topk(dtype):
     m = METHODS["sce"]
     shared = shared_params(m, select_topk=0.5)  # k = 32 of 64 nonzero variances: 16 above, 16 of the 24 tied
     for cuts in ([], [7, 20, 33], [30]):
-        bounds = [0, *cuts, n]
-        blocks = [MergeInputs("t", [x[s:e] for x in (base, a, b)], 0, shared, [{}, {}, {}], s, n, shape=(n,), dtype=dtype)
-                  for s, e in zip(bounds[:-1], bounds[1:])]
-        stats = m.statistics(MergeInputs("t", [None] * 3, 0, shared, [{}, {}, {}], 0, n, shape=(n,), dtype=dtype))
-        p = 0
-        while p < stats.passes:
-            for block in blocks:
-                stats.observe(p, block)
-            stats.end_pass(p)
-            p += 1
+        blocks, stats = observed_statistics(m, [base, a, b], shared, cuts, dtype)
         kept = torch.cat([stats.apply_selection(torch.stack([blk.tensors[1], blk.tensors[2]]), blk.offset)[0] != 0 for blk in blocks])
         assert stats.ties_pass and int(kept.sum()) == 32, cuts
         var = torch.var(torch.stack([a - base, b - base]), dim=0, unbiased=False)  # mergekit's sce_mask

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_harness import per_input_params, run_blocked, run_whole, shared_params
+from method_harness import observed_statistics, per_input_params, run_blocked, run_whole, shared_params
 
-from mergeedit.merging.methods import METHODS, MergeInputs, selection
+from mergeedit.merging.methods import METHODS, selection
 from mergeedit.merging.methods.sparsify import breadcrumb_counts
 
 N = 200_000  # past the direct-selection size: the band or radix passes settle the threshold
@@ -87,16 +87,7 @@ def _sce_kept(dtype: torch.dtype, cuts: list[int], n: int = N) -> torch.Tensor:
     a, b = base + spread, base - spread  # variance = spread^2: 32 levels, each tied ~6000 times
     m = METHODS["sce"]
     shared = shared_params(m, select_topk=0.3)
-    bounds = [0, *cuts, n]
-    blocks = [MergeInputs("t", [t[s:e] for t in (base, a, b)], 0, shared, [{}, {}, {}], s, n, shape=(n,), dtype=dtype)
-              for s, e in zip(bounds[:-1], bounds[1:])]
-    stats = m.statistics(MergeInputs("t", [None] * 3, 0, shared, [{}, {}, {}], 0, n, shape=(n,), dtype=dtype))
-    p = 0
-    while p < stats.passes:
-        for block in blocks:
-            stats.observe(p, block)
-        stats.end_pass(p)
-        p += 1
+    blocks, stats = observed_statistics(m, [base, a, b], shared, cuts, dtype)
     assert stats.ties_pass  # the precondition: the k-th largest variance is tied across the boundary
     kept = torch.cat([stats.apply_selection(torch.stack([blk.tensors[1], blk.tensors[2]]), blk.offset)[0] != 0 for blk in blocks])
     # mergekit's sce_mask, written out: population variance in the dtype, k = int(nonzero * select_topk), topk
