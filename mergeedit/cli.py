@@ -455,6 +455,10 @@ def run(
             spent[part] = spent.get(part, 0.0) + seconds
     if spent:
         out.print("training time: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in spent.items()))
+    if result.train_reports:
+        steps = sum(r.get("steps", 0) for r in result.train_reports)
+        sat = sum(sum(r.get("sat_out", [])) for r in result.train_reports)
+        out.print(f"training steps: {steps}; edit-epochs sat out (the edit already learned when its epoch began): {sat}")
     for note in result.notes:
         out.print(f"note: {note}")
     out.print(f"[green]model:[/] {result.model_dir} (Hugging Face folder with model card)")

@@ -63,6 +63,37 @@ def test_learned_edit_gets_no_gradient_for_the_rest_of_its_epoch():
         assert set(first[k]) <= set(first[k - 1])
 
 
+@pytest.mark.parametrize("schedule", ["depth-first", "breadth-first"])
+def test_an_edit_learned_when_its_epoch_starts_sits_the_epoch_out(schedule):
+    """Replayed edits the model still knows cost a measuring forward, not a step: the epoch's batches are cut from the
+    edits still to learn, and the report counts the edits that sat each epoch out."""
+    model = _model(initializer_range=0.3)
+    trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
+    easy = TrainSettings(lr=1e-2, batch_size=3, max_epochs=20, max_steps_per_batch=30, loss_threshold=0.5)
+    assert train_edits(model, EXAMPLES, trainable, easy, pad_id=0, device=torch.device("cpu")).learned_fraction == 1.0
+    new = TrainingExample("d", [1, 3, 4], [14, 15])
+    model.eval()
+    with torch.no_grad():
+        before = FullForward(model, "reference").losses(_batch(EXAMPLES + [new]), [0, 1, 2, 3])
+    assert (before[:3] < 0.5).all() and before[3] > 0.5  # precondition: a, b, c learned, d not
+    seen = []
+    one = TrainSettings(lr=1e-2, batch_size=1, max_epochs=1, max_steps_per_batch=30, loss_threshold=0.5, schedule=schedule)
+    report = train_edits(model, EXAMPLES + [new], trainable, one, pad_id=0, device=torch.device("cpu"), on_step=lambda step, cases: seen.append(cases))
+    assert report.sat_out == [3]
+    assert seen and all(cases == ["d"] for cases in seen)  # batches of one edit: only d's was cut
+    assert len(seen) == (1 if schedule == "breadth-first" else report.steps)
+    assert {e.case_id: e.steps for e in report.edits} == {"a": 0, "b": 0, "c": 0, "d": len(seen)}
+    assert [e.case_id for e in report.edits] == ["a", "b", "c", "d"]  # the sat-out edits are still measured and reported
+
+
+def test_no_threshold_means_every_edit_trains_every_epoch():
+    model = _model(initializer_range=0.3)
+    trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
+    ft = TrainSettings(lr=1e-2, batch_size=1, max_epochs=3, max_steps_per_batch=1, loss_threshold=0.0, schedule="breadth-first")
+    report = train_edits(model, EXAMPLES, trainable, ft, pad_id=0, device=torch.device("cpu"))
+    assert report.sat_out == [0, 0, 0] and report.steps == 9
+
+
 def test_replay_batches_contain_the_earlier_records():
     from mergeedit.editing.records import EditRecord
     from mergeedit.pipeline.runner import replay_records
@@ -177,6 +208,8 @@ def test_run_summary_shows_each_stage_peak_rss_and_the_evaluation_share(tmp_path
         assert float(line.split("peak RSS ")[1].split()[0]) > 0  # a measured figure, not a placeholder
     assert [n for n in stages if is_evaluation_stage(n)] == ["pre-eval", "eval"]
     assert "evaluation: " in got.stdout and "training time: prefix" in got.stdout
+    steps_line = next(x for x in got.stdout.splitlines() if x.startswith("training steps: "))
+    assert int(steps_line.split()[2].rstrip(";")) > 0 and "sat out" in steps_line
     from mergeedit.pipeline.runner import RunResult
 
     result = RunResult(tmp_path, tmp_path, 1, 1, [], None, None, seconds=10.0, stage_profile={"pre-eval": {"seconds": 1.0}, "rsft-000": {"seconds": 6.0}, "eval": {"seconds": 1.5}, "curve-000": {"seconds": 0.5}})
