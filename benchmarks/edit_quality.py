@@ -57,6 +57,7 @@ COLUMNS = [("rel", "Rel TF"), ("gen", "Gen TF"), ("loc", "Loc"), ("rel_em", "Rel
 
 def recipe_for(method: str, args) -> dict:
     rsft_overrides, merge, strategy = METHODS[method]
+    shipped: dict = {}
     if method == "shipped":
         import yaml
 
@@ -82,8 +83,9 @@ def recipe_for(method: str, args) -> dict:
         "eval": {"generation": not args.no_generation, "batch_size": 32, "max_new_tokens": 16, "examples": 0},
         "output": {"dir": "run"},
     }
-    if args.curve_every:
-        recipe["eval"]["curve_every"] = args.curve_every
+    curve_every = args.curve_every or (shipped.get("eval") or {}).get("curve_every")  # shipped: the recipe's own curve
+    if curve_every:
+        recipe["eval"]["curve_every"] = curve_every
     recipe = copy.deepcopy(recipe)  # the module's TIES section is shared by methods: never edit it in place
     if method not in BASELINES:
         for key, value in args.set:
@@ -174,7 +176,7 @@ def run_method(method: str, args, work: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     data = json.loads(out.read_text())
-    if args.curve_every and args.json:  # the per-batch curve beside the JSON
+    if args.json:  # the per-batch curve beside the JSON, when the run made one
         for name in ("curve.json", "curve.png"):
             found = sorted((folder / "run").rglob(name))
             if found:
@@ -228,7 +230,7 @@ def main() -> None:
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="Change the R-SFT methods' recipes (not the baselines'), e.g. --set rsft.layers=[8,14] --set merge.models.0.parameters.weight=0.8; repeatable.")
     parser.add_argument("--label", default=None, help="Name these rows METHOD [LABEL] (an ablation row beside the default one).")
-    parser.add_argument("--curve-every", type=int, default=None, help="eval.curve_every: score after every k sequential batches; curve.json/png are copied beside --json.")
+    parser.add_argument("--curve-every", type=int, default=None, help="eval.curve_every: score after every k sequential batches; curve.json/png are copied beside --json (default: none; the shipped recipe's own eval.curve_every for shipped).")
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
