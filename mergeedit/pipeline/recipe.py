@@ -92,7 +92,7 @@ class RsftSection(_Strict):
         description="Train only layers [start, end); or auto (one layer) / {auto: WIDTH} to choose the window once, before training, by the per-layer gradient norm of the answer loss on the unedited model. ft-m default: the middle layer; locft-bf default: layer round(0.2 * layers) (LocFT's 6 of Qwen2.5-7B's 28).",
     )
     schedule: Optional[Literal["depth-first", "breadth-first"]] = Field(
-        None, description="depth-first: up to max_steps_per_batch steps on a batch before the next (rsft's loop 3); breadth-first: one step per batch, epochs over shuffled batches. Default: depth-first (locft-bf: breadth-first). In both, a learned edit leaves its batch for the rest of the epoch."
+        None, description="depth-first: up to max_steps_per_batch steps on a batch before the next (rsft's loop 3); breadth-first: one step per batch, epochs over shuffled batches. Default: depth-first (locft-bf: breadth-first). In both, a learned edit leaves its batch for the rest of the epoch, and an edit already learned when an epoch starts (measured without gradient) sits the whole epoch out."
     )
     eos: Optional[bool] = Field(None, description="Train EOS after raw-form answers too (chat answers always end with the end-of-turn token). Default: false (locft-bf: true).")
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
