@@ -68,6 +68,8 @@ def recipe_for(method: str, args) -> dict:
         rsft = {"seed": 0, **rsft_overrides}
     else:
         rsft = {"lr": 1.0e-4, "batch_size": 10, "max_epochs": 5, "max_steps_per_batch": 25, "loss_threshold": 0.05, "seed": 0, **rsft_overrides}
+    if args.precision is not None:  # every method, baselines included: a comparison in one precision
+        rsft["precision"] = args.precision
     if args.max_epochs is not None:
         rsft["max_epochs"] = args.max_epochs
     if args.max_steps is not None:
@@ -187,7 +189,7 @@ def run_method(method: str, args, work: Path) -> dict:
                 shutil.copytree(stage, shared / stage.name)
     if not args.keep:  # R-SFT deltas, merges and the export take about 2 GB a method at T=10
         shutil.rmtree(folder / "run", ignore_errors=True)
-    return {"method": row_name(method, args), "base_method": method, "settings": [list(kv) for kv in args.set], "wall_seconds": wall,
+    return {"method": row_name(method, args), "base_method": method, "settings": [list(kv) for kv in args.set], "precision": args.precision, "wall_seconds": wall,
             "unedited_stages_copied": reused, **data}
 
 
@@ -219,6 +221,8 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None, help="Override rsft.max_epochs (shrinks training for a quick check).")
     parser.add_argument("--max-steps", type=int, default=None, help="Override rsft.max_steps_per_batch (shrinks training for a quick check).")
     parser.add_argument("--no-generation", action="store_true", help="Skip the generation protocol (faster).")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "auto"], default=None,
+                        help="rsft.precision for every method, the baselines included (default: each recipe's own; float32 unless set).")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-edit-quality", help="Run directories go here.")
     parser.add_argument("--keep", action="store_true", help="Keep each method's run directory (about 2 GB each); by default it is deleted once scored.")
