@@ -9,7 +9,8 @@ capped by --max-epochs / --max-steps so a run stays short):
 1. baseline, a plain Hugging Face loop: the same examples (the same token sequences mergeedit trains on), the same
    edit batches in the same order, each batch right-padded to its longest member, `model(input_ids, attention_mask,
    labels=...)` (every layer, full-vocabulary logits at every position), `loss.backward()`, the same optimizer's
-   `step()` and `zero_grad()`, max-steps steps on every batch of every epoch (no caching, no early exit);
+   `step()` and `zero_grad()`, max-steps steps on every batch of every epoch (one under `schedule: breadth-first`,
+   as the recipe's own loop), no caching, no early exit;
 2. mergeedit's `train_edits` from the same initial weights: frozen-prefix cache, length buckets, logits at answer
    positions only, learned edits leave their epoch (`EpochPool`), early exit when a batch or the run is learned;
 3. the generation-protocol evaluation of the N edits on the trained model (`evaluate_edits`, batched, left-padded,
@@ -165,7 +166,7 @@ def plain_loop(model, examples, trainable, settings, pad_id, device, half) -> di
             idx = [i for c in order[start : start + settings.batch_size] for i in by_case[case_ids[c]]]
             b = pad_batch([(examples[i].prompt_ids, examples[i].answer_ids) for i in idx], pad_id)
             b = {k: v.to(device) for k, v in b.items()}
-            for _ in range(settings.max_steps_per_batch):
+            for _ in range(1 if settings.schedule == "breadth-first" else settings.max_steps_per_batch):  # the recipe's schedule
                 t = time.perf_counter()
                 with torch.autocast(device.type, dtype=half, enabled=half is not None):
                     loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False).loss
