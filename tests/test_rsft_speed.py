@@ -86,12 +86,28 @@ def test_an_edit_learned_when_its_epoch_starts_sits_the_epoch_out(schedule):
     assert [e.case_id for e in report.edits] == ["a", "b", "c", "d"]  # the sat-out edits are still measured and reported
 
 
-def test_no_threshold_means_every_edit_trains_every_epoch():
+def test_no_threshold_or_sit_out_off_means_every_edit_trains_every_epoch():
     model = _model(initializer_range=0.3)
     trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
     ft = TrainSettings(lr=1e-2, batch_size=1, max_epochs=3, max_steps_per_batch=1, loss_threshold=0.0, schedule="breadth-first")
     report = train_edits(model, EXAMPLES, trainable, ft, pad_id=0, device=torch.device("cpu"))
     assert report.sat_out == [0, 0, 0] and report.steps == 9
+    easy = TrainSettings(lr=1e-2, batch_size=3, max_epochs=20, max_steps_per_batch=30, loss_threshold=0.5)
+    assert train_edits(model, EXAMPLES, trainable, easy, pad_id=0, device=torch.device("cpu")).learned_fraction == 1.0
+    off = TrainSettings(lr=1e-2, batch_size=1, max_epochs=1, max_steps_per_batch=1, loss_threshold=0.5, schedule="breadth-first", sit_out=False)
+    seen = []
+    report = train_edits(model, EXAMPLES, trainable, off, pad_id=0, device=torch.device("cpu"), on_step=lambda step, cases: seen.append(cases))
+    assert report.sat_out == [0] and sorted(c for cases in seen for c in cases) == ["a", "b", "c"]  # learned, yet stepped
+
+
+def test_sit_out_learned_is_a_recipe_key():
+    from mergeedit.pipeline.recipe import Recipe
+    from mergeedit.pipeline.runner import train_settings
+
+    base = {"model": {"base": "m"}, "dataset": {"format": "zsre", "path": "d.json"}}
+    assert train_settings(Recipe.model_validate(base))[0].sit_out is True
+    off = Recipe.model_validate({**base, "rsft": {"sit_out_learned": False}})
+    assert train_settings(off)[0].sit_out is False
 
 
 def test_replay_batches_contain_the_earlier_records():

@@ -55,6 +55,7 @@ class TrainSettings:
     loss_threshold: float = 0.05
     seed: int = 0
     schedule: str = "depth-first"  # depth-first: up to max_steps_per_batch steps on a batch; breadth-first: one step
+    sit_out: bool = True  # an edit already learned when an epoch starts sits it out (`_EditLoop.sit_out_learned`)
 
 
 @dataclass
@@ -305,10 +306,11 @@ class _EditLoop:
         usually start learned). Each candidate is measured on the current weights without gradient; those still below
         the threshold leave the pool before the epoch's batches are cut, and their measured loss becomes their known
         loss. A measuring forward costs about 0.4 of a training step's forward and backward, so this pays as soon as
-        half the candidates are confirmed. Off without a threshold (FT-L, FT-M, LocFT-BF train every edit every epoch).
+        half the candidates are confirmed. Off with `sit_out=False`, and without a threshold (FT-L, FT-M, LocFT-BF train every
+        edit every epoch).
         """
         threshold = self.settings.loss_threshold
-        if threshold <= 0:
+        if threshold <= 0 or not self.settings.sit_out:
             self.sat_out.append(0)
             return
         first = self.epochs == 1

@@ -197,7 +197,7 @@ def train_settings(recipe: Recipe) -> tuple[TrainSettings, list[str], Optional[t
     """Apply the baseline presets (ft-l, ft-m) to whatever the recipe left unset."""
     r = recipe.rsft
     given = r.model_fields_set
-    s = TrainSettings(r.lr, r.weight_decay, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold, r.seed, r.schedule or "depth-first")
+    s = TrainSettings(r.lr, r.weight_decay, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold, r.seed, r.schedule or "depth-first", r.sit_out_learned)
     patterns = r.trainable or DEFAULT_TRAINABLE
     layers = r.layer_range  # None for `layers: auto` (the probe narrows the trainable set in open_session)
     if r.method == "locft-bf":  # LocFT-BF's published settings, for whatever the recipe left unset
