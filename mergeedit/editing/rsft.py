@@ -281,19 +281,26 @@ class _EditLoop:
                 out[j] = values[r]
         return torch.stack(out)  # type: ignore[arg-type]
 
+    def measure(self, cases: list[str]) -> tuple[list[int], list[float], dict[str, float]]:
+        """The examples of `cases`, their losses measured without training (in chunks of 64), and each case's worst."""
+        t = time.perf_counter()
+        indices = [i for c in cases for i in self.by_case[c]]
+        self.model.eval()
+        values: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(indices), 64):
+                values += self.losses_of(indices[start : start + 64], count=False).tolist()
+        self.model.train()
+        worst: dict[str, float] = {}
+        for i, v in zip(indices, values):
+            c = self.examples[i].case_id
+            worst[c] = max(v, worst.get(c, -math.inf))
+        self.timing["measure"] += time.perf_counter() - t
+        return indices, values, worst
+
     def measure_all(self) -> None:
         """Each edit's loss: the worst of its examples, measured without training (every edit, learned or not)."""
-        t = time.perf_counter()
-        self.model.eval()
-        per_example: list[float] = []
-        n = len(self.examples)
-        with torch.no_grad():
-            for start in range(0, n, 64):
-                per_example += self.losses_of(list(range(start, min(start + 64, n))), count=False).tolist()
-        for c, indices in self.by_case.items():
-            self.last_loss[c] = max(per_example[i] for i in indices)
-        self.model.train()
-        self.timing["measure"] += time.perf_counter() - t
+        self.last_loss.update(self.measure(self.case_ids)[2])
 
     def learned_count(self) -> int:
         return sum(v < self.settings.loss_threshold for v in self.last_loss.values())
@@ -316,21 +323,9 @@ class _EditLoop:
         first = self.epochs == 1
         candidates = [c for c in self.case_ids if first or self.step_loss[c] < threshold]
         if candidates:
-            t = time.perf_counter()
-            indices = [i for c in candidates for i in self.by_case[c]]
-            self.model.eval()
-            with torch.no_grad():
-                values = []
-                for start in range(0, len(indices), 64):
-                    values += self.losses_of(indices[start : start + 64], count=False).tolist()
-            self.model.train()
-            worst: dict[str, float] = {}
-            for i, v in zip(indices, values):
-                c = self.examples[i].case_id
-                worst[c] = max(v, worst.get(c, -math.inf))
+            indices, values, worst = self.measure(candidates)
             self.step_loss.update(worst)
             self.pool.update(indices, values)
-            self.timing["measure"] += time.perf_counter() - t
         self.sat_out.append(len(self.pool.learned))
 
     def run_epoch(self, epoch: int, gen: torch.Generator) -> None:
