@@ -77,7 +77,7 @@ def test_an_edit_learned_when_its_epoch_starts_sits_the_epoch_out(schedule):
         before = FullForward(model, "reference").losses(_batch(EXAMPLES + [new]), [0, 1, 2, 3])
     assert (before[:3] < 0.5).all() and before[3] > 0.5  # precondition: a, b, c learned, d not
     seen = []
-    one = TrainSettings(lr=1e-2, batch_size=1, max_epochs=1, max_steps_per_batch=30, loss_threshold=0.5, schedule=schedule)
+    one = TrainSettings(lr=1e-2, batch_size=1, max_epochs=1, max_steps_per_batch=30, loss_threshold=0.5, schedule=schedule, sit_out=True)
     report = train_edits(model, EXAMPLES + [new], trainable, one, pad_id=0, device=torch.device("cpu"), on_step=lambda step, cases: seen.append(cases))
     assert report.sat_out == [3]
     assert seen and all(cases == ["d"] for cases in seen)  # batches of one edit: only d's was cut
@@ -89,7 +89,7 @@ def test_an_edit_learned_when_its_epoch_starts_sits_the_epoch_out(schedule):
 def test_no_threshold_or_sit_out_off_means_every_edit_trains_every_epoch():
     model = _model(initializer_range=0.3)
     trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
-    ft = TrainSettings(lr=1e-2, batch_size=1, max_epochs=3, max_steps_per_batch=1, loss_threshold=0.0, schedule="breadth-first")
+    ft = TrainSettings(lr=1e-2, batch_size=1, max_epochs=3, max_steps_per_batch=1, loss_threshold=0.0, schedule="breadth-first", sit_out=True)
     report = train_edits(model, EXAMPLES, trainable, ft, pad_id=0, device=torch.device("cpu"))
     assert report.sat_out == [0, 0, 0] and report.steps == 9
     easy = TrainSettings(lr=1e-2, batch_size=3, max_epochs=20, max_steps_per_batch=30, loss_threshold=0.5)
@@ -105,9 +105,9 @@ def test_sit_out_learned_is_a_recipe_key():
     from mergeedit.pipeline.runner import train_settings
 
     base = {"model": {"base": "m"}, "dataset": {"format": "zsre", "path": "d.json"}}
-    assert train_settings(Recipe.model_validate(base))[0].sit_out is True
-    off = Recipe.model_validate({**base, "rsft": {"sit_out_learned": False}})
-    assert train_settings(off)[0].sit_out is False
+    assert train_settings(Recipe.model_validate(base))[0].sit_out is False
+    on = Recipe.model_validate({**base, "rsft": {"sit_out_learned": True}})
+    assert train_settings(on)[0].sit_out is True
 
 
 def test_replay_batches_contain_the_earlier_records():

@@ -1,7 +1,7 @@
 """Robust supervised fine-tuning: train until every edit is learned, with three loops and a loss threshold.
 
     for epoch in 1..max_epochs:                  # loop 1: passes over the edits
-        set aside every edit already learned     # measured without gradient: it sits this epoch out
+        set aside every edit already learned     # with sit_out: measured without gradient, it sits this epoch out
         for batch in shuffled(edits left):       # loop 2: batches of edits
             for step in 1..max_steps_per_batch:  # loop 3: stay on a batch until it is learned
                 if no edit of the batch is left: break   # every edit of the batch is learned
@@ -12,9 +12,10 @@
 
 `schedule: breadth-first` (LocFT-BF) is the same loop with one step per batch: epochs over shuffled mini-batches.
 Both schedules share one mechanism (`EpochPool`): a learned edit leaves the pool for the rest of its epoch and gets
-no gradient, but the check after every epoch measures every edit again. An edit already learned when an epoch starts
-(measured then, without gradient) sits the whole epoch out: the epoch's batches are cut from the edits still to learn,
-so replayed edits that are still known, and edits learned in earlier epochs, cost a measuring forward, not a step.
+no gradient, but the check after every epoch measures every edit again. With `sit_out` (`rsft.sit_out_learned`), an
+edit already learned when an epoch starts (measured then, without gradient) sits the whole epoch out: the epoch's
+batches are cut from the edits still to learn, so replayed edits that are still known, and edits learned in earlier
+epochs, cost a measuring forward, not a step.
 
 `rsft.retain` adds ``weight * KL(base || current)`` on a mini-batch of unrelated text (editing.retain) to every step's
 loss, in both schedules and on either forward path (the retain texts always run the model's own full forward).
@@ -55,7 +56,7 @@ class TrainSettings:
     loss_threshold: float = 0.05
     seed: int = 0
     schedule: str = "depth-first"  # depth-first: up to max_steps_per_batch steps on a batch; breadth-first: one step
-    sit_out: bool = True  # an edit already learned when an epoch starts sits it out (`_EditLoop.sit_out_learned`)
+    sit_out: bool = False  # an edit already learned when an epoch starts sits it out (`_EditLoop.sit_out_learned`)
 
 
 @dataclass
@@ -306,7 +307,7 @@ class _EditLoop:
         return sum(v < self.settings.loss_threshold for v in self.last_loss.values())
 
     def sit_out_learned(self) -> None:
-        """The check at the start of an epoch: an edit already learned sits the epoch out (no step, no gradient).
+        """With `sit_out`, the check at the start of an epoch: an edit already learned sits the epoch out (no step).
 
         The candidates are the edits whose latest known loss is below the threshold (their last step's loss, or the
         last check's), and in the first epoch every edit, since none is known yet (replayed edits of earlier batches
