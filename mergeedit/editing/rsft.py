@@ -314,8 +314,8 @@ class _EditLoop:
         usually start learned). Each candidate is measured on the current weights without gradient; those still below
         the threshold leave the pool before the epoch's batches are cut, and their measured loss becomes their known
         loss. A measuring forward costs about 0.4 of a training step's forward and backward, so this pays as soon as
-        half the candidates are confirmed. Off with `sit_out=False`, and without a threshold (FT-L, FT-M, LocFT-BF train every
-        edit every epoch).
+        about half the candidates are confirmed. Off with `sit_out=False` (the default), and without a threshold
+        (FT-L, FT-M and LocFT-BF train every edit every epoch).
         """
         threshold = self.settings.loss_threshold
         if threshold <= 0 or not self.settings.sit_out:
