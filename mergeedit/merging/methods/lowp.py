@@ -8,9 +8,9 @@ rounds the result of every operation to it:
 Elementwise ops are reproduced by running the same torch op on the same dtype, block by block: an element's result
 does not depend on its neighbours, so the blocks give mergekit's bits. A whole-tensor (or per-row) reduction is in
 general not reproduced bit for bit: torch's float32 accumulation order differs from kernel to kernel and can depend on
-the tensor's length, the vector width, the threads or a library (oneDNN) of its own. So a reduction here adds the exact float32 values of its terms in float64, in element order
-(methods/ordered.py: the same additions however the tensor is cut), and rounds the total to float32 and then to the
-dtype, as torch rounds its float32 total. The two totals differ only by torch's float32 accumulation error, so the
+the tensor's length, the vector width, the threads or a library (oneDNN) of its own. So a reduction here adds the
+exact float32 values of its terms in float64, in element order (methods/ordered.py: the same additions however the
+tensor is cut), and rounds the total to float32 and then to the dtype, as torch rounds its float32 total. The two totals differ only by torch's float32 accumulation error, so the
 rounded results differ only when a total falls within that error of a bfloat16/float16 rounding boundary (in
 tools/mergekit_parity.py's configs: never, for the reductions rounded to the dtype). Where they differ, mergekit's
 own value is the less accurate one. karcher's norms stay float32 in mergekit (torch.linalg.norm of the tensor cast to

@@ -467,8 +467,8 @@ def _karcher_statistics(inputs: MergeInputs):
 
 def _karcher_low_precision_statistics(inputs: MergeInputs) -> StagedSums:
     """mergekit's karcher with the inputs in bfloat16/float16: its norms are float32 (of the inputs cast to float32,
-    the squares added in torch's order: torch_norm_passes, methods/norm_order.py); the unit vectors, the running mean, each dot product (torch.dot in the dtype), angle, tangent and update are
-    rounded to the dtype op by op. Each whole-tensor reduction is a streamed pass: the norms, the initial mean's norm,
+    the squares added in torch's order: torch_norm_passes, methods/norm_order.py); the unit vectors, the running mean,
+    each dot product (torch.dot in the dtype), angle, tangent and update are rounded to the dtype op by op. Each whole-tensor reduction is a streamed pass: the norms, the initial mean's norm,
     then per iteration the dots, the tangent's norm and the new mean's norm (2 + 3 * iterations passes). The mean is
     never stored: each pass recomputes it elementwise from the inputs and the numbers of the passes before, so a
     tensor costs O(iterations^2) elementwise work (instead of a tensor-sized buffer outside the memory budget)."""
