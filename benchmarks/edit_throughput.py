@@ -54,7 +54,7 @@ from mergeedit.editing.trainable import select_trainable  # noqa: E402
 from mergeedit.evaluation.evaluate import evaluate_edits  # noqa: E402
 from mergeedit.models.loading import load_model_and_tokenizer, pick_device, resolve_base_folder  # noqa: E402
 from mergeedit.pipeline.run_dir import reset_peak_rss, stage_peak_rss  # noqa: E402
-from mergeedit.pipeline.runner import RecipeRun, answer_eos, examples_for, train_settings  # noqa: E402
+from mergeedit.pipeline.runner import RecipeRun, examples_for, train_settings  # noqa: E402
 
 GIB = 2**30
 
@@ -232,7 +232,7 @@ def bench_model(kind: str, args, recipe_run: RecipeRun) -> dict:
         raise SystemExit(f"{kind}: the recipe's trainable patterns {patterns} (layers {layers}) match no parameter of this model")
     records = recipe_run.load_records()[: args.edits]
     fmt = PromptFormat.resolve(recipe.dataset.prompt, tokenizer)
-    examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, "dataset", system_prompt=recipe.dataset.system_prompt, eos=answer_eos(recipe))
+    examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, "dataset", system_prompt=recipe.dataset.system_prompt, eos=recipe.rsft.eos)
     pad_id = tokenizer.pad_token_id
     precision = args.precision or recipe.rsft.precision
     resolved = pick_precision(device)[0] if precision == "auto" else precision

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from recipe_defaults import PAPER_LOOP
 
 from mergeedit.core.errors import MergeEditError
 from mergeedit.evaluation import drift
@@ -204,7 +205,7 @@ def _recipe(folder: Path, model: Path, drift_file: Path, **sections) -> Path:
     recipe = {
         "model": {"base": str(model)},
         "dataset": {"format": "jsonl", "path": "edits.jsonl", "prompt": "raw"},
-        "rsft": {"lr": 0.02, "batch_size": 2, "max_epochs": 8, "max_steps_per_batch": 10, "loss_threshold": 0.1},
+        "rsft": {"lr": 0.02, "batch_size": 2, "max_epochs": 8, "max_steps_per_batch": 10, "loss_threshold": 0.1, **PAPER_LOOP},
         "merge": {"merge_method": "ties", "base_model": "base", "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 0.6}}], "dtype": "float32"},
         "eval": {"generation": False, "batch_size": 4, "drift_texts": str(drift_file)},
         "output": {"dir": "run", "shard_size": "50M"},

@@ -14,6 +14,7 @@ import torch
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from recipe_defaults import PAPER_LOOP
 
 from mergeedit.core.json_shape import MANIFEST, shape_problem
 from mergeedit.core.paths import containment_problem
@@ -111,7 +112,7 @@ def _recipe(folder: Path, model: Path, edits=EDITS, **sections) -> Path:
     recipe = {
         "model": {"base": str(model)},
         "dataset": {"format": "jsonl", "path": "edits.jsonl", "prompt": "raw"},
-        "rsft": {"lr": 0.01, "batch_size": 2, "max_epochs": 1, "max_steps_per_batch": 1},
+        "rsft": {"lr": 0.01, "batch_size": 2, "max_epochs": 1, "max_steps_per_batch": 1, **PAPER_LOOP},
         "merge": {"merge_method": "ties", "base_model": "base", "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 0.6}}], "dtype": "float32"},
         "eval": {"generation": False, "drift": False, "batch_size": 2, "max_new_tokens": 2},
         "output": {"dir": "run"},

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipe_defaults import PAPER_LOOP
 
 from mergeedit.pipeline.revert import revert_run
 from mergeedit.pipeline.runner import RecipeRun
@@ -53,7 +54,7 @@ def recipe(folder: Path, model: Path, strategy: str, select: list[int] | None = 
     data = {
         "model": {"base": str(model)},
         "dataset": {"format": "jsonl", "path": "edits.jsonl", "prompt": "raw", **({"select": select} if select else {})},
-        "rsft": {"lr": 0.01, "batch_size": 1, "max_epochs": 10, "max_steps_per_batch": 10, "loss_threshold": 0.05},
+        "rsft": {"lr": 0.01, "batch_size": 1, "max_epochs": 10, "max_steps_per_batch": 10, "loss_threshold": 0.05, **PAPER_LOOP},
         "sequential": {"batch_size": 1, "strategy": strategy},
         "merge": MERGE,
         "eval": {"generation": False, "drift": False, "batch_size": 4, "examples": 0},

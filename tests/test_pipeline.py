@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipe_defaults import PAPER_LOOP
 
 from mergeedit.core.errors import MergeEditError
 from mergeedit.models.toy import load_state_dict
@@ -51,7 +52,7 @@ def _recipe(folder: Path, model: Path, *, merge="default", name: str = "recipe.y
     recipe = {
         "model": {"base": str(model)},
         "dataset": {"format": "jsonl", "path": "edits.jsonl", "prompt": "raw"},
-        "rsft": {"lr": 0.01, "batch_size": 2, "max_epochs": 30, "max_steps_per_batch": 20, "loss_threshold": 0.05},
+        "rsft": {"lr": 0.01, "batch_size": 2, "max_epochs": 30, "max_steps_per_batch": 20, "loss_threshold": 0.05, **PAPER_LOOP},
         "eval": {"generation": True, "batch_size": 4, "max_new_tokens": 4},
         "output": {"dir": "run"},
     }

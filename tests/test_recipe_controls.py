@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from recipe_defaults import PAPER_LOOP
 
 from mergeedit.models.toy import load_state_dict
 from mergeedit.pipeline.runner import RecipeRun
@@ -66,7 +67,7 @@ def _recipe(folder: Path, model: Path, *, edits=EDITS, name="recipe.yaml", **sec
     recipe = {
         "model": {"base": str(model)},
         "dataset": {"format": "jsonl", "path": "edits.jsonl", "prompt": "raw"},
-        "rsft": {"lr": 0.01, "batch_size": 2, "max_epochs": 4, "max_steps_per_batch": 3, "loss_threshold": 0.0},
+        "rsft": {"lr": 0.01, "batch_size": 2, "max_epochs": 4, "max_steps_per_batch": 3, "loss_threshold": 0.0, **PAPER_LOOP},
         "merge": None,
         "eval": {"generation": False, "drift": False, "batch_size": 4, "examples": 0},
         "output": {"dir": "run"},
@@ -241,3 +242,31 @@ def test_a_list_of_retain_files_trains_on_all_their_texts(tmp_path, tiny, run_cl
     shown = run_cli("plan", recipe)
     assert shown.code == 0, shown.stderr
     assert f"on {len(RETAIN) + 1} texts of {tmp_path / 'retain.jsonl'} + {tmp_path / 'more.jsonl'}" in " ".join(shown.stdout.split())
+
+
+def _rsft(section: dict):
+    from mergeedit.pipeline.recipe import Recipe
+
+    return Recipe.model_validate({"model": {"base": "m"}, "dataset": {"format": "jsonl", "path": "e.jsonl"}, "rsft": section}).rsft
+
+
+def test_each_methods_defaults_are_its_measured_or_published_settings():
+    """rsft's defaults are the best measured settings; the baselines keep their published ones; a key the recipe sets wins."""
+    from mergeedit.editing.rsft import TrainSettings
+    from mergeedit.pipeline.recipe import Recipe
+    from mergeedit.pipeline.runner import train_settings
+
+    def got(r):
+        return (r.lr, r.schedule, r.eos, r.replay, r.retain.weight if r.retain else None, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold)
+
+    assert got(_rsft({})) == got(_rsft({"method": "rsft"})) == (5e-4, "breadth-first", True, 0.5, 1.0, "adamw", 10, 10, 25, 0.05)
+    assert got(_rsft({"method": "ft-m"})) == got(_rsft({"method": "ft-l"})) == (1e-4, "depth-first", False, 0.0, None, "adamw", 10, 10, 1, 0.0)
+    assert got(_rsft({"method": "locft-bf"})) == (5e-4, "breadth-first", True, 0.0, None, "adam", 100, 25, 25, 0.0)
+    # a key the recipe names is kept, whatever the method
+    assert got(_rsft({"method": "ft-m", "eos": True, "lr": 3e-3, "retain": {"weight": 2.0}}))[:5] == (3e-3, "depth-first", True, 0.0, 2.0)
+    assert _rsft({"retain": None}).retain is None and _rsft({"retain": {"weight": 0.0}}).retain_weight == 0.0  # off
+    assert _rsft({"method": "locft-bf", "max_epochs": 3}).max_epochs == 3
+    # the loop gets exactly these values
+    recipe = Recipe.model_validate({"model": {"base": "m"}, "dataset": {"format": "jsonl", "path": "e.jsonl"}, "rsft": {"method": "locft-bf"}})
+    settings, patterns, layers = train_settings(recipe)
+    assert settings == TrainSettings(5e-4, 0.0, "adam", 100, 25, 25, 0.0, 0, "breadth-first", False) and patterns == [r"mlp\.(down_proj|c_proj)\.weight$"]

@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from mergeedit.core.errors import MergeEditError
-from mergeedit.editing.retain import DEFAULT_RETAIN_TEXTS, DRIFT_EVAL_TEXTS, RETAIN_QUESTIONS, RetainKL, coarsened_kl, load_retain_texts
+from mergeedit.editing.retain import (
+    DEFAULT_RETAIN_SET,
+    DRIFT_EVAL_TEXTS,
+    RETAIN_ANSWERS,
+    RETAIN_PROSE,
+    RETAIN_QUESTIONS,
+    RetainKL,
+    coarsened_kl,
+    load_retain_texts,
+)
 from mergeedit.models.toy import LlamaShape, build_llama
 
 SHAPE = LlamaShape(hidden=16, intermediate=32, layers=2, heads=2, kv_heads=1, vocab=48)
@@ -39,7 +48,7 @@ def load(folder: Path, dtype=torch.float64):
 
 # -- the shipped set ------------------------------------------------------------------------------------------------
 def test_shipped_retain_set_shares_no_prompt_and_no_text_with_the_drift_set():
-    retain, drift = jsonl(DEFAULT_RETAIN_TEXTS), jsonl(DRIFT_EVAL_TEXTS)
+    retain, drift = jsonl(RETAIN_PROSE), jsonl(DRIFT_EVAL_TEXTS)
     assert len(retain) >= 200 and len(drift) == 40
     assert all(r["text"].startswith(r["prompt"]) and len(r["text"]) > len(r["prompt"]) for r in retain)
     retain_prompts, drift_prompts = {r["prompt"] for r in retain}, {d["prompt"] for d in drift}
@@ -48,7 +57,7 @@ def test_shipped_retain_set_shares_no_prompt_and_no_text_with_the_drift_set():
     assert not {r["text"] for r in retain} & {d["text"] for d in drift}
     # no retain text continues a drift prompt either (the drift texts begin with their prompts)
     assert not [r for r in retain for p in drift_prompts if r["text"].startswith(p)]
-    loaded = load_retain_texts()  # checks the shipped drift set itself
+    loaded = load_retain_texts(RETAIN_PROSE)  # checks the shipped drift set itself
     assert len(loaded.texts) == len(retain)
 
 
@@ -104,12 +113,44 @@ def test_shipped_questions_are_not_the_evaluations_probes_and_name_no_edited_sub
     assert not asked & {d["prompt"].lower() for d in drift} and not {q["text"] for q in questions} & {d["text"] for d in drift}
 
 
+def test_shipped_answers_name_nothing_the_evaluation_asks_or_answers():
+    """data/retain/answers.jsonl: question + a named-entity answer; no ZsRE locality probe, edit prompt or paraphrase,
+    no capitalised subject, edit target or locality answer of the shipped records in either part, nothing of the drift
+    set, and it is exactly what make_answers.py writes."""
+    import importlib.util
+    import re
+
+    answers = jsonl(RETAIN_ANSWERS)
+    assert len(answers) == 159 and len({a["prompt"] for a in answers}) == 159
+    assert all(a["text"].startswith(a["prompt"] + " ") and len(a["text"]) > len(a["prompt"]) + 1 for a in answers)
+    zsre = json.loads((Path(__file__).resolve().parents[1] / "data" / "zsre" / "zsre_mend_eval_first1000.json").read_text())
+    probes = {x.lower().removeprefix("nq question:").strip() for r in zsre for x in (r["loc"], r["src"], r["rephrase"])}
+    assert not {a["prompt"] for a in answers} & probes
+    names = {n.lower() for r in zsre for n in (r["subject"], r["alt"], r["loc_ans"]) if len(n) >= 3 and any(c.isupper() for c in n)}
+    assert {"hugo weaving", "billy idol"} <= names  # the check reads the real names (locality answers among them)
+    hits = [(n, a["text"]) for a in answers for n in names if re.search(r"\b" + re.escape(n) + r"\b", a["text"].lower())]
+    assert not hits
+    drift = jsonl(DRIFT_EVAL_TEXTS)
+    assert not {a["prompt"] for a in answers} & {d["prompt"] for d in drift} and not {a["text"] for a in answers} & {d["text"] for d in drift}
+    spec = importlib.util.spec_from_file_location("make_answers", RETAIN_ANSWERS.parent / "make_answers.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    assert [(a["prompt"], a["text"]) for a in answers] == [(q, f"{q} {x}") for q, x in make.kept_pairs(zsre)]
+
+
+def test_the_default_retain_set_is_the_prose_and_the_answers():
+    default = load_retain_texts()
+    assert DEFAULT_RETAIN_SET == (RETAIN_PROSE, RETAIN_ANSWERS)
+    assert default.texts == [r["text"] for r in jsonl(RETAIN_PROSE)] + [a["text"] for a in jsonl(RETAIN_ANSWERS)]
+    assert default.source == f"{RETAIN_PROSE} + {RETAIN_ANSWERS}"
+
+
 def test_several_retain_files_are_read_in_order_and_each_is_checked(tmp_path):
-    both = load_retain_texts([DEFAULT_RETAIN_TEXTS, RETAIN_QUESTIONS])
-    prose, questions = jsonl(DEFAULT_RETAIN_TEXTS), jsonl(RETAIN_QUESTIONS)
+    both = load_retain_texts([RETAIN_PROSE, RETAIN_QUESTIONS])
+    prose, questions = jsonl(RETAIN_PROSE), jsonl(RETAIN_QUESTIONS)
     assert both.texts == [r["text"] for r in prose] + [q["text"] for q in questions]
     assert both.prompts == [r["prompt"] for r in prose] + [q["prompt"] for q in questions]
-    assert both.source == f"{DEFAULT_RETAIN_TEXTS} + {RETAIN_QUESTIONS}"
+    assert both.source == f"{RETAIN_PROSE} + {RETAIN_QUESTIONS}"
     one = jsonl(DRIFT_EVAL_TEXTS)[0]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": one["prompt"], "text": one["prompt"] + " mine"}) + "\n")

@@ -79,7 +79,7 @@ def _choices_section(recipe, result) -> str:
     retain = recipe.rsft.retain
     if retain is not None and retain.weight > 0:
         parts.append(
-            f"- Retain (`rsft.retain`): weight {retain.weight} x KL(base || current) on `{', '.join([retain.path] if isinstance(retain.path, str) else retain.path) if retain.path else 'data/retain/retain.jsonl'}` in every training step "
+            f"- Retain (`rsft.retain`): weight {retain.weight} x KL(base || current) on `{', '.join([retain.path] if isinstance(retain.path, str) else retain.path) if retain.path else 'data/retain/retain.jsonl, data/retain/answers.jsonl'}` in every training step "
             f"(top-{retain.top_k if retain.top_k else 'all'} base tokens, {retain.batch_size} texts per step, {retain.max_tokens} tokens each)"
         )
     for c in getattr(result, "merge_choices", None) or []:

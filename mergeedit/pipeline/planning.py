@@ -19,7 +19,7 @@ from .checks import (
     examples_for,
     prompt_format,
 )
-from .runner import RecipeRun, answer_eos, probe_layer_window, stage_names, train_settings
+from .runner import RecipeRun, probe_layer_window, stage_names, train_settings
 
 
 @dataclass
@@ -113,7 +113,7 @@ def plan_recipe(path: Path, probe: bool = True) -> RecipePlan:
 
     tokenizer = load_tokenizer(folder, recipe.model.trust_remote_code)
     fmt = prompt_format(recipe, run.doc, tokenizer)
-    examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, run.doc.where(("dataset",)), system_prompt=recipe.dataset.system_prompt, eos=answer_eos(recipe))
+    examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, run.doc.where(("dataset",)), system_prompt=recipe.dataset.system_prompt, eos=recipe.rsft.eos)
     auto = recipe.rsft.layers_auto
     if auto is not None and not probe:
         plan.notes.append(f"layers: auto: a window of {auto.auto} layer(s) is chosen before training by the {auto.score} probe of the unedited model (`mergeedit plan` runs it and shows the choice)")

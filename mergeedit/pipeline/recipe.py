@@ -62,11 +62,11 @@ class RetainSection(_Strict):
     """`rsft.retain`: a ``weight * KL(base || current)`` term on unrelated text, added to every training step
     (mergeedit.editing.retain). The base is the ORIGINAL unedited model, for every sequential batch."""
 
-    weight: float = Field(0.0, ge=0, allow_inf_nan=False, description="Weight of the KL term in every step's loss; 0 (the default) turns it off at no cost.")
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of the KL term in every step's loss (default 1.0, the measured best); 0 turns it off at no cost.")
     path: Optional[Union[str, list[str]]] = Field(
         None,
-        description="JSONL of {prompt, text} lines, or a list of them (their texts together), relative to the recipe (default: the shipped data/retain/retain.jsonl; "
-        "data/retain/questions.jsonl holds short questions with the unedited model's answers). Refused when it shares a prompt or text with the drift set the evaluation uses.",
+        description="JSONL of {prompt, text} lines, or a list of them (their texts together), relative to the recipe (default: the shipped data/retain/retain.jsonl, generic prose, "
+        "and data/retain/answers.jsonl, questions with a named-entity answer; data/retain/questions.jsonl holds short questions with the unedited model's own answers). Refused when it shares a prompt or text with the drift set the evaluation uses.",
     )
     top_k: Optional[int] = Field(64, ge=1, description="Keep the base's top-k next tokens per position (plus one bucket for the rest); null: the full distribution (exact KL, more memory).")
     batch_size: int = Field(8, ge=1, description="Retain texts per step; step s uses mini-batch s mod (texts / batch_size).")
@@ -81,6 +81,18 @@ class LayersAuto(_Strict):
     examples: Optional[int] = Field(100, ge=1, description="Probe the first this many edits of the run (null: all).")
 
 
+# The schema's Field defaults are the `rsft` method's: the best settings measured on SmolLM2-135M-Instruct and ZsRE
+# (benchmarks/README.md, "edit_quality.py"). The baselines keep their published settings for whatever a recipe leaves
+# unset: these are applied before validation, so the stage keys, the plan and the model card all see them.
+_NO_EDITOR_CONTROLS = {"retain": None, "replay": 0.0, "eos": False}
+METHOD_DEFAULTS: dict[str, dict] = {
+    "ft-l": {**_NO_EDITOR_CONTROLS, "lr": 1e-4, "schedule": "depth-first", "max_steps_per_batch": 1, "loss_threshold": 0.0},
+    "ft-m": {**_NO_EDITOR_CONTROLS, "lr": 1e-4, "schedule": "depth-first", "max_steps_per_batch": 1, "loss_threshold": 0.0},
+    # LocFT-BF's published recipe (ICT-STAR/LocFT): Adam, lr 5e-4, batch 100, 25 epochs, breadth-first, EOS after the target
+    "locft-bf": {**_NO_EDITOR_CONTROLS, "eos": True, "optimizer": "adam", "lr": 5e-4, "batch_size": 100, "max_epochs": 25, "loss_threshold": 0.0, "schedule": "breadth-first"},
+}
+
+
 class RsftSection(_Strict):
     method: Literal["rsft", "ft-l", "ft-m", "locft-bf"] = Field(
         "rsft",
@@ -91,17 +103,18 @@ class RsftSection(_Strict):
         None,
         description="Train only layers [start, end); or auto (one layer) / {auto: WIDTH} to choose the window once, before training, by the per-layer gradient norm of the answer loss on the unedited model. ft-m default: the middle layer; locft-bf default: layer round(0.2 * layers) (LocFT's 6 of Qwen2.5-7B's 28).",
     )
-    schedule: Optional[Literal["depth-first", "breadth-first"]] = Field(
-        None, description="depth-first: up to max_steps_per_batch steps on a batch before the next (rsft's loop 3); breadth-first: one step per batch, epochs over shuffled batches. Default: depth-first (locft-bf: breadth-first). In both, a learned edit leaves its batch for the rest of the epoch (with sit_out_learned, an edit learned when an epoch starts sits it out)."
+    schedule: Literal["depth-first", "breadth-first"] = Field(
+        "breadth-first",
+        description="breadth-first (the default; locft-bf too): one step per batch, epochs over shuffled batches; depth-first: up to max_steps_per_batch steps on a batch before the next (the paper's loop 3; ft-l and ft-m take one step per batch). In both, a learned edit leaves its batch for the rest of the epoch (with sit_out_learned, an edit learned when an epoch starts sits it out).",
     )
-    eos: Optional[bool] = Field(None, description="Train EOS after raw-form answers too (chat answers always end with the end-of-turn token). Default: false (locft-bf: true).")
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-4, gt=0)
+    eos: bool = Field(True, description="Train EOS after raw-form answers too, so generation stops after the answer (chat answers always end with the end-of-turn token). Default: true (ft-l, ft-m: false).")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Default: adamw (locft-bf: adam).")
+    lr: float = Field(5e-4, gt=0, description="Default: 5e-4 (ft-l, ft-m: 1e-4).")
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(10, ge=1, description="Edits per training batch (loop 2).")
-    max_epochs: int = Field(10, ge=1, description="Passes over the edits (loop 1).")
-    max_steps_per_batch: int = Field(25, ge=1, description="Steps spent on one batch before moving on (loop 3); ft-l/ft-m use 1.")
-    loss_threshold: float = Field(0.05, ge=0, description="Stop a batch, and training, once the answer-token loss is below this.")
+    batch_size: int = Field(10, ge=1, description="Edits per training batch (loop 2). Default: 10 (locft-bf: 100).")
+    max_epochs: int = Field(10, ge=1, description="Passes over the edits (loop 1). Default: 10 (locft-bf: 25).")
+    max_steps_per_batch: int = Field(25, ge=1, description="Steps spent on one batch before moving on under depth-first (loop 3). Default: 25 (ft-l, ft-m: 1).")
+    loss_threshold: float = Field(0.05, ge=0, description="An edit whose answer-token loss is below this is learned; training stops once every edit is. Default: 0.05 (ft-l, ft-m, locft-bf: 0, train every edit every epoch).")
     seed: int = 0
     precision: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32",
@@ -113,8 +126,21 @@ class RsftSection(_Strict):
         False,
         description="An edit already learned when an epoch starts (measured without gradient) sits the epoch out: the epoch's batches are cut from the edits still to learn. For replay: with replay 0.5 at 100 edits it took 35% fewer steps for about 0.01 less Rel/Gen/Loc; without replay it saved 6% of the steps and left more edits unlearned (benchmarks/README.md). Default false: every edit takes a step in every epoch.",
     )
-    replay: float = Field(0.0, ge=0, le=1, description="Chained sequential editing: this share of the earlier batches' edits (1: all) is trained again with each new batch, so later batches do not overwrite earlier facts.")
-    retain: Optional[RetainSection] = Field(None, description="KL(base || current) on unrelated text mixed into every step, e.g. {weight: 0.5}; absent or weight 0: off.")
+    replay: float = Field(
+        0.5, ge=0, le=1, description="Chained sequential editing: this share of the earlier batches' edits (1: all) is trained again with each new batch, so later batches do not overwrite earlier facts. Default: 0.5 (ft-l, ft-m, locft-bf: 0)."
+    )
+    retain: Optional[RetainSection] = Field(
+        default_factory=RetainSection,
+        description="KL(base || current) on unrelated text mixed into every step. Default: {weight: 1.0} on the shipped retain set (ft-l, ft-m, locft-bf: off); null or weight 0: off.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        """The keys a method sets differently from the Field defaults (rsft's), for whatever the recipe left unset."""
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            return {**METHOD_DEFAULTS.get(data["method"], {}), **data}
+        return data
 
     @field_validator("layers", mode="before")
     @classmethod

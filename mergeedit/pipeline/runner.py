@@ -194,28 +194,15 @@ class Trained:
 
 # -- recipe-derived settings ------------------------------------------------------------------------------------------
 def train_settings(recipe: Recipe) -> tuple[TrainSettings, list[str], Optional[tuple[int, int]]]:
-    """Apply the baseline presets (ft-l, ft-m) to whatever the recipe left unset."""
+    """The loop's settings and the trainable patterns (each method's defaults are already in the recipe: METHOD_DEFAULTS)."""
     r = recipe.rsft
-    given = r.model_fields_set
-    s = TrainSettings(r.lr, r.weight_decay, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold, r.seed, r.schedule or "depth-first", r.sit_out_learned)
+    s = TrainSettings(r.lr, r.weight_decay, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold, r.seed, r.schedule, r.sit_out_learned)
     patterns = r.trainable or DEFAULT_TRAINABLE
     layers = r.layer_range  # None for `layers: auto` (the probe narrows the trainable set in open_session)
-    if r.method == "locft-bf":  # LocFT-BF's published settings, for whatever the recipe left unset
-        for key, value in (("optimizer", "adam"), ("lr", 5e-4), ("batch_size", 100), ("max_epochs", 25), ("loss_threshold", 0.0)):
-            if key not in given:
-                setattr(s, key, value)
-        s.schedule = r.schedule or "breadth-first"
-        if not r.trainable:
-            patterns = [r"mlp\.(down_proj|c_proj)\.weight$"]
-    if r.method in ("ft-l", "ft-m"):
-        if "max_steps_per_batch" not in given:
-            s.max_steps_per_batch = 1
-        if "loss_threshold" not in given:
-            s.loss_threshold = 0.0
+    if r.method in ("locft-bf", "ft-m") and not r.trainable:
+        patterns = [r"mlp\.(down_proj|c_proj)\.weight$"]
     if r.method == "ft-l" and not r.trainable:
         patterns = [r"layers\.\d+\..*(proj|fc|attn)\w*\.weight$"]
-    if r.method == "ft-m" and not r.trainable:
-        patterns = [r"mlp\.(down_proj|c_proj)\.weight$"]
     return s, patterns, layers
 
 
@@ -225,11 +212,6 @@ def check_merge_refs(config: MergeConfig, doc: YamlDocument) -> None:
             raise MergeEditError(f"{doc.where(('merge',))}: model reference '{ref}' is unknown; a recipe's merge may refer to `base` and `rsft`")
     if "rsft" not in config.referenced_models():
         raise MergeEditError(f"{doc.where(('merge',))}: the merge never uses `rsft`, so the edits would be discarded; add a model `rsft`")
-
-
-def answer_eos(recipe: Recipe) -> bool:
-    """Whether raw-form answers train an EOS after them (the locft-bf default)."""
-    return recipe.rsft.eos if recipe.rsft.eos is not None else recipe.rsft.method == "locft-bf"
 
 
 def probe_layer_window(recipe: Recipe, model, tokenizer, records: list[EditRecord], examples_by_case: dict, trainable: list[str]) -> dict:
@@ -350,7 +332,7 @@ class RecipeRun:
         where = self.doc.where(("dataset",))
         # Tokenized once, up front: a target that tokenizes to nothing fails here, before any training.
         examples_by_case: dict[str, list[TrainingExample]] = {}
-        for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where, system_prompt=recipe.dataset.system_prompt, eos=answer_eos(recipe)):
+        for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where, system_prompt=recipe.dataset.system_prompt, eos=recipe.rsft.eos):
             examples_by_case.setdefault(ex.case_id, []).append(ex)
         run = RunDir(self.root, self.force, self.reporter, dist)  # only now: an error above leaves no run folder behind
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
@@ -378,7 +360,7 @@ class RecipeRun:
         all deltas, merges, the ledger and the adapter cover one tensor set."""
         auto = self.recipe.rsft.layers_auto
         probed = records[: auto.examples] if auto.examples else records
-        inputs = {"base": base_key, "records": stable_hash([r.__dict__ for r in probed]), "format": fmt.describe(), "trainable": trainable, "auto": auto.model_dump(), "system_prompt": self.recipe.dataset.system_prompt, "eos": answer_eos(self.recipe)}
+        inputs = {"base": base_key, "records": stable_hash([r.__dict__ for r in probed]), "format": fmt.describe(), "trainable": trainable, "auto": auto.model_dump(), "system_prompt": self.recipe.dataset.system_prompt, "eos": self.recipe.rsft.eos}
 
         def compute() -> dict:
             return probe_layer_window(self.recipe, model, tokenizer, records, examples_by_case, trainable)
@@ -393,7 +375,7 @@ class RecipeRun:
         from ..editing.rsft import pick_precision
         from .recipe import RetainSection
 
-        r = self.recipe.rsft.retain or RetainSection()  # weight 0: only merge.auto's locality probe
+        r = self.recipe.rsft.retain or RetainSection(weight=0.0)  # weight 0: only merge.auto's locality probe
         precision = self.recipe.rsft.precision
         if precision == "auto":
             precision = pick_precision(device)[0]
