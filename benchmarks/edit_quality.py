@@ -36,14 +36,15 @@ import sys
 import time
 from pathlib import Path
 
+from mergeedit.pipeline.recipe import PAPER_LOOP  # noqa: E402  (the paper's loop, for the R-SFT rows)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "data" / "zsre" / "zsre_mend_eval_first1000.json"
 TIES = {"merge_method": "ties", "base_model": "base", "models": [{"model": "rsft", "parameters": {"weight": 1.0, "density": 0.7}}], "dtype": "float32"}
 MIDDLE_LAYER = [15, 16]  # SmolLM2-135M has 30 layers
 
-# The paper's R-SFT loop, named key by key: the rsft method's defaults are now the best measured settings
-# (breadth-first, EOS, retain KL, replay), which `shipped` runs; the R-SFT rows stay the paper's method.
-PAPER_LOOP = {"schedule": "depth-first", "eos": False, "retain": None, "replay": 0.0}
+# The R-SFT rows name the paper's loop (mergeedit.pipeline.recipe.PAPER_LOOP): the rsft method's defaults are now the
+# best measured settings (breadth-first, EOS, retain KL, replay), which `shipped` runs.
 
 # method -> (rsft section overrides, merge, sequential strategy)
 METHODS: dict[str, tuple[dict, object, str]] = {

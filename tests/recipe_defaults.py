@@ -5,4 +5,6 @@ KL, replay: mergeedit.pipeline.recipe.METHOD_DEFAULTS). Tests of the loop's mech
 layout, exact deltas) keep the paper's loop by naming these keys; the defaults themselves are tested on their own.
 """
 
-PAPER_LOOP = {"schedule": "depth-first", "eos": False, "retain": None, "replay": 0.0}
+from mergeedit.pipeline.recipe import PAPER_LOOP
+
+__all__ = ["PAPER_LOOP"]

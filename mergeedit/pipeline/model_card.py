@@ -6,6 +6,7 @@ import platform
 from pathlib import Path
 
 from .. import __version__
+from ..editing.retain import DEFAULT_RETAIN_SET
 
 
 def _versions() -> dict[str, str]:
@@ -79,7 +80,7 @@ def _choices_section(recipe, result) -> str:
     retain = recipe.rsft.retain
     if retain is not None and retain.weight > 0:
         parts.append(
-            f"- Retain (`rsft.retain`): weight {retain.weight} x KL(base || current) on `{', '.join([retain.path] if isinstance(retain.path, str) else retain.path) if retain.path else 'data/retain/retain.jsonl, data/retain/answers.jsonl'}` in every training step "
+            f"- Retain (`rsft.retain`): weight {retain.weight} x KL(base || current) on `{', '.join([retain.path] if isinstance(retain.path, str) else retain.path) if retain.path else ', '.join(f'data/retain/{f.name}' for f in DEFAULT_RETAIN_SET)}` in every training step "
             f"(top-{retain.top_k if retain.top_k else 'all'} base tokens, {retain.batch_size} texts per step, {retain.max_tokens} tokens each)"
         )
     for c in getattr(result, "merge_choices", None) or []:

@@ -84,6 +84,8 @@ class LayersAuto(_Strict):
 # The schema's Field defaults are the `rsft` method's: the best settings measured on SmolLM2-135M-Instruct and ZsRE
 # (benchmarks/README.md, "edit_quality.py"). The baselines keep their published settings for whatever a recipe leaves
 # unset: these are applied before validation, so the stage keys, the plan and the model card all see them.
+# The paper's R-SFT loop, key by key, for recipes (tests, the benchmark's R-SFT rows) that must stay the paper's method
+PAPER_LOOP = {"schedule": "depth-first", "eos": False, "retain": None, "replay": 0.0}
 _NO_EDITOR_CONTROLS = {"retain": None, "replay": 0.0, "eos": False}
 METHOD_DEFAULTS: dict[str, dict] = {
     "ft-l": {**_NO_EDITOR_CONTROLS, "lr": 1e-4, "schedule": "depth-first", "max_steps_per_batch": 1, "loss_threshold": 0.0},
