@@ -102,7 +102,10 @@ def recipe_for(method: str, args) -> dict:
 
 
 def apply_setting(recipe: dict, key: str, value) -> None:
-    """`--set rsft.layers=[8,14]`: a dotted path into the recipe, the value read as YAML (null removes the key)."""
+    """`--set rsft.layers=[8,14]`: a dotted path into the recipe, the value read as YAML.
+
+    `null` writes null, the recipe's own "off" (`rsft.retain=null`: no retain KL, `merge=null`: no merge); it does not
+    remove the key, since a removed key takes the schema's default, which for retain and merge is on."""
     *parents, last = key.split(".")
     node = recipe
     for part in parents:  # a number indexes a list: merge.models.0.parameters.weight
@@ -114,8 +117,6 @@ def apply_setting(recipe: dict, key: str, value) -> None:
         node = node[part]
     if isinstance(node, list):
         node[int(last)] = value
-    elif value is None:
-        node.pop(last, None)
     else:
         node[last] = value
 

@@ -281,6 +281,10 @@ class RetainKL:
     def __len__(self) -> int:
         return len(self.groups)
 
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        """The padded retain mini-batches (input_ids, attention_mask, position_ids), in step order."""
+        return [g.batch for g in self.groups]
+
     @property
     def positions(self) -> int:
         return sum(int(g.rows.numel()) for g in self.groups)

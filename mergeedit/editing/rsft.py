@@ -19,6 +19,7 @@ epochs, cost a measuring forward, not a step.
 
 `rsft.retain` adds ``weight * KL(base || current)`` on a mini-batch of unrelated text (editing.retain) to every step's
 loss, in both schedules and on either forward path (the retain texts always run the model's own full forward).
+`rsft.null_space` projects every step's update off the directions those texts' activations use (editing.null_space).
 
 The baselines are the same loop with other settings: FT-L (every layer, one step per batch, no threshold) and FT-M
 (one layer's MLP down projection, answer-token loss, one step per batch). Only the chosen parameters get gradients.
@@ -82,6 +83,7 @@ class TrainReport:
     profile: dict = field(default_factory=dict)  # seconds in prefix, forward, backward, optimizer, measure
     retain: dict = field(default_factory=dict)  # the retain term (RetainKL.describe) and its unweighted KL at every step
     sat_out: list[int] = field(default_factory=list)  # per epoch: edits already learned at its start (no step in it)
+    null_space: dict = field(default_factory=dict)  # the update's projection (NullSpaceProjector.describe), when on
 
     @property
     def learned_fraction(self) -> float:
@@ -239,8 +241,9 @@ class _EditLoop:
     measured loss, the batch loss of every optimizer step, the seconds per phase and the tokens through the trained
     layers. `run_epoch` is loops 2 and 3 of the module docstring, `end_epoch` the check after every epoch."""
 
-    def __init__(self, model, examples, settings, setup: _Setup, *, pad_id, device, accelerator, progress, on_step, retain=None) -> None:
+    def __init__(self, model, examples, settings, setup: _Setup, *, pad_id, device, accelerator, progress, on_step, retain=None, project=None) -> None:
         self.model, self.examples, self.settings, self.setup = model, examples, settings, setup
+        self.project = project  # a NullSpaceProjector (editing.null_space) or None
         self.retain, self.retain_kl = retain, []  # a RetainKL (editing.retain) or None; its KL at every step
         self.pad_id, self.device, self.accelerator = pad_id, device, accelerator
         self.progress, self.on_step = progress, on_step
@@ -426,6 +429,10 @@ class _EditLoop:
         self.setup.optimizer.step()
         self.setup.optimizer.zero_grad(set_to_none=True)  # no gradient memory held between steps
         self.timing["optimizer"] += time.perf_counter() - t
+        if self.project is not None:  # the update leaves the retain text's directions alone (rsft.null_space)
+            t = time.perf_counter()
+            self.project.project(self.setup.named)
+            self.timing["project"] = self.timing.get("project", 0.0) + time.perf_counter() - t
 
     def record_step(self, live: list[int], keep: list[bool], value: float) -> None:
         """Count the step for every edit that contributed to its loss, then tell `on_step` and `progress`."""
@@ -477,6 +484,7 @@ class _EditLoop:
             profile={"prefix": s.forward.prefix_seconds - s.prefix_before + 0.0, **self.timing},
             retain={**self.retain.describe(), "kl": self.retain_kl} if self.retain is not None else {},
             sat_out=self.sat_out,
+            null_space=self.project.describe() if self.project is not None else {},
         )
 
 
@@ -494,6 +502,7 @@ def train_edits(
     forward=None,
     on_step: Optional[StepHook] = None,
     retain=None,
+    project=None,
 ) -> TrainReport:
     """Fine-tune `trainable` parameters of `model` in place until the edits are learned (or the loops run out).
 
@@ -505,6 +514,10 @@ def train_edits(
     `retain` (a `RetainKL` built from the unedited model before training, editing.retain) adds ``weight * KL(base ||
     current)`` on one retain mini-batch to every step's loss; its KL at every step is in the report's ``retain``.
     None or weight 0: no retain forward at all. Not under several processes (a second DDP forward per step).
+
+    `project` (a `NullSpaceProjector` built from the unedited model, editing.null_space) projects every step's update
+    of each trained matrix off the directions the retain text's inputs use: ``W <- W0 + (W - W0) P``, W0 the weights
+    when this call starts.
     """
     if retain is not None and retain.weight == 0:
         retain = None
@@ -512,10 +525,16 @@ def train_edits(
         raise MergeEditError("rsft.retain: the retain KL is not supported under several processes (it needs a second DDP forward per step); run it in one process or set rsft.retain.weight: 0")
     started = time.perf_counter()
     setup = _set_up(model, examples, trainable, settings, pad_id=pad_id, device=device, accelerator=accelerator, precision=precision, forward=forward)
-    loop = _EditLoop(model, examples, settings, setup, pad_id=pad_id, device=device, accelerator=accelerator, progress=progress, on_step=on_step, retain=retain)
+    loop = _EditLoop(model, examples, settings, setup, pad_id=pad_id, device=device, accelerator=accelerator, progress=progress, on_step=on_step, retain=retain, project=project)
+    if project is not None:
+        project.start(setup.named)
     gen = torch.Generator().manual_seed(settings.seed)
-    for epoch in range(settings.max_epochs):  # loop 1
-        loop.run_epoch(epoch, gen)
-        if loop.end_epoch(last=epoch == settings.max_epochs - 1):
-            break
+    try:
+        for epoch in range(settings.max_epochs):  # loop 1
+            loop.run_epoch(epoch, gen)
+            if loop.end_epoch(last=epoch == settings.max_epochs - 1):
+                break
+    finally:
+        if project is not None:
+            project.finish()
     return loop.report(trainable, started)

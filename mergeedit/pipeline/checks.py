@@ -146,9 +146,10 @@ def retain_path(recipe: Recipe, recipe_dir: Path) -> Optional[list[Path]]:
 def check_retain(recipe: Recipe, doc: YamlDocument, recipe_dir: Path):
     """rsft.retain: read the retain set and refuse one that shares a prompt or a text with the drift set the run's
     evaluation uses (the shipped one and eval.drift_texts). Returns the RetainTexts, or None when nothing reads them:
-    the KL term is off and there is no `merge: {auto}` (whose locality probes are the retain texts)."""
+    the KL term is off, there is no `merge: {auto}` (whose locality probes are the retain texts) and no
+    `rsft.null_space` (whose directions come from them)."""
     auto = recipe.merge is not None and recipe.merge.auto is not None
-    if recipe.rsft.retain_weight <= 0 and not auto:
+    if recipe.rsft.retain_weight <= 0 and not auto and recipe.rsft.null_space is None:
         return None
     from ..editing.retain import DRIFT_EVAL_TEXTS, load_retain_texts
 
@@ -160,7 +161,7 @@ def check_retain(recipe: Recipe, doc: YamlDocument, recipe_dir: Path):
     if recipe.rsft.retain is not None and recipe.rsft.retain.path is not None:
         key = ("rsft", "retain", "path")
     else:
-        key = ("rsft", "retain") if recipe.rsft.retain is not None else ("merge", "auto")
+        key = ("rsft", "retain") if recipe.rsft.retain is not None else ("merge", "auto") if auto else ("rsft", "null_space")
     try:
         return load_retain_texts(retain_path(recipe, recipe_dir), drift_texts=drift)
     except MergeEditError as exc:

@@ -83,6 +83,15 @@ def _choices_section(recipe, result) -> str:
             f"- Retain (`rsft.retain`): weight {retain.weight} x KL(base || current) on `{', '.join([retain.path] if isinstance(retain.path, str) else retain.path) if retain.path else ', '.join(f'data/retain/{f.name}' for f in DEFAULT_RETAIN_SET)}` in every training step "
             f"(top-{retain.top_k if retain.top_k else 'all'} base tokens, {retain.batch_size} texts per step, {retain.max_tokens} tokens each)"
         )
+    null_space = recipe.rsft.null_space
+    if null_space is not None:
+        reports = [r.get("null_space") or {} for r in getattr(result, "train_reports", None) or []]
+        free = next((r["free_share"] for r in reports if "free_share" in r), None)
+        parts.append(
+            f"- Null space (`rsft.null_space`): every step's update of each trained matrix was projected off the top input directions holding "
+            f"{null_space.energy} of the retain texts' activations (measured on the unedited model)"
+            + (f"; {free:.1%} of the input directions were left free to learn in" if free is not None else "")
+        )
     for c in getattr(result, "merge_choices", None) or []:
         keys = list(c["table"][0]["params"]) if c.get("table") else []
         score_keys = [k for k in ("rel", "gen", "loc", "rel_em", "gen_em") if any(row["scores"].get(k) is not None for row in c["table"])]

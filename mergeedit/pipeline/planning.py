@@ -57,13 +57,18 @@ def _base_folder_if_available(run: RecipeRun) -> Path | None:
 
 
 def _new_key_notes(run: RecipeRun, retain) -> list[str]:
-    """What `rsft.retain` and `merge: {auto}` will do, in one line each."""
+    """What `rsft.retain`, `rsft.null_space` and `merge: {auto}` will do, in one line each."""
     recipe, notes = run.recipe, []
     if retain is not None and recipe.rsft.retain_weight > 0:
         r = recipe.rsft.retain
         notes.append(
             f"retain: {r.weight} x KL(base || current) in every step on {len(retain.texts)} texts of {retain.source} "
             f"(top-{r.top_k or 'all'}, {r.batch_size} per step, {r.max_tokens} tokens each); the base is the unedited model for every batch"
+        )
+    if retain is not None and recipe.rsft.null_space is not None:
+        notes.append(
+            f"null space: every step's update of each trained Linear matrix is projected off the top directions holding {recipe.rsft.null_space.energy} "
+            f"of its inputs' second moment on {len(retain.texts)} texts of {retain.source} (measured on the unedited model)"
         )
     if recipe.merge is not None and recipe.merge.auto is not None:
         a = recipe.merge.auto

@@ -73,6 +73,18 @@ class RetainSection(_Strict):
     max_tokens: int = Field(64, ge=2, description="Each retain text is cut to its first max_tokens tokens.")
 
 
+class NullSpaceSection(_Strict):
+    """`rsft.null_space`: every step's update of each trained matrix is projected off the directions its inputs take
+    on the retain texts (mergeedit.editing.null_space; AlphaEdit's null-space constraint, applied to fine-tuning)."""
+
+    energy: float = Field(
+        0.9, gt=0, lt=1, allow_inf_nan=False,
+        description="Share of the retain activations' second moment (per trained matrix, the trace of sum x x^T over the "
+        "retain texts' inputs to it) whose top directions the update must leave unchanged. Higher: locality held more "
+        "tightly, fewer directions left to learn the edits in.",
+    )
+
+
 class LayersAuto(_Strict):
     """`rsft.layers: auto` or `{auto: WIDTH, ...}`: the window of layers is chosen by a probe (editing.localize)."""
 
@@ -134,6 +146,12 @@ class RsftSection(_Strict):
     retain: Optional[RetainSection] = Field(
         default_factory=RetainSection,
         description="KL(base || current) on unrelated text mixed into every step. Default: {weight: 1.0} on the shipped retain set (ft-l, ft-m, locft-bf: off); null or weight 0: off.",
+    )
+
+    null_space: Optional[NullSpaceSection] = Field(
+        None,
+        description="Project every step's update of each trained Linear matrix off the directions the retain texts' inputs to it use "
+        "(rsft.retain.path, default the shipped retain set; the retain KL may be on or off), e.g. {energy: 0.9}. Default: off.",
     )
 
     @model_validator(mode="before")

@@ -179,6 +179,7 @@ class Session:
     layer_choice: Optional[dict] = None  # `rsft.layers: auto`: the layer-probe stage's result
     retain: object = None  # a RetainKL against the original unedited model: rsft.retain's term, and merge.auto's locality probe (weight 0 when only that); None: neither
     retain_key: Optional[str] = None  # hash of the retain texts and settings (part of every R-SFT stage's key)
+    null_space: object = None  # `rsft.null_space`: a NullSpaceProjector from the unedited model's retain activations
 
 
 @dataclass
@@ -348,9 +349,15 @@ class RecipeRun:
         initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable} if recipe.sequential.strategy == "anchored" else {}
         forward = training_forward(model, trainable, dist.accelerator if dist.enabled else None)
         retain, retain_key = self.build_retain(retain_texts, model, tokenizer, device) if retain_texts is not None else (None, None)
+        null_space = None
+        if recipe.rsft.null_space is not None:
+            from ..editing.null_space import NullSpaceProjector
+
+            # from the unedited model, in float32 (its activations' second moments in float64); every train report holds describe()
+            null_space = NullSpaceProjector.build(model, trainable, retain.batches(), recipe.rsft.null_space.energy, source=retain_texts.source)
         return Session(
             run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, training_model, named, device, fmt, examples_by_case, initial, forward,
-            layer_choice=layer_choice, retain=retain, retain_key=retain_key,
+            layer_choice=layer_choice, retain=retain, retain_key=retain_key, null_space=null_space,
         )
 
     def layer_probe(self, run: RunDir, base_key: dict, model, tokenizer, records: list[EditRecord], examples_by_case: dict, fmt, trainable: list[str]) -> dict:
@@ -431,7 +438,7 @@ class RecipeRun:
                 report = train_edits(
                     s.training_model, examples, s.trainable, s.settings, pad_id=s.tokenizer.pad_token_id, device=s.device,
                     progress=self.reporter.training, precision=recipe.rsft.precision, accelerator=self.dist.accelerator,
-                    forward=s.forward, retain=s.retain,
+                    forward=s.forward, retain=s.retain, project=s.null_space,
                 )
                 self.reporter.training_done()
                 return report
@@ -441,7 +448,7 @@ class RecipeRun:
                 (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
 
             inputs = {"upstream": upstream if strategy == "chained" else stable_hash(s.base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": s.fmt.describe(), "trainable": s.trainable, "system_prompt": recipe.dataset.system_prompt}
-            if s.retain_key is not None and s.retain.weight > 0:
+            if s.retain_key is not None and (s.retain.weight > 0 or s.null_space is not None):
                 inputs["retain"] = s.retain_key
             detail = f"{len(batch)} edits, {sum(named[n].numel() for n in s.trainable):,} trainable parameters"
             rsft_stage = s.run.produce(named_stage(rsft_stage_name(b), b), inputs, write_delta, compute=train, detail=detail)

@@ -1,0 +1,179 @@
+"""Null-space projection: keep every trained matrix's update out of the directions unrelated text uses.
+
+The retain KL (editing.retain) asks the edited model to stay close to the unedited one on unrelated text; this holds
+it there by construction, for as much of that text's activations as the recipe asks (`rsft.null_space`), in the way of
+AlphaEdit (Fang et al., ICLR 2025: "AlphaEdit: Null-Space Constrained Knowledge Editing"), applied here to every step
+of fine-tuning instead of to one closed-form update:
+
+    for each trained matrix W (out x in), over the inputs x it sees on the retain texts (the unedited model):
+        K = sum x x^T                        (in x in, every non-padding position)
+        U = the top eigenvectors of K holding `energy` of its trace (the directions unrelated text uses)
+        P = I - U U^T                        (projection onto the rest)
+    after every optimizer step:  W <- W0 + (W - W0) P      (W0: the weights when training started)
+
+so the update ``dW = W - W0`` satisfies ``dW U = 0``: on an input inside span(U) the matrix computes what it did before.
+When every trained matrix of a window is projected, a retain text's activations are unchanged layer after layer, up
+to the energy left out (1 - energy of each K). The edits are learned in the directions that are left: a subject's
+own features, where they are not common to the retain text. `energy` trades locality against reliability: at 1.0
+nothing could change; the fraction of directions kept free is reported (`describe`).
+
+Only 2-D weights of `torch.nn.Linear` modules are projected (an MLP's gate, up and down projections, attention
+projections); any other trained tensor (a norm's scale, an embedding) is left as trained and listed in `describe`.
+The projections are computed once, from the unedited model, and reused for every sequential batch; `W0` is each
+batch's starting point, so every batch's own update is projected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+
+from ..core.errors import MergeEditError
+
+__all__ = ["NullSpaceProjector", "input_second_moments", "projection_from_moment"]
+
+
+def _linear_modules(model, trainable: Iterable[str]) -> dict[str, torch.nn.Linear]:
+    """Each trained parameter name that is a Linear module's weight -> that module."""
+    modules = dict(model.named_modules())
+    out: dict[str, torch.nn.Linear] = {}
+    for name in trainable:
+        owner, _, leaf = name.rpartition(".")
+        m = modules.get(owner)
+        if leaf == "weight" and isinstance(m, torch.nn.Linear):
+            out[name] = m
+    return out
+
+
+def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict]) -> tuple[dict[str, torch.Tensor], int]:
+    """K = sum x x^T (float64) of the inputs each trained Linear weight sees, over every non-padding position of
+    `batches` (dicts with input_ids and attention_mask, and position_ids where the model takes them); and the count
+    of positions. The model runs without gradients, in its current precision."""
+    import inspect
+
+    linears = _linear_modules(model, trainable)
+    sums: dict[str, torch.Tensor] = {}
+    mask_now: list[Optional[torch.Tensor]] = [None]
+    hooks = []
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            x = args[0]
+            keep = mask_now[0]
+            rows = x[keep] if keep is not None and keep.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
+            rows = rows.detach().to(torch.float64)
+            k = rows.T @ rows
+            sums[name] = k if name not in sums else sums[name] + k
+
+        return hook
+
+    for name, m in linears.items():
+        hooks.append(m.register_forward_pre_hook(hook_for(name)))
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    positions = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask = batch["attention_mask"].bool()
+                mask_now[0] = mask
+                positions += int(mask.sum())
+                kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                if takes_positions and "position_ids" in batch:
+                    kwargs["position_ids"] = batch["position_ids"]
+                model(**kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return sums, positions
+
+
+def projection_from_moment(k: torch.Tensor, energy: float) -> tuple[torch.Tensor, int]:
+    """P = I - U U^T (float32), U the fewest top eigenvectors of the symmetric `k` whose eigenvalues hold `energy` of
+    its trace; and how many were taken. Ties in the ordering are broken by eigh's (deterministic) order."""
+    if not 0 < energy < 1:
+        raise MergeEditError(f"null_space energy must be in (0, 1), got {energy}")
+    values, vectors = torch.linalg.eigh(k.to(torch.float64))
+    values = values.clamp_min(0).flip(0)
+    vectors = vectors.flip(1)
+    total = float(values.sum())
+    if total <= 0 or not math.isfinite(total):
+        return torch.eye(k.shape[0], dtype=torch.float32), 0
+    share = torch.cumsum(values, 0) / total
+    taken = int((share < energy).sum()) + 1  # the fewest whose share reaches `energy`
+    taken = min(taken, k.shape[0])
+    u = vectors[:, :taken]
+    p = torch.eye(k.shape[0], dtype=torch.float64) - u @ u.T
+    return p.to(torch.float32), taken
+
+
+class NullSpaceProjector:
+    """``start(named)`` when a training call begins (remembers W0), ``project(named)`` after every optimizer step."""
+
+    def __init__(self, projections: dict[str, torch.Tensor], taken: dict[str, int], energy: float, positions: int, skipped: list[str], source: str = ""):
+        self.projections = projections  # trained weight name -> P (in x in); matrices with the same input share one
+        self.taken = taken
+        self.energy = energy
+        self.positions = positions
+        self.skipped = skipped
+        self.source = source
+        self._start: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, model, trainable: list[str], batches: Iterable[dict], energy: float, source: str = "") -> "NullSpaceProjector":
+        """From the model as it is now (the unedited one) and the retain batches (RetainKL.batches())."""
+        moments, positions = input_second_moments(model, trainable, batches)
+        if positions == 0:
+            raise MergeEditError("rsft.null_space: the retain set has no positions to measure")
+        projections: dict[str, torch.Tensor] = {}
+        taken: dict[str, int] = {}
+        shared: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (K, P, taken): gate and up read the same input
+        for name in trainable:
+            k = moments.get(name)
+            if k is None:
+                continue
+            for k0, p0, t0 in shared:
+                if k0.shape == k.shape and torch.equal(k0, k):
+                    projections[name], taken[name] = p0, t0
+                    break
+            else:
+                p, t = projection_from_moment(k, energy)
+                shared.append((k, p, t))
+                projections[name], taken[name] = p, t
+        skipped = [n for n in trainable if n not in projections]
+        return cls(projections, taken, energy, positions, skipped, source)
+
+    def start(self, named: dict) -> None:
+        """Remember the starting weights of every projected matrix (a training call's W0)."""
+        self._start = {n: named[n].detach().clone() for n in self.projections}
+
+    def project(self, named: dict) -> None:
+        """W <- W0 + (W - W0) P for every projected matrix, in place."""
+        if not self._start:
+            raise MergeEditError("NullSpaceProjector.project before start")
+        with torch.no_grad():
+            for n, p in self.projections.items():
+                w, w0 = named[n], self._start[n]
+                p = p.to(device=w.device)
+                delta = (w.float() - w0.float()) @ p
+                w.copy_((w0.float() + delta).to(w.dtype))
+
+    def finish(self) -> None:
+        self._start = {}
+
+    def describe(self) -> dict:
+        """What the run stores: the energy, the positions measured, and per matrix shape how many directions were held."""
+        free = {n: p.shape[0] - self.taken[n] for n, p in self.projections.items()}
+        return {
+            "energy": self.energy,
+            "positions": self.positions,
+            "source": self.source,
+            "held_directions": dict(self.taken),
+            "free_directions": free,
+            "free_share": sum(free.values()) / max(sum(p.shape[0] for p in self.projections.values()), 1),
+            "not_projected": list(self.skipped),
+        }

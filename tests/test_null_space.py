@@ -1,0 +1,107 @@
+"""`rsft.null_space`: every step's update is projected off the directions the retain texts' activations use
+(mergeedit.editing.null_space). Hand-worked projections, the exact invariance it promises (a retain text whose
+activations span fewer directions than a layer is wide comes out of training unchanged), and the recipe key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_recipe_controls import _recipe, _tiny
+
+from mergeedit.editing.null_space import NullSpaceProjector, projection_from_moment
+from mergeedit.pipeline.runner import RecipeRun
+
+# 3 texts of 4 tokens (the tiny tokenizer adds no BOS): 12 input positions, fewer than the tiny model's width (32)
+SHORT_RETAIN = [{"prompt": f"w{i}", "text": f"w{i} w{i + 9} w{i + 17} the"} for i in (1, 2, 3)]
+
+
+def test_projection_keeps_the_fewest_top_directions_holding_the_energy():
+    k = torch.diag(torch.tensor([9.0, 1.0, 0.0], dtype=torch.float64))
+    p, taken = projection_from_moment(k, 0.85)  # 9 / 10 = 0.9 >= 0.85: one direction held
+    assert taken == 1 and torch.equal(p, torch.diag(torch.tensor([0.0, 1.0, 1.0])))
+    p, taken = projection_from_moment(k, 0.9)  # exactly reached counts
+    assert taken == 1
+    p, taken = projection_from_moment(k, 0.95)  # needs the second: 10 / 10
+    assert taken == 2 and torch.equal(p, torch.diag(torch.tensor([0.0, 0.0, 1.0])))
+    # a rotated moment gives the rotated projection: P = I - u u^T for its top eigenvector u
+    q, _ = torch.linalg.qr(torch.tensor([[1.0, 2.0, 0.0], [2.0, -1.0, 1.0], [0.0, 1.0, 3.0]], dtype=torch.float64))
+    p, taken = projection_from_moment(q @ k @ q.T, 0.85)
+    u = q[:, :1]
+    assert taken == 1 and torch.allclose(p.double(), torch.eye(3, dtype=torch.float64) - u @ u.T, atol=1e-6)
+    with pytest.raises(Exception, match="energy must be in"):
+        projection_from_moment(k, 1.0)
+
+
+def test_project_is_w0_plus_the_projected_delta():
+    lin = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    named = {"w": lin.weight}
+    proj = NullSpaceProjector({"w": torch.diag(torch.tensor([0.0, 1.0, 1.0]))}, {"w": 1}, 0.9, 10, [])
+    proj.start(named)
+    with torch.no_grad():
+        lin.weight.add_(torch.tensor([[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]]))
+    proj.project(named)
+    # the first input direction is held: its column keeps W0's values, the others keep the update
+    assert torch.equal(lin.weight.detach(), torch.tensor([[1.0, 22.0, 33.0], [4.0, 55.0, 66.0]]))
+    d = proj.describe()
+    assert d["held_directions"] == {"w": 1} and d["free_directions"] == {"w": 2} and d["free_share"] == pytest.approx(2 / 3)
+
+
+def _retain_logits(model_dir, texts) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return torch.cat([model(**tok(t, return_tensors="pt")).logits[0] for t in texts])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny(tmp_path_factory.mktemp("tiny-ns") / "model")
+
+
+def test_a_retain_text_narrower_than_the_layers_comes_out_of_training_unchanged(tmp_path, tiny, run_cli):
+    """12 retain positions span at most 12 of the 32 (and 64) input directions of every MLP matrix. Held with an
+    energy of 1 - 1e-9, every trained matrix computes what it did on those inputs, layer after layer: the retain texts'
+    logits are the unedited model's, while the edits are still learned in the 20 (or more) directions left."""
+    texts = [r["text"] for r in SHORT_RETAIN]
+    common = {"schedule": "breadth-first", "max_epochs": 12, "lr": 0.02}
+
+    def run(name, **rsft):
+        folder = tmp_path / name
+        recipe = _recipe(folder, tiny, rsft={**common, **rsft})
+        (folder / "retain.jsonl").write_text("\n".join(json.dumps(r) for r in SHORT_RETAIN) + "\n")
+        return recipe, RecipeRun(recipe).run()
+
+    before = _retain_logits(tiny, texts)
+    _, free = run("free", retain={"weight": 0.0, "path": "retain.jsonl"})
+    recipe, held = run("held", retain={"weight": 0.0, "path": "retain.jsonl"}, null_space={"energy": 1 - 1e-9})
+    moved = float((_retain_logits(free.model_dir, texts) - before).abs().max())
+    kept = float((_retain_logits(held.model_dir, texts) - before).abs().max())
+    assert moved > 0.1 and kept < 1e-3 * moved, (moved, kept)
+    report = held.train_reports[0]["null_space"]
+    assert report["positions"] == 12 and report["not_projected"] == []
+    for name, h in report["held_directions"].items():  # each matrix held at most as many directions as there are positions
+        assert 1 <= h <= 12 and report["free_directions"][name] == (64 if "down_proj" in name else 32) - h
+    losses = [r["losses"] for r in (free.train_reports[0], held.train_reports[0])]
+    assert losses[1][-1] < 0.5 * losses[1][0]  # the edits are still learned in the free directions
+    assert free.train_reports[0]["null_space"] == {}
+    shown = run_cli("plan", recipe)
+    assert shown.code == 0 and "null space: every step's update of each trained Linear matrix is projected off" in shown.stdout, shown.stdout
+    assert "Null space (`rsft.null_space`)" in (held.model_dir / "README.md").read_text()
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"null_space": {"energy": 1.0}}, "rsft.null_space.energy"),
+    ({"null_space": {"energy": 0}}, "rsft.null_space.energy"),
+    ({"null_space": {"rank": 3}}, "rsft.null_space.rank"),
+])
+def test_bad_null_space_settings_are_one_located_line_exit_2(tmp_path, tiny, run_cli, bad, needle):
+    recipe = _recipe(tmp_path, tiny, rsft=bad)
+    got = run_cli("validate", recipe)
+    assert got.code == 2 and needle in got.stderr and "Traceback" not in got.stderr, got.stderr
+    assert len(got.stderr.strip().splitlines()) == 1
