@@ -239,6 +239,32 @@ def test_sequential_curve_points_every_k_batches(tmp_path, tiny_model, drift_fil
     assert [s for s in plan_recipe(recipe).stages if s.startswith(("pre", "curve"))] == ["pre-eval", "pre-drift", "curve-002", "curve-003"]
 
 
+def test_a_chained_run_stopped_early_keeps_the_curve_points_it_reached(tmp_path, tiny_model, drift_file, monkeypatch):
+    """Each chained curve point is scored when its batch ends: a run that dies in batch 3 leaves the points after
+    batches 1 and 2 (stages curve-000, curve-001), and the rerun reuses them."""
+    from mergeedit.pipeline import runner
+
+    real, calls = runner.train_edits, []
+
+    def dies_in_batch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed in batch 3")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_edits", dies_in_batch_3)
+    recipe = _recipe(tmp_path, tiny_model, drift_file, sequential={"batch_size": 1, "strategy": "chained"}, eval={"curve_every": 1})
+    with pytest.raises(RuntimeError, match="killed in batch 3"):
+        runner.RecipeRun(recipe).run()
+    stages = tmp_path / "run" / "stages"
+    kept = [json.loads((stages / f"curve-00{b}" / "result.json").read_text()) for b in (0, 1)]
+    assert [(p["batch"], p["edits"]) for p in kept] == [(1, 1), (2, 2)] and not (stages / "curve-002").exists()
+    monkeypatch.setattr(runner, "train_edits", real)
+    result = runner.RecipeRun(recipe).run()
+    assert result.curve[:2] == kept and "curve-000" not in result.stages_run and "curve-001" not in result.stages_run
+    assert [p["batch"] for p in result.curve] == [1, 2, 3, 4]
+
+
 def test_plot_needs_matplotlib(monkeypatch, tmp_path):
     from mergeedit.evaluation.curves import plot_curve
 

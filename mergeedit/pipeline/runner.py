@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -410,10 +410,12 @@ class RecipeRun:
         return pre, drift
 
     def train_batches(
-        self, s: Session, result: RunResult, merge: bool = True, batches: Optional[list[list[EditRecord]]] = None, renamed_from: Optional[int] = None, prefix: str = ""
+        self, s: Session, result: RunResult, merge: bool = True, batches: Optional[list[list[EditRecord]]] = None, renamed_from: Optional[int] = None, prefix: str = "",
+        on_checkpoint: Optional[Callable[[int, Trained], None]] = None,
     ) -> Trained:
         """R-SFT per batch (chained: merged back after each batch unless `merge` is False); every stage cached.
-        `batches` replaces the recipe's (a revert's remaining batches); stages from batch `renamed_from` on get `prefix`."""
+        `batches` replaces the recipe's (a revert's remaining batches); stages from batch `renamed_from` on get `prefix`.
+        `on_checkpoint(b, trained)` is called (chained) once batch b's model is made and loaded."""
         recipe = self.recipe
         strategy = recipe.sequential.strategy
         named = s.named
@@ -477,6 +479,8 @@ class RecipeRun:
                     current_delta = rsft_delta
                 load_delta(s.model, current_delta)
                 trained.checkpoints.append((upstream, current_delta))
+                if on_checkpoint is not None:
+                    on_checkpoint(b, trained)
         trained.current_delta, trained.upstream = current_delta, upstream
         return trained
 
@@ -536,15 +540,14 @@ class RecipeRun:
         self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], result: RunResult, final: tuple, config: Optional[MergeConfig] = None
     ) -> list[dict]:
         """Teacher-forced scores (and drift) on the edits so far, after every `eval.curve_every` batches and the last.
-        `final` is the run's own (delta, stage id) for the last point (for anchored runs: its merge, already made)."""
-        from .evaluation_stage import curve_point
-
-        cfg = self.recipe.eval
+        `final` is the run's own (delta, stage id) for the last point (for anchored runs: its merge, already made).
+        Chained runs score each point as soon as its batch is merged (`train_batches`' `on_checkpoint`): here they
+        are read back from their stages."""
         batches = self.batches(s.records)
         points, done = [], 0
         for b, batch in enumerate(batches):
             done += len(batch)
-            if (b + 1) % cfg.curve_every and b + 1 != len(batches):
+            if not self.is_curve_batch(b, len(batches)):
                 continue
             if self.recipe.sequential.strategy == "anchored":
                 if b + 1 == len(batches):
@@ -553,15 +556,26 @@ class RecipeRun:
                     delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], config or self.merge_config, f"curve-{merge_stage_name(b)}")
             else:
                 delta_id, delta = trained.checkpoints[b]
-            so_far = s.records[:done]
-            inputs = {"upstream": delta_id, "pre": s.run.output_id("pre-eval"), "drift": drift.stage_id if drift else None, "eval": self.eval_key(), "edits": done}
-
-            def compute(delta=delta, so_far=so_far, b=b):
-                load_delta(s.model, delta)
-                return curve_point(s.model, s.tokenizer, so_far, self.recipe.eval, pre, drift, batch=b + 1)
-
-            points.append(s.run.produce_json(curve_stage_name(b), inputs, compute)[1])
+            points.append(self.curve_point(s, b, done, delta, delta_id, pre, drift))
         return points
+
+    def is_curve_batch(self, b: int, count: int) -> bool:
+        """Whether the curve has a point after batch `b` (0-based) of `count`: every `eval.curve_every`, and the last."""
+        every = self.recipe.eval.curve_every
+        return bool(self.recipe.eval.enabled and every) and ((b + 1) % every == 0 or b + 1 == count)
+
+    def curve_point(self, s: Session, b: int, done: int, delta: ModelSource, delta_id: str, pre: Optional[dict], drift: Optional[DriftSetup]) -> dict:
+        """Stage curve-NNN: the first `done` edits scored on the model `delta` (after batch `b`), with drift; cached."""
+        from .evaluation_stage import curve_point
+
+        so_far = s.records[:done]
+        inputs = {"upstream": delta_id, "pre": s.run.output_id("pre-eval"), "drift": drift.stage_id if drift else None, "eval": self.eval_key(), "edits": done}
+
+        def compute() -> dict:
+            load_delta(s.model, delta)
+            return curve_point(s.model, s.tokenizer, so_far, self.recipe.eval, pre, drift, batch=b + 1)
+
+        return s.run.produce_json(curve_stage_name(b), inputs, compute)[1]
 
     def run(self) -> RunResult:
         started = time.perf_counter()
@@ -573,8 +587,16 @@ class RecipeRun:
         # 1. pre-edit reference outputs (locality is post-vs-pre; drift is against the unedited model)
         pre, drift = self.pre_edit_stages(s, records, result)
 
-        # 2. R-SFT (+ merge) per batch; the anchored strategy merges every batch's task vector at the end
-        trained = self.train_batches(s, result)
+        # 2. R-SFT (+ merge) per batch; the anchored strategy merges every batch's task vector at the end. A chained
+        # run scores its curve points as their batches end, so a run stopped early keeps the points it reached.
+        batch_count = len(self.batches(records))
+
+        def score_checkpoint(b: int, trained: Trained) -> None:
+            if self.is_curve_batch(b, batch_count):
+                delta_id, delta = trained.checkpoints[b]
+                self.curve_point(s, b, sum(map(len, self.batches(records)[: b + 1])), delta, delta_id, pre, drift)
+
+        trained = self.train_batches(s, result, on_checkpoint=score_checkpoint)
         if s.retain is not None and s.retain.weight > 0:
             kl = ", ".join(f"{r['retain']['kl'][0]:.4g} -> {r['retain']['kl'][-1]:.4g}" for r in result.train_reports if r.get("retain", {}).get("kl"))
             result.notes.append(f"retain: {s.retain.weight} x KL(unedited || current) on {s.retain.source}; KL at the first -> last step of each batch: {kl or 'no step'}")
