@@ -46,6 +46,9 @@ def test_project_is_w0_plus_the_projected_delta():
     proj.project(named)
     # the first input direction is held: its column keeps W0's values, the others keep the update
     assert torch.equal(lin.weight.detach(), torch.tensor([[1.0, 22.0, 33.0], [4.0, 55.0, 66.0]]))
+    lin.weight.grad = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    proj.project_grads(named)  # before the optimizer step: the held direction's gradient is dropped
+    assert torch.equal(lin.weight.grad, torch.tensor([[0.0, 2.0, 3.0], [0.0, 5.0, 6.0]]))
     d = proj.describe()
     assert d["held_directions"] == {"w": 1} and d["free_directions"] == {"w": 2} and d["free_share"] == pytest.approx(2 / 3)
 

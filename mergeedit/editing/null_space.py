@@ -9,9 +9,14 @@ of fine-tuning instead of to one closed-form update:
         K = sum x x^T                        (in x in, every non-padding position)
         U = the top eigenvectors of K holding `energy` of its trace (the directions unrelated text uses)
         P = I - U U^T                        (projection onto the rest)
+    before every optimizer step: grad <- grad P           (Adam's moments see only the directions left free)
     after every optimizer step:  W <- W0 + (W - W0) P      (W0: the weights when training started)
 
 so the update ``dW = W - W0`` satisfies ``dW U = 0``: on an input inside span(U) the matrix computes what it did before.
+Projecting the gradient first matters with Adam: a weight gradient is a sum of ``delta x^T`` over positions, and most of
+its energy lies along the inputs' main directions (the held ones), so Adam's per-element scale, computed from the whole
+gradient, would shrink the steps the free directions get; the projection after the step is what makes the promise
+exact (Adam's per-element division takes its update out of the free subspace).
 When every trained matrix of a window is projected, a retain text's activations are unchanged layer after layer, up
 to the energy left out (1 - energy of each K). The edits are learned in the directions that are left: a subject's
 own features, where they are not common to the retain text. `energy` trades locality against reliability: at 1.0
@@ -112,7 +117,8 @@ def projection_from_moment(k: torch.Tensor, energy: float) -> tuple[torch.Tensor
 
 
 class NullSpaceProjector:
-    """``start(named)`` when a training call begins (remembers W0), ``project(named)`` after every optimizer step."""
+    """``start(named)`` when a training call begins (remembers W0), ``project_grads(named)`` before and
+    ``project(named)`` after every optimizer step."""
 
     def __init__(self, projections: dict[str, torch.Tensor], taken: dict[str, int], energy: float, positions: int, skipped: list[str], source: str = ""):
         self.projections = projections  # trained weight name -> P (in x in); matrices with the same input share one
@@ -150,6 +156,14 @@ class NullSpaceProjector:
     def start(self, named: dict) -> None:
         """Remember the starting weights of every projected matrix (a training call's W0)."""
         self._start = {n: named[n].detach().clone() for n in self.projections}
+
+    def project_grads(self, named: dict) -> None:
+        """grad <- grad P for every projected matrix that has a gradient (before the optimizer step)."""
+        with torch.no_grad():
+            for n, p in self.projections.items():
+                g = named[n].grad
+                if g is not None:
+                    g.copy_((g.float() @ p.to(device=g.device)).to(g.dtype))
 
     def project(self, named: dict) -> None:
         """W <- W0 + (W - W0) P for every projected matrix, in place."""

@@ -425,6 +425,10 @@ class _EditLoop:
 
     def apply(self) -> None:
         """The optimizer step; the gradients are dropped right after (no gradient memory between steps)."""
+        if self.project is not None:  # the optimizer sees only the directions the update may take (rsft.null_space)
+            t = time.perf_counter()
+            self.project.project_grads(self.setup.named)
+            self.timing["project"] = self.timing.get("project", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         self.setup.optimizer.step()
         self.setup.optimizer.zero_grad(set_to_none=True)  # no gradient memory held between steps
