@@ -93,6 +93,7 @@ def test_a_retain_text_narrower_than_the_layers_comes_out_of_training_unchanged(
     losses = [r["losses"] for r in (free.train_reports[0], held.train_reports[0])]
     assert losses[1][-1] < 0.5 * losses[1][0]  # the edits are still learned in the free directions
     assert free.train_reports[0]["null_space"] == {}
+    assert any(n.startswith("null space: every update kept off") for n in held.notes) and not any(n.startswith("null space") for n in free.notes)
     shown = run_cli("plan", recipe)
     assert shown.code == 0 and "null space: every step's update of each trained Linear matrix is projected off" in shown.stdout, shown.stdout
     assert "Null space (`rsft.null_space`)" in (held.model_dir / "README.md").read_text()

@@ -600,6 +600,10 @@ class RecipeRun:
         if s.retain is not None and s.retain.weight > 0:
             kl = ", ".join(f"{r['retain']['kl'][0]:.4g} -> {r['retain']['kl'][-1]:.4g}" for r in result.train_reports if r.get("retain", {}).get("kl"))
             result.notes.append(f"retain: {s.retain.weight} x KL(unedited || current) on {s.retain.source}; KL at the first -> last step of each batch: {kl or 'no step'}")
+        if s.null_space is not None:
+            d = s.null_space.describe()
+            result.notes.append(f"null space: every update kept off the top input directions holding {d['energy']} of {d['positions']} retain positions' "
+                                f"activations; {d['free_share']:.1%} of the trained matrices' input directions left free")
         current_delta, upstream = trained.current_delta, trained.upstream
         config = self.merge_config  # anchored with merge.auto: the chosen point
         if recipe.sequential.strategy == "anchored":
