@@ -109,3 +109,28 @@ def test_bad_null_space_settings_are_one_located_line_exit_2(tmp_path, tiny, run
     got = run_cli("validate", recipe)
     assert got.code == 2 and needle in got.stderr and "Traceback" not in got.stderr, got.stderr
     assert len(got.stderr.strip().splitlines()) == 1
+
+
+def test_gate_and_up_share_one_moment_and_one_projection(tiny):
+    """An MLP's gate and up projections read the same input tensor: one K (accumulated once) and one P serve both;
+    down reads another input and gets its own. K is the plain sum of x x^T over the non-padding positions."""
+    from transformers import AutoModelForCausalLM
+
+    from mergeedit.editing.null_space import input_second_moments
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    names = [f"model.layers.1.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    moments, positions = input_second_moments(model, names, [batch])
+    gate, up, down = (moments[n] for n in names)
+    assert positions == 6 and gate is up and down is not gate and gate.shape == (32, 32) and down.shape == (64, 64)
+    seen = []
+    hook = model.model.layers[1].mlp.gate_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    x = seen[0][batch["attention_mask"].bool()].double()
+    assert torch.allclose(gate, x.T @ x, rtol=1e-9, atol=1e-9)
+    proj = NullSpaceProjector.build(model, names, [batch], 0.9)
+    assert proj.projections[names[0]] is proj.projections[names[1]] and proj.projections[names[2]].shape == (64, 64)

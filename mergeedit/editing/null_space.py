@@ -55,17 +55,25 @@ def _linear_modules(model, trainable: Iterable[str]) -> dict[str, torch.nn.Linea
 def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict]) -> tuple[dict[str, torch.Tensor], int]:
     """K = sum x x^T (float64) of the inputs each trained Linear weight sees, over every non-padding position of
     `batches` (dicts with input_ids and attention_mask, and position_ids where the model takes them); and the count
-    of positions. The model runs without gradients, in its current precision."""
+    of positions. The model runs without gradients, in its current precision. Matrices that read the same input tensor
+    (an MLP's gate and up projections) get the same K object, accumulated once."""
     import inspect
 
     linears = _linear_modules(model, trainable)
     sums: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}  # a matrix reading the input another one already read -> that one
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's inputs by id, held so no id is reused within it
     mask_now: list[Optional[torch.Tensor]] = [None]
     hooks = []
 
     def hook_for(name: str):
         def hook(_module, args):
             x = args[0]
+            first = seen.get(id(x))
+            if first is not None and first[0] is x:
+                alias[name] = first[1]
+                return
+            seen[id(x)] = (x, name)
             keep = mask_now[0]
             rows = x[keep] if keep is not None and keep.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
             rows = rows.detach().to(torch.float64)
@@ -83,6 +91,7 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
     try:
         with torch.no_grad():
             for batch in batches:
+                seen.clear()
                 mask = batch["attention_mask"].bool()
                 mask_now[0] = mask
                 positions += int(mask.sum())
@@ -91,10 +100,11 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
                     kwargs["position_ids"] = batch["position_ids"]
                 model(**kwargs)
     finally:
+        seen.clear()
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return sums, positions
+    return {**sums, **{name: sums[first] for name, first in alias.items() if first in sums}}, positions
 
 
 def projection_from_moment(k: torch.Tensor, energy: float) -> tuple[torch.Tensor, int]:
@@ -137,19 +147,14 @@ class NullSpaceProjector:
             raise MergeEditError("rsft.null_space: the retain set has no positions to measure")
         projections: dict[str, torch.Tensor] = {}
         taken: dict[str, int] = {}
-        shared: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (K, P, taken): gate and up read the same input
+        done: dict[int, tuple[torch.Tensor, int]] = {}  # id(K) -> (P, taken): gate and up share one K, and so one P
         for name in trainable:
             k = moments.get(name)
             if k is None:
                 continue
-            for k0, p0, t0 in shared:
-                if k0.shape == k.shape and torch.equal(k0, k):
-                    projections[name], taken[name] = p0, t0
-                    break
-            else:
-                p, t = projection_from_moment(k, energy)
-                shared.append((k, p, t))
-                projections[name], taken[name] = p, t
+            if id(k) not in done:
+                done[id(k)] = projection_from_moment(k, energy)
+            projections[name], taken[name] = done[id(k)]
         skipped = [n for n in trainable if n not in projections]
         return cls(projections, taken, energy, positions, skipped, source)
 
