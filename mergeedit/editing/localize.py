@@ -18,7 +18,6 @@ norm (||grad|| / ||theta||) for a scale-free comparison. benchmarks/layer_probe.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Sequence
 
@@ -26,7 +25,7 @@ import torch
 
 from ..core.errors import MergeEditError
 from ..io.architecture import parse_layer_name
-from .tokens import pad_batch
+from .tokens import model_inputs, pad_batch
 
 __all__ = ["LayerChoice", "probe_layer_scores", "best_window", "choose_layers"]
 
@@ -53,10 +52,7 @@ class LayerChoice:
 
 def _answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over examples of each example's mean answer-token cross-entropy."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        kwargs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    logits = model(**kwargs).logits[:, :-1]
+    logits = model(**model_inputs(model, {k: batch[k] for k in ("input_ids", "attention_mask")})).logits[:, :-1]
     logits = logits if logits.dtype == torch.float64 else logits.float()
     labels = batch["labels"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")

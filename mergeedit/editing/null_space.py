@@ -36,6 +36,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..core.errors import MergeEditError
+from .tokens import model_inputs
 
 __all__ = ["NullSpaceProjector", "input_second_moments", "projection_from_moment"]
 
@@ -57,8 +58,6 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
     `batches` (dicts with input_ids and attention_mask, and position_ids where the model takes them); and the count
     of positions. The model runs without gradients, in its current precision. Matrices that read the same input tensor
     (an MLP's gate and up projections) get the same K object, accumulated once."""
-    import inspect
-
     linears = _linear_modules(model, trainable)
     sums: dict[str, torch.Tensor] = {}
     alias: dict[str, str] = {}  # a matrix reading the input another one already read -> that one
@@ -84,7 +83,6 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
 
     for name, m in linears.items():
         hooks.append(m.register_forward_pre_hook(hook_for(name)))
-    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     positions = 0
     was_training = model.training
     model.eval()
@@ -95,10 +93,7 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
                 mask = batch["attention_mask"].bool()
                 mask_now[0] = mask
                 positions += int(mask.sum())
-                kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                if takes_positions and "position_ids" in batch:
-                    kwargs["position_ids"] = batch["position_ids"]
-                model(**kwargs)
+                model(**model_inputs(model, batch))
     finally:
         seen.clear()
         for h in hooks:
@@ -161,6 +156,7 @@ class NullSpaceProjector:
     def start(self, named: dict) -> None:
         """Remember the starting weights of every projected matrix (a training call's W0)."""
         self._start = {n: named[n].detach().clone() for n in self.projections}
+        self.projections = {n: p.to(device=named[n].device) for n, p in self.projections.items()}  # once, not every step
 
     def project_grads(self, named: dict) -> None:
         """grad <- grad P for every projected matrix that has a gradient (before the optimizer step)."""
@@ -168,7 +164,7 @@ class NullSpaceProjector:
             for n, p in self.projections.items():
                 g = named[n].grad
                 if g is not None:
-                    g.copy_((g.float() @ p.to(device=g.device)).to(g.dtype))
+                    g.copy_((g.float() @ p).to(g.dtype))
 
     def project(self, named: dict) -> None:
         """W <- W0 + (W - W0) P for every projected matrix, in place."""
@@ -177,7 +173,6 @@ class NullSpaceProjector:
         with torch.no_grad():
             for n, p in self.projections.items():
                 w, w0 = named[n], self._start[n]
-                p = p.to(device=w.device)
                 delta = (w.float() - w0.float()) @ p
                 w.copy_((w0.float() + delta).to(w.dtype))
 

@@ -36,7 +36,6 @@ autocast.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch
 
 from ..core.errors import MergeEditError
 from ..core.text_files import read_jsonl_lines, read_text_file
-from .tokens import pad_sequences
+from .tokens import model_inputs, pad_sequences
 
 __all__ = [
     "DEFAULT_RETAIN_SET",
@@ -161,10 +160,7 @@ def _full_kl(base_logp: torch.Tensor, current_logp: torch.Tensor) -> torch.Tenso
 
 def _forward_logp(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-softmax at every position of a padded batch ([rows, width, vocab]): float32, or float64 for a float64 model."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        kwargs["position_ids"] = batch["position_ids"]
-    logits = model(**kwargs).logits
+    logits = model(**model_inputs(model, batch)).logits
     return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
 
 

@@ -103,3 +103,14 @@ def length_buckets(lengths: Sequence[int], max_waste: float = 0.15, max_rows: in
         groups.append([i])
         tokens = lengths[i]
     return groups
+
+
+def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a causal LM's forward for a padded batch: input_ids, attention_mask, and position_ids
+    where the model takes them (the batch's own, else counted from the attention mask)."""
+    import inspect
+
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = batch["position_ids"] if "position_ids" in batch else (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return kwargs

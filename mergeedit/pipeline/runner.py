@@ -7,6 +7,7 @@ second full model until the final export.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
@@ -589,12 +590,12 @@ class RecipeRun:
 
         # 2. R-SFT (+ merge) per batch; the anchored strategy merges every batch's task vector at the end. A chained
         # run scores its curve points as their batches end, so a run stopped early keeps the points it reached.
-        batch_count = len(self.batches(records))
+        ends = list(itertools.accumulate(map(len, self.batches(records))))  # edits so far after each batch
 
         def score_checkpoint(b: int, trained: Trained) -> None:
-            if self.is_curve_batch(b, batch_count):
+            if self.is_curve_batch(b, len(ends)):
                 delta_id, delta = trained.checkpoints[b]
-                self.curve_point(s, b, sum(map(len, self.batches(records)[: b + 1])), delta, delta_id, pre, drift)
+                self.curve_point(s, b, ends[b], delta, delta_id, pre, drift)
 
         trained = self.train_batches(s, result, on_checkpoint=score_checkpoint)
         if s.retain is not None and s.retain.weight > 0:
