@@ -157,6 +157,8 @@ def child(recipe_path: Path, out_path: Path) -> None:
         "peak_rss": peak_rss_bytes(), "batches": result.batches, "edits": result.edits,
         "learned": [r.get("learned_fraction") for r in result.train_reports],
         "train_steps": sum(r.get("steps", 0) or 0 for r in result.train_reports),
+        # each stage run here: its seconds and its own peak RSS (where the process's peak comes from)
+        "stages": {name: {"seconds": round(p["seconds"], 2), "peak_rss": p["peak_rss"]} for name, p in (result.stage_profile or {}).items()},
     }, indent=2))
 
 

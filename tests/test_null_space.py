@@ -96,7 +96,8 @@ def test_a_retain_text_narrower_than_the_layers_comes_out_of_training_unchanged(
     assert any(n.startswith("null space: every update kept off") for n in held.notes) and not any(n.startswith("null space") for n in free.notes)
     shown = run_cli("plan", recipe)
     assert shown.code == 0 and "null space: every step's update of each trained Linear matrix is projected off" in shown.stdout, shown.stdout
-    assert "Null space (`rsft.null_space`)" in (held.model_dir / "README.md").read_text()
+    card = (held.model_dir / "README.md").read_text()
+    assert "Null space (`rsft.null_space`)" in card and "activations (`retain.jsonl`, measured on the unedited model)" in card, card
 
 
 @pytest.mark.parametrize("bad, needle", [
@@ -134,3 +135,24 @@ def test_gate_and_up_share_one_moment_and_one_projection(tiny):
     assert torch.allclose(gate, x.T @ x, rtol=1e-9, atol=1e-9)
     proj = NullSpaceProjector.build(model, names, [batch], 0.9)
     assert proj.projections[names[0]] is proj.projections[names[1]] and proj.projections[names[2]].shape == (64, 64)
+
+
+def test_plan_counts_one_projection_per_distinct_input():
+    """`mergeedit plan`'s memory estimate: one float32 in x in projection per input tensor the trained weights read.
+    gate/up share the MLP's input and q/k/v the attention's; o_proj and down_proj read their own: 4 * (32^2 + 64^2 +
+    32^2 + 32^2) = 28,672 bytes. Norms (1-D) are not projected; with null_space off the term is 0."""
+    from types import SimpleNamespace
+
+    from mergeedit.pipeline.planning import null_space_bytes
+    from mergeedit.pipeline.recipe import RsftSection
+
+    shapes = {"mlp.gate_proj": (64, 32), "mlp.up_proj": (64, 32), "mlp.down_proj": (32, 64), "self_attn.q_proj": (32, 32),
+              "self_attn.k_proj": (16, 32), "self_attn.v_proj": (16, 32), "self_attn.o_proj": (32, 32)}
+    tensors = {f"model.layers.3.{k}.weight": SimpleNamespace(shape=v) for k, v in shapes.items()}
+    tensors["model.layers.3.input_layernorm.weight"] = SimpleNamespace(shape=(32,))
+    source = SimpleNamespace(tensors=tensors)
+    on = SimpleNamespace(rsft=RsftSection.model_validate({}))
+    off = SimpleNamespace(rsft=RsftSection.model_validate({"null_space": None}))
+    assert null_space_bytes(on, source, list(tensors)) == 4 * (32**2 + 64**2 + 32**2 + 32**2) == 28_672
+    assert null_space_bytes(on, source, ["model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"]) == 4 * 32**2
+    assert null_space_bytes(off, source, list(tensors)) == 0

@@ -257,14 +257,18 @@ def test_each_methods_defaults_are_its_measured_or_published_settings():
     from mergeedit.pipeline.runner import train_settings
 
     def got(r):
-        return (r.lr, r.schedule, r.eos, r.replay, r.retain.weight if r.retain else None, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold)
+        return (r.lr, r.schedule, r.eos, r.replay, r.retain.weight if r.retain else None, r.optimizer, r.batch_size, r.max_epochs, r.max_steps_per_batch, r.loss_threshold,
+                r.null_space.energy if r.null_space else None)
 
-    assert got(_rsft({})) == got(_rsft({"method": "rsft"})) == (5e-4, "breadth-first", True, 0.5, 1.0, "adamw", 10, 10, 25, 0.05)
-    assert got(_rsft({"method": "ft-m"})) == got(_rsft({"method": "ft-l"})) == (1e-4, "depth-first", False, 0.0, None, "adamw", 10, 10, 1, 0.0)
-    assert got(_rsft({"method": "locft-bf"})) == (5e-4, "breadth-first", True, 0.0, None, "adam", 100, 25, 25, 0.0)
+    assert got(_rsft({})) == got(_rsft({"method": "rsft"})) == (5e-4, "breadth-first", True, 0.5, 1.0, "adamw", 10, 10, 25, 0.05, 0.9)
+    assert got(_rsft({"method": "ft-m"})) == got(_rsft({"method": "ft-l"})) == (1e-4, "depth-first", False, 0.0, None, "adamw", 10, 10, 1, 0.0, None)
+    assert got(_rsft({"method": "locft-bf"})) == (5e-4, "breadth-first", True, 0.0, None, "adam", 100, 25, 25, 0.0, None)
     # a key the recipe names is kept, whatever the method
     assert got(_rsft({"method": "ft-m", "eos": True, "lr": 3e-3, "retain": {"weight": 2.0}}))[:5] == (3e-3, "depth-first", True, 0.0, 2.0)
+    assert _rsft({"method": "ft-l", "null_space": {"energy": 0.5}}).null_space.energy == 0.5
     assert _rsft({"retain": None}).retain is None and _rsft({"retain": {"weight": 0.0}}).retain_weight == 0.0  # off
+    assert _rsft({"null_space": None}).null_space is None  # off
+    assert _rsft({"retain": None}).null_space.energy == 0.9  # the projection reads the shipped retain set even with the KL off
     assert _rsft({"method": "locft-bf", "max_epochs": 3}).max_epochs == 3
     # the loop gets exactly these values
     recipe = Recipe.model_validate({"model": {"base": "m"}, "dataset": {"format": "jsonl", "path": "e.jsonl"}, "rsft": {"method": "locft-bf"}})

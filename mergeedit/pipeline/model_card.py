@@ -87,9 +87,10 @@ def _choices_section(recipe, result) -> str:
     if null_space is not None:
         reports = [r.get("null_space") or {} for r in getattr(result, "train_reports", None) or []]
         free = next((r["free_share"] for r in reports if "free_share" in r), None)
+        source = next((" + ".join(Path(f).name for f in r["source"].split(" + ")) for r in reports if r.get("source")), None)  # file names, not local paths
         parts.append(
             f"- Null space (`rsft.null_space`): every step's update of each trained matrix was projected off the top input directions holding "
-            f"{null_space.energy} of the retain texts' activations (measured on the unedited model)"
+            f"{null_space.energy} of the retain texts' activations" + (f" (`{source}`" if source else " (") + ", measured on the unedited model)"
             + (f"; {free:.1%} of the input directions were left free to learn in" if free is not None else "")
         )
     for c in getattr(result, "merge_choices", None) or []:

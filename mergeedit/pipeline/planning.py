@@ -44,6 +44,24 @@ class RecipePlan:
     layer_choice: dict | None = None  # `rsft.layers: auto`: the probe's window and scores (plan loads the model for it)
 
 
+
+# matrices that read the same input tensor share one null-space projection (mergeedit.editing.null_space)
+_SHARED_INPUT = {"gate_proj": "mlp-in", "up_proj": "mlp-in", "w1": "mlp-in", "w3": "mlp-in", "q_proj": "attn-in", "k_proj": "attn-in", "v_proj": "attn-in"}
+
+
+def null_space_bytes(recipe, source, trainable: list[str]) -> int:
+    """`rsft.null_space`'s memory: one float32 ``in x in`` projection per distinct input of the trained 2-D weights."""
+    if recipe.rsft.null_space is None:
+        return 0
+    inputs = {}
+    for name in trainable:
+        shape = tuple(source.tensors[name].shape)
+        if len(shape) != 2 or not name.endswith(".weight"):
+            continue
+        parent, _, leaf = name[: -len(".weight")].rpartition(".")
+        inputs[(parent, _SHARED_INPUT.get(leaf, leaf), shape[1])] = shape[1]
+    return sum(4 * n * n for n in inputs.values())
+
 def _base_folder_if_available(run: RecipeRun) -> Path | None:
     """The base's folder when it can be found without converting or downloading anything."""
     from ..models import builtin as builtin_models
@@ -150,8 +168,9 @@ def plan_recipe(path: Path, probe: bool = True) -> RecipePlan:
     hidden = (source.config or {}).get("hidden_size", 1024)
     layers_n = (source.config or {}).get("num_hidden_layers", 12)
     activations = recipe.rsft.batch_size * 64 * hidden * layers_n * 4 * 16
-    plan.peak_memory = plan.model_bytes + trained * 4 * 3 + activations
-    plan.notes.append("peak memory is an estimate: weights + gradients and optimizer state of the trained tensors + activations of one batch of 64-token edits")
+    plan.peak_memory = plan.model_bytes + trained * 4 * 3 + activations + null_space_bytes(recipe, source, trainable)
+    plan.notes.append("peak memory is an estimate: weights + gradients and optimizer state of the trained tensors + activations of one batch of 64-token edits"
+                      + (" + the null space's float32 in x in projections" if recipe.rsft.null_space is not None else ""))
     if math.isfinite(trained) and trained == params:
         plan.notes.append("every parameter is trainable: the delta is a full model")
     return plan

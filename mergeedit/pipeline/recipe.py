@@ -97,8 +97,8 @@ class LayersAuto(_Strict):
 # (benchmarks/README.md, "edit_quality.py"). The baselines keep their published settings for whatever a recipe leaves
 # unset: these are applied before validation, so the stage keys, the plan and the model card all see them.
 # The paper's R-SFT loop, key by key, for recipes (tests, the benchmark's R-SFT rows) that must stay the paper's method
-PAPER_LOOP = {"schedule": "depth-first", "eos": False, "retain": None, "replay": 0.0}
-_NO_EDITOR_CONTROLS = {"retain": None, "replay": 0.0, "eos": False}
+PAPER_LOOP = {"schedule": "depth-first", "eos": False, "retain": None, "replay": 0.0, "null_space": None}
+_NO_EDITOR_CONTROLS = {"retain": None, "replay": 0.0, "eos": False, "null_space": None}
 METHOD_DEFAULTS: dict[str, dict] = {
     "ft-l": {**_NO_EDITOR_CONTROLS, "lr": 1e-4, "schedule": "depth-first", "max_steps_per_batch": 1, "loss_threshold": 0.0},
     "ft-m": {**_NO_EDITOR_CONTROLS, "lr": 1e-4, "schedule": "depth-first", "max_steps_per_batch": 1, "loss_threshold": 0.0},
@@ -149,9 +149,9 @@ class RsftSection(_Strict):
     )
 
     null_space: Optional[NullSpaceSection] = Field(
-        None,
-        description="Project every step's update of each trained Linear matrix off the directions the retain texts' inputs to it use "
-        "(rsft.retain.path, default the shipped retain set; the retain KL may be on or off), e.g. {energy: 0.9}. Default: off.",
+        default_factory=NullSpaceSection,
+        description="Project every step's gradient and update of each trained Linear matrix off the directions the retain texts' inputs to it use "
+        "(rsft.retain.path, default the shipped retain set; the retain KL may be on or off). Default: {energy: 0.9} (ft-l, ft-m, locft-bf: off); null: off.",
     )
 
     @model_validator(mode="before")
