@@ -137,6 +137,55 @@ def test_gate_and_up_share_one_moment_and_one_projection(tiny):
     assert proj.projections[names[0]] is proj.projections[names[1]] and proj.projections[names[2]].shape == (64, 64)
 
 
+def _moments_by_full_forwards(model, names, batches):
+    """The reference: every input each named Linear reads in whole forwards, summed as x^T x over non-padding rows."""
+    modules = dict(model.named_modules())
+    seen: dict[str, list] = {n: [] for n in names}
+    hooks = [modules[n.rpartition(".")[0]].register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
+    out = {n: 0 for n in names}
+    with torch.no_grad():
+        for b in batches:
+            for n in names:
+                seen[n].clear()
+            model(**b)
+            for n in names:
+                for x in seen[n]:
+                    rows = x[b["attention_mask"].bool()].double()
+                    out[n] = out[n] + rows.T @ rows
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_moments_stop_each_forward_after_the_last_trained_matrix(tiny):
+    """After the first batch, a forward stops once the last trained matrix (layer 0's) has read its input: the layers
+    above and the output layer run once in all, not once per batch. The moments equal those summed from whole
+    forwards. A trained module that runs twice in one forward (one MLP shared by two layers) keeps every forward whole,
+    and both of its inputs count."""
+    from transformers import AutoModelForCausalLM
+
+    from mergeedit.editing.null_space import input_second_moments
+
+    names = [f"model.layers.0.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
+    batches = []
+    for rows in ([[5, 6, 7, 8], [9, 10, 0, 0]], [[11, 12, 13, 0], [14, 15, 16, 17]], [[18, 19, 0, 0], [20, 21, 22, 0]]):
+        ids = torch.tensor(rows)
+        batches.append({"input_ids": ids, "attention_mask": (ids != 0).long()})
+    for shared in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+        if shared:
+            model.model.layers[1].mlp = model.model.layers[0].mlp
+        heads = []
+        hook = model.lm_head.register_forward_hook(lambda *_, heads=heads: heads.append(1))
+        moments, positions = input_second_moments(model, names, batches)
+        hook.remove()
+        assert positions == 6 + 7 + 5
+        assert len(heads) == (3 if shared else 1), (shared, len(heads))
+        want = _moments_by_full_forwards(model, names, batches)
+        for n in names:
+            assert torch.allclose(moments[n], want[n], rtol=1e-12, atol=1e-12), (shared, n)
+
+
 def test_plan_counts_one_projection_per_distinct_input():
     """`mergeedit plan`'s memory estimate: one float32 in x in projection per input tensor the trained weights read.
     gate/up share the MLP's input and q/k/v the attention's; o_proj and down_proj read their own: 4 * (32^2 + 64^2 +

@@ -53,31 +53,48 @@ def _linear_modules(model, trainable: Iterable[str]) -> dict[str, torch.nn.Linea
     return out
 
 
+class _Enough(Exception):
+    """Raised inside the forward once every trained matrix has read its input: the rest of the model (the layers
+    above the trained window, the output layer) would compute nothing the moments use."""
+
+
 def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict]) -> tuple[dict[str, torch.Tensor], int]:
     """K = sum x x^T (float64) of the inputs each trained Linear weight sees, over every non-padding position of
     `batches` (dicts with input_ids and attention_mask, and position_ids where the model takes them); and the count
-    of positions. The model runs without gradients, in its current precision. Matrices that read the same input tensor
-    (an MLP's gate and up projections) get the same K object, accumulated once."""
+    of positions. The model runs without gradients, in its current precision; after the first batch, each forward
+    stops as soon as the last trained matrix has read its input (unless a trained module ran twice in the first
+    batch's forward). Matrices that read the same input tensor (an MLP's gate and up
+    projections) get the same K object, accumulated once."""
     linears = _linear_modules(model, trainable)
+    if not linears:
+        return {}, sum(int(b["attention_mask"].bool().sum()) for b in batches)
     sums: dict[str, torch.Tensor] = {}
     alias: dict[str, str] = {}  # a matrix reading the input another one already read -> that one
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's inputs by id, held so no id is reused within it
     mask_now: list[Optional[torch.Tensor]] = [None]
+    read_now: set[str] = set()  # the matrices that have read their input in this batch's forward
+    # the first batch runs the whole model and counts the calls; the later ones stop early only when each trained
+    # matrix ran once per forward (a module run twice, as in a weight-shared layer, must see all of its inputs)
+    calls, stop_early = [0], [False]
     hooks = []
 
     def hook_for(name: str):
         def hook(_module, args):
             x = args[0]
+            read_now.add(name)
             first = seen.get(id(x))
             if first is not None and first[0] is x:
                 alias[name] = first[1]
-                return
-            seen[id(x)] = (x, name)
-            keep = mask_now[0]
-            rows = x[keep] if keep is not None and keep.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
-            rows = rows.detach().to(torch.float64)
-            k = rows.T @ rows
-            sums[name] = k if name not in sums else sums[name] + k
+            else:
+                seen[id(x)] = (x, name)
+                keep = mask_now[0]
+                rows = x[keep] if keep is not None and keep.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
+                rows = rows.detach().to(torch.float64)
+                k = rows.T @ rows
+                sums[name] = k if name not in sums else sums[name] + k
+            calls[0] += 1
+            if stop_early[0] and len(read_now) == len(linears):  # every trained matrix has read its input: the layers above are not needed
+                raise _Enough
 
         return hook
 
@@ -90,10 +107,16 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
         with torch.no_grad():
             for batch in batches:
                 seen.clear()
+                read_now.clear()
                 mask = batch["attention_mask"].bool()
                 mask_now[0] = mask
                 positions += int(mask.sum())
-                model(**model_inputs(model, batch))
+                calls[0] = 0
+                try:
+                    model(**model_inputs(model, batch))
+                except _Enough:
+                    pass
+                stop_early[0] = stop_early[0] or calls[0] == len(linears)
     finally:
         seen.clear()
         for h in hooks:
