@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_recipe_controls import _recipe, _tiny
 
-from mergeedit.editing.null_space import NullSpaceProjector, projection_from_moment
+from mergeedit.editing.null_space import NullSpaceProjector, Projection, projection_from_moment
 from mergeedit.pipeline.runner import RecipeRun
 
 # 3 texts of 4 tokens (the tiny tokenizer adds no BOS): 12 input positions, fewer than the tiny model's width (32)
@@ -39,18 +39,39 @@ def test_project_is_w0_plus_the_projected_delta():
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
     named = {"w": lin.weight}
-    proj = NullSpaceProjector({"w": torch.diag(torch.tensor([0.0, 1.0, 1.0]))}, {"w": 1}, 0.9, 10, [])
-    proj.start(named)
-    with torch.no_grad():
-        lin.weight.add_(torch.tensor([[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]]))
-    proj.project(named)
-    # the first input direction is held: its column keeps W0's values, the others keep the update
-    assert torch.equal(lin.weight.detach(), torch.tensor([[1.0, 22.0, 33.0], [4.0, 55.0, 66.0]]))
-    lin.weight.grad = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    proj.project_grads(named)  # before the optimizer step: the held direction's gradient is dropped
-    assert torch.equal(lin.weight.grad, torch.tensor([[0.0, 2.0, 3.0], [0.0, 5.0, 6.0]]))
-    d = proj.describe()
-    assert d["held_directions"] == {"w": 1} and d["free_directions"] == {"w": 2} and d["free_share"] == pytest.approx(2 / 3)
+    eye = torch.eye(3)
+    # P = diag(0, 1, 1), stored either way: the held direction e1, or the free ones e2, e3
+    for projection in (Projection(eye[:, :1], held=True, taken=1), Projection(eye[:, 1:], held=False, taken=1)):
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+        proj = NullSpaceProjector({"w": projection}, 0.9, 10, [])
+        proj.start(named)
+        with torch.no_grad():
+            lin.weight.add_(torch.tensor([[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]]))
+        proj.project(named)
+        # the first input direction is held: its column keeps W0's values, the others keep the update
+        assert torch.equal(lin.weight.detach(), torch.tensor([[1.0, 22.0, 33.0], [4.0, 55.0, 66.0]]))
+        lin.weight.grad = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+        proj.project_grads(named)  # before the optimizer step: the held direction's gradient is dropped
+        assert torch.equal(lin.weight.grad, torch.tensor([[0.0, 2.0, 3.0], [0.0, 5.0, 6.0]]))
+        d = proj.describe()
+        assert d["held_directions"] == {"w": 1} and d["free_directions"] == {"w": 2} and d["free_share"] == pytest.approx(2 / 3)
+
+
+def test_the_stored_side_is_the_smaller_and_gives_p():
+    """A Projection keeps the held directions when they are at most half, else the free ones; either way x P equals
+    the full P = I - U U^T of projection_from_moment (float32 rounding)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    k = a.T @ (a * torch.linspace(0.1, 10.0, 40, dtype=torch.float64)[:, None])
+    x = torch.randn(5, 8, generator=g)
+    for energy in (0.3, 0.99):
+        p, taken = projection_from_moment(k, energy)
+        proj = Projection.from_moment(k, energy)
+        r = proj.basis.shape[1]
+        assert proj.taken == taken and r == min(taken, 8 - taken) and proj.held == (taken <= 4)
+        assert torch.allclose(proj.matrix(), p, atol=1e-5) and torch.allclose(proj.apply(x), x @ p, atol=1e-5)
+    assert Projection.from_moment(k, 0.3).held and not Projection.from_moment(k, 0.99).held
 
 
 def _retain_logits(model_dir, texts) -> torch.Tensor:
@@ -134,7 +155,9 @@ def test_gate_and_up_share_one_moment_and_one_projection(tiny):
     x = seen[0][batch["attention_mask"].bool()].double()
     assert torch.allclose(gate, x.T @ x, rtol=1e-9, atol=1e-9)
     proj = NullSpaceProjector.build(model, names, [batch], 0.9)
-    assert proj.projections[names[0]] is proj.projections[names[1]] and proj.projections[names[2]].shape == (64, 64)
+    assert proj.projections[names[0]] is proj.projections[names[1]] and proj.projections[names[2]].size == 64
+    for n in (names[0], names[2]):  # each is the P of its own moment
+        assert torch.allclose(proj.projections[n].matrix(), projection_from_moment(moments[n], 0.9)[0], atol=1e-5)
 
 
 def _moments_by_full_forwards(model, names, batches):
@@ -187,9 +210,10 @@ def test_moments_stop_each_forward_after_the_last_trained_matrix(tiny):
 
 
 def test_plan_counts_one_projection_per_distinct_input():
-    """`mergeedit plan`'s memory estimate: one float32 in x in projection per input tensor the trained weights read.
-    gate/up share the MLP's input and q/k/v the attention's; o_proj and down_proj read their own: 4 * (32^2 + 64^2 +
-    32^2 + 32^2) = 28,672 bytes. Norms (1-D) are not projected; with null_space off the term is 0."""
+    """`mergeedit plan`'s memory estimate: at most in x in/2 float32 per input tensor the trained weights read (the
+    smaller side of its eigenbasis). gate/up share the MLP's input and q/k/v the attention's; o_proj and down_proj
+    read their own: 4 * (32*16 + 64*32 + 32*16 + 32*16) = 14,336 bytes. Norms (1-D) are not projected; with
+    null_space off the term is 0."""
     from types import SimpleNamespace
 
     from mergeedit.pipeline.planning import null_space_bytes
@@ -202,6 +226,6 @@ def test_plan_counts_one_projection_per_distinct_input():
     source = SimpleNamespace(tensors=tensors)
     on = SimpleNamespace(rsft=RsftSection.model_validate({}))
     off = SimpleNamespace(rsft=RsftSection.model_validate({"null_space": None}))
-    assert null_space_bytes(on, source, list(tensors)) == 4 * (32**2 + 64**2 + 32**2 + 32**2) == 28_672
-    assert null_space_bytes(on, source, ["model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"]) == 4 * 32**2
+    assert null_space_bytes(on, source, list(tensors)) == 4 * (32 * 16 + 64 * 32 + 32 * 16 + 32 * 16) == 14_336
+    assert null_space_bytes(on, source, ["model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"]) == 4 * 32 * 16
     assert null_space_bytes(off, source, list(tensors)) == 0

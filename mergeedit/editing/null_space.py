@@ -38,7 +38,7 @@ import torch
 from ..core.errors import MergeEditError
 from .tokens import model_inputs
 
-__all__ = ["NullSpaceProjector", "input_second_moments", "projection_from_moment"]
+__all__ = ["NullSpaceProjector", "Projection", "input_second_moments", "projection_from_moment"]
 
 
 def _linear_modules(model, trainable: Iterable[str]) -> dict[str, torch.nn.Linear]:
@@ -125,9 +125,10 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
     return {**sums, **{name: sums[first] for name, first in alias.items() if first in sums}}, positions
 
 
-def projection_from_moment(k: torch.Tensor, energy: float) -> tuple[torch.Tensor, int]:
-    """P = I - U U^T (float32), U the fewest top eigenvectors of the symmetric `k` whose eigenvalues hold `energy` of
-    its trace; and how many were taken. Ties in the ordering are broken by eigh's (deterministic) order."""
+def _held_and_free(k: torch.Tensor, energy: float) -> tuple[torch.Tensor, int]:
+    """The eigenvectors of the symmetric `k` (float64, columns by descending eigenvalue) and how many of the first
+    hold `energy` of its trace (the fewest that do; 0 for a zero or non-finite trace). Ties in the ordering are
+    broken by eigh's (deterministic) order."""
     if not 0 < energy < 1:
         raise MergeEditError(f"null_space energy must be in (0, 1), got {energy}")
     values, vectors = torch.linalg.eigh(k.to(torch.float64))
@@ -135,22 +136,59 @@ def projection_from_moment(k: torch.Tensor, energy: float) -> tuple[torch.Tensor
     vectors = vectors.flip(1)
     total = float(values.sum())
     if total <= 0 or not math.isfinite(total):
-        return torch.eye(k.shape[0], dtype=torch.float32), 0
+        return vectors, 0
     share = torch.cumsum(values, 0) / total
     taken = int((share < energy).sum()) + 1  # the fewest whose share reaches `energy`
-    taken = min(taken, k.shape[0])
+    return vectors, min(taken, k.shape[0])
+
+
+def projection_from_moment(k: torch.Tensor, energy: float) -> tuple[torch.Tensor, int]:
+    """P = I - U U^T (float32), U the fewest top eigenvectors of the symmetric `k` whose eigenvalues hold `energy` of
+    its trace; and how many were taken."""
+    vectors, taken = _held_and_free(k, energy)
     u = vectors[:, :taken]
     p = torch.eye(k.shape[0], dtype=torch.float64) - u @ u.T
     return p.to(torch.float32), taken
+
+
+class Projection:
+    """x -> x P with P = I - U U^T, stored as the smaller side of the eigenbasis: the held directions U (then
+    x - (x U) U^T) or the free ones V (then (x V) V^T, as P = V V^T). Both cost 4 * rows * in * r multiply-adds
+    against 2 * rows * in^2 for the full matrix (r <= in / 2), and hold in * r floats instead of in^2."""
+
+    def __init__(self, basis: torch.Tensor, held: bool, taken: int):
+        self.basis = basis  # [in, r] float32, orthonormal columns
+        self.held = held  # True: the columns are the held directions; False: the free ones
+        self.taken = taken  # held directions
+        self.size = basis.shape[0]
+
+    @classmethod
+    def from_moment(cls, k: torch.Tensor, energy: float) -> "Projection":
+        vectors, taken = _held_and_free(k, energy)
+        held = taken <= k.shape[0] - taken
+        basis = vectors[:, :taken] if held else vectors[:, taken:]
+        return cls(basis.to(torch.float32).contiguous(), held, taken)
+
+    def to(self, device) -> "Projection":
+        return self if self.basis.device == torch.device(device) else Projection(self.basis.to(device), self.held, self.taken)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x P (float32) for x [..., in]."""
+        x = x.float()
+        along = (x @ self.basis) @ self.basis.T
+        return x - along if self.held else along
+
+    def matrix(self) -> torch.Tensor:
+        """P itself (in x in, float32): for checks, not for training."""
+        return self.apply(torch.eye(self.size, dtype=torch.float32, device=self.basis.device))
 
 
 class NullSpaceProjector:
     """``start(named)`` when a training call begins (remembers W0), ``project_grads(named)`` before and
     ``project(named)`` after every optimizer step."""
 
-    def __init__(self, projections: dict[str, torch.Tensor], taken: dict[str, int], energy: float, positions: int, skipped: list[str], source: str = ""):
-        self.projections = projections  # trained weight name -> P (in x in); matrices with the same input share one
-        self.taken = taken
+    def __init__(self, projections: dict[str, Projection], energy: float, positions: int, skipped: list[str], source: str = ""):
+        self.projections = projections  # trained weight name -> its Projection; matrices with the same input share one
         self.energy = energy
         self.positions = positions
         self.skipped = skipped
@@ -163,23 +201,26 @@ class NullSpaceProjector:
         moments, positions = input_second_moments(model, trainable, batches)
         if positions == 0:
             raise MergeEditError("rsft.null_space: the retain set has no positions to measure")
-        projections: dict[str, torch.Tensor] = {}
-        taken: dict[str, int] = {}
-        done: dict[int, tuple[torch.Tensor, int]] = {}  # id(K) -> (P, taken): gate and up share one K, and so one P
+        projections: dict[str, Projection] = {}
+        done: dict[int, Projection] = {}  # id(K) -> its Projection: gate and up share one K, and so one projection
         for name in trainable:
             k = moments.get(name)
             if k is None:
                 continue
             if id(k) not in done:
-                done[id(k)] = projection_from_moment(k, energy)
-            projections[name], taken[name] = done[id(k)]
+                done[id(k)] = Projection.from_moment(k, energy)
+            projections[name] = done[id(k)]
         skipped = [n for n in trainable if n not in projections]
-        return cls(projections, taken, energy, positions, skipped, source)
+        return cls(projections, energy, positions, skipped, source)
 
     def start(self, named: dict) -> None:
         """Remember the starting weights of every projected matrix (a training call's W0)."""
         self._start = {n: named[n].detach().clone() for n in self.projections}
-        self.projections = {n: p.to(device=named[n].device) for n, p in self.projections.items()}  # once, not every step
+        moved: dict[int, Projection] = {}  # once per training call, not every step; shared projections stay shared
+        for n, p in self.projections.items():
+            if id(p) not in moved:
+                moved[id(p)] = p.to(named[n].device)
+            self.projections[n] = moved[id(p)]
 
     def project_grads(self, named: dict) -> None:
         """grad <- grad P for every projected matrix that has a gradient (before the optimizer step)."""
@@ -187,7 +228,7 @@ class NullSpaceProjector:
             for n, p in self.projections.items():
                 g = named[n].grad
                 if g is not None:
-                    g.copy_((g.float() @ p).to(g.dtype))
+                    g.copy_(p.apply(g).to(g.dtype))
 
     def project(self, named: dict) -> None:
         """W <- W0 + (W - W0) P for every projected matrix, in place."""
@@ -196,21 +237,20 @@ class NullSpaceProjector:
         with torch.no_grad():
             for n, p in self.projections.items():
                 w, w0 = named[n], self._start[n]
-                delta = (w.float() - w0.float()) @ p
-                w.copy_((w0.float() + delta).to(w.dtype))
+                w.copy_((w0.float() + p.apply(w.float() - w0.float())).to(w.dtype))
 
     def finish(self) -> None:
         self._start = {}
 
     def describe(self) -> dict:
         """What the run stores: the energy, the positions measured, and per matrix shape how many directions were held."""
-        free = {n: p.shape[0] - self.taken[n] for n, p in self.projections.items()}
+        free = {n: p.size - p.taken for n, p in self.projections.items()}
         return {
             "energy": self.energy,
             "positions": self.positions,
             "source": self.source,
-            "held_directions": dict(self.taken),
+            "held_directions": {n: p.taken for n, p in self.projections.items()},
             "free_directions": free,
-            "free_share": sum(free.values()) / max(sum(p.shape[0] for p in self.projections.values()), 1),
+            "free_share": sum(free.values()) / max(sum(p.size for p in self.projections.values()), 1),
             "not_projected": list(self.skipped),
         }

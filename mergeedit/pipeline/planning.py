@@ -50,7 +50,8 @@ _SHARED_INPUT = {"gate_proj": "mlp-in", "up_proj": "mlp-in", "w1": "mlp-in", "w3
 
 
 def null_space_bytes(recipe, source, trainable: list[str]) -> int:
-    """`rsft.null_space`'s memory: one float32 ``in x in`` projection per distinct input of the trained 2-D weights."""
+    """`rsft.null_space`'s memory, at most: per distinct input of the trained 2-D weights, the smaller side of its
+    eigenbasis (editing.null_space.Projection), ``in x r`` float32 with ``r <= in // 2``."""
     if recipe.rsft.null_space is None:
         return 0
     inputs = {}
@@ -60,7 +61,7 @@ def null_space_bytes(recipe, source, trainable: list[str]) -> int:
             continue
         parent, _, leaf = name[: -len(".weight")].rpartition(".")
         inputs[(parent, _SHARED_INPUT.get(leaf, leaf), shape[1])] = shape[1]
-    return sum(4 * n * n for n in inputs.values())
+    return sum(4 * n * (n // 2) for n in inputs.values())
 
 def _base_folder_if_available(run: RecipeRun) -> Path | None:
     """The base's folder when it can be found without converting or downloading anything."""
@@ -170,7 +171,7 @@ def plan_recipe(path: Path, probe: bool = True) -> RecipePlan:
     activations = recipe.rsft.batch_size * 64 * hidden * layers_n * 4 * 16
     plan.peak_memory = plan.model_bytes + trained * 4 * 3 + activations + null_space_bytes(recipe, source, trainable)
     plan.notes.append("peak memory is an estimate: weights + gradients and optimizer state of the trained tensors + activations of one batch of 64-token edits"
-                      + (" + the null space's float32 in x in projections" if recipe.rsft.null_space is not None else ""))
+                      + (" + the null space's projections (at most in x in/2 floats per input)" if recipe.rsft.null_space is not None else ""))
     if math.isfinite(trained) and trained == params:
         plan.notes.append("every parameter is trainable: the delta is a full model")
     return plan
