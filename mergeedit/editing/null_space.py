@@ -63,8 +63,8 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
     `batches` (dicts with input_ids and attention_mask, and position_ids where the model takes them); and the count
     of positions. The model runs without gradients, in its current precision; after the first batch, each forward
     stops as soon as the last trained matrix has read its input (unless a trained module ran twice in the first
-    batch's forward). Matrices that read the same input tensor (an MLP's gate and up
-    projections) get the same K object, accumulated once."""
+    batch's forward). Matrices that read the same input tensor (an MLP's gate and up projections) get the same K
+    object, accumulated once."""
     linears = _linear_modules(model, trainable)
     if not linears:
         return {}, sum(int(b["attention_mask"].bool().sum()) for b in batches)

@@ -44,7 +44,6 @@ class RecipePlan:
     layer_choice: dict | None = None  # `rsft.layers: auto`: the probe's window and scores (plan loads the model for it)
 
 
-
 # matrices that read the same input tensor share one null-space projection (mergeedit.editing.null_space)
 _SHARED_INPUT = {"gate_proj": "mlp-in", "up_proj": "mlp-in", "w1": "mlp-in", "w3": "mlp-in", "q_proj": "attn-in", "k_proj": "attn-in", "v_proj": "attn-in"}
 
@@ -62,6 +61,7 @@ def null_space_bytes(recipe, source, trainable: list[str]) -> int:
         parent, _, leaf = name[: -len(".weight")].rpartition(".")
         inputs[(parent, _SHARED_INPUT.get(leaf, leaf), shape[1])] = shape[1]
     return sum(4 * n * (n // 2) for n in inputs.values())
+
 
 def _base_folder_if_available(run: RecipeRun) -> Path | None:
     """The base's folder when it can be found without converting or downloading anything."""
