@@ -88,10 +88,16 @@ def tiny(tmp_path_factory):
     return _tiny(tmp_path_factory.mktemp("tiny-ns") / "model")
 
 
-def test_a_retain_text_narrower_than_the_layers_comes_out_of_training_unchanged(tmp_path, tiny, run_cli):
+def test_a_retain_text_narrower_than_the_layers_comes_out_of_training_unchanged(tmp_path, tiny, run_cli, monkeypatch):
     """12 retain positions span at most 12 of the 32 (and 64) input directions of every MLP matrix. Held with an
     energy of 1 - 1e-9, every trained matrix computes what it did on those inputs, layer after layer: the retain texts'
-    logits are the unedited model's, while the edits are still learned in the 20 (or more) directions left."""
+    logits are the unedited model's, while the edits are still learned in the 20 (or more) directions left. With the
+    KL's weight 0 and no `merge: {auto}`, nothing reads the base's distributions, so none are computed."""
+    from mergeedit.editing.retain import RetainKL
+
+    kl_builds = []
+    real = RetainKL.from_token_ids.__func__
+    monkeypatch.setattr(RetainKL, "from_token_ids", classmethod(lambda cls, *a, **k: kl_builds.append(1) or real(cls, *a, **k)))
     texts = [r["text"] for r in SHORT_RETAIN]
     common = {"schedule": "breadth-first", "max_epochs": 12, "lr": 0.02}
 
@@ -114,6 +120,9 @@ def test_a_retain_text_narrower_than_the_layers_comes_out_of_training_unchanged(
     losses = [r["losses"] for r in (free.train_reports[0], held.train_reports[0])]
     assert losses[1][-1] < 0.5 * losses[1][0]  # the edits are still learned in the free directions
     assert free.train_reports[0]["null_space"] == {}
+    assert kl_builds == []
+    run("held-kl", retain={"weight": 0.5, "path": "retain.jsonl"}, null_space={"energy": 1 - 1e-9})
+    assert kl_builds == [1]  # the KL term reads them: built once, and the projection reads its batches
     assert any(n.startswith("null space: every update kept off") for n in held.notes) and not any(n.startswith("null space") for n in free.notes)
     shown = run_cli("plan", recipe)
     assert shown.code == 0 and "null space: every step's update of each trained Linear matrix is projected off" in shown.stdout, shown.stdout
@@ -229,3 +238,40 @@ def test_plan_counts_one_projection_per_distinct_input():
     assert null_space_bytes(on, source, list(tensors)) == 4 * (32 * 16 + 64 * 32 + 32 * 16 + 32 * 16) == 14_336
     assert null_space_bytes(on, source, ["model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"]) == 4 * 32 * 16
     assert null_space_bytes(off, source, list(tensors)) == 0
+
+
+def test_the_plans_input_groups_are_the_ones_the_projection_finds(tiny):
+    """`mergeedit plan` groups weights by name (io.architecture.input_key) to bound the projections' memory; at run time
+    the projector shares one moment between weights that read the same tensor. On a Llama-shaped model, every 2-D
+    weight of a layer (q/k/v/o, gate/up/down): the two groupings are the same partition."""
+    from transformers import AutoModelForCausalLM
+
+    from mergeedit.editing.null_space import input_second_moments
+    from mergeedit.io.architecture import input_key
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    names = [n for n, p in model.named_parameters() if n.startswith("model.layers.1.") and p.dim() == 2]
+    assert len(names) == 7
+    ids = torch.tensor([[5, 6, 7, 8]])
+    moments, _ = input_second_moments(model, names, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    by_identity = sorted(sorted(n for n in names if moments[n] is moments[m]) for m in names)
+    by_name = sorted(sorted(n for n in names if input_key(n) == input_key(m)) for m in names)
+    assert by_identity == by_name
+    assert sum(1 for g in {tuple(g) for g in by_name}) == 4  # q/k/v, o, gate/up, down
+
+
+def test_retain_batches_without_a_forward_are_the_kls_batches(tiny):
+    """The null space alone reads only the padded retain batches (`retain_batches`, no forward); they are the
+    batches `RetainKL.build` pads and runs, tensor for tensor, in the same order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeedit.editing.retain import RetainKL, retain_batches
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    tok = AutoTokenizer.from_pretrained(tiny)
+    texts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10", "w11 w12 w13", "w14 w15 w16 w17"]
+    kl = RetainKL.build(model, tok, texts, batch_size=2, max_tokens=4)
+    alone = retain_batches(tok, texts, batch_size=2, max_tokens=4)
+    assert len(alone) == len(kl.batches()) == 3
+    for a, b in zip(alone, kl.batches()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

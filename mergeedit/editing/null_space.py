@@ -73,14 +73,15 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's inputs by id, held so no id is reused within it
     mask_now: list[Optional[torch.Tensor]] = [None]
     read_now: set[str] = set()  # the matrices that have read their input in this batch's forward
-    # the first batch runs the whole model and counts the calls; the later ones stop early only when each trained
-    # matrix ran once per forward (a module run twice, as in a weight-shared layer, must see all of its inputs)
-    calls, stop_early = [0], [False]
+    # the first batch runs the whole model; the later ones stop early only when no trained matrix ran twice in a
+    # forward (a module run twice, as in a weight-shared layer, must see all of its inputs)
+    ran_twice, stop_early = [False], [False]
     hooks = []
 
     def hook_for(name: str):
         def hook(_module, args):
             x = args[0]
+            ran_twice[0] = ran_twice[0] or name in read_now
             read_now.add(name)
             first = seen.get(id(x))
             if first is not None and first[0] is x:
@@ -92,7 +93,6 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
                 rows = rows.detach().to(torch.float64)
                 k = rows.T @ rows
                 sums[name] = k if name not in sums else sums[name] + k
-            calls[0] += 1
             if stop_early[0] and len(read_now) == len(linears):  # every trained matrix has read its input: the layers above are not needed
                 raise _Enough
 
@@ -111,12 +111,11 @@ def input_second_moments(model, trainable: Iterable[str], batches: Iterable[dict
                 mask = batch["attention_mask"].bool()
                 mask_now[0] = mask
                 positions += int(mask.sum())
-                calls[0] = 0
                 try:
                     model(**model_inputs(model, batch))
                 except _Enough:
                     pass
-                stop_early[0] = stop_early[0] or calls[0] == len(linears)
+                stop_early[0] = not ran_twice[0]
     finally:
         seen.clear()
         for h in hooks:

@@ -55,6 +55,9 @@ __all__ = [
     "DRIFT_EVAL_TEXTS",
     "RetainTexts",
     "RetainKL",
+    "retain_batches",
+    "retain_token_ids",
+    "retain_pad_id",
     "load_retain_texts",
     "check_disjoint",
     "coarsened_kl",
@@ -158,6 +161,53 @@ def _full_kl(base_logp: torch.Tensor, current_logp: torch.Tensor) -> torch.Tenso
     return torch.where(p > 0, p * (base_logp - current_logp), torch.zeros_like(p)).sum(-1)
 
 
+def retain_token_ids(tokenizer, retain: Union[RetainTexts, Sequence[str]], max_tokens: int) -> list[list[int]]:
+    """Each retain text tokenized whole (the tokenizer's usual special tokens), cut to its first ``max_tokens``."""
+    seqs = []
+    for t in retain.texts if isinstance(retain, RetainTexts) else retain:
+        ids = list(tokenizer(t)["input_ids"])[:max_tokens]
+        if len(ids) < 2:
+            raise MergeEditError(f"retain text {t[:40]!r} gives {len(ids)} token(s); it needs at least 2 (one to read, one to predict)")
+        seqs.append(ids)
+    return seqs
+
+
+def retain_pad_id(tokenizer) -> int:
+    """The pad id of the retain batches: the tokenizer's pad token, else its EOS, else 0 (padding is masked out)."""
+    return next((c for c in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if isinstance(c, int)), 0)
+
+
+def retain_batches(
+    tokenizer, retain: Union[RetainTexts, Sequence[str]], *, batch_size: int = 8, max_tokens: int = 64, device: Optional[torch.device] = None
+) -> list[dict[str, torch.Tensor]]:
+    """The retain set's padded mini-batches with no forward pass: the same batches, in the same order, as
+    ``RetainKL.build(...).batches()`` with these settings. For a reader of the inputs alone (the null-space projection)
+    when no KL term and no locality probe needs the base's distributions."""
+    seqs = retain_token_ids(tokenizer, retain, max_tokens)
+    _check_sequences(seqs, batch_size)
+    return [batch for batch, _, _ in _padded(seqs, batch_size, retain_pad_id(tokenizer), device or torch.device("cpu"))]
+
+
+def _check_sequences(seqs: Sequence[Sequence[int]], batch_size: int) -> None:
+    if batch_size < 1:
+        raise MergeEditError(f"retain batch_size must be >= 1, got {batch_size}")
+    if not seqs or any(len(s) < 2 for s in seqs):
+        raise MergeEditError("retain set: every sequence needs at least 2 tokens, and there must be at least one")
+
+
+def _padded(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device):
+    """The sequences sorted by length (ties by position), cut into groups of ``batch_size``, each right-padded:
+    yields (batch, rows, cols), where (rows[i], cols[i]) is the position whose logits predict the next token."""
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+    for start in range(0, len(order), batch_size):
+        chosen = [list(seqs[i]) for i in order[start : start + batch_size]]
+        ids, mask, pos, _ = pad_sequences(chosen, pad_id, "right")
+        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+        rows = torch.cat([torch.full((len(s) - 1,), r, dtype=torch.long) for r, s in enumerate(chosen)]).to(device)
+        cols = torch.cat([torch.arange(len(s) - 1, dtype=torch.long) for s in chosen]).to(device)
+        yield batch, rows, cols
+
+
 def _forward_logp(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-softmax at every position of a padded batch ([rows, width, vocab]): float32, or float64 for a float64 model."""
     logits = model(**model_inputs(model, batch)).logits
@@ -205,18 +255,10 @@ class RetainKL:
         max_reference_bytes: int = 2 << 30,
     ) -> "RetainKL":
         """Tokenize each text whole (the tokenizer's usual special tokens), keep its first ``max_tokens`` tokens."""
-        texts = list(retain.texts if isinstance(retain, RetainTexts) else retain)
-        seqs = []
-        for t in texts:
-            ids = list(tokenizer(t)["input_ids"])[:max_tokens]
-            if len(ids) < 2:
-                raise MergeEditError(f"retain text {t[:40]!r} gives {len(ids)} token(s); it needs at least 2 (one to read, one to predict)")
-            seqs.append(ids)
-        if pad_id is None:
-            pad_id = next((c for c in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if isinstance(c, int)), 0)
+        seqs = retain_token_ids(tokenizer, retain, max_tokens)
         source = retain.source if isinstance(retain, RetainTexts) else ""
-        return cls.from_token_ids(model, seqs, weight=weight, top_k=top_k, batch_size=batch_size, pad_id=pad_id, device=device,
-                                  max_reference_bytes=max_reference_bytes, source=source)
+        return cls.from_token_ids(model, seqs, weight=weight, top_k=top_k, batch_size=batch_size, pad_id=retain_pad_id(tokenizer) if pad_id is None else pad_id,
+                                  device=device, max_reference_bytes=max_reference_bytes, source=source)
 
     @classmethod
     def from_token_ids(
@@ -236,10 +278,7 @@ class RetainKL:
         last predicts the next token; all of them are kept."""
         if weight < 0 or not math.isfinite(weight):
             raise MergeEditError(f"retain weight must be a finite number >= 0, got {weight}")
-        if batch_size < 1:
-            raise MergeEditError(f"retain batch_size must be >= 1, got {batch_size}")
-        if not seqs or any(len(s) < 2 for s in seqs):
-            raise MergeEditError("retain set: every sequence needs at least 2 tokens, and there must be at least one")
+        _check_sequences(seqs, batch_size)
         if device is None:
             device = next(model.parameters()).device
         positions = sum(len(s) - 1 for s in seqs)
@@ -252,17 +291,11 @@ class RetainKL:
                 f"retain set: the base distributions would take {positions * per_pos / 2**30:.1f} GiB ({positions} positions); "
                 f"use a smaller top_k, fewer texts or a shorter max_tokens"
             )
-        order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
         groups = []
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                chosen = [list(seqs[i]) for i in order[start : start + batch_size]]
-                ids, mask, pos, _ = pad_sequences(chosen, pad_id, "right")
-                batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
-                rows = torch.cat([torch.full((len(s) - 1,), r, dtype=torch.long) for r, s in enumerate(chosen)]).to(device)
-                cols = torch.cat([torch.arange(len(s) - 1, dtype=torch.long) for s in chosen]).to(device)
+            for batch, rows, cols in _padded(seqs, batch_size, pad_id, device):
                 logp = _forward_logp(model, batch)[rows, cols]
                 if top_k is None or top_k >= logp.shape[-1]:
                     groups.append(_Group(batch, rows, cols, None, logp, None))

@@ -79,6 +79,19 @@ def check_head(model: ModelSource) -> None:
     )
 
 
+# Linear weights that read one input tensor, by their Hugging Face names: an MLP's gate and up projections (Llama's
+# gate_proj/up_proj, Mixtral's w1/w3) and attention's q/k/v. At run time the null space finds the same sharing from
+# tensor identity (editing.null_space.input_second_moments; a test holds the two to agree on a Llama-shaped model).
+_SAME_INPUT = {"gate_proj": "mlp-in", "up_proj": "mlp-in", "w1": "mlp-in", "w3": "mlp-in", "q_proj": "attn-in", "k_proj": "attn-in", "v_proj": "attn-in"}
+
+
+def input_key(name: str) -> tuple[str, str]:
+    """(owner module's parent path, input group) of a weight: two weights with the same key read the same input
+    tensor. A name not known to share counts as its own input (so a count over keys is an upper bound)."""
+    parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+    return parent, _SAME_INPUT.get(leaf, leaf)
+
+
 def guess_architecture(model: ModelSource) -> str:
     archs = (model.config or {}).get("architectures")
     if archs:

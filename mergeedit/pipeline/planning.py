@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..editing.trainable import select_trainable
+from ..io.architecture import input_key
 from ..io.dtypes import itemsize, parse_user_dtype
 from ..io.model_source import open_local
 from .checks import (
@@ -44,13 +45,10 @@ class RecipePlan:
     layer_choice: dict | None = None  # `rsft.layers: auto`: the probe's window and scores (plan loads the model for it)
 
 
-# matrices that read the same input tensor share one null-space projection (mergeedit.editing.null_space)
-_SHARED_INPUT = {"gate_proj": "mlp-in", "up_proj": "mlp-in", "w1": "mlp-in", "w3": "mlp-in", "q_proj": "attn-in", "k_proj": "attn-in", "v_proj": "attn-in"}
-
-
 def null_space_bytes(recipe, source, trainable: list[str]) -> int:
-    """`rsft.null_space`'s memory, at most: per distinct input of the trained 2-D weights, the smaller side of its
-    eigenbasis (editing.null_space.Projection), ``in x r`` float32 with ``r <= in // 2``."""
+    """`rsft.null_space`'s memory, at most: per distinct input of the trained 2-D weights (io.architecture.input_key:
+    gate/up share one, q/k/v another; an unknown name counts as its own), the smaller side of its eigenbasis
+    (editing.null_space.Projection), ``in x r`` float32 with ``r <= in // 2``."""
     if recipe.rsft.null_space is None:
         return 0
     inputs = {}
@@ -58,8 +56,7 @@ def null_space_bytes(recipe, source, trainable: list[str]) -> int:
         shape = tuple(source.tensors[name].shape)
         if len(shape) != 2 or not name.endswith(".weight"):
             continue
-        parent, _, leaf = name[: -len(".weight")].rpartition(".")
-        inputs[(parent, _SHARED_INPUT.get(leaf, leaf), shape[1])] = shape[1]
+        inputs[(input_key(name), shape[1])] = shape[1]
     return sum(4 * n * (n // 2) for n in inputs.values())
 
 

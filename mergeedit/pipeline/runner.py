@@ -349,13 +349,13 @@ class RecipeRun:
         # the base's trained tensors, to start every anchored batch from (only the anchored strategy needs the copy)
         initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable} if recipe.sequential.strategy == "anchored" else {}
         forward = training_forward(model, trainable, dist.accelerator if dist.enabled else None)
-        retain, retain_key = self.build_retain(retain_texts, model, tokenizer, device) if retain_texts is not None else (None, None)
+        retain, retain_batches, retain_key = self.build_retain(retain_texts, model, tokenizer, device) if retain_texts is not None else (None, None, None)
         null_space = None
         if recipe.rsft.null_space is not None:
             from ..editing.null_space import NullSpaceProjector
 
             # from the unedited model, in float32 (its activations' second moments in float64); every train report holds describe()
-            null_space = NullSpaceProjector.build(model, trainable, retain.batches(), recipe.rsft.null_space.energy, source=retain_texts.source)
+            null_space = NullSpaceProjector.build(model, trainable, retain_batches, recipe.rsft.null_space.energy, source=retain_texts.source)
         return Session(
             run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, training_model, named, device, fmt, examples_by_case, initial, forward,
             layer_choice=layer_choice, retain=retain, retain_key=retain_key, null_space=null_space,
@@ -378,19 +378,24 @@ class RecipeRun:
 
     def build_retain(self, texts, model, tokenizer, device: torch.device):
         """`rsft.retain`: the base side of the KL term, from the ORIGINAL unedited model (before any batch trains), under
-        the autocast the steps use; every batch (chained or anchored) is held to the same base. Returns (RetainKL, key)."""
-        from ..editing.retain import RetainKL
+        the autocast the steps use; every batch (chained or anchored) is held to the same base. Built only when something
+        reads the base's distributions (the KL term with weight > 0, `merge: {auto}`'s locality probe); the null space
+        alone reads only the padded batches, which need no forward. Returns (RetainKL or None, the padded batches, key)."""
+        from ..editing.retain import RetainKL, retain_batches
         from ..editing.rsft import pick_precision
         from .recipe import RetainSection
 
-        r = self.recipe.rsft.retain or RetainSection(weight=0.0)  # weight 0: only merge.auto's locality probe
+        r = self.recipe.rsft.retain or RetainSection(weight=0.0)  # weight 0: only merge.auto's locality probe or the null space
         precision = self.recipe.rsft.precision
         if precision == "auto":
             precision = pick_precision(device)[0]
+        key = stable_hash([texts.texts, r.model_dump(), precision])
+        if r.weight <= 0 and (self.recipe.merge is None or self.recipe.merge.auto is None):
+            return None, retain_batches(tokenizer, texts, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device), key
         half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
             kl = RetainKL.build(model, tokenizer, texts, weight=r.weight, top_k=r.top_k, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device)
-        return kl, stable_hash([texts.texts, r.model_dump(), precision])
+        return kl, kl.batches(), key
 
     def pre_edit_stages(self, s: Session, records: list[EditRecord], result: RunResult, prefix: str = "") -> tuple[Optional[dict], Optional[DriftSetup]]:
         """The unedited model's outputs: locality reference tokens and scores (stage `{prefix}pre-eval`), and the drift
@@ -451,7 +456,7 @@ class RecipeRun:
                 (tmp / "train_report.json").write_text(json.dumps(report.to_json(), indent=2))
 
             inputs = {"upstream": upstream if strategy == "chained" else stable_hash(s.base_key), "rsft": recipe.rsft.model_dump(), "records": stable_hash([r.__dict__ for r in batch]), "format": s.fmt.describe(), "trainable": s.trainable, "system_prompt": recipe.dataset.system_prompt}
-            if s.retain_key is not None and (s.retain.weight > 0 or s.null_space is not None):
+            if s.retain_key is not None and ((s.retain is not None and s.retain.weight > 0) or s.null_space is not None):
                 inputs["retain"] = s.retain_key
             detail = f"{len(batch)} edits, {sum(named[n].numel() for n in s.trainable):,} trainable parameters"
             rsft_stage = s.run.produce(named_stage(rsft_stage_name(b), b), inputs, write_delta, compute=train, detail=detail)
