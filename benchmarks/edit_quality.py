@@ -58,7 +58,7 @@ METHODS: dict[str, tuple[dict, object, str]] = {
 }
 SHIPPED = ROOT / "recipes" / "zsre-sequential.yaml"
 BASELINES = ("FT-L", "FT-M", "LocFT-BF")  # --set never changes these: they keep their published settings
-COLUMNS = [("rel", "Rel TF"), ("gen", "Gen TF"), ("loc", "Loc"), ("rel_em", "Rel gen"), ("gen_em", "Gen gen"), ("ppl_drift_pct", "ppl drift %"), ("kl", "KL")]
+COLUMNS = [("rel", "Rel TF"), ("gen", "Gen TF"), ("loc", "Loc"), ("loc_chat", "Loc chat"), ("rel_em", "Rel gen"), ("gen_em", "Gen gen"), ("ppl_drift_pct", "ppl drift %"), ("kl", "KL")]
 
 
 def recipe_for(method: str, args) -> dict:

@@ -436,3 +436,20 @@ def test_transformers_not_imported_by_package():
     code = "import sys, mergeedit, mergeedit.editing, mergeedit.evaluation; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_loc_chat_sees_a_change_of_the_chat_form_that_loc_cannot():
+    """The chat template here appends " is" after the user turn. Probe "the capital" -> "of france": plainly the model
+    reads "<s> the capital of france" and predicts [of, france]; in the chat form it reads "the capital is of france"
+    and predicts [paris, france] (the word after "is", then after "of"). An edit that rewires only "is" -> "rome"
+    leaves every plain position alone (loc 1.0) and changes one of the two chat positions (loc_chat 0.5)."""
+    tok = make_tokenizer(CHAT_TEMPLATE)
+    base, edited = shift_model(), shift_model({"is": "rome"})
+    rec = EditRecord(case_id="0", prompt="the capital of", target="france", locality=(Probe("the capital", "of france"),))
+    pre, pre_chat = reference_outputs(base, tok, [rec]), reference_outputs(base, tok, [rec], chat=True)
+    assert pre == {"0": [[ID["of"], ID["france"]]]} and pre_chat == {"0": [[ID["paris"], ID["france"]]]}
+    got = evaluate_edits(edited, tok, [rec], pre=pre, pre_chat=pre_chat, generation=False)
+    assert got.records[0]["loc"] == 1.0 and got.records[0]["loc_chat"] == 0.5
+    assert got.aggregate["loc_chat"] == {"value": 0.5, "protocol": "pre-vs-post", "n": 1} and got.settings["pre_chat"] is True
+    assert evaluate_edits(base, tok, [rec], pre=pre, pre_chat=pre_chat, generation=False).records[0]["loc_chat"] == 1.0
+    assert evaluate_edits(edited, tok, [rec], pre=pre, generation=False).aggregate["loc_chat"]["value"] is None

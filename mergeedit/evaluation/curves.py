@@ -12,7 +12,7 @@ from typing import Sequence
 from ..core.errors import MergeEditError
 
 PLOT_EXTRA = "pip install 'mergeedit[plot]' (matplotlib>=3.8)"
-EDIT_METRICS = ("rel", "gen", "loc", "port")
+EDIT_METRICS = ("rel", "gen", "loc", "loc_chat", "port")
 DRIFT_METRICS = ("ppl_drift_pct", "kl")
 
 

@@ -7,7 +7,10 @@ its protocol:
 - "teacher-forced": rel (edit prompt -> target), gen (mean over rephrases -> target), port (mean over portability
   probes -> probe answer, post-edit model only); token accuracy with partial credit (metrics.teacher_forced_accuracy).
 - "pre-vs-post": loc, the mean over locality probes of mean(pre argmax == post argmax) on ``probe.prompt + " " +
-  probe.answer``; it measures unchanged behaviour, not correctness (not ROME/MEMIT "specificity").
+  probe.answer``; it measures unchanged behaviour, not correctness (not ROME/MEMIT "specificity"). loc_chat is the
+  same on the chat form R-SFT trains and a chat user asks in (the probe's question as a user turn, its answer as the
+  assistant's; metrics.chat_teacher_forced_tokens), from ``reference_outputs(..., chat=True)``: an edit method that
+  changes the model's chat answers while leaving plain text alone shows here and not in loc.
 - "generation": rel_em / gen_em, SQuAD exact match of the greedy answer to the question alone against the target
   (metrics.generate_answers); fluency, the n-gram entropy of a greedy continuation of the edit prompt.
 
@@ -36,6 +39,7 @@ PROTOCOLS: dict[str, str] = {
     "rel": TEACHER_FORCED,
     "gen": TEACHER_FORCED,
     "loc": PRE_VS_POST,
+    "loc_chat": PRE_VS_POST,
     "port": TEACHER_FORCED,
     "rel_em": GENERATION,
     "gen_em": GENERATION,
@@ -82,17 +86,21 @@ def _check_unique(records: Sequence[EditRecord]) -> None:
 
 
 def reference_outputs(
-    model, tokenizer, records: Sequence[EditRecord], *, batch_size: int = 16, padding_side: str = "right"
+    model, tokenizer, records: Sequence[EditRecord], *, batch_size: int = 16, padding_side: str = "right", chat: bool = False,
+    system_prompt: str | None = None,
 ) -> dict[str, list[list[int]]]:
     """Pre-edit argmax tokens per locality probe: ``{case_id: [[token ids] per locality probe]}``.
 
-    Compute it on the UNEDITED model and pass it to `evaluate_edits(pre=...)`. Plain JSON-serialisable data.
+    Compute it on the UNEDITED model and pass it to `evaluate_edits(pre=...)`; with ``chat=True`` (the probes in the
+    chat form, `system_prompt` as in training) pass it as ``pre_chat=``. Plain JSON-serialisable data.
     """
     _check_unique(records)
     flat = [(r.case_id, p) for r in records for p in r.locality]
-    tokens = metrics.teacher_forced_tokens(
-        model, tokenizer, [p.prompt for _, p in flat], [p.answer for _, p in flat], batch_size=batch_size, padding_side=padding_side
-    )
+    questions, answers = [p.prompt for _, p in flat], [p.answer for _, p in flat]
+    if chat:
+        tokens = metrics.chat_teacher_forced_tokens(model, tokenizer, questions, answers, batch_size=batch_size, padding_side=padding_side, system_prompt=system_prompt)
+    else:
+        tokens = metrics.teacher_forced_tokens(model, tokenizer, questions, answers, batch_size=batch_size, padding_side=padding_side)
     out: dict[str, list[list[int]]] = {r.case_id: [] for r in records}
     for (case_id, _), toks in zip(flat, tokens):
         out[case_id].append(toks)
@@ -105,6 +113,7 @@ def evaluate_edits(
     records: Sequence[EditRecord],
     *,
     pre: dict[str, list[list[int]]] | None = None,
+    pre_chat: dict[str, list[list[int]]] | None = None,
     generation: bool = True,
     chat_template: bool | None = None,
     batch_size: int = 16,
@@ -117,6 +126,8 @@ def evaluate_edits(
     """Score every edit on the (edited) model. See the module docstring for the protocols.
 
     pre: `reference_outputs` of the unedited model on the same records; without it loc is None.
+    pre_chat: `reference_outputs(..., chat=True)` of the unedited model (the same `system_prompt`); without it
+    loc_chat is None.
     generation: also run the generation protocol (rel_em, gen_em and the answers).
     chat_template: for the generation protocol (None: use the tokenizer's template when it has one); the chat form
     has no template default system prompt unless `system_prompt` gives one (as in training).
@@ -126,7 +137,12 @@ def evaluate_edits(
     records = list(records)
     _check_unique(records)
     _check_pre(records, pre)
+    _check_pre(records, pre_chat)
     per = _teacher_forced_scores(model, tokenizer, records, pre, batch_size, padding_side)
+    if pre_chat is not None:
+        chat_post = reference_outputs(model, tokenizer, [r for r in records if r.locality], batch_size=batch_size, padding_side=padding_side, chat=True, system_prompt=system_prompt)
+        for r, p in zip(records, per):
+            p["loc_chat"] = metrics.locality(pre_chat[r.case_id], chat_post[r.case_id]) if r.locality else []
     answers_rel, answers_gen = _generated_answers(model, tokenizer, records, max_new_tokens, chat_template, batch_size, system_prompt) if generation else ([], [])
     continuations: list[str] = []
     if fluency:
@@ -148,6 +164,7 @@ def evaluate_edits(
         values = [rec[name] for rec in out_records if rec[name] is not None]
         aggregate[name] = metric(_mean(values), protocol, len(values))
     settings = _settings(tokenizer, len(records), pre is not None, generation, chat_template, max_new_tokens, fluency, fluency_tokens, batch_size, padding_side, system_prompt)
+    settings["pre_chat"] = pre_chat is not None
     return EvalResult(records=out_records, aggregate=aggregate, settings=settings)
 
 
@@ -214,11 +231,12 @@ def _edit_record(r: EditRecord, p: dict, pre, answer_rel: str | None, answers_ge
         "rel": p["rel"][0],
         "gen": _mean(p["gen"]),
         "loc": _mean(loc_scores),
+        "loc_chat": _mean(p["loc_chat"]) if "loc_chat" in p else None,
         "port": _mean(p["port"]),
         "rel_em": None,
         "gen_em": None,
         "fluency": None,
-        "scores": {"gen": p["gen"], "loc": loc_scores, "port": p["port"]},
+        "scores": {"gen": p["gen"], "loc": loc_scores, "port": p["port"], **({"loc_chat": p["loc_chat"]} if "loc_chat" in p else {})},
     }
     if answer_rel is not None:
         rec["rel_em"] = metrics.exact_match(answer_rel, r.target)
@@ -250,7 +268,8 @@ def _settings(tokenizer, n_edits: int, has_pre: bool, generation: bool, chat_tem
         "conventions": {
             TEACHER_FORCED: "prompt + ' ' + target tokenized whole; argmax at the position before each target token; "
             "fraction of target tokens correct",
-            PRE_VS_POST: "mean(pre-edit argmax == post-edit argmax) over the target positions of locality prompt + ' ' + answer",
+            PRE_VS_POST: "mean(pre-edit argmax == post-edit argmax) over the target positions of locality prompt + ' ' + answer "
+            "(loc_chat: of the chat form, the prompt as a user turn and the answer as the assistant's)",
             GENERATION: "greedy answer to the question alone (chat form: no template default system prompt), cut at the "
             "first newline/period/EOS; SQuAD exact match",
         },

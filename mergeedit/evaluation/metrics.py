@@ -143,11 +143,34 @@ def batched_logits(
 
 
 def teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size: int, padding_side: str):
-    """Per pair: (predicted ids, target ids) over the target positions."""
+    """Per pair: (predicted ids, target ids) over the target positions of ``prompt + " " + target``."""
     prompts, targets = list(prompts), list(targets)
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    encoded = [encode_prompt_target(tokenizer, p, t) for p, t in zip(prompts, targets)]
+    return _predictions(model, tokenizer, [encode_prompt_target(tokenizer, p, t) for p, t in zip(prompts, targets)], batch_size, padding_side)
+
+
+def chat_teacher_forced_tokens(
+    model, tokenizer, questions: Sequence[str], answers: Sequence[str], *, batch_size: int = 16, padding_side: str = "right", system_prompt: str | None = None
+) -> list[list[int]]:
+    """Argmax token id at each answer position of the chat form: the question as one user turn with the assistant
+    header (``editing.prompts.chat_prompt``, R-SFT's form: no template default system prompt unless given), then the
+    answer's tokens (no end of turn). What a chat user's unrelated question would read (pre-vs-post ``loc_chat``)."""
+    questions, answers = list(questions), list(answers)
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    encoded = []
+    for q, a in zip(questions, answers):
+        prompt = tokenizer(chat_prompt(tokenizer, q, system_prompt), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(a, add_special_tokens=False)["input_ids"]
+        if not answer:
+            raise MergeEditError(f"answer {a!r} of question {q!r} has no tokens: an empty answer cannot be scored")
+        encoded.append((list(prompt) + list(answer), len(prompt), len(prompt) + len(answer)))
+    return [pred for pred, _ in _predictions(model, tokenizer, encoded, batch_size, padding_side)]
+
+
+def _predictions(model, tokenizer, encoded: list[tuple[list[int], int, int]], batch_size: int, padding_side: str):
+    """Per (ids, start, stop): (argmax ids predicting positions start..stop-1, ids[start:stop])."""
     results: list[tuple[list[int], list[int]] | None] = [None] * len(encoded)
     if not encoded:
         return []

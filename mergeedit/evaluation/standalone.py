@@ -40,12 +40,14 @@ def evaluate_folder(
     records = [r.__class__(**{**r.__dict__, "target": r.target.strip()}) for r in load_edits(dataset, fmt, limit=limit)] if dataset else []
     texts = drift_metrics.load_drift_texts(drift_texts) if drift and reference is not None else None
     dev = pick_device(device)
-    pre = drift_ref = None
+    pre = pre_chat = drift_ref = None
     if reference is not None:
         ref_folder = resolve_base_folder(reference, Path.cwd())
         ref_model, ref_tok = load_model_and_tokenizer(ref_folder, "float32", dev)
         if records:
             pre = reference_outputs(ref_model, ref_tok, records, batch_size=batch_size)
+            if getattr(ref_tok, "chat_template", None):  # the probes in the chat form too (loc_chat)
+                pre_chat = reference_outputs(ref_model, ref_tok, records, batch_size=batch_size, chat=True)
         if texts is not None:
             drift_ref = drift_metrics.drift_reference(ref_model, ref_tok, texts, batch_size=batch_size)
         del ref_model
@@ -54,7 +56,10 @@ def evaluate_folder(
     out: dict = {"aggregate": {}, "settings": {}, "records": []}
     with torch.no_grad():
         if records:
-            out = evaluate_edits(model, tokenizer, records, pre=pre, generation=generation, batch_size=batch_size, max_new_tokens=max_new_tokens).to_dict()
+            out = evaluate_edits(
+                model, tokenizer, records, pre=pre, pre_chat=pre_chat if getattr(tokenizer, "chat_template", None) else None, generation=generation,
+                batch_size=batch_size, max_new_tokens=max_new_tokens,
+            ).to_dict()
         if drift_ref is not None:
             out["drift"] = drift_metrics.drift_scores(model, tokenizer, texts, drift_ref, batch_size=batch_size)
     if lm_eval_task is not None:

@@ -19,15 +19,20 @@ def _labelled(result) -> dict:
 
 def _eval(model, tokenizer, records, fmt: PromptFormat, cfg, pre=None):
     return evaluate_edits(
-        model, tokenizer, records, pre=pre, generation=cfg.generation, chat_template=fmt.uses_chat, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
+        model, tokenizer, records, pre=(pre or {}).get("locality"), pre_chat=(pre or {}).get("locality_chat"), generation=cfg.generation,
+        chat_template=fmt.uses_chat, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
     )
 
 
 def pre_edit_outputs(model, tokenizer, records: list[EditRecord], fmt: PromptFormat, cfg) -> dict:
-    """Locality reference tokens, the unedited model's scores, and its answers (for before/after examples)."""
+    """Locality reference tokens (plain, and in the chat form when the run trains in it), the unedited model's
+    scores, and its answers (for before/after examples)."""
     result = _eval(model, tokenizer, records, fmt, cfg)
     answers = {r["case_id"]: r.get("answers", {}).get("rel", "") for r in result.records}
-    return {"locality": reference_outputs(model, tokenizer, records, batch_size=cfg.batch_size), "metrics": _labelled(result), "answers": answers}
+    out = {"locality": reference_outputs(model, tokenizer, records, batch_size=cfg.batch_size), "metrics": _labelled(result), "answers": answers}
+    if fmt.uses_chat:
+        out["locality_chat"] = reference_outputs(model, tokenizer, records, batch_size=cfg.batch_size, chat=True)
+    return out
 
 
 @dataclass
@@ -86,7 +91,7 @@ def drift_reference_stage(run, base_key: dict, model, tokenizer, cfg, recipe_dir
 
 
 def post_edit_evaluation(model, tokenizer, records: list[EditRecord], fmt: PromptFormat, cfg, pre: dict | None, drift: DriftSetup | None = None) -> dict:
-    result = _eval(model, tokenizer, records, fmt, cfg, pre=pre["locality"] if pre else None)
+    result = _eval(model, tokenizer, records, fmt, cfg, pre=pre)
     before = (pre or {}).get("answers", {})
     examples = [
         {"case_id": r.case_id, "prompt": r.prompt, "target": r.target, "before": before.get(r.case_id, ""), "after": rec.get("answers", {}).get("rel", "")}
@@ -101,10 +106,10 @@ def post_edit_evaluation(model, tokenizer, records: list[EditRecord], fmt: Promp
 
 
 def curve_point(model, tokenizer, records: list[EditRecord], cfg, pre: dict | None, drift: DriftSetup | None, *, batch: int) -> dict:
-    """One point of a sequential curve: teacher-forced rel/gen/loc on the edits so far (no generation: kept cheap),
-    plus drift when the recipe measures it."""
-    result = evaluate_edits(model, tokenizer, records, pre=pre["locality"] if pre else None, generation=False, batch_size=cfg.batch_size)
-    point = {"batch": batch, "edits": len(records), **{k: v for k, v in result.summary().items() if k in ("rel", "gen", "loc", "port")}}
+    """One point of a sequential curve: teacher-forced rel/gen/loc (and loc_chat) on the edits so far (no generation:
+    kept cheap), plus drift when the recipe measures it."""
+    result = evaluate_edits(model, tokenizer, records, pre=(pre or {}).get("locality"), pre_chat=(pre or {}).get("locality_chat"), generation=False, batch_size=cfg.batch_size)
+    point = {"batch": batch, "edits": len(records), **{k: v for k, v in result.summary().items() if k in ("rel", "gen", "loc", "loc_chat", "port")}}
     if drift is not None:
         _, scores = drift.metrics(model, tokenizer, cfg.batch_size)
         point.update(ppl=scores["ppl"], ppl_drift_pct=scores["ppl_drift_pct"], kl=scores["kl"])

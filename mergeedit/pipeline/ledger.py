@@ -24,7 +24,7 @@ from ..evaluation.evaluate import PROTOCOLS, metric
 from ..io.integrity import MANIFEST, add_to_manifest, sha256_file
 
 LEDGER_FILE = "ledger.jsonl"
-SCORES = ("rel", "gen", "loc", "port", "rel_em", "gen_em")  # per-edit scores kept in the ledger
+SCORES = ("rel", "gen", "loc", "loc_chat", "port", "rel_em", "gen_em")  # per-edit scores kept in the ledger
 PROTOCOL_OF = {**PROTOCOLS, "rel_em": "generation", "gen_em": "generation"}
 
 

@@ -405,7 +405,7 @@ class RecipeRun:
             return None, None
         from .evaluation_stage import drift_reference_stage, pre_edit_outputs
 
-        inputs = {"base": s.base_key, "records": stable_hash([r.__dict__ for r in records]), "format": s.fmt.describe(), "eval": self.eval_key()}
+        inputs = {"base": s.base_key, "records": stable_hash([r.__dict__ for r in records]), "format": s.fmt.describe(), "eval": self.eval_key(), "references": ["locality", "locality_chat"]}
         _, pre = s.run.produce_json(f"{prefix}pre-eval", inputs, lambda: pre_edit_outputs(s.model, s.tokenizer, records, s.fmt, recipe.eval))
         result.pre_metrics = pre.get("metrics")
         drift = None

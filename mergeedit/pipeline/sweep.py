@@ -27,7 +27,7 @@ from .runner import RecipeRun, Reporter, load_delta
 
 __all__ = ["SCORES", "apply_point", "grid_points", "parse_grid", "validation_split", "pareto_front", "run_sweep", "SweepResult"]
 
-SCORES = ("rel", "gen", "loc", "port", "rel_em", "gen_em", "ppl_drift_pct", "kl")
+SCORES = ("rel", "gen", "loc", "loc_chat", "port", "rel_em", "gen_em", "ppl_drift_pct", "kl")
 SCRATCH_MERGE = "sweep-merge"
 
 
