@@ -510,14 +510,13 @@ class RecipeRun:
         inputs = {"upstream": upstream, "merge": self.merge_config.model_dump(), "auto": auto.model_dump(), "pre": pre_id, "eval": cfg.model_dump(exclude={"curve_every"}), "validation": [r.case_id for r in val], "retain": s.retain_key}
 
         def compute() -> dict:
-            pre = json.loads((s.run.root / "stages" / "pre-eval" / "result.json").read_text())
-
             def score(config, point) -> dict:
                 s.run.root.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=s.run.root, prefix=f".{AUTO_SCRATCH}-") as tmp:
                     candidate(config, Path(tmp))
                     load_delta(s.model, open_local("candidate", Path(tmp)))
-                scored = post_edit_evaluation(s.model, s.tokenizer, val, s.fmt, cfg, pre, None)
+                # no pre-edit reference: the evaluation's locality probes are neither scored nor read here
+                scored = post_edit_evaluation(s.model, s.tokenizer, val, s.fmt, cfg, None, None)
                 return {**{k: scored["metrics"].get(k, {}).get("value") for k in AUTO_RELIABILITY}, **s.retain.agreement(s.model)}
 
             choice = choose_merge(self.merge_config, auto, score, where=where)
