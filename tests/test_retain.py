@@ -15,6 +15,7 @@ from mergeedit.editing.retain import (
     DEFAULT_RETAIN_SET,
     DRIFT_EVAL_TEXTS,
     RETAIN_ANSWERS,
+    RETAIN_CHAT_QUESTIONS,
     RETAIN_PROSE,
     RETAIN_QUESTIONS,
     RetainKL,
@@ -267,3 +268,44 @@ def test_agreement_is_the_share_of_positions_keeping_the_base_argmax(toy_folder,
     assert 0 < kept < total  # precondition: the change moved some argmaxes and not all (float64, wide logit gaps)
     got = retain.agreement(model)
     assert got["retain_loc"] == kept / total and got["retain_kl"] > 0
+
+
+def test_chat_retain_lines_are_read_in_the_edits_chat_form(tmp_path):
+    """data/retain/chat_questions.jsonl holds questions.jsonl's pairs as {"question", "answer"}. Such a line is
+    tokenized exactly as R-SFT tokenizes an edit (editing.prompts.chat_pair: user turn without the template's default
+    system prompt, assistant header, answer, EOS), or as the raw pair + EOS without a chat template; the drift check
+    still sees its question and its plain text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergeedit.editing.prompts import chat_pair, raw_pair_eos
+    from mergeedit.editing.retain import retain_token_ids
+
+    chat, plain = jsonl(RETAIN_CHAT_QUESTIONS), jsonl(RETAIN_QUESTIONS)
+    assert [(c["question"], c["question"] + " " + c["answer"]) for c in chat] == [(q["prompt"], q["text"]) for q in plain]
+    both = load_retain_texts([RETAIN_PROSE, RETAIN_CHAT_QUESTIONS])
+    assert len(both) == 210 + 200 and both.texts == [r["text"] for r in jsonl(RETAIN_PROSE)] and both.chat[0] == (chat[0]["question"], chat[0]["answer"])
+
+    words = ["<pad>", "<s>", "</s>", "who", "wrote", "it", "me", "<u>", "<a>"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "it", "text": "it wrote me"}) + "\n" + json.dumps({"question": "who wrote it", "answer": "me"}) + "\n")
+    texts = load_retain_texts(mixed)
+    assert texts.prompts == ["it", "who wrote it"] and texts.plain() == ["it wrote me", "who wrote it me"]
+    p, a = raw_pair_eos(tok, "who wrote it", "me")
+    assert retain_token_ids(tok, texts, 64) == [[5, 4, 6], p + a] and p + a == [3, 4, 5, 6, 2]
+    tok.chat_template = "{% for m in messages %}<u> {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} <a>{% endif %}"
+    p, a = chat_pair(tok, "who wrote it", "me")
+    assert p == [7, 3, 4, 5, 8] and a == [6, 2]  # the edits' chat form: user turn, assistant header, answer, EOS
+    assert retain_token_ids(tok, texts, 64) == [[5, 4, 6], p + a] and retain_token_ids(tok, texts, 3)[1] == [7, 3, 4]
+    one = jsonl(DRIFT_EVAL_TEXTS)[0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": one["prompt"], "answer": "mine"}) + "\n")
+    with pytest.raises(MergeEditError, match=r"bad.jsonl: shares 1 prompt"):
+        load_retain_texts(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"question": "who"}) + "\n")
+    with pytest.raises(MergeEditError, match=r"empty.jsonl:1: .*'question' and 'answer'"):
+        load_retain_texts(empty)

@@ -37,7 +37,7 @@ autocast.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -45,6 +45,7 @@ import torch
 
 from ..core.errors import MergeEditError
 from ..core.text_files import read_jsonl_lines, read_text_file
+from .prompts import chat_pair, raw_pair_eos
 from .tokens import model_inputs, pad_sequences
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "RETAIN_PROSE",
     "RETAIN_ANSWERS",
     "RETAIN_QUESTIONS",
+    "RETAIN_CHAT_QUESTIONS",
     "DRIFT_EVAL_TEXTS",
     "RetainTexts",
     "RetainKL",
@@ -74,35 +76,55 @@ DEFAULT_RETAIN_SET = (RETAIN_PROSE, RETAIN_ANSWERS)
 # Short questions followed by the unedited model's own answer (data/retain/make_questions.py): question-shaped text
 # for the KL to hold, as the locality probes are; `rsft.retain.path: [retain.jsonl, questions.jsonl]` uses both.
 RETAIN_QUESTIONS = _DATA / "retain" / "questions.jsonl"
+# The same questions and answers as {"question", "answer"} lines, read in the chat form the edits are trained in
+# (data/retain/make_chat_questions.py): the KL and the null space then hold the model's chat answers to unrelated
+# questions, which the evaluation's loc_chat scores.
+RETAIN_CHAT_QUESTIONS = _DATA / "retain" / "chat_questions.jsonl"
 # The shipped drift-evaluation set (mergeedit.evaluation.drift.DEFAULT_DRIFT_TEXTS; editing may not import evaluation).
 DRIFT_EVAL_TEXTS = _DATA / "drift" / "generic.jsonl"
 
 
 @dataclass(frozen=True)
 class RetainTexts:
-    """Generic texts to keep unchanged; ``prompts`` are kept only to check the set against the drift set."""
+    """Generic texts to keep unchanged; ``prompts`` are kept only to check the set against the drift set. ``chat``
+    holds (question, answer) pairs read in the chat form the edits are trained in (`retain_token_ids`)."""
 
     prompts: list[str]
     texts: list[str]
     source: str = ""
+    chat: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts) + len(self.chat)
+
+    def plain(self) -> list[str]:
+        """Every item as plain text (a chat pair as ``question + " " + answer``): what the drift check compares."""
+        return self.texts + [f"{q} {a}" for q, a in self.chat]
+
+
+_LINE_FORMS = '{"prompt": ..., "text": ...} (plain text) or {"question": ..., "answer": ...} (read in the chat form)'
 
 
 def _read_pairs(path: Path, what: str) -> RetainTexts:
-    prompts, texts = [], []
+    prompts, texts, chat = [], [], []
     for n, row in read_jsonl_lines(path, read_text_file(path, what)):
+        if isinstance(row, dict) and row.get("question") and row.get("answer"):
+            chat.append((str(row["question"]), str(row["answer"])))
+            prompts.append(str(row["question"]))
+            continue
         if not isinstance(row, dict) or not row.get("text"):
-            raise MergeEditError(f"{path}:{n}: a {what} line needs a non-empty 'text' key (and optionally 'prompt'): {{\"prompt\": ..., \"text\": ...}}")
+            raise MergeEditError(f"{path}:{n}: a {what} line needs a non-empty 'text' key (and optionally 'prompt'), or 'question' and 'answer': {_LINE_FORMS}")
         texts.append(str(row["text"]))
         if row.get("prompt"):
             prompts.append(str(row["prompt"]))
-    if not texts:
-        raise MergeEditError(f"{path}: the {what} holds no line; write one {{\"prompt\": ..., \"text\": ...}} JSON object per line")
-    return RetainTexts(prompts, texts, str(path))
+    if not texts and not chat:
+        raise MergeEditError(f"{path}: the {what} holds no line; write one JSON object per line: {_LINE_FORMS}")
+    return RetainTexts(prompts, texts, str(path), chat)
 
 
 def check_disjoint(retain: RetainTexts, evaluation: RetainTexts) -> None:
     """Raise a one-line MergeEditError when the retain set shares a prompt or a text with the evaluation set."""
-    for kind, ours, theirs in (("prompt", retain.prompts, evaluation.prompts), ("text", retain.texts, evaluation.texts)):
+    for kind, ours, theirs in (("prompt", retain.prompts, evaluation.prompts), ("text", retain.plain(), evaluation.plain())):
         shared = [x for x in dict.fromkeys(ours) if x in set(theirs)]
         if shared:
             raise MergeEditError(
@@ -137,7 +159,7 @@ def load_retain_texts(
         parts.append(retain)
     if len(parts) == 1:
         return parts[0]
-    return RetainTexts([p for r in parts for p in r.prompts], [t for r in parts for t in r.texts], " + ".join(r.source for r in parts))
+    return RetainTexts([p for r in parts for p in r.prompts], [t for r in parts for t in r.texts], " + ".join(r.source for r in parts), [c for r in parts for c in r.chat])
 
 
 def coarsened_kl(base_idx: torch.Tensor, base_logp: torch.Tensor, base_rest: torch.Tensor, current_logp: torch.Tensor) -> torch.Tensor:
@@ -162,14 +184,24 @@ def _full_kl(base_logp: torch.Tensor, current_logp: torch.Tensor) -> torch.Tenso
 
 
 def retain_token_ids(tokenizer, retain: Union[RetainTexts, Sequence[str]], max_tokens: int) -> list[list[int]]:
-    """Each retain text tokenized whole (the tokenizer's usual special tokens), cut to its first ``max_tokens``."""
+    """Each retain text tokenized whole (the tokenizer's usual special tokens), then each chat pair as R-SFT trains an
+    edit (editing.prompts.chat_pair: the question as a user turn with the assistant header and no template default
+    system prompt, the answer, end of turn; plain ``question + " " + answer`` + EOS for a tokenizer without a chat
+    template); every sequence cut to its first ``max_tokens``."""
+    texts, chat = (retain.texts, retain.chat) if isinstance(retain, RetainTexts) else (list(retain), [])
     seqs = []
-    for t in retain.texts if isinstance(retain, RetainTexts) else retain:
-        ids = list(tokenizer(t)["input_ids"])[:max_tokens]
-        if len(ids) < 2:
-            raise MergeEditError(f"retain text {t[:40]!r} gives {len(ids)} token(s); it needs at least 2 (one to read, one to predict)")
-        seqs.append(ids)
+    for t in texts:
+        seqs.append(_at_least_two(list(tokenizer(t)["input_ids"])[:max_tokens], t))
+    for q, a in chat:
+        prompt, answer = chat_pair(tokenizer, q, a) if getattr(tokenizer, "chat_template", None) else raw_pair_eos(tokenizer, q, a)
+        seqs.append(_at_least_two((list(prompt) + list(answer))[:max_tokens], f"{q} {a}"))
     return seqs
+
+
+def _at_least_two(ids: list[int], text: str) -> list[int]:
+    if len(ids) < 2:
+        raise MergeEditError(f"retain text {text[:40]!r} gives {len(ids)} token(s); it needs at least 2 (one to read, one to predict)")
+    return ids
 
 
 def retain_pad_id(tokenizer) -> int:

@@ -78,13 +78,13 @@ def _new_key_notes(run: RecipeRun, retain) -> list[str]:
     if retain is not None and recipe.rsft.retain_weight > 0:
         r = recipe.rsft.retain
         notes.append(
-            f"retain: {r.weight} x KL(base || current) in every step on {len(retain.texts)} texts of {retain.source} "
+            f"retain: {r.weight} x KL(base || current) in every step on {len(retain)} texts of {retain.source} "
             f"(top-{r.top_k or 'all'}, {r.batch_size} per step, {r.max_tokens} tokens each); the base is the unedited model for every batch"
         )
     if retain is not None and recipe.rsft.null_space is not None:
         notes.append(
             f"null space: every step's update of each trained Linear matrix is projected off the top directions holding {recipe.rsft.null_space.energy} "
-            f"of its inputs' second moment on {len(retain.texts)} texts of {retain.source} (measured on the unedited model)"
+            f"of its inputs' second moment on {len(retain)} texts of {retain.source} (measured on the unedited model)"
         )
     if recipe.merge is not None and recipe.merge.auto is not None:
         a = recipe.merge.auto
@@ -94,7 +94,7 @@ def _new_key_notes(run: RecipeRun, retain) -> list[str]:
         axes = " x ".join(f"{k} {v}" for k, v in a.candidates.items())
         per = "every batch" if recipe.sequential.strategy == "chained" else "the anchored merge"
         notes.append(f"merge auto: for {per}, {count} candidates ({axes}) scored on a validation split ({a.validation}, seed {a.seed}); the best {a.reliability} with {a.locality} >= {a.floor} is kept"
-                     + (f" ({a.locality}: the unedited model's next token kept on {len(retain.texts)} texts of {retain.source})" if retain is not None else ""))
+                     + (f" ({a.locality}: the unedited model's next token kept on {len(retain)} texts of {retain.source})" if retain is not None else ""))
     return notes
 
 

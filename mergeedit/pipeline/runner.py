@@ -389,7 +389,7 @@ class RecipeRun:
         precision = self.recipe.rsft.precision
         if precision == "auto":
             precision = pick_precision(device)[0]
-        key = stable_hash([texts.texts, r.model_dump(), precision])
+        key = stable_hash([texts.texts, r.model_dump(), precision] + ([texts.chat] if texts.chat else []))
         if r.weight <= 0 and (self.recipe.merge is None or self.recipe.merge.auto is None):
             return None, retain_batches(tokenizer, texts, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device), key
         half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
