@@ -139,11 +139,12 @@ def test_shipped_answers_name_nothing_the_evaluation_asks_or_answers():
     assert [(a["prompt"], a["text"]) for a in answers] == [(q, f"{q} {x}") for q, x in make.kept_pairs(zsre)]
 
 
-def test_the_default_retain_set_is_the_prose_and_the_answers():
+def test_the_default_retain_set_is_the_prose_the_answers_and_the_chat_questions():
     default = load_retain_texts()
-    assert DEFAULT_RETAIN_SET == (RETAIN_PROSE, RETAIN_ANSWERS)
+    assert DEFAULT_RETAIN_SET == (RETAIN_PROSE, RETAIN_ANSWERS, RETAIN_CHAT_QUESTIONS)
     assert default.texts == [r["text"] for r in jsonl(RETAIN_PROSE)] + [a["text"] for a in jsonl(RETAIN_ANSWERS)]
-    assert default.source == f"{RETAIN_PROSE} + {RETAIN_ANSWERS}"
+    assert default.chat == [(c["question"], c["answer"]) for c in jsonl(RETAIN_CHAT_QUESTIONS)] and len(default) == 210 + 159 + 200
+    assert default.source == f"{RETAIN_PROSE} + {RETAIN_ANSWERS} + {RETAIN_CHAT_QUESTIONS}"
 
 
 def test_several_retain_files_are_read_in_order_and_each_is_checked(tmp_path):

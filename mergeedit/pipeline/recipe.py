@@ -65,8 +65,9 @@ class RetainSection(_Strict):
     weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of the KL term in every step's loss (default 1.0, the measured best); 0 turns it off at no cost.")
     path: Optional[Union[str, list[str]]] = Field(
         None,
-        description="JSONL of {prompt, text} lines, or a list of them (their texts together), relative to the recipe (default: the shipped data/retain/retain.jsonl, generic prose, "
-        "and data/retain/answers.jsonl, questions with a named-entity answer; data/retain/questions.jsonl holds short questions with the unedited model's own answers). Refused when it shares a prompt or text with the drift set the evaluation uses.",
+        description="JSONL of {prompt, text} lines (raw text) or {question, answer} lines (read in the chat form the edits are trained in), or a list of files (their lines together), "
+        "relative to the recipe (default: the shipped data/retain/retain.jsonl, generic prose; data/retain/answers.jsonl, questions with a named-entity answer; and "
+        "data/retain/chat_questions.jsonl, short questions with the unedited model's own chat answers). Refused when it shares a prompt or text with the drift set the evaluation uses.",
     )
     top_k: Optional[int] = Field(64, ge=1, description="Keep the base's top-k next tokens per position (plus one bucket for the rest); null: the full distribution (exact KL, more memory).")
     batch_size: int = Field(8, ge=1, description="Retain texts per step; step s uses mini-batch s mod (texts / batch_size).")
