@@ -310,3 +310,24 @@ def test_chat_retain_lines_are_read_in_the_edits_chat_form(tmp_path):
     empty.write_text(json.dumps({"question": "who"}) + "\n")
     with pytest.raises(MergeEditError, match=r"empty.jsonl:1: .*'question' and 'answer'"):
         load_retain_texts(empty)
+
+
+def test_only_the_mini_batches_a_run_can_read_get_a_base_side(toy_folder):
+    """Step s reads mini-batch s mod count; a training call over E edits takes at most max_steps(settings, E) steps
+    (epochs x batches per epoch x steps per batch). `max_groups` builds only the first that many mini-batches: each
+    equals the full build's, and so does the KL every step below the bound reads."""
+    from mergeedit.editing.rsft import TrainSettings, max_steps
+
+    assert max_steps(TrainSettings(batch_size=10, max_epochs=15, schedule="breadth-first"), 20) == 15 * 2 * 1
+    assert max_steps(TrainSettings(batch_size=10, max_epochs=5, max_steps_per_batch=25, schedule="depth-first"), 101) == 5 * 11 * 25
+    model = load(toy_folder)
+    full = RetainKL.from_token_ids(model, SEQS, batch_size=2, top_k=8)
+    some = RetainKL.from_token_ids(model, SEQS, batch_size=2, top_k=8, max_groups=2)
+    assert len(full) == 3 and len(some) == 2
+    for a, b in zip(some.groups, full.groups):
+        assert all(torch.equal(x, y) for x, y in zip((a.idx, a.logp, a.rest, a.rows, a.cols), (b.idx, b.logp, b.rest, b.rows, b.cols)))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(0.05)
+        assert [float(some.kl(model, s)) for s in range(2)] == [float(full.kl(model, s)) for s in range(2)] and float(some.kl(model, 1)) > 0
+    with pytest.raises(MergeEditError, match="max_groups"):
+        RetainKL.from_token_ids(model, SEQS, max_groups=0)

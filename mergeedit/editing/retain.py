@@ -286,12 +286,13 @@ class RetainKL:
         pad_id: Optional[int] = None,
         device: Optional[torch.device] = None,
         max_reference_bytes: int = 2 << 30,
+        max_groups: Optional[int] = None,
     ) -> "RetainKL":
         """Tokenize each text whole (the tokenizer's usual special tokens), keep its first ``max_tokens`` tokens."""
         seqs = retain_token_ids(tokenizer, retain, max_tokens)
         source = retain.source if isinstance(retain, RetainTexts) else ""
         return cls.from_token_ids(model, seqs, weight=weight, top_k=top_k, batch_size=batch_size, pad_id=retain_pad_id(tokenizer) if pad_id is None else pad_id,
-                                  device=device, max_reference_bytes=max_reference_bytes, source=source)
+                                  device=device, max_reference_bytes=max_reference_bytes, source=source, max_groups=max_groups)
 
     @classmethod
     def from_token_ids(
@@ -306,9 +307,14 @@ class RetainKL:
         device: Optional[torch.device] = None,
         max_reference_bytes: int = 2 << 30,
         source: str = "",
+        max_groups: Optional[int] = None,
     ) -> "RetainKL":
         """The base side from the model as it is now (call it before training). Every position of a sequence but the
-        last predicts the next token; all of them are kept."""
+        last predicts the next token; all of them are kept. ``max_groups``: only the first that many mini-batches
+        (a caller that takes fewer steps than there are mini-batches reads no other; step s reads s mod count, so
+        the steps it takes read the same mini-batches either way)."""
+        if max_groups is not None and max_groups < 1:
+            raise MergeEditError(f"retain max_groups must be >= 1 or None, got {max_groups}")
         if weight < 0 or not math.isfinite(weight):
             raise MergeEditError(f"retain weight must be a finite number >= 0, got {weight}")
         _check_sequences(seqs, batch_size)
@@ -328,7 +334,9 @@ class RetainKL:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for batch, rows, cols in _padded(seqs, batch_size, pad_id, device):
+            for g, (batch, rows, cols) in enumerate(_padded(seqs, batch_size, pad_id, device)):
+                if max_groups is not None and g >= max_groups:
+                    break
                 logp = _forward_logp(model, batch)[rows, cols]
                 if top_k is None or top_k >= logp.shape[-1]:
                     groups.append(_Group(batch, rows, cols, None, logp, None))

@@ -60,6 +60,13 @@ class TrainSettings:
     sit_out: bool = False  # an edit already learned when an epoch starts sits it out (`_EditLoop.sit_out_learned`)
 
 
+def max_steps(settings: TrainSettings, edits: int) -> int:
+    """The most optimizer steps one training call over `edits` edits can take: every epoch cuts the edits still to
+    learn into ceil(edits / batch_size) batches, each trained up to `max_steps_per_batch` steps (one breadth-first)."""
+    per_batch = 1 if settings.schedule == "breadth-first" else settings.max_steps_per_batch
+    return settings.max_epochs * -(-edits // settings.batch_size) * per_batch
+
+
 @dataclass
 class EditOutcome:
     case_id: str

@@ -26,7 +26,7 @@ from ..editing.datasets import load_edits
 from ..editing.forward import training_forward
 from ..editing.prompts import PromptFormat
 from ..editing.records import EditRecord
-from ..editing.rsft import TrainingExample, TrainSettings, mark_trainable, train_edits
+from ..editing.rsft import TrainingExample, TrainSettings, mark_trainable, max_steps, train_edits
 from ..editing.trainable import select_trainable
 from ..io.integrity import add_to_manifest
 from ..io.model_source import ModelSource, open_local, overlay
@@ -349,7 +349,7 @@ class RecipeRun:
         # the base's trained tensors, to start every anchored batch from (only the anchored strategy needs the copy)
         initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable} if recipe.sequential.strategy == "anchored" else {}
         forward = training_forward(model, trainable, dist.accelerator if dist.enabled else None)
-        retain, retain_batches, retain_key = self.build_retain(retain_texts, model, tokenizer, device) if retain_texts is not None else (None, None, None)
+        retain, retain_batches, retain_key = self.build_retain(retain_texts, model, tokenizer, device, max_steps(settings, len(records))) if retain_texts is not None else (None, None, None)
         null_space = None
         if recipe.rsft.null_space is not None:
             from ..editing.null_space import NullSpaceProjector
@@ -376,11 +376,14 @@ class RecipeRun:
         _, out = run.produce_json(LAYER_PROBE, inputs, compute, detail=f"{len(probed)} edits, width {auto.auto}")
         return out
 
-    def build_retain(self, texts, model, tokenizer, device: torch.device):
+    def build_retain(self, texts, model, tokenizer, device: torch.device, steps: int):
         """`rsft.retain`: the base side of the KL term, from the ORIGINAL unedited model (before any batch trains), under
         the autocast the steps use; every batch (chained or anchored) is held to the same base. Built only when something
         reads the base's distributions (the KL term with weight > 0, `merge: {auto}`'s locality probe); the null space
-        alone reads only the padded batches, which need no forward. Returns (RetainKL or None, the padded batches, key)."""
+        alone reads only the padded batches, which need no forward. Step s of a training call reads mini-batch
+        s mod count, and no call takes more than `steps` steps (editing.rsft.max_steps over every edit), so only the
+        first `steps` mini-batches get a base side unless `merge: {auto}` reads them all: the same KL at every step, for
+        less of a forward on a short run. Returns (RetainKL or None, every padded batch, key)."""
         from ..editing.retain import RetainKL, retain_batches
         from ..editing.rsft import pick_precision
         from .recipe import RetainSection
@@ -390,12 +393,15 @@ class RecipeRun:
         if precision == "auto":
             precision = pick_precision(device)[0]
         key = stable_hash([texts.texts, r.model_dump(), precision] + ([texts.chat] if texts.chat else []))
-        if r.weight <= 0 and (self.recipe.merge is None or self.recipe.merge.auto is None):
-            return None, retain_batches(tokenizer, texts, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device), key
+        batches = retain_batches(tokenizer, texts, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device)
+        auto = self.recipe.merge is not None and self.recipe.merge.auto is not None
+        if r.weight <= 0 and not auto:
+            return None, batches, key
         half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
-            kl = RetainKL.build(model, tokenizer, texts, weight=r.weight, top_k=r.top_k, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device)
-        return kl, kl.batches(), key
+            kl = RetainKL.build(model, tokenizer, texts, weight=r.weight, top_k=r.top_k, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device,
+                                max_groups=None if auto else steps)
+        return kl, batches, key
 
     def pre_edit_stages(self, s: Session, records: list[EditRecord], result: RunResult, prefix: str = "") -> tuple[Optional[dict], Optional[DriftSetup]]:
         """The unedited model's outputs: locality reference tokens and scores (stage `{prefix}pre-eval`), and the drift
