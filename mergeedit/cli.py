@@ -443,10 +443,11 @@ def run(
     for name, p in result.stage_profile.items():
         out.print(f"stage {name}: {p['seconds']:.1f} s, peak RSS {p['peak_rss'] / 2**30:.2f} GiB")
     if result.stage_profile:
-        from .pipeline.runner import evaluation_share
+        from .pipeline.runner import evaluation_share, outside_stages
 
         eval_seconds, share = evaluation_share(result)
         out.print(f"evaluation: {eval_seconds:.1f} s of {result.seconds:.1f} s wall time ({share:.0%})")
+        out.print(f"outside the stages (loading the model, the retain set's base side, the null space's moments): {outside_stages(result):.1f} s")
     for r in result.train_reports[:1]:
         out.print(f"training forward: {r.get('forward', '')}; precision: {r.get('precision', '')}")
     spent: dict[str, float] = {}

@@ -230,6 +230,9 @@ def test_run_summary_shows_each_stage_peak_rss_and_the_evaluation_share(tmp_path
 
     result = RunResult(tmp_path, tmp_path, 1, 1, [], None, None, seconds=10.0, stage_profile={"pre-eval": {"seconds": 1.0}, "rsft-000": {"seconds": 6.0}, "eval": {"seconds": 1.5}, "curve-000": {"seconds": 0.5}})
     assert evaluation_share(result) == (3.0, 0.3)
+    from mergeedit.pipeline.runner import outside_stages
+
+    assert outside_stages(result) == 10.0 - 9.0 and "outside the stages (loading the model" in got.stdout
 
 
 def test_generation_asks_in_the_trained_chat_form_without_the_default_system_prompt():

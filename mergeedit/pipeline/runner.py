@@ -107,6 +107,12 @@ def evaluation_share(result: "RunResult") -> tuple[float, float]:
     return seconds, (seconds / result.seconds if result.seconds > 0 else 0.0)
 
 
+def outside_stages(result: "RunResult") -> float:
+    """Seconds of the run's wall time outside every stage: loading the model and tokenizing the edits, the retain
+    KL's base side and the null space's moments (computed once, before any stage), and the bookkeeping between stages."""
+    return max(result.seconds - sum(p["seconds"] for p in result.stage_profile.values()), 0.0)
+
+
 def load_delta(model, delta: ModelSource) -> None:
     """Overwrite the model's trained tensors with a delta checkpoint's (the other tensors are untouched)."""
     tensors: dict[str, torch.Tensor] = {}
