@@ -93,11 +93,14 @@ def test_a_retain_text_narrower_than_the_layers_comes_out_of_training_unchanged(
     energy of 1 - 1e-9, every trained matrix computes what it did on those inputs, layer after layer: the retain texts'
     logits are the unedited model's, while the edits are still learned in the 20 (or more) directions left. With the
     KL's weight 0 and no `merge: {auto}`, nothing reads the base's distributions, so none are computed."""
+    import mergeedit.editing.retain as retain_module
     from mergeedit.editing.retain import RetainKL
 
-    kl_builds = []
-    real = RetainKL.from_token_ids.__func__
-    monkeypatch.setattr(RetainKL, "from_token_ids", classmethod(lambda cls, *a, **k: kl_builds.append(1) or real(cls, *a, **k)))
+    kl_builds, tokenized = [], []
+    real = RetainKL.from_groups.__func__
+    monkeypatch.setattr(RetainKL, "from_groups", classmethod(lambda cls, *a, **k: kl_builds.append(1) or real(cls, *a, **k)))
+    real_ids = retain_module.retain_token_ids
+    monkeypatch.setattr(retain_module, "retain_token_ids", lambda *a, **k: tokenized.append(1) or real_ids(*a, **k))
     texts = [r["text"] for r in SHORT_RETAIN]
     common = {"schedule": "breadth-first", "max_epochs": 12, "lr": 0.02}
 
@@ -120,9 +123,9 @@ def test_a_retain_text_narrower_than_the_layers_comes_out_of_training_unchanged(
     losses = [r["losses"] for r in (free.train_reports[0], held.train_reports[0])]
     assert losses[1][-1] < 0.5 * losses[1][0]  # the edits are still learned in the free directions
     assert free.train_reports[0]["null_space"] == {}
-    assert kl_builds == []
+    assert kl_builds == [] and tokenized == [1]
     run("held-kl", retain={"weight": 0.5, "path": "retain.jsonl"}, null_space={"energy": 1 - 1e-9})
-    assert kl_builds == [1]  # the KL term reads them: built once, and the projection reads its batches
+    assert kl_builds == [1] and tokenized == [1, 1]  # the KL term reads them: built once; the texts tokenized once per run
     assert any(n.startswith("null space: every update kept off") for n in held.notes) and not any(n.startswith("null space") for n in free.notes)
     shown = run_cli("plan", recipe)
     assert shown.code == 0 and "null space: every step's update of each trained Linear matrix is projected off" in shown.stdout, shown.stdout

@@ -16,6 +16,11 @@ from .tokens import encode_prompt_target
 PROMPT_MODES = ("raw", "chat", "both", "auto")
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer carries a chat template (the chat form is possible)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def prompt_setting_problem(setting: object) -> str | None:
     """Why `setting` is neither one of the four modes nor a template whose only field is {prompt}; None if it is.
 
@@ -58,7 +63,7 @@ class PromptFormat:
             from ..core.errors import MergeEditError
 
             raise MergeEditError(f"dataset.prompt: {problem}")
-        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        has_chat = has_chat_template(tokenizer)
         if setting == "auto":
             return cls("both") if has_chat else cls("raw")
         if setting in ("chat", "both") and not has_chat:

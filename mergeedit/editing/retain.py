@@ -45,7 +45,7 @@ import torch
 
 from ..core.errors import MergeEditError
 from ..core.text_files import read_jsonl_lines, read_text_file
-from .prompts import chat_pair, raw_pair_eos
+from .prompts import chat_pair, has_chat_template, raw_pair_eos
 from .tokens import model_inputs, pad_sequences
 
 __all__ = [
@@ -194,7 +194,7 @@ def retain_token_ids(tokenizer, retain: Union[RetainTexts, Sequence[str]], max_t
     for t in texts:
         seqs.append(_at_least_two(list(tokenizer(t)["input_ids"])[:max_tokens], t))
     for q, a in chat:
-        prompt, answer = chat_pair(tokenizer, q, a) if getattr(tokenizer, "chat_template", None) else raw_pair_eos(tokenizer, q, a)
+        prompt, answer = chat_pair(tokenizer, q, a) if has_chat_template(tokenizer) else raw_pair_eos(tokenizer, q, a)
         seqs.append(_at_least_two((list(prompt) + list(answer))[:max_tokens], f"{q} {a}"))
     return seqs
 
@@ -210,15 +210,23 @@ def retain_pad_id(tokenizer) -> int:
     return next((c for c in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if isinstance(c, int)), 0)
 
 
+def retain_groups(
+    tokenizer, retain: Union[RetainTexts, Sequence[str]], *, batch_size: int = 8, max_tokens: int = 64, device: Optional[torch.device] = None
+) -> list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """The retain set tokenized once (`retain_token_ids`) and cut into padded mini-batches with no forward pass:
+    (batch, rows, cols) per mini-batch, in step order, as `RetainKL.from_groups` reads them."""
+    seqs = retain_token_ids(tokenizer, retain, max_tokens)
+    _check_sequences(seqs, batch_size)
+    return list(_padded(seqs, batch_size, retain_pad_id(tokenizer), device or torch.device("cpu")))
+
+
 def retain_batches(
     tokenizer, retain: Union[RetainTexts, Sequence[str]], *, batch_size: int = 8, max_tokens: int = 64, device: Optional[torch.device] = None
 ) -> list[dict[str, torch.Tensor]]:
     """The retain set's padded mini-batches with no forward pass: the same batches, in the same order, as
     ``RetainKL.build(...).batches()`` with these settings. For a reader of the inputs alone (the null-space projection)
     when no KL term and no locality probe needs the base's distributions."""
-    seqs = retain_token_ids(tokenizer, retain, max_tokens)
-    _check_sequences(seqs, batch_size)
-    return [batch for batch, _, _ in _padded(seqs, batch_size, retain_pad_id(tokenizer), device or torch.device("cpu"))]
+    return [batch for batch, _, _ in retain_groups(tokenizer, retain, batch_size=batch_size, max_tokens=max_tokens, device=device)]
 
 
 def _check_sequences(seqs: Sequence[Sequence[int]], batch_size: int) -> None:
@@ -309,18 +317,37 @@ class RetainKL:
         source: str = "",
         max_groups: Optional[int] = None,
     ) -> "RetainKL":
-        """The base side from the model as it is now (call it before training). Every position of a sequence but the
-        last predicts the next token; all of them are kept. ``max_groups``: only the first that many mini-batches
-        (a caller that takes fewer steps than there are mini-batches reads no other; step s reads s mod count, so
-        the steps it takes read the same mini-batches either way)."""
+        """The base side of token id lists, each sorted into right-padded mini-batches of ``batch_size``."""
+        _check_sequences(seqs, batch_size)
+        if device is None:
+            device = next(model.parameters()).device
+        return cls.from_groups(model, list(_padded(seqs, batch_size, pad_id, device)), weight=weight, top_k=top_k,
+                               max_reference_bytes=max_reference_bytes, source=source, max_groups=max_groups)
+
+    @classmethod
+    def from_groups(
+        cls,
+        model,
+        groups: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]],
+        *,
+        weight: float = 1.0,
+        top_k: Optional[int] = 64,
+        max_reference_bytes: int = 2 << 30,
+        source: str = "",
+        max_groups: Optional[int] = None,
+    ) -> "RetainKL":
+        """The base side from the model as it is now (call it before training), over padded mini-batches
+        (`retain_groups`: (batch, rows, cols), (rows[i], cols[i]) the position predicting the next token; every position
+        of a sequence but the last, all kept). ``max_groups``: only the first that many mini-batches (a caller that
+        takes fewer steps than there are mini-batches reads no other; step s reads s mod count, so the steps it takes
+        read the same mini-batches either way)."""
         if max_groups is not None and max_groups < 1:
             raise MergeEditError(f"retain max_groups must be >= 1 or None, got {max_groups}")
         if weight < 0 or not math.isfinite(weight):
             raise MergeEditError(f"retain weight must be a finite number >= 0, got {weight}")
-        _check_sequences(seqs, batch_size)
-        if device is None:
-            device = next(model.parameters()).device
-        positions = sum(len(s) - 1 for s in seqs)
+        if not groups:
+            raise MergeEditError("retain set: every sequence needs at least 2 tokens, and there must be at least one")
+        positions = sum(int(rows.numel()) for _, rows, _ in groups)
         vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None else None
         if top_k is not None and top_k < 1:
             raise MergeEditError(f"retain top_k must be >= 1 or null (full distribution), got {top_k}")
@@ -330,22 +357,20 @@ class RetainKL:
                 f"retain set: the base distributions would take {positions * per_pos / 2**30:.1f} GiB ({positions} positions); "
                 f"use a smaller top_k, fewer texts or a shorter max_tokens"
             )
-        groups = []
+        built = []
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for g, (batch, rows, cols) in enumerate(_padded(seqs, batch_size, pad_id, device)):
-                if max_groups is not None and g >= max_groups:
-                    break
+            for batch, rows, cols in groups[: max_groups if max_groups is not None else len(groups)]:
                 logp = _forward_logp(model, batch)[rows, cols]
                 if top_k is None or top_k >= logp.shape[-1]:
-                    groups.append(_Group(batch, rows, cols, None, logp, None))
+                    built.append(_Group(batch, rows, cols, None, logp, None))
                     continue
                 top, idx = logp.topk(top_k, dim=-1)
                 rest = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1)
-                groups.append(_Group(batch, rows, cols, idx, top.contiguous(), rest))
+                built.append(_Group(batch, rows, cols, idx, top.contiguous(), rest))
         model.train(was_training)
-        return cls(groups, weight, top_k, source)
+        return cls(built, weight, top_k, source)
 
     # -- using ----------------------------------------------------------------------------------------------------
     def __len__(self) -> int:

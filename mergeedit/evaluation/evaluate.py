@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..core.errors import MergeEditError
+from ..editing.prompts import has_chat_template
 from ..editing.records import EditRecord
 from . import metrics
 
@@ -257,7 +258,7 @@ def _settings(tokenizer, n_edits: int, has_pre: bool, generation: bool, chat_tem
         "n_edits": n_edits,
         "pre": has_pre,
         "generation": generation,
-        "chat_template": (bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template)
+        "chat_template": (has_chat_template(tokenizer) if chat_template is None else chat_template)
         if generation
         else None,
         "max_new_tokens": max_new_tokens if generation else None,

@@ -53,7 +53,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
 from ..core.errors import MergeEditError
-from ..editing.prompts import chat_prompt
+from ..editing.prompts import chat_prompt, has_chat_template
 from ..editing.tokens import encode_prompt_target, pad_sequences, pad_token_id
 
 __all__ = [
@@ -224,7 +224,7 @@ def locality(pre_tokens: Sequence[Sequence[int]], post_tokens: Sequence[Sequence
 def _generation_inputs(tokenizer, prompts: Sequence[str], chat_template: bool | None, system_prompt: str | None = None) -> list[list[int]]:
     """Prompt ids: the raw question, or the chat form R-SFT trains on (`editing.prompts.chat_prompt`: no template
     default system prompt unless `system_prompt` is given)."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
+    has_template = has_chat_template(tokenizer)
     use = has_template if chat_template is None else bool(chat_template)
     if use and not has_template:
         raise MergeEditError("chat_template=True but the tokenizer has no chat template; pass chat_template=False")

@@ -31,6 +31,7 @@ def evaluate_folder(
     """Per-edit and aggregate scores (when `dataset` is given); locality and drift need `reference` (the unedited
     model) to compare against. Keys: aggregate, settings, records, and drift / lm_eval when measured."""
     from ..editing.datasets import load_edits
+    from ..editing.prompts import has_chat_template
     from ..models.loading import load_model_and_tokenizer, pick_device, resolve_base_folder
     from . import drift as drift_metrics
     from .evaluate import evaluate_edits, reference_outputs
@@ -46,7 +47,7 @@ def evaluate_folder(
         ref_model, ref_tok = load_model_and_tokenizer(ref_folder, "float32", dev)
         if records:
             pre = reference_outputs(ref_model, ref_tok, records, batch_size=batch_size)
-            if getattr(ref_tok, "chat_template", None):  # the probes in the chat form too (loc_chat)
+            if has_chat_template(ref_tok):  # the probes in the chat form too (loc_chat)
                 pre_chat = reference_outputs(ref_model, ref_tok, records, batch_size=batch_size, chat=True)
         if texts is not None:
             drift_ref = drift_metrics.drift_reference(ref_model, ref_tok, texts, batch_size=batch_size)
@@ -57,7 +58,7 @@ def evaluate_folder(
     with torch.no_grad():
         if records:
             out = evaluate_edits(
-                model, tokenizer, records, pre=pre, pre_chat=pre_chat if getattr(tokenizer, "chat_template", None) else None, generation=generation,
+                model, tokenizer, records, pre=pre, pre_chat=pre_chat if has_chat_template(tokenizer) else None, generation=generation,
                 batch_size=batch_size, max_new_tokens=max_new_tokens,
             ).to_dict()
         if drift_ref is not None:

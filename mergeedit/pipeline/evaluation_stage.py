@@ -17,10 +17,14 @@ def _labelled(result) -> dict:
     return {name: agg for name, agg in result.aggregate.items() if agg["value"] is not None}
 
 
+def _references(pre: dict | None) -> dict:
+    """evaluate_edits' locality references from a pre-eval stage's output (none before it exists)."""
+    return {"pre": (pre or {}).get("locality"), "pre_chat": (pre or {}).get("locality_chat")}
+
+
 def _eval(model, tokenizer, records, fmt: PromptFormat, cfg, pre=None):
     return evaluate_edits(
-        model, tokenizer, records, pre=(pre or {}).get("locality"), pre_chat=(pre or {}).get("locality_chat"), generation=cfg.generation,
-        chat_template=fmt.uses_chat, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+        model, tokenizer, records, **_references(pre), generation=cfg.generation, chat_template=fmt.uses_chat, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
     )
 
 
@@ -108,7 +112,7 @@ def post_edit_evaluation(model, tokenizer, records: list[EditRecord], fmt: Promp
 def curve_point(model, tokenizer, records: list[EditRecord], cfg, pre: dict | None, drift: DriftSetup | None, *, batch: int) -> dict:
     """One point of a sequential curve: teacher-forced rel/gen/loc (and loc_chat) on the edits so far (no generation:
     kept cheap), plus drift when the recipe measures it."""
-    result = evaluate_edits(model, tokenizer, records, pre=(pre or {}).get("locality"), pre_chat=(pre or {}).get("locality_chat"), generation=False, batch_size=cfg.batch_size)
+    result = evaluate_edits(model, tokenizer, records, **_references(pre), generation=False, batch_size=cfg.batch_size)
     point = {"batch": batch, "edits": len(records), **{k: v for k, v in result.summary().items() if k in ("rel", "gen", "loc", "loc_chat", "port")}}
     if drift is not None:
         _, scores = drift.metrics(model, tokenizer, cfg.batch_size)

@@ -390,7 +390,7 @@ class RecipeRun:
         s mod count, and no call takes more than `steps` steps (editing.rsft.max_steps over every edit), so only the
         first `steps` mini-batches get a base side unless `merge: {auto}` reads them all: the same KL at every step, for
         less of a forward on a short run. Returns (RetainKL or None, every padded batch, key)."""
-        from ..editing.retain import RetainKL, retain_batches
+        from ..editing.retain import RetainKL, retain_groups
         from ..editing.rsft import pick_precision
         from .recipe import RetainSection
 
@@ -399,14 +399,14 @@ class RecipeRun:
         if precision == "auto":
             precision = pick_precision(device)[0]
         key = stable_hash([texts.texts, r.model_dump(), precision] + ([texts.chat] if texts.chat else []))
-        batches = retain_batches(tokenizer, texts, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device)
+        groups = retain_groups(tokenizer, texts, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device)  # tokenized and padded once
+        batches = [batch for batch, _, _ in groups]
         auto = self.recipe.merge is not None and self.recipe.merge.auto is not None
         if r.weight <= 0 and not auto:
             return None, batches, key
         half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
-            kl = RetainKL.build(model, tokenizer, texts, weight=r.weight, top_k=r.top_k, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device,
-                                max_groups=None if auto else steps)
+            kl = RetainKL.from_groups(model, groups, weight=r.weight, top_k=r.top_k, source=texts.source, max_groups=None if auto else steps)
         return kl, batches, key
 
     def pre_edit_stages(self, s: Session, records: list[EditRecord], result: RunResult, prefix: str = "") -> tuple[Optional[dict], Optional[DriftSetup]]:
@@ -504,9 +504,9 @@ class RecipeRun:
 
     def merge_point(self, s: Session, result: RunResult, name: str, records: list[EditRecord], upstream: str, candidate, batch_index: Optional[int] = None) -> MergeConfig:
         """`merge: {auto: ...}`: stage `name` merges every candidate (`candidate(config, tmp)` writes its merged delta to
-        the temporary folder `tmp`, removed once scored: a full delta per candidate would fill the disk), scores it on
-        the seeded validation split of `records` against the unedited model's outputs (stage pre-eval), and keeps the
-        best reliability whose locality meets the floor (pipeline.auto_merge). Its result.json holds every candidate's
+        the temporary folder `tmp`, removed once scored: a full delta per candidate would fill the disk), scores its
+        reliability on the seeded validation split of `records` and its locality on the retain set against the unedited
+        model (never the evaluation's locality probes), and keeps the best reliability whose locality meets the floor (pipeline.auto_merge). Its result.json holds every candidate's
         scores and the choice; returns the merge with the chosen parameters."""
         from .auto_merge import auto_validation, choose_merge, describe_choice
         from .checks import AUTO_RELIABILITY
@@ -518,8 +518,8 @@ class RecipeRun:
         val = auto_validation(records, auto)
         needs_generation = any(k.endswith("_em") for k in (auto.reliability, auto.locality))
         cfg = self.recipe.eval.model_copy(update={"generation": needs_generation})
-        pre_id = s.run.output_id("pre-eval")
-        inputs = {"upstream": upstream, "merge": self.merge_config.model_dump(), "auto": auto.model_dump(), "pre": pre_id, "eval": cfg.model_dump(exclude={"curve_every"}), "validation": [r.case_id for r in val], "retain": s.retain_key}
+        # no "pre" input: the candidates are scored without the pre-edit reference (see score below)
+        inputs = {"upstream": upstream, "merge": self.merge_config.model_dump(), "auto": auto.model_dump(), "eval": cfg.model_dump(exclude={"curve_every"}), "validation": [r.case_id for r in val], "retain": s.retain_key}
 
         def compute() -> dict:
             def score(config, point) -> dict:
