@@ -13,7 +13,8 @@ with `logits_to_keep` where it accepts it. `describe()` says which path a run to
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -33,6 +34,25 @@ def answer_losses(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.
     rows = scored.nonzero()[:, 0]
     total = torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
     return total / scored.sum(1).clamp_min(1)
+
+
+@contextmanager
+def updates_only_at(modules: Sequence[torch.nn.Module], mask: torch.Tensor) -> Iterator[None]:
+    """While active, the output of each of `modules` ([rows, positions, ...], the batch's padded layout) carries
+    gradient only at the positions where `mask` ([rows, positions], bool) is True: elsewhere it is detached, so those
+    positions' activations cannot move the module's weights (`rsft.update_positions`). Values are unchanged: the
+    forward, and so every loss, is exactly the same."""
+    keep = mask.unsqueeze(-1)
+
+    def hook(module, args, out):
+        return torch.where(keep, out, out.detach())
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def lowest_trainable_layer(trainable: Sequence[str], layers: int) -> int:

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 
 from ..core.errors import MergeEditError
-from .forward import FullForward, training_forward
+from .forward import FullForward, training_forward, updates_only_at
 from .tokens import length_buckets, pad_batch
 
 
@@ -44,6 +44,8 @@ class TrainingExample:
     case_id: str
     prompt_ids: list[int]
     answer_ids: list[int]
+    # positions (in prompt + answer) whose activations may move the trained weights (`rsft.update_positions`); None: all
+    update_positions: Optional[tuple[int, ...]] = None
 
 
 @dataclass
@@ -215,6 +217,7 @@ class _Setup:
     half: Optional[torch.dtype]  # the autocast dtype; None runs in float32
     forward: object  # a FullForward or PrefixForward, prepared for `examples`
     prefix_before: float  # the forward's prefix seconds before this call (a passed-in forward keeps its total)
+    modules: list  # the modules owning the trainable tensors (their outputs are masked under `update_positions`)
 
 
 def _set_up(model, examples, trainable, settings, *, pad_id, device, accelerator, precision, forward) -> _Setup:
@@ -240,7 +243,8 @@ def _set_up(model, examples, trainable, settings, *, pad_id, device, accelerator
     prefix_before = forward.prefix_seconds
     with torch.autocast(device.type, dtype=half, enabled=half is not None):
         forward.prepare(examples, pad_id, device)
-    return _Setup(named, optimizer, precision_note, half, forward, prefix_before)
+    modules = list({id(m): m for m in (module.get_submodule(n.rpartition(".")[0]) for n in trainable)}.values())
+    return _Setup(named, optimizer, precision_note, half, forward, prefix_before, modules)
 
 
 class _EditLoop:
@@ -274,14 +278,23 @@ class _EditLoop:
         return length_buckets([len(examples[i].prompt_ids) + len(examples[i].answer_ids) for i in indices])
 
     def bucket_losses(self, chosen: list[int], count: bool = True) -> torch.Tensor:
-        """Per-example losses of the examples `chosen`, padded into one batch."""
+        """Per-example losses of the examples `chosen`, padded into one batch. With gradients on and examples that
+        name their update positions (`rsft.update_positions: subject`), only those positions' activations reach the
+        trained weights (forward.updates_only_at); the losses are the same either way."""
         examples, half = self.examples, self.setup.half
         with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
             b = pad_batch([(examples[i].prompt_ids, examples[i].answer_ids) for i in chosen], self.pad_id)
             b = {k: v.to(self.device) for k, v in b.items()}
             b["keys"] = [tuple(examples[i].prompt_ids) + tuple(examples[i].answer_ids) for i in chosen]
             self.tokens += int(b["attention_mask"].sum()) if count else 0
-            return self.setup.forward.losses(b, chosen)
+            positions = [examples[i].update_positions for i in chosen]
+            if not torch.is_grad_enabled() or all(p is None for p in positions):
+                return self.setup.forward.losses(b, chosen)
+            mask = torch.zeros(b["input_ids"].shape, dtype=torch.bool)
+            for r, (i, p) in enumerate(zip(chosen, positions)):
+                mask[r, list(p) if p is not None else slice(0, len(examples[i].prompt_ids) + len(examples[i].answer_ids))] = True
+            with updates_only_at(self.setup.modules, mask.to(self.device)):
+                return self.setup.forward.losses(b, chosen)
 
     def losses_of(self, indices: list[int], count: bool = True) -> torch.Tensor:
         """Per-example losses of `indices` (in that order)."""

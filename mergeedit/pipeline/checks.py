@@ -117,21 +117,37 @@ def prompt_format(recipe: Recipe, doc: YamlDocument, tokenizer):
         raise MergeEditError(f"{doc.where(('dataset', 'prompt'))}: {str(exc).removeprefix('dataset.prompt: ')}") from None
 
 
-def examples_for(records, tokenizer, fmt, rephrases: bool, where: str, *, system_prompt: Optional[str] = None, eos: bool = False) -> list:
-    """Every edit's training examples (prompt ids, answer ids); a target that tokenizes to nothing is refused."""
-    from ..editing.prompts import training_pairs
+def examples_for(
+    records, tokenizer, fmt, rephrases: bool, where: str, *, system_prompt: Optional[str] = None, eos: bool = False, update_positions: str = "all"
+) -> list:
+    """Every edit's training examples (prompt ids, answer ids); a target that tokenizes to nothing is refused.
+    `update_positions: subject`: each example also names the positions that may move the trained weights, its
+    subject's tokens and its answer's; an edit without a subject, or a prompt that does not contain it, is refused."""
+    from ..editing.prompts import subject_positions, training_pairs
     from ..editing.rsft import TrainingExample
 
     out = []
     for rec in records:
         if not tokenizer(rec.target, add_special_tokens=False)["input_ids"]:
             raise MergeEditError(f"{where}: edit {rec.case_id}: target {rec.target!r} tokenizes to nothing; fix or drop the record")
+        if update_positions == "subject" and not rec.subject:
+            raise MergeEditError(f"{where}: edit {rec.case_id} has no subject, which rsft.update_positions: subject needs; add one or use update_positions: all")
         for question in [rec.prompt] + (list(rec.rephrases) if rephrases else []):
             try:
                 pairs = training_pairs(tokenizer, fmt, question, rec.target, system_prompt=system_prompt, eos=eos)
             except MergeEditError as exc:
                 raise MergeEditError(f"{where}: edit {rec.case_id}: {exc}") from None
-            out += [TrainingExample(rec.case_id, p, a) for p, a in pairs]
+            for p, a in pairs:
+                positions = None
+                if update_positions == "subject":
+                    found = subject_positions(tokenizer, p, rec.subject)
+                    if found is None:
+                        raise MergeEditError(
+                            f"{where}: edit {rec.case_id}: the prompt {question!r} does not contain its subject {rec.subject!r}, which rsft.update_positions: subject needs; "
+                            "fix the record or use update_positions: all"
+                        )
+                    positions = tuple(found) + tuple(range(len(p), len(p) + len(a)))
+                out.append(TrainingExample(rec.case_id, p, a, positions))
     return out
 
 
@@ -173,6 +189,21 @@ def check_retain(recipe: Recipe, doc: YamlDocument, recipe_dir: Path):
 AUTO_RELIABILITY = ("rel", "rel_em")
 AUTO_LOCALITY = ("retain_loc",)
 AUTO_SCORES = AUTO_RELIABILITY + AUTO_LOCALITY
+
+
+def check_update_positions(recipe: Recipe, doc: YamlDocument, trainable: list[str]) -> None:
+    """rsft.update_positions: subject masks each trained module's output per token position, so every trained tensor
+    must sit inside a decoder layer (an embedding, the final norm or the output layer has no per-position output)."""
+    if recipe.rsft.update_positions != "subject":
+        return
+    from ..io.architecture import parse_layer_name
+
+    outside = [n for n in trainable if parse_layer_name(n) is None]
+    if outside:
+        raise MergeEditError(
+            f"{doc.where(('rsft', 'update_positions'))}: 'subject' needs every trained tensor inside a decoder layer; {outside[0]} is not "
+            "(narrow rsft.trainable, or use update_positions: all)"
+        )
 
 
 def check_merge_auto(

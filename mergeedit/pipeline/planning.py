@@ -17,6 +17,7 @@ from .checks import (
     check_recipe_merge,
     check_retain,
     check_run_location,
+    check_update_positions,
     examples_for,
     prompt_format,
 )
@@ -130,11 +131,13 @@ def plan_recipe(path: Path, probe: bool = True) -> RecipePlan:
     trainable = select_trainable(list(source.tensors), patterns, layers, run.doc.where(("rsft", "trainable")))
     check_recipe_merge(run.merge_config, run.doc, source, trainable, n, recipe.sequential.strategy == "anchored")
     check_merge_auto(recipe, run.doc, source, trainable, n)
+    check_update_positions(recipe, run.doc, trainable)
     from ..models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(folder, recipe.model.trust_remote_code)
     fmt = prompt_format(recipe, run.doc, tokenizer)
-    examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, run.doc.where(("dataset",)), system_prompt=recipe.dataset.system_prompt, eos=recipe.rsft.eos)
+    examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, run.doc.where(("dataset",)), system_prompt=recipe.dataset.system_prompt, eos=recipe.rsft.eos,
+                            update_positions=recipe.rsft.update_positions)
     auto = recipe.rsft.layers_auto
     if auto is not None and not probe:
         plan.notes.append(f"layers: auto: a window of {auto.auto} layer(s) is chosen before training by the {auto.score} probe of the unedited model (`mergeedit plan` runs it and shows the choice)")

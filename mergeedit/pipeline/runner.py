@@ -41,6 +41,7 @@ from .checks import (
     check_recipe_merge,
     check_retain,
     check_run_location,
+    check_update_positions,
     examples_for,
     expand_rsft,
     prompt_format,
@@ -324,6 +325,7 @@ class RecipeRun:
             layers = (layer, layer + 1)
         trainable = select_trainable(list(base_source.tensors), patterns, layers, self.doc.where(("rsft", "trainable")))
         check_recipe_merge(self.merge_config, self.doc, base_source, trainable, len(self.batches(records)), recipe.sequential.strategy == "anchored")
+        check_update_positions(recipe, self.doc, trainable)
         check_merge_auto(recipe, self.doc, base_source, trainable, len(self.batches(records)), smallest=min(map(len, self.batches(records)), default=0) if recipe.sequential.strategy == "chained" else len(records))
         retain_texts = check_retain(recipe, self.doc, self.recipe_dir)
         device = dist.device(pick_device(recipe.model.device))
@@ -340,7 +342,7 @@ class RecipeRun:
         where = self.doc.where(("dataset",))
         # Tokenized once, up front: a target that tokenizes to nothing fails here, before any training.
         examples_by_case: dict[str, list[TrainingExample]] = {}
-        for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where, system_prompt=recipe.dataset.system_prompt, eos=recipe.rsft.eos):
+        for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where, system_prompt=recipe.dataset.system_prompt, eos=recipe.rsft.eos, update_positions=recipe.rsft.update_positions):
             examples_by_case.setdefault(ex.case_id, []).append(ex)
         run = RunDir(self.root, self.force, self.reporter, dist)  # only now: an error above leaves no run folder behind
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
