@@ -128,7 +128,7 @@ def test_a_recipe_trains_with_it_and_a_tensor_outside_the_layers_is_refused(tmp_
     assert losses[-1] < 0.5 * losses[0]  # the edits are learned from the subject and answer positions alone
     bad = _recipe(tmp_path / "bad", tiny, edits=edits, rsft={"update_positions": "subject", "trainable": ["lm_head"]})
     shown = run_cli("plan", bad)
-    assert shown.code == 2 and "rsft.update_positions" in shown.output and "lm_head.weight is not" in shown.output, shown.output
+    assert shown.code == 2 and "rsft.update_positions" in shown.stderr and "lm_head.weight is not" in shown.stderr, shown.stderr
     no_subject = _recipe(tmp_path / "nosubject", tiny, rsft={"update_positions": "subject"})
     shown = run_cli("plan", no_subject)
-    assert shown.code == 2 and "has no subject, which rsft.update_positions: subject needs" in shown.output, shown.output
+    assert shown.code == 2 and "has no subject, which rsft.update_positions: subject needs" in shown.stderr, shown.stderr
