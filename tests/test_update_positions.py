@@ -1,7 +1,7 @@
-"""`rsft.update_positions: subject`: only the subject's and the answer's token positions move the trained weights
-(editing.forward.updates_only_at), with the same losses. The gradient is the hand formula sum over the kept
+"""`rsft.update_positions`: only some token positions move the trained weights (editing.forward.updates_only_at), with
+the same losses: `subject`, the subject's and the answer's; `question`, the question's and the answer's. The gradient is the hand formula sum over the kept
 positions of (output gradient) x (input)^T; every position kept is the plain step bit for bit, none kept is no update;
-the subject's tokens are found in raw and chat prompts; a recipe that cannot use it is refused with its key."""
+the subject's and the question's tokens are found in raw and chat prompts; a recipe that cannot use it is refused with its key."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def _word_tokenizer():
 
 
 def test_the_subject_and_answer_positions_in_raw_and_chat_prompts():
-    from mergeedit.editing.prompts import PromptFormat, subject_positions
+    from mergeedit.editing.prompts import PromptFormat, text_positions
     from mergeedit.editing.records import EditRecord
     from mergeedit.pipeline.checks import examples_for
 
@@ -107,10 +107,12 @@ def test_the_subject_and_answer_positions_in_raw_and_chat_prompts():
         ([9, 3, 4, 5, 6, 7, 8, 10], [11, 2], (3, 4, 8, 9)),  # "<u>" first, the assistant header "<a>" last: neither kept
     ]
     assert [e.update_positions for e in examples_for([rec], tok, PromptFormat("raw"), False, "dataset")] == [None]  # all: no mask
-    assert subject_positions(tok, [3, 4, 5, 6], "lovelace work") is None  # not in the prompt
+    question = examples_for([rec], tok, PromptFormat("both"), False, "dataset", eos=True, update_positions="question")
+    assert [e.update_positions for e in question] == [(0, 1, 2, 3, 4, 5, 6, 7), (1, 2, 3, 4, 5, 6, 8, 9)]  # not "<u>", not "<a>"
+    assert text_positions(tok, [3, 4, 5, 6], "lovelace work") is None  # not in the prompt
     with pytest.raises(Exception, match="edit e2 has no subject"):
         examples_for([EditRecord("e2", "where did ada lovelace work ?", "london")], tok, PromptFormat("raw"), False, "dataset", update_positions="subject")
-    with pytest.raises(Exception, match="does not contain its subject 'grace hopper'"):
+    with pytest.raises(Exception, match="does not spell its subject 'grace hopper'"):
         examples_for([EditRecord("e3", "where did ada lovelace work ?", "london", subject="grace hopper")], tok, PromptFormat("raw"), False, "dataset", update_positions="subject")
 
 

@@ -144,22 +144,21 @@ def training_pairs(
     return pairs
 
 
-def subject_positions(tokenizer, prompt_ids: list[int], subject: str) -> list[int] | None:
-    """Positions in `prompt_ids` of the tokens that spell `subject` (its first occurrence in the decoded prompt), or
-    None when the prompt does not contain it. Found on the decoded text, so any prompt form (raw, chat, a template)
-    and any tokenizer work: a token belongs to the subject when its characters overlap the subject's."""
-    ends, text = [], ""
+def text_positions(tokenizer, prompt_ids: list[int], text: str) -> list[int] | None:
+    """Positions in `prompt_ids` of the tokens that spell `text` (its first occurrence in the decoded prompt), or None
+    when the prompt does not contain it. Found on the decoded text, so any prompt form (raw, chat, a template) and any
+    tokenizer work: a token belongs to `text` when its characters overlap it."""
+    ends, decoded = [], ""
     for k in range(1, len(prompt_ids) + 1):
-        text = tokenizer.decode(prompt_ids[:k])
-        ends.append(len(text))
-    start = text.find(subject) if subject else -1
+        decoded = tokenizer.decode(prompt_ids[:k])
+        ends.append(len(decoded))
+    start = decoded.find(text) if text else -1
     if start < 0:
         return None
-    stop = start + len(subject)
+    stop = start + len(text)
     out, begin = [], 0
     for i, end in enumerate(ends):
         if end > start and begin < stop:  # token i spans characters [begin, end) of the decoded prompt
             out.append(i)
         begin = max(begin, end)
     return out or None
-

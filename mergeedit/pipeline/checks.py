@@ -121,9 +121,10 @@ def examples_for(
     records, tokenizer, fmt, rephrases: bool, where: str, *, system_prompt: Optional[str] = None, eos: bool = False, update_positions: str = "all"
 ) -> list:
     """Every edit's training examples (prompt ids, answer ids); a target that tokenizes to nothing is refused.
-    `update_positions: subject`: each example also names the positions that may move the trained weights, its
-    subject's tokens and its answer's; an edit without a subject, or a prompt that does not contain it, is refused."""
-    from ..editing.prompts import subject_positions, training_pairs
+    `update_positions`: each example also names the positions that may move the trained weights: `subject`, its
+    subject's tokens and its answer's (an edit without a subject, or a prompt that does not contain it, is refused);
+    `question`, its question's tokens and its answer's (not the chat template's or a prompt template's own tokens)."""
+    from ..editing.prompts import text_positions, training_pairs
     from ..editing.rsft import TrainingExample
 
     out = []
@@ -139,12 +140,13 @@ def examples_for(
                 raise MergeEditError(f"{where}: edit {rec.case_id}: {exc}") from None
             for p, a in pairs:
                 positions = None
-                if update_positions == "subject":
-                    found = subject_positions(tokenizer, p, rec.subject)
+                if update_positions != "all":  # the question's (or its subject's) tokens, none of the template around them
+                    span = question.strip() if update_positions == "question" else rec.subject
+                    found = text_positions(tokenizer, p, span)
                     if found is None:
                         raise MergeEditError(
-                            f"{where}: edit {rec.case_id}: the prompt {question!r} does not contain its subject {rec.subject!r}, which rsft.update_positions: subject needs; "
-                            "fix the record or use update_positions: all"
+                            f"{where}: edit {rec.case_id}: the tokenized prompt of {question!r} does not spell its {update_positions} {span!r} "
+                            f"(rsft.update_positions: {update_positions}); fix the record or use update_positions: all"
                         )
                     positions = tuple(found) + tuple(range(len(p), len(p) + len(a)))
                 out.append(TrainingExample(rec.case_id, p, a, positions))
@@ -194,14 +196,14 @@ AUTO_SCORES = AUTO_RELIABILITY + AUTO_LOCALITY
 def check_update_positions(recipe: Recipe, doc: YamlDocument, trainable: list[str]) -> None:
     """rsft.update_positions: subject masks each trained module's output per token position, so every trained tensor
     must sit inside a decoder layer (an embedding, the final norm or the output layer has no per-position output)."""
-    if recipe.rsft.update_positions != "subject":
+    if recipe.rsft.update_positions == "all":
         return
     from ..io.architecture import parse_layer_name
 
     outside = [n for n in trainable if parse_layer_name(n) is None]
     if outside:
         raise MergeEditError(
-            f"{doc.where(('rsft', 'update_positions'))}: 'subject' needs every trained tensor inside a decoder layer; {outside[0]} is not "
+            f"{doc.where(('rsft', 'update_positions'))}: '{recipe.rsft.update_positions}' needs every trained tensor inside a decoder layer; {outside[0]} is not "
             "(narrow rsft.trainable, or use update_positions: all)"
         )
 

@@ -136,12 +136,13 @@ class RsftSection(_Strict):
         description="Training precision (autocast for half types). auto: bfloat16 where a measured bf16 matmul is clearly faster than float32 (bf16 units: AMX CPUs, GPUs), else float32; printed. bf16 results are deterministic per machine but differ across machines.",
     )
     gradient_checkpointing: bool = False
-    update_positions: Literal["all", "subject"] = Field(
+    update_positions: Literal["all", "question", "subject"] = Field(
         "all",
-        description="Which token positions' activations may move the trained weights. all: every position of the prompt and answer; subject: only the "
-        "edit's subject tokens and its answer tokens, so the update is keyed to the subject (as ROME and MEMIT write at the subject) and the chat "
-        "template and the question's other words, shared with unrelated prompts, give no gradient. The losses are the same; only the gradients differ. "
-        "Needs each edit's subject inside its prompt and every trained tensor inside a decoder layer.",
+        description="Which token positions' activations may move the trained weights. all: every position of the prompt and answer; question: the "
+        "question's and the answer's tokens, not the chat template's (or a prompt template's) own, which every chat prompt shares; subject: only the "
+        "edit's subject tokens and its answer tokens, so the update is keyed to the subject (as ROME and MEMIT write at the subject) and the question's "
+        "other words give no gradient either (needs each edit's subject inside its prompt). The losses are the same; only the gradients differ. "
+        "question and subject need every trained tensor inside a decoder layer.",
     )
     train_rephrases: bool = Field(False, description="Also train on paraphrases (leaks the generalization probe: off by default).")
     sit_out_learned: bool = Field(
