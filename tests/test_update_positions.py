@@ -121,16 +121,41 @@ def tiny(tmp_path_factory):
     return _tiny(tmp_path_factory.mktemp("tiny-up") / "model")
 
 
-def test_a_recipe_trains_with_it_and_a_tensor_outside_the_layers_is_refused(tmp_path, tiny, run_cli):
+def test_a_recipe_trains_with_it_and_a_record_without_a_subject_is_refused(tmp_path, tiny, run_cli):
     edits = [{**e, "subject": e["prompt"].split()[-2]} for e in EDITS]  # "w1", "w2", ...
     # layer 0 trains, so the two attention layers above can carry the subject's new value to the answer's positions
     recipe = _recipe(tmp_path / "subject", tiny, edits=edits, rsft={"update_positions": "subject", "max_epochs": 8, "layers": [0, 1]})
     result = RecipeRun(recipe).run()
     losses = result.train_reports[0]["losses"]
     assert losses[-1] < 0.5 * losses[0]  # the edits are learned from the subject and answer positions alone
-    bad = _recipe(tmp_path / "bad", tiny, edits=edits, rsft={"update_positions": "subject", "trainable": ["lm_head"]})
-    shown = run_cli("plan", bad)
-    assert shown.code == 2 and "rsft.update_positions" in shown.stderr and "lm_head.weight is not" in shown.stderr, shown.stderr
     no_subject = _recipe(tmp_path / "nosubject", tiny, rsft={"update_positions": "subject"})
     shown = run_cli("plan", no_subject)
     assert shown.code == 2 and "has no subject, which rsft.update_positions: subject needs" in shown.stderr, shown.stderr
+
+
+def test_the_default_is_question_for_rsft_and_all_for_the_published_baselines():
+    from mergeedit.pipeline.recipe import RsftSection
+
+    assert RsftSection().update_positions == "question"
+    assert {m: RsftSection(method=m).update_positions for m in ("ft-l", "ft-m", "locft-bf")} == {"ft-l": "all", "ft-m": "all", "locft-bf": "all"}
+
+
+def test_tensors_outside_the_layers_learn_from_every_position():
+    """The output layer's logits are taken only where an answer token is predicted, so it has no per-position mask:
+    trained with `question` positions, it gets exactly the plain gradient, while a layer's module gets less."""
+    examples = [TrainingExample(e.case_id, e.prompt_ids, e.answer_ids, (len(e.prompt_ids),)) for e in EXAMPLES]
+    grads = {}
+    for name, exs in (("plain", EXAMPLES), ("kept", examples)):
+        m = _model()
+        trainable = ["lm_head.weight", "model.layers.1.mlp.down_proj.weight"]
+        settings = TrainSettings(lr=0.0, batch_size=3, max_epochs=1, max_steps_per_batch=1, loss_threshold=0.0, optimizer="sgd")
+        seen = {}
+        # summed over the step's buckets (each bucket is backpropagated on its own)
+        hooks = [p.register_hook(lambda g, n=n, seen=seen: seen.__setitem__(n, seen.get(n, 0) + g)) for n, p in m.named_parameters() if n in trainable]
+        train_edits(m, exs, trainable, settings, pad_id=0, device=torch.device("cpu"))
+        for h in hooks:
+            h.remove()
+        grads[name] = seen
+    assert torch.allclose(grads["kept"]["lm_head.weight"], grads["plain"]["lm_head.weight"], atol=1e-7)
+    d = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.allclose(grads["kept"][d], grads["plain"][d], atol=1e-4)

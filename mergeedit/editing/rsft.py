@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import torch
 
 from ..core.errors import MergeEditError
+from ..io.architecture import parse_layer_name
 from .forward import FullForward, training_forward, updates_only_at
 from .tokens import length_buckets, pad_batch
 
@@ -243,7 +244,10 @@ def _set_up(model, examples, trainable, settings, *, pad_id, device, accelerator
     prefix_before = forward.prefix_seconds
     with torch.autocast(device.type, dtype=half, enabled=half is not None):
         forward.prepare(examples, pad_id, device)
-    modules = list({id(m): m for m in (module.get_submodule(n.rpartition(".")[0]) for n in trainable)}.values())
+    # the modules masked under `update_positions`: those owning a trained tensor inside a decoder layer (an embedding,
+    # the final norm or the output layer, if trained, learns from every position)
+    inside = [n for n in trainable if parse_layer_name(n) is not None]
+    modules = list({id(m): m for m in (module.get_submodule(n.rpartition(".")[0]) for n in inside)}.values())
     return _Setup(named, optimizer, precision_note, half, forward, prefix_before, modules)
 
 

@@ -193,21 +193,6 @@ AUTO_LOCALITY = ("retain_loc",)
 AUTO_SCORES = AUTO_RELIABILITY + AUTO_LOCALITY
 
 
-def check_update_positions(recipe: Recipe, doc: YamlDocument, trainable: list[str]) -> None:
-    """rsft.update_positions: subject masks each trained module's output per token position, so every trained tensor
-    must sit inside a decoder layer (an embedding, the final norm or the output layer has no per-position output)."""
-    if recipe.rsft.update_positions == "all":
-        return
-    from ..io.architecture import parse_layer_name
-
-    outside = [n for n in trainable if parse_layer_name(n) is None]
-    if outside:
-        raise MergeEditError(
-            f"{doc.where(('rsft', 'update_positions'))}: '{recipe.rsft.update_positions}' needs every trained tensor inside a decoder layer; {outside[0]} is not "
-            "(narrow rsft.trainable, or use update_positions: all)"
-        )
-
-
 def check_merge_auto(
     recipe: Recipe, doc: YamlDocument, base: Optional[ModelSource] = None, trainable: Optional[list[str]] = None, batches: int = 1, smallest: Optional[int] = None
 ) -> None:

@@ -17,7 +17,6 @@ from .checks import (
     check_recipe_merge,
     check_retain,
     check_run_location,
-    check_update_positions,
     examples_for,
     prompt_format,
 )
@@ -131,7 +130,6 @@ def plan_recipe(path: Path, probe: bool = True) -> RecipePlan:
     trainable = select_trainable(list(source.tensors), patterns, layers, run.doc.where(("rsft", "trainable")))
     check_recipe_merge(run.merge_config, run.doc, source, trainable, n, recipe.sequential.strategy == "anchored")
     check_merge_auto(recipe, run.doc, source, trainable, n)
-    check_update_positions(recipe, run.doc, trainable)
     from ..models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(folder, recipe.model.trust_remote_code)

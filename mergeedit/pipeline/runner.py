@@ -41,7 +41,6 @@ from .checks import (
     check_recipe_merge,
     check_retain,
     check_run_location,
-    check_update_positions,
     examples_for,
     expand_rsft,
     prompt_format,
@@ -325,7 +324,6 @@ class RecipeRun:
             layers = (layer, layer + 1)
         trainable = select_trainable(list(base_source.tensors), patterns, layers, self.doc.where(("rsft", "trainable")))
         check_recipe_merge(self.merge_config, self.doc, base_source, trainable, len(self.batches(records)), recipe.sequential.strategy == "anchored")
-        check_update_positions(recipe, self.doc, trainable)
         check_merge_auto(recipe, self.doc, base_source, trainable, len(self.batches(records)), smallest=min(map(len, self.batches(records)), default=0) if recipe.sequential.strategy == "chained" else len(records))
         retain_texts = check_retain(recipe, self.doc, self.recipe_dir)
         device = dist.device(pick_device(recipe.model.device))
