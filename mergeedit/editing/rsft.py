@@ -218,7 +218,7 @@ class _Setup:
     half: Optional[torch.dtype]  # the autocast dtype; None runs in float32
     forward: object  # a FullForward or PrefixForward, prepared for `examples`
     prefix_before: float  # the forward's prefix seconds before this call (a passed-in forward keeps its total)
-    modules: list  # the modules owning the trainable tensors (their outputs are masked under `update_positions`)
+    modules: list  # the modules owning a trainable tensor inside a decoder layer (outputs masked under `update_positions`)
 
 
 def _set_up(model, examples, trainable, settings, *, pad_id, device, accelerator, precision, forward) -> _Setup:
@@ -283,7 +283,7 @@ class _EditLoop:
 
     def bucket_losses(self, chosen: list[int], count: bool = True) -> torch.Tensor:
         """Per-example losses of the examples `chosen`, padded into one batch. With gradients on and examples that
-        name their update positions (`rsft.update_positions: subject`), only those positions' activations reach the
+        name their update positions (`rsft.update_positions`: question, subject), only those positions' activations reach the
         trained weights (forward.updates_only_at); the losses are the same either way."""
         examples, half = self.examples, self.setup.half
         with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
