@@ -361,7 +361,7 @@ class RetainKL:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for batch, rows, cols in groups[: max_groups if max_groups is not None else len(groups)]:
+            for batch, rows, cols in groups[:max_groups]:  # None: every group
                 logp = _forward_logp(model, batch)[rows, cols]
                 if top_k is None or top_k >= logp.shape[-1]:
                     built.append(_Group(batch, rows, cols, None, logp, None))
