@@ -159,3 +159,53 @@ def test_tensors_outside_the_layers_learn_from_every_position():
     assert torch.allclose(grads["kept"]["lm_head.weight"], grads["plain"]["lm_head.weight"], atol=1e-7)
     d = "model.layers.1.mlp.down_proj.weight"
     assert not torch.allclose(grads["kept"][d], grads["plain"][d], atol=1e-4)
+
+
+def test_the_layer_probe_measures_the_gradient_the_masked_step_follows():
+    """`rsft.layers: auto` probes with the run's update positions: each layer's score is the norm of exactly the
+    gradient the first training step takes (lr 0, SGD, hooks on the parameters), masked the same way; every position
+    kept is the unmasked probe, none kept scores 0."""
+    from mergeedit.editing.localize import probe_layer_scores
+
+    kept = [TrainingExample(e.case_id, e.prompt_ids, e.answer_ids, (0, len(e.prompt_ids) - 1, len(e.prompt_ids))) for e in EXAMPLES]
+    trainable = [f"model.layers.{i}.mlp.{p}_proj.weight" for i in range(3) for p in ("up", "down")]
+    pairs = [(e.prompt_ids, e.answer_ids) for e in kept]
+    model = _model()
+    probed = probe_layer_scores(model, pairs, trainable, positions=[e.update_positions for e in kept])
+    seen: dict = {}
+    hooks = [p.register_hook(lambda g, n=n: seen.__setitem__(n, seen.get(n, 0) + g)) for n, p in model.named_parameters() if n in trainable]
+    settings = TrainSettings(lr=0.0, batch_size=3, max_epochs=1, max_steps_per_batch=1, loss_threshold=0.0, optimizer="sgd")
+    train_edits(model, kept, trainable, settings, pad_id=0, device=torch.device("cpu"))
+    for h in hooks:
+        h.remove()
+    stepped = [sum(float(seen[f"model.layers.{i}.mlp.{p}_proj.weight"].double().pow(2).sum()) for p in ("up", "down")) ** 0.5 for i in range(3)]
+    assert probed == pytest.approx(stepped, rel=1e-5)
+    plain = probe_layer_scores(_model(), pairs, trainable)
+    # precondition: the mask changes the lower layers' scores; the top layer's gradient comes only from the positions
+    # that predict an answer token (nothing attends to it from above), which the mask keeps, so it is unchanged
+    assert all(abs(a - b) > 1e-3 * b for a, b in zip(probed[:2], plain[:2])) and probed[2] == pytest.approx(plain[2], rel=1e-6)
+    every = [tuple(range(len(p) + len(a))) for p, a in pairs]
+    assert probe_layer_scores(_model(), pairs, trainable, positions=every) == plain
+    assert probe_layer_scores(_model(), pairs, trainable, positions=[(), (), ()]) == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("mode", ["question", "all"])
+def test_a_run_probes_its_layers_with_the_positions_it_trains(tmp_path, tiny, monkeypatch, mode):
+    """`rsft.layers: auto` in a run: the probe gets each probed example's update positions (None under `all`)."""
+    from mergeedit.editing import localize
+
+    real, seen = localize.choose_layers, []
+
+    def spy(model, pairs, trainable, **kw):
+        seen.append((len(pairs), kw.get("positions")))
+        return real(model, pairs, trainable, **kw)
+
+    monkeypatch.setattr(localize, "choose_layers", spy)
+    recipe = _recipe(tmp_path, tiny, rsft={"layers": "auto", "update_positions": mode, "max_epochs": 1})
+    RecipeRun(recipe).run()
+    (count, positions), = seen
+    assert count == len(positions) > 0
+    if mode == "all":
+        assert all(p is None for p in positions)
+    else:  # the question's and the answer's tokens
+        assert all(p is not None and len(p) > 0 for p in positions)

@@ -55,6 +55,22 @@ def updates_only_at(modules: Sequence[torch.nn.Module], mask: torch.Tensor) -> I
             h.remove()
 
 
+def masked_modules(model, trainable: Sequence[str]) -> list[torch.nn.Module]:
+    """The modules whose outputs `updates_only_at` masks for a trained set: those owning a trained tensor inside a
+    decoder layer (an embedding, the final norm or the output layer, if trained, learns from every position)."""
+    inside = [n for n in trainable if parse_layer_name(n) is not None]
+    return list({id(m): m for m in (model.get_submodule(n.rpartition(".")[0]) for n in inside)}.values())
+
+
+def position_mask(positions: Sequence[Optional[Sequence[int]]], lengths: Sequence[int], width: int) -> torch.Tensor:
+    """[rows, width] bool for a right-padded batch: row r keeps `positions[r]` (indices into its prompt + answer), or
+    its first `lengths[r]` positions (every real token) where that is None."""
+    mask = torch.zeros((len(lengths), width), dtype=torch.bool)
+    for r, (p, n) in enumerate(zip(positions, lengths)):
+        mask[r, list(p) if p is not None else slice(0, n)] = True
+    return mask
+
+
 def lowest_trainable_layer(trainable: Sequence[str], layers: int) -> int:
     """The lowest block index among `trainable`; 0 when an embedding trains, `layers` for a head/final-norm-only set."""
     lowest = layers

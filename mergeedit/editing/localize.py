@@ -18,6 +18,7 @@ norm (||grad|| / ||theta||) for a scale-free comparison. benchmarks/layer_probe.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Sequence
 
@@ -25,6 +26,7 @@ import torch
 
 from ..core.errors import MergeEditError
 from ..io.architecture import parse_layer_name
+from .forward import masked_modules, position_mask, updates_only_at
 from .tokens import model_inputs, pad_batch
 
 __all__ = ["LayerChoice", "probe_layer_scores", "best_window", "choose_layers"]
@@ -68,13 +70,20 @@ def probe_layer_scores(
     batch_size: int = 16,
     score: Literal["grad", "relative"] = "grad",
     device: Optional[torch.device] = None,
+    positions: Optional[Sequence[Optional[Sequence[int]]]] = None,
 ) -> list[float]:
     """Per-layer norm of the gradient of the mean answer loss over ``pairs`` ((prompt ids, answer ids) each) with
-    respect to the ``trainable`` tensors (parameter names) of each layer. Index i of the list is layer i."""
+    respect to the ``trainable`` tensors (parameter names) of each layer. Index i of the list is layer i.
+
+    ``positions`` (one per pair; None for every position): the positions whose activations may move the trained
+    weights (`rsft.update_positions`), masked exactly as training masks them (forward.updates_only_at), so the probe
+    measures the gradient the masked training step follows."""
     if score not in ("grad", "relative"):
         raise MergeEditError(f"layer probe score must be 'grad' or 'relative', got {score!r}")
     if not pairs:
         raise MergeEditError("layers: auto needs at least one edit to probe")
+    if positions is not None and len(positions) != len(pairs):
+        raise MergeEditError(f"layer probe: {len(positions)} position lists for {len(pairs)} examples")
     named = dict(model.named_parameters())
     by_layer: dict[int, list[str]] = {}
     for name in trainable:
@@ -91,6 +100,7 @@ def probe_layer_scores(
     flags = {n: p.requires_grad for n, p in named.items()}
     was_training = model.training
     grads = [torch.zeros_like(p) for p in params]
+    modules = masked_modules(model, names) if positions is not None and any(p is not None for p in positions) else []
     try:
         for p in named.values():
             p.requires_grad_(False)
@@ -100,7 +110,12 @@ def probe_layer_scores(
         for start in range(0, len(pairs), batch_size):
             chunk = [(list(p), list(a)) for p, a in pairs[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in pad_batch(chunk, pad_id).items()}
-            loss = _answer_loss_sum(model, batch) / len(pairs)
+            masked = contextlib.nullcontext()
+            if modules:
+                mask = position_mask(positions[start : start + batch_size], [len(p) + len(a) for p, a in chunk], batch["input_ids"].shape[1])
+                masked = updates_only_at(modules, mask.to(device))
+            with masked:
+                loss = _answer_loss_sum(model, batch) / len(pairs)
             for acc, g in zip(grads, torch.autograd.grad(loss, params)):
                 acc += g
     finally:
@@ -142,6 +157,7 @@ def choose_layers(
     max_examples: Optional[int] = 100,
     score: Literal["grad", "relative"] = "grad",
     device: Optional[torch.device] = None,
+    positions: Optional[Sequence[Optional[Sequence[int]]]] = None,
 ) -> LayerChoice:
     """Probe the first ``max_examples`` pairs and return the best ``width``-layer window with every layer's score.
 
@@ -149,5 +165,6 @@ def choose_layers(
     run then trains those inside the window only.
     """
     used = list(pairs[:max_examples] if max_examples else pairs)
-    scores = probe_layer_scores(model, used, trainable, pad_id=pad_id, batch_size=batch_size, score=score, device=device)
+    kept = None if positions is None else list(positions[: len(used)])
+    scores = probe_layer_scores(model, used, trainable, pad_id=pad_id, batch_size=batch_size, score=score, device=device, positions=kept)
     return LayerChoice(best_window(scores, width), scores, score, len(used))

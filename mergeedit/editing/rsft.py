@@ -35,8 +35,7 @@ from typing import Callable, Optional
 import torch
 
 from ..core.errors import MergeEditError
-from ..io.architecture import parse_layer_name
-from .forward import FullForward, training_forward, updates_only_at
+from .forward import FullForward, masked_modules, position_mask, training_forward, updates_only_at
 from .tokens import length_buckets, pad_batch
 
 
@@ -244,11 +243,7 @@ def _set_up(model, examples, trainable, settings, *, pad_id, device, accelerator
     prefix_before = forward.prefix_seconds
     with torch.autocast(device.type, dtype=half, enabled=half is not None):
         forward.prepare(examples, pad_id, device)
-    # the modules masked under `update_positions`: those owning a trained tensor inside a decoder layer (an embedding,
-    # the final norm or the output layer, if trained, learns from every position)
-    inside = [n for n in trainable if parse_layer_name(n) is not None]
-    modules = list({id(m): m for m in (module.get_submodule(n.rpartition(".")[0]) for n in inside)}.values())
-    return _Setup(named, optimizer, precision_note, half, forward, prefix_before, modules)
+    return _Setup(named, optimizer, precision_note, half, forward, prefix_before, masked_modules(module, trainable))
 
 
 class _EditLoop:
@@ -294,9 +289,8 @@ class _EditLoop:
             positions = [examples[i].update_positions for i in chosen]
             if not torch.is_grad_enabled() or all(p is None for p in positions):
                 return self.setup.forward.losses(b, chosen)
-            mask = torch.zeros(b["input_ids"].shape, dtype=torch.bool)
-            for r, (i, p) in enumerate(zip(chosen, positions)):
-                mask[r, list(p) if p is not None else slice(0, len(examples[i].prompt_ids) + len(examples[i].answer_ids))] = True
+            lengths = [len(examples[i].prompt_ids) + len(examples[i].answer_ids) for i in chosen]
+            mask = position_mask(positions, lengths, b["input_ids"].shape[1])
             with updates_only_at(self.setup.modules, mask.to(self.device)):
                 return self.setup.forward.losses(b, chosen)
 

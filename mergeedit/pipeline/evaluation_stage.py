@@ -8,6 +8,7 @@ from pathlib import Path
 from ..editing.prompts import PromptFormat
 from ..editing.records import EditRecord
 from ..evaluation import drift as drift_metrics
+from ..evaluation.curves import EDIT_METRICS
 from ..evaluation.evaluate import evaluate_edits, metric, reference_outputs
 
 DRIFT = "drift vs reference"
@@ -113,8 +114,19 @@ def curve_point(model, tokenizer, records: list[EditRecord], cfg, pre: dict | No
     """One point of a sequential curve: teacher-forced rel/gen/loc (and loc_chat) on the edits so far (no generation:
     kept cheap), plus drift when the recipe measures it."""
     result = evaluate_edits(model, tokenizer, records, **_references(pre), generation=False, batch_size=cfg.batch_size)
-    point = {"batch": batch, "edits": len(records), **{k: v for k, v in result.summary().items() if k in ("rel", "gen", "loc", "loc_chat", "port")}}
+    scores = drift.metrics(model, tokenizer, cfg.batch_size)[1] if drift is not None else None
+    return _point(batch, len(records), result.summary(), scores)
+
+
+def final_curve_point(post: dict, *, batch: int, edits: int) -> dict:
+    """The curve's last point, read from the final evaluation (`post_edit_evaluation`'s output): the same model on
+    every edit, so the same teacher-forced scores and drift a curve stage would compute, without a second pass."""
+    summary = {k: v["value"] for k, v in post["metrics"].items()}
+    return _point(batch, edits, summary, post.get("drift"))
+
+
+def _point(batch: int, edits: int, summary: dict, drift: dict | None) -> dict:
+    point = {"batch": batch, "edits": edits, **{k: summary.get(k) for k in EDIT_METRICS}}
     if drift is not None:
-        _, scores = drift.metrics(model, tokenizer, cfg.batch_size)
-        point.update(ppl=scores["ppl"], ppl_drift_pct=scores["ppl_drift_pct"], kl=scores["kl"])
+        point.update(ppl=drift["ppl"], ppl_drift_pct=drift["ppl_drift_pct"], kl=drift["kl"])
     return point

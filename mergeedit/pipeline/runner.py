@@ -91,8 +91,10 @@ def stage_names(recipe: Recipe, batches: int, prefix: str = "") -> list[str]:
     if recipe.merge is not None and recipe.sequential.strategy == "anchored":
         names += [ANCHORED_MERGE_AUTO] if auto else []
         names.append(ANCHORED_MERGE)
-    every = ev.curve_every if ev.enabled else None
-    names += [curve_stage_name(b) for b in range(batches) if every and ((b + 1) % every == 0 or b + 1 == batches)]
+    every = ev.curve_every if ev.enabled else None  # the last batch's point is read from the final evaluation
+    for b in range(batches - 1) if every else ():
+        if (b + 1) % every == 0:  # an anchored run first merges the batches so far
+            names += ([f"curve-{merge_stage_name(b)}"] if recipe.merge is not None and recipe.sequential.strategy == "anchored" else []) + [curve_stage_name(b)]
     return names + ["export"] + (["adapter"] if recipe.output.adapter else []) + (["eval"] if ev.enabled else [])
 
 
@@ -230,9 +232,11 @@ def probe_layer_window(recipe: Recipe, model, tokenizer, records: list[EditRecor
 
     auto = recipe.rsft.layers_auto
     probed = records[: auto.examples] if auto.examples else records
-    pairs = [(ex.prompt_ids, ex.answer_ids) for r in probed for ex in examples_by_case[r.case_id]]
+    examples = [ex for r in probed for ex in examples_by_case[r.case_id]]
+    pairs = [(ex.prompt_ids, ex.answer_ids) for ex in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    choice = choose_layers(model, pairs, trainable, width=auto.auto, pad_id=pad, max_examples=None, score=auto.score)
+    # the gradient training follows: masked to `rsft.update_positions` as the steps are
+    choice = choose_layers(model, pairs, trainable, width=auto.auto, pad_id=pad, max_examples=None, score=auto.score, positions=[ex.update_positions for ex in examples])
     return {**choice.to_json(), "edits": len(probed), "describe": choice.describe() + f" of the first {len(probed)} edit(s)"}
 
 
@@ -374,7 +378,8 @@ class RecipeRun:
         all deltas, merges, the ledger and the adapter cover one tensor set."""
         auto = self.recipe.rsft.layers_auto
         probed = records[: auto.examples] if auto.examples else records
-        inputs = {"base": base_key, "records": stable_hash([r.__dict__ for r in probed]), "format": fmt.describe(), "trainable": trainable, "auto": auto.model_dump(), "system_prompt": self.recipe.dataset.system_prompt, "eos": self.recipe.rsft.eos}
+        inputs = {"base": base_key, "records": stable_hash([r.__dict__ for r in probed]), "format": fmt.describe(), "trainable": trainable, "auto": auto.model_dump(), "system_prompt": self.recipe.dataset.system_prompt, "eos": self.recipe.rsft.eos,
+                  "update_positions": self.recipe.rsft.update_positions}
 
         def compute() -> dict:
             return probe_layer_window(self.recipe, model, tokenizer, records, examples_by_case, trainable)
@@ -553,24 +558,19 @@ class RecipeRun:
             sources["rsft"] = sources.pop("rsft.0")
         return sources
 
-    def curve(
-        self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], result: RunResult, final: tuple, config: Optional[MergeConfig] = None
-    ) -> list[dict]:
-        """Teacher-forced scores (and drift) on the edits so far, after every `eval.curve_every` batches and the last.
-        `final` is the run's own (delta, stage id) for the last point (for anchored runs: its merge, already made).
-        Chained runs score each point as soon as its batch is merged (`train_batches`' `on_checkpoint`): here they
-        are read back from their stages."""
+    def curve(self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], config: Optional[MergeConfig] = None) -> list[dict]:
+        """Teacher-forced scores (and drift) on the edits so far, after every `eval.curve_every` batches, each a stage
+        `curve-NNN`; the last batch's point is not among them: `run` reads it from the final evaluation, which scores
+        the same model on every edit. Chained runs score each point as soon as its batch is merged (`train_batches`'
+        `on_checkpoint`): here they are read back from their stages; anchored runs merge the batches so far first."""
         batches = self.batches(s.records)
         points, done = [], 0
-        for b, batch in enumerate(batches):
+        for b, batch in enumerate(batches[:-1]):
             done += len(batch)
             if not self.is_curve_batch(b, len(batches)):
                 continue
             if self.recipe.sequential.strategy == "anchored":
-                if b + 1 == len(batches):
-                    delta, delta_id = final
-                else:
-                    delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], config or self.merge_config, f"curve-{merge_stage_name(b)}")
+                delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], config or self.merge_config, f"curve-{merge_stage_name(b)}")
             else:
                 delta_id, delta = trained.checkpoints[b]
             points.append(self.curve_point(s, b, done, delta, delta_id, pre, drift))
@@ -609,7 +609,7 @@ class RecipeRun:
         ends = list(itertools.accumulate(map(len, self.batches(records))))  # edits so far after each batch
 
         def score_checkpoint(b: int, trained: Trained) -> None:
-            if self.is_curve_batch(b, len(ends)):
+            if self.is_curve_batch(b, len(ends)) and b + 1 < len(ends):  # the last point comes from the final evaluation
                 delta_id, delta = trained.checkpoints[b]
                 self.curve_point(s, b, ends[b], delta, delta_id, pre, drift)
 
@@ -630,11 +630,9 @@ class RecipeRun:
 
                 config = self.merge_point(s, result, ANCHORED_MERGE_AUTO, records, stable_hash(trained.rsft_ids), candidate)
             current_delta, upstream = self.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, config, ANCHORED_MERGE)
-        if recipe.eval.enabled and recipe.eval.curve_every:
-            from ..evaluation.curves import write_curve
-
-            result.curve = self.curve(s, trained, pre, drift, result, final=(current_delta, upstream), config=config if recipe.sequential.strategy == "anchored" else None)
-            result.notes += write_curve(result.curve, self.root)
+        curve = recipe.eval.enabled and recipe.eval.curve_every
+        if curve:
+            result.curve = self.curve(s, trained, pre, drift, config=config if recipe.sequential.strategy == "anchored" else None)
         if current_delta is not None:
             load_delta(model, current_delta)
 
@@ -652,6 +650,12 @@ class RecipeRun:
             _, post = run.produce_json("eval", inputs, lambda: post_edit_evaluation(model, tokenizer, records, fmt, recipe.eval, pre, drift))
             result.metrics = post["metrics"]
             result.examples = post.get("examples", [])
+            if curve:
+                from ..evaluation.curves import write_curve
+                from .evaluation_stage import final_curve_point
+
+                result.curve.append(final_curve_point(post, batch=len(ends), edits=len(records)))
+                result.notes += write_curve(result.curve, self.root)
         result.seconds = time.perf_counter() - started
         result.ledger = self.ledger_entries(s, result)
         self._publish(result, export)
