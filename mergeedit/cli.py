@@ -479,6 +479,7 @@ def evaluate(
     drift_texts: Optional[Path] = typer.Option(None, "--drift-texts", help="JSONL of {prompt, text} lines for drift (default: data/drift/generic.jsonl)."),
     lm_eval_task: Optional[Path] = typer.Option(None, "--lm-eval-task", help="lm-eval task YAML with local data files (needs mergeedit[lmeval]); run on MODEL and --reference."),
     lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", help="Score only the first N documents of the lm-eval task."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Ask the chat forms (generation, loc_chat) with this system turn, as a recipe's dataset.system_prompt trains (default: none, the template's default left out)."),
 ) -> None:
     """Score MODEL on edit records: reliability, generalization, locality (vs --reference), portability, exact match;
     general-ability drift vs --reference; optionally a local lm-evaluation-harness task."""
@@ -490,7 +491,7 @@ def evaluate(
         _fail("nothing to score: pass --dataset FILE, --reference MODEL (drift) or --lm-eval-task TASK_YAML")
     result = evaluate_folder(
         model, dataset, fmt, reference=reference, limit=limit, generation=generation, batch_size=batch_size,
-        drift=drift, drift_texts=drift_texts, lm_eval_task=lm_eval_task, lm_eval_limit=lm_eval_limit,
+        drift=drift, drift_texts=drift_texts, lm_eval_task=lm_eval_task, lm_eval_limit=lm_eval_limit, system_prompt=system_prompt,
     )
     table = Table(title=f"{model}" + (f" on {dataset.name} ({len(result['records'])} edits)" if dataset else ""))
     for col in ("metric", "protocol", "value", "n"):

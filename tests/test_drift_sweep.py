@@ -243,7 +243,7 @@ def test_sequential_curve_points_every_k_batches(tmp_path, tiny_model, drift_fil
     s = run.open_session()
     pre, drift = run.pre_edit_stages(s, s.records, run.new_result(s))
     model, tokenizer = load_model_and_tokenizer(tmp_path / "run" / "model", "float32", torch.device("cpu"))
-    assert curve_point(model, tokenizer, s.records, run.recipe.eval, pre, drift, batch=4) == last
+    assert curve_point(model, tokenizer, s.records, s.fmt, run.recipe.eval, pre, drift, batch=4) == last
     assert result.metrics["kl"]["value"] > 0 and result.pre_metrics["kl"]["value"] == 0.0
     assert result.pre_metrics["ppl"]["value"] == pytest.approx(result.metrics["ppl"]["value"] / (1 + result.metrics["ppl_drift_pct"]["value"] / 100))
     again = RecipeRun(recipe).run()

@@ -236,6 +236,29 @@ def test_eval_command_scores_a_folder_against_its_reference(tmp_path, tiny_model
     assert same.code == 0 and json.loads(out.read_text())["aggregate"]["loc"]["value"] == 1.0
 
 
+def test_eval_command_asks_the_chat_forms_with_the_system_prompt_given(tmp_path, tiny_model, run_cli, monkeypatch):
+    """`mergeedit eval --system-prompt`: generation and loc_chat, on the model and its reference, ask with that system
+    turn (as a recipe's `dataset.system_prompt` trains); the scores record it."""
+    from mergeedit.editing import prompts
+    from mergeedit.evaluation import metrics
+
+    real, seen = prompts.chat_prompt, []
+    spy = lambda tokenizer, question, system_prompt=None: seen.append(system_prompt) or real(tokenizer, question, system_prompt)  # noqa: E731
+    monkeypatch.setattr(prompts, "chat_prompt", spy)
+    monkeypatch.setattr(metrics, "chat_prompt", spy)
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(e) for e in EDITS) + "\n")
+    out = tmp_path / "scores.json"
+    for system in (None, "w9"):
+        seen.clear()
+        args = ["--system-prompt", system] if system else []
+        result = run_cli("eval", tiny_model, "--dataset", tmp_path / "edits.jsonl", "--format", "jsonl", "--reference", tiny_model,
+                         "--json", out, "--batch-size", "4", "--no-drift", *args)
+        assert result.code == 0, result.stderr
+        data = json.loads(out.read_text())
+        assert data["aggregate"]["loc_chat"]["value"] == 1.0 and data["aggregate"]["rel_em"]["value"] is not None
+        assert data["settings"]["system_prompt"] == system and seen and set(seen) == {system}
+
+
 @pytest.mark.parametrize(
     "content,needles",
     [

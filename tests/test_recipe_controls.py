@@ -274,3 +274,39 @@ def test_each_methods_defaults_are_its_measured_or_published_settings():
     recipe = Recipe.model_validate({"model": {"base": "m"}, "dataset": {"format": "jsonl", "path": "e.jsonl"}, "rsft": {"method": "locft-bf"}})
     settings, patterns, layers = train_settings(recipe)
     assert settings == TrainSettings(5e-4, 0.0, "adam", 100, 25, 25, 0.0, 0, "breadth-first", False) and patterns == [r"mlp\.(down_proj|c_proj)\.weight$"]
+
+
+def test_a_system_prompt_reaches_every_chat_form_of_the_run(tmp_path, monkeypatch):
+    """`dataset.system_prompt`: the edits train with that system turn, and so do the retain set's chat answers and every
+    chat-form score (generation and `loc_chat`, of the unedited and the edited model, and the curve points); without
+    one, none of them has a system turn. Every chat prompt of the run is built by `chat_prompt`, watched here."""
+    from transformers import AutoTokenizer
+
+    from mergeedit.editing import prompts
+    from mergeedit.evaluation import metrics
+
+    folder = _tiny(tmp_path / "chat-model")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}w38 {{ m['content'] }} {% else %}w39 {{ m['content'] }} {% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}w37{% endif %}")
+    tok.save_pretrained(folder)
+    real, seen = prompts.chat_prompt, []
+
+    def spy(tokenizer, question, system_prompt=None):
+        seen.append(system_prompt)
+        return real(tokenizer, question, system_prompt)
+
+    monkeypatch.setattr(prompts, "chat_prompt", spy)
+    monkeypatch.setattr(metrics, "chat_prompt", spy)
+    for system in (None, "w9 w8"):
+        seen.clear()
+        work = tmp_path / f"system-{system}"
+        work.mkdir()
+        (work / "chat.jsonl").write_text(json.dumps({"question": "what is the color of w5 ?", "answer": "w6"}) + "\n")
+        recipe = _recipe(work, folder, dataset={"prompt": "both", "system_prompt": system}, sequential={"batch_size": 2},
+                         rsft={"retain": {"weight": 1.0, "path": ["retain.jsonl", "chat.jsonl"], "batch_size": 4}, "max_epochs": 1},
+                         eval={"generation": True, "max_new_tokens": 2, "curve_every": 1})
+        result = RecipeRun(recipe).run()
+        assert result.metrics["loc_chat"]["value"] is not None and result.metrics["rel_em"]["value"] is not None
+        assert len(result.curve) == 2 and result.curve[0]["loc_chat"] is not None
+        assert seen and set(seen) == {system}, set(seen)

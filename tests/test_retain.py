@@ -301,6 +301,11 @@ def test_chat_retain_lines_are_read_in_the_edits_chat_form(tmp_path):
     p, a = chat_pair(tok, "who wrote it", "me")
     assert p == [7, 3, 4, 5, 8] and a == [6, 2]  # the edits' chat form: user turn, assistant header, answer, EOS
     assert retain_token_ids(tok, texts, 64) == [[5, 4, 6], p + a] and retain_token_ids(tok, texts, 3)[1] == [7, 3, 4]
+    # a run with `dataset.system_prompt` holds its chat answers in the form it trains: with that system turn
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}<s> {{ m['content'] }} {% else %}<u> {{ m['content'] }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %} <a>{% endif %}")
+    assert chat_pair(tok, "who wrote it", "me") == ([7, 3, 4, 5, 8], [6, 2])
+    assert retain_token_ids(tok, texts, 64, system_prompt="it")[1] == [1, 5, 7, 3, 4, 5, 8, 6, 2] == sum(chat_pair(tok, "who wrote it", "me", "it"), [])
     one = jsonl(DRIFT_EVAL_TEXTS)[0]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": one["prompt"], "answer": "mine"}) + "\n")

@@ -9,7 +9,7 @@ answered after a space.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .tokens import encode_prompt_target
 
@@ -53,11 +53,20 @@ def prompt_setting_problem(setting: object) -> str | None:
 
 @dataclass(frozen=True)
 class PromptFormat:
+    """The form edits are asked in: `kind`, a prompt `template` ({prompt}), and the chat form's `system_prompt`
+    (`dataset.system_prompt`: None leaves the template's default system turn out). Training, the retain set's chat
+    lines and every chat-form score (generation, `loc_chat`) use the same one."""
+
     kind: str  # "raw" | "chat" | "both" | "template"
     template: str | None = None
+    system_prompt: str | None = None
 
     @classmethod
-    def resolve(cls, setting: str, tokenizer) -> "PromptFormat":
+    def resolve(cls, setting: str, tokenizer, system_prompt: str | None = None) -> "PromptFormat":
+        return replace(cls._resolve(setting, tokenizer), system_prompt=system_prompt)
+
+    @classmethod
+    def _resolve(cls, setting: str, tokenizer) -> "PromptFormat":
         problem = prompt_setting_problem(setting)
         if problem is not None:
             from ..core.errors import MergeEditError
@@ -79,7 +88,8 @@ class PromptFormat:
         return self.kind in ("chat", "both")
 
     def describe(self) -> str:
-        return self.kind if self.kind != "template" else f"template {self.template!r}"
+        form = self.kind if self.kind != "template" else f"template {self.template!r}"
+        return form if self.system_prompt is None else f"{form}, system prompt {self.system_prompt!r}"
 
     def raw_prompt(self, question: str) -> str:
         return self.template.format(prompt=question) if self.kind == "template" else question

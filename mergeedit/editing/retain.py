@@ -184,17 +184,17 @@ def _full_kl(base_logp: torch.Tensor, current_logp: torch.Tensor) -> torch.Tenso
     return torch.where(p > 0, p * (base_logp - current_logp), torch.zeros_like(p)).sum(-1)
 
 
-def retain_token_ids(tokenizer, retain: Union[RetainTexts, Sequence[str]], max_tokens: int) -> list[list[int]]:
+def retain_token_ids(tokenizer, retain: Union[RetainTexts, Sequence[str]], max_tokens: int, system_prompt: Optional[str] = None) -> list[list[int]]:
     """Each retain text tokenized whole (the tokenizer's usual special tokens), then each chat pair as R-SFT trains an
-    edit (editing.prompts.chat_pair: the question as a user turn with the assistant header and no template default
-    system prompt, the answer, end of turn; plain ``question + " " + answer`` + EOS for a tokenizer without a chat
-    template); every sequence cut to its first ``max_tokens``."""
+    edit (editing.prompts.chat_pair: the question as a user turn with the assistant header, the run's `system_prompt`
+    or else no template default one, the answer, end of turn; plain ``question + " " + answer`` + EOS for a tokenizer
+    without a chat template); every sequence cut to its first ``max_tokens``."""
     texts, chat = (retain.texts, retain.chat) if isinstance(retain, RetainTexts) else (list(retain), [])
     seqs = []
     for t in texts:
         seqs.append(_at_least_two(list(tokenizer(t)["input_ids"])[:max_tokens], t))
     for q, a in chat:
-        prompt, answer = chat_pair(tokenizer, q, a) if has_chat_template(tokenizer) else raw_pair_eos(tokenizer, q, a)
+        prompt, answer = chat_pair(tokenizer, q, a, system_prompt) if has_chat_template(tokenizer) else raw_pair_eos(tokenizer, q, a)
         seqs.append(_at_least_two((list(prompt) + list(answer))[:max_tokens], f"{q} {a}"))
     return seqs
 
@@ -211,11 +211,12 @@ def retain_pad_id(tokenizer) -> int:
 
 
 def retain_groups(
-    tokenizer, retain: Union[RetainTexts, Sequence[str]], *, batch_size: int = 8, max_tokens: int = 64, device: Optional[torch.device] = None
+    tokenizer, retain: Union[RetainTexts, Sequence[str]], *, batch_size: int = 8, max_tokens: int = 64, device: Optional[torch.device] = None,
+    system_prompt: Optional[str] = None,
 ) -> list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
     """The retain set tokenized once (`retain_token_ids`) and cut into padded mini-batches with no forward pass:
     (batch, rows, cols) per mini-batch, in step order, as `RetainKL.from_groups` reads them."""
-    seqs = retain_token_ids(tokenizer, retain, max_tokens)
+    seqs = retain_token_ids(tokenizer, retain, max_tokens, system_prompt)
     _check_sequences(seqs, batch_size)
     return list(_padded(seqs, batch_size, retain_pad_id(tokenizer), device or torch.device("cpu")))
 

@@ -262,7 +262,7 @@ def _settings(tokenizer, n_edits: int, has_pre: bool, generation: bool, chat_tem
         if generation
         else None,
         "max_new_tokens": max_new_tokens if generation else None,
-        "system_prompt": system_prompt if generation else None,
+        "system_prompt": system_prompt,  # the chat forms' system turn (generation, loc_chat); None: the template's default left out
         "fluency_tokens": fluency_tokens if fluency else None,
         "batch_size": batch_size,
         "padding_side": padding_side,

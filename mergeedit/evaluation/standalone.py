@@ -27,9 +27,11 @@ def evaluate_folder(
     drift_texts: Optional[Path] = None,
     lm_eval_task: Optional[Path] = None,
     lm_eval_limit: Optional[int] = None,
+    system_prompt: Optional[str] = None,
 ) -> dict:
     """Per-edit and aggregate scores (when `dataset` is given); locality and drift need `reference` (the unedited
-    model) to compare against. Keys: aggregate, settings, records, and drift / lm_eval when measured."""
+    model) to compare against. Keys: aggregate, settings, records, and drift / lm_eval when measured. `system_prompt`:
+    the chat forms (generation, `loc_chat`, on both models) ask with it, as a recipe's `dataset.system_prompt` trains."""
     from ..editing.datasets import load_edits
     from ..editing.prompts import has_chat_template
     from ..models.loading import load_model_and_tokenizer, pick_device, resolve_base_folder
@@ -48,7 +50,7 @@ def evaluate_folder(
         if records:
             pre = reference_outputs(ref_model, ref_tok, records, batch_size=batch_size)
             if has_chat_template(ref_tok):  # the probes in the chat form too (loc_chat)
-                pre_chat = reference_outputs(ref_model, ref_tok, records, batch_size=batch_size, chat=True)
+                pre_chat = reference_outputs(ref_model, ref_tok, records, batch_size=batch_size, chat=True, system_prompt=system_prompt)
         if texts is not None:
             drift_ref = drift_metrics.drift_reference(ref_model, ref_tok, texts, batch_size=batch_size)
         del ref_model
@@ -59,7 +61,7 @@ def evaluate_folder(
         if records:
             out = evaluate_edits(
                 model, tokenizer, records, pre=pre, pre_chat=pre_chat if has_chat_template(tokenizer) else None, generation=generation,
-                batch_size=batch_size, max_new_tokens=max_new_tokens,
+                batch_size=batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
             ).to_dict()
         if drift_ref is not None:
             out["drift"] = drift_metrics.drift_scores(model, tokenizer, texts, drift_ref, batch_size=batch_size)

@@ -108,11 +108,12 @@ def check_recipe_merge(config: Optional[MergeConfig], doc: YamlDocument, base: M
 
 
 def prompt_format(recipe: Recipe, doc: YamlDocument, tokenizer):
-    """The recipe's prompt format for this tokenizer (a chat form needs a chat template), located at dataset.prompt."""
+    """The recipe's prompt format for this tokenizer (a chat form needs a chat template), located at dataset.prompt,
+    with its `dataset.system_prompt`."""
     from ..editing.prompts import PromptFormat
 
     try:
-        return PromptFormat.resolve(recipe.dataset.prompt, tokenizer)
+        return PromptFormat.resolve(recipe.dataset.prompt, tokenizer, recipe.dataset.system_prompt)
     except MergeEditError as exc:
         raise MergeEditError(f"{doc.where(('dataset', 'prompt'))}: {str(exc).removeprefix('dataset.prompt: ')}") from None
 

@@ -24,8 +24,10 @@ def _references(pre: dict | None) -> dict:
 
 
 def _eval(model, tokenizer, records, fmt: PromptFormat, cfg, pre=None):
+    """The edits scored as the run asks them: the chat forms (generation, `loc_chat`) with the run's system prompt."""
     return evaluate_edits(
         model, tokenizer, records, **_references(pre), generation=cfg.generation, chat_template=fmt.uses_chat, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+        system_prompt=fmt.system_prompt,
     )
 
 
@@ -36,7 +38,7 @@ def pre_edit_outputs(model, tokenizer, records: list[EditRecord], fmt: PromptFor
     answers = {r["case_id"]: r.get("answers", {}).get("rel", "") for r in result.records}
     out = {"locality": reference_outputs(model, tokenizer, records, batch_size=cfg.batch_size), "metrics": _labelled(result), "answers": answers}
     if fmt.uses_chat:
-        out["locality_chat"] = reference_outputs(model, tokenizer, records, batch_size=cfg.batch_size, chat=True)
+        out["locality_chat"] = reference_outputs(model, tokenizer, records, batch_size=cfg.batch_size, chat=True, system_prompt=fmt.system_prompt)
     return out
 
 
@@ -110,10 +112,10 @@ def post_edit_evaluation(model, tokenizer, records: list[EditRecord], fmt: Promp
     return out
 
 
-def curve_point(model, tokenizer, records: list[EditRecord], cfg, pre: dict | None, drift: DriftSetup | None, *, batch: int) -> dict:
+def curve_point(model, tokenizer, records: list[EditRecord], fmt: PromptFormat, cfg, pre: dict | None, drift: DriftSetup | None, *, batch: int) -> dict:
     """One point of a sequential curve: teacher-forced rel/gen/loc (and loc_chat) on the edits so far (no generation:
     kept cheap), plus drift when the recipe measures it."""
-    result = evaluate_edits(model, tokenizer, records, **_references(pre), generation=False, batch_size=cfg.batch_size)
+    result = evaluate_edits(model, tokenizer, records, **_references(pre), generation=False, batch_size=cfg.batch_size, system_prompt=fmt.system_prompt)
     scores = drift.metrics(model, tokenizer, cfg.batch_size)[1] if drift is not None else None
     return _point(batch, len(records), result.summary(), scores)
 

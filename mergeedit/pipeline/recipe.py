@@ -43,7 +43,7 @@ class DatasetSection(_Strict):
         description="How edits are trained: raw (question + ' ' + answer, as teacher-forced scoring reads it), chat (the tokenizer's chat template), both, a template with {prompt}, or auto (both when the tokenizer has a chat template, else raw).",
     )
     system_prompt: Optional[str] = Field(
-        None, description="System turn of the chat form. Default: none, and a template's own default system prompt (SmolLM2's) is left out too: it would be half of every example's tokens."
+        None, description="System turn of the chat form: the edits train with it, and so do the retain set's chat answers and every chat-form score (generation, loc_chat). Default: none, and a template's own default system prompt (SmolLM2's) is left out too: it would be half of every example's tokens."
     )
 
 

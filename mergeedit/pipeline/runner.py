@@ -403,8 +403,9 @@ class RecipeRun:
         precision = self.recipe.rsft.precision
         if precision == "auto":
             precision = pick_precision(device)[0]
-        key = stable_hash([texts.texts, r.model_dump(), precision] + ([texts.chat] if texts.chat else []))
-        groups = retain_groups(tokenizer, texts, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device)  # tokenized and padded once
+        system_prompt = self.recipe.dataset.system_prompt  # the chat lines in the form the edits train in
+        key = stable_hash([texts.texts, r.model_dump(), precision] + ([texts.chat] if texts.chat else []) + ([system_prompt] if texts.chat and system_prompt is not None else []))
+        groups = retain_groups(tokenizer, texts, batch_size=r.batch_size, max_tokens=r.max_tokens, device=device, system_prompt=system_prompt)  # tokenized and padded once
         batches = [batch for batch, _, _ in groups]
         auto = self.recipe.merge is not None and self.recipe.merge.auto is not None
         if r.weight <= 0 and not auto:
@@ -590,7 +591,7 @@ class RecipeRun:
 
         def compute() -> dict:
             load_delta(s.model, delta)
-            return curve_point(s.model, s.tokenizer, so_far, self.recipe.eval, pre, drift, batch=b + 1)
+            return curve_point(s.model, s.tokenizer, so_far, s.fmt, self.recipe.eval, pre, drift, batch=b + 1)
 
         return s.run.produce_json(curve_stage_name(b), inputs, compute)[1]
 
