@@ -206,7 +206,9 @@ def print_table(rows: list[dict], args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"SmolLM2-135M-Instruct, {args.edits} ZsRE edits (sequential batches of {args.seq_batch or min(100, max(1, args.edits // 5))}); scored on the final model")
+    edits = rows[0]["edits"] if rows else args.edits  # records without a target are skipped (the first 1,000 give 998)
+    records = f" from the first {args.edits} records" if edits != args.edits else ""
+    table = Table(title=f"SmolLM2-135M-Instruct, {edits} ZsRE edits{records} (sequential batches of {args.seq_batch or min(100, max(1, args.edits // 5))}); scored on the final model")
     for col in ["method", *[c for _, c in COLUMNS], "wall s", "peak RSS MB"]:
         table.add_column(col, justify="left" if col == "method" else "right")
     cell = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
@@ -224,7 +226,7 @@ def print_table(rows: list[dict], args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--edits", type=int, default=10, help="T: the first T usable ZsRE records (10, 100, 1000).")
+    parser.add_argument("--edits", type=int, default=10, help="T: the first T ZsRE records (10, 100, 1000); a record without a target is skipped (1000 gives 998 edits).")
     parser.add_argument("--seq-batch", type=int, default=None, help="Edits per sequential batch (default T/5, at most 100).")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD", help=f"Subset of: {', '.join(METHODS)}")
     parser.add_argument("--max-epochs", type=int, default=None, help="Override rsft.max_epochs (shrinks training for a quick check).")
