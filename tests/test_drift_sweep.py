@@ -253,6 +253,20 @@ def test_sequential_curve_points_every_k_batches(tmp_path, tiny_model, drift_fil
     assert [s for s in plan_recipe(recipe).stages if s.startswith(("pre", "curve"))] == ["pre-eval", "pre-drift", *curve_stages]
 
 
+def test_curve_stages_come_every_k_batches_but_the_last():
+    """The last batch's point is the final evaluation's: 1,000 edits in 10 batches, a point every 2, make 4 stages."""
+    from mergeedit.pipeline.recipe import Recipe
+    from mergeedit.pipeline.runner import curve_stage_batches
+
+    def recipe(**ev):
+        return Recipe.model_validate({"model": {"base": "m"}, "dataset": {"format": "zsre", "path": "d.json"}, "eval": ev})
+
+    assert curve_stage_batches(recipe(curve_every=2), 10) == [1, 3, 5, 7]
+    assert curve_stage_batches(recipe(curve_every=3), 9) == [2, 5]
+    assert curve_stage_batches(recipe(curve_every=1), 1) == [] and curve_stage_batches(recipe(curve_every=None), 10) == []
+    assert curve_stage_batches(recipe(curve_every=2, enabled=False), 10) == []
+
+
 def test_a_chained_run_stopped_early_keeps_the_curve_points_it_reached(tmp_path, tiny_model, drift_file, monkeypatch):
     """Each chained curve point is scored when its batch ends: a run that dies in batch 3 leaves the points after
     batches 1 and 2 (stages curve-000, curve-001), and the rerun reuses them."""

@@ -67,6 +67,13 @@ def curve_stage_name(batch: int) -> str:
     return f"curve-{batch:03d}"
 
 
+def curve_stage_batches(recipe: Recipe, batches: int) -> list[int]:
+    """The batches (0-based) after which the curve scores the edits so far in a stage `curve-NNN`: every
+    `eval.curve_every`-th batch but the last, whose point is read from the final evaluation (the same model)."""
+    every = recipe.eval.curve_every if recipe.eval.enabled else None
+    return [b for b in range(batches - 1) if (b + 1) % every == 0] if every else []
+
+
 ANCHORED_MERGE = "merge"
 LAYER_PROBE = "layer-probe"  # `rsft.layers: auto`: the probe's scores and the chosen window
 ANCHORED_MERGE_AUTO = "merge-auto"  # `merge: {auto: ...}` of the anchored strategy: every candidate scored, one kept
@@ -91,10 +98,8 @@ def stage_names(recipe: Recipe, batches: int, prefix: str = "") -> list[str]:
     if recipe.merge is not None and recipe.sequential.strategy == "anchored":
         names += [ANCHORED_MERGE_AUTO] if auto else []
         names.append(ANCHORED_MERGE)
-    every = ev.curve_every if ev.enabled else None  # the last batch's point is read from the final evaluation
-    for b in range(batches - 1) if every else ():
-        if (b + 1) % every == 0:  # an anchored run first merges the batches so far
-            names += ([f"curve-{merge_stage_name(b)}"] if recipe.merge is not None and recipe.sequential.strategy == "anchored" else []) + [curve_stage_name(b)]
+    for b in curve_stage_batches(recipe, batches):  # an anchored run first merges the batches so far
+        names += ([f"curve-{merge_stage_name(b)}"] if recipe.merge is not None and recipe.sequential.strategy == "anchored" else []) + [curve_stage_name(b)]
     return names + ["export"] + (["adapter"] if recipe.output.adapter else []) + (["eval"] if ev.enabled else [])
 
 
@@ -565,22 +570,15 @@ class RecipeRun:
         the same model on every edit. Chained runs score each point as soon as its batch is merged (`train_batches`'
         `on_checkpoint`): here they are read back from their stages; anchored runs merge the batches so far first."""
         batches = self.batches(s.records)
-        points, done = [], 0
-        for b, batch in enumerate(batches[:-1]):
-            done += len(batch)
-            if not self.is_curve_batch(b, len(batches)):
-                continue
+        ends = list(itertools.accumulate(map(len, batches)))  # edits so far after each batch
+        points = []
+        for b in curve_stage_batches(self.recipe, len(batches)):
             if self.recipe.sequential.strategy == "anchored":
                 delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], config or self.merge_config, f"curve-{merge_stage_name(b)}")
             else:
                 delta_id, delta = trained.checkpoints[b]
-            points.append(self.curve_point(s, b, done, delta, delta_id, pre, drift))
+            points.append(self.curve_point(s, b, ends[b], delta, delta_id, pre, drift))
         return points
-
-    def is_curve_batch(self, b: int, count: int) -> bool:
-        """Whether the curve has a point after batch `b` (0-based) of `count`: every `eval.curve_every`, and the last."""
-        every = self.recipe.eval.curve_every
-        return bool(self.recipe.eval.enabled and every) and ((b + 1) % every == 0 or b + 1 == count)
 
     def curve_point(self, s: Session, b: int, done: int, delta: ModelSource, delta_id: str, pre: Optional[dict], drift: Optional[DriftSetup]) -> dict:
         """Stage curve-NNN: the first `done` edits scored on the model `delta` (after batch `b`), with drift; cached."""
@@ -609,8 +607,10 @@ class RecipeRun:
         # run scores its curve points as their batches end, so a run stopped early keeps the points it reached.
         ends = list(itertools.accumulate(map(len, self.batches(records))))  # edits so far after each batch
 
+        scored = set(curve_stage_batches(recipe, len(ends)))
+
         def score_checkpoint(b: int, trained: Trained) -> None:
-            if self.is_curve_batch(b, len(ends)) and b + 1 < len(ends):  # the last point comes from the final evaluation
+            if b in scored:
                 delta_id, delta = trained.checkpoints[b]
                 self.curve_point(s, b, ends[b], delta, delta_id, pre, drift)
 
