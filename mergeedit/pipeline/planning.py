@@ -134,7 +134,7 @@ def plan_recipe(path: Path, probe: bool = True) -> RecipePlan:
 
     tokenizer = load_tokenizer(folder, recipe.model.trust_remote_code)
     fmt = prompt_format(recipe, run.doc, tokenizer)
-    examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, run.doc.where(("dataset",)), system_prompt=recipe.dataset.system_prompt, eos=recipe.rsft.eos,
+    examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, run.doc.where(("dataset",)), system_prompt=fmt.system_prompt, eos=recipe.rsft.eos,
                             update_positions=recipe.rsft.update_positions)
     auto = recipe.rsft.layers_auto
     if auto is not None and not probe:

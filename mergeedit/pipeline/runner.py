@@ -349,7 +349,7 @@ class RecipeRun:
         where = self.doc.where(("dataset",))
         # Tokenized once, up front: a target that tokenizes to nothing fails here, before any training.
         examples_by_case: dict[str, list[TrainingExample]] = {}
-        for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where, system_prompt=recipe.dataset.system_prompt, eos=recipe.rsft.eos, update_positions=recipe.rsft.update_positions):
+        for ex in examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, where, system_prompt=fmt.system_prompt, eos=recipe.rsft.eos, update_positions=recipe.rsft.update_positions):
             examples_by_case.setdefault(ex.case_id, []).append(ex)
         run = RunDir(self.root, self.force, self.reporter, dist)  # only now: an error above leaves no run folder behind
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
@@ -564,15 +564,14 @@ class RecipeRun:
             sources["rsft"] = sources.pop("rsft.0")
         return sources
 
-    def curve(self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], config: Optional[MergeConfig] = None) -> list[dict]:
+    def curve(self, s: Session, trained: Trained, pre: Optional[dict], drift: Optional[DriftSetup], ends: list[int], config: Optional[MergeConfig] = None) -> list[dict]:
         """Teacher-forced scores (and drift) on the edits so far, after every `eval.curve_every` batches, each a stage
         `curve-NNN`; the last batch's point is not among them: `run` reads it from the final evaluation, which scores
         the same model on every edit. Chained runs score each point as soon as its batch is merged (`train_batches`'
-        `on_checkpoint`): here they are read back from their stages; anchored runs merge the batches so far first."""
-        batches = self.batches(s.records)
-        ends = list(itertools.accumulate(map(len, batches)))  # edits so far after each batch
+        `on_checkpoint`): here they are read back from their stages; anchored runs merge the batches so far first.
+        `ends`: the edits so far after each batch."""
         points = []
-        for b in curve_stage_batches(self.recipe, len(batches)):
+        for b in curve_stage_batches(self.recipe, len(ends)):
             if self.recipe.sequential.strategy == "anchored":
                 delta, delta_id = self.anchored_merge(s, trained.rsft_deltas[: b + 1], trained.rsft_ids[: b + 1], config or self.merge_config, f"curve-{merge_stage_name(b)}")
             else:
@@ -633,7 +632,7 @@ class RecipeRun:
             current_delta, upstream = self.anchored_merge(s, trained.rsft_deltas, trained.rsft_ids, config, ANCHORED_MERGE)
         curve = recipe.eval.enabled and recipe.eval.curve_every
         if curve:
-            result.curve = self.curve(s, trained, pre, drift, config=config if recipe.sequential.strategy == "anchored" else None)
+            result.curve = self.curve(s, trained, pre, drift, ends, config=config if recipe.sequential.strategy == "anchored" else None)
         if current_delta is not None:
             load_delta(model, current_delta)
 
