@@ -661,13 +661,15 @@ def main() -> None:
 
         if debug():
             raise
+        from rich.markup import escape  # an exception's text may hold brackets (gloo's "[.../pair.cc:553]"), not markup
+
         from .io.integrity import is_disk_full
 
         if is_disk_full(exc):  # a write path without its own wording: still one line, not an internal error
             where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
-            console.print(f"[bold red]error:[/] the disk filled up{where}; folders being written were removed; free space and run again", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] the disk filled up{escape(where)}; folders being written were removed; free space and run again", highlight=False, soft_wrap=True)
             sys.exit(2)
-        console.print(f"[bold red]internal error:[/] {exc.__class__.__name__}: {exc} (set MERGEEDIT_DEBUG=1 for the traceback and please report it)", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]internal error:[/] {exc.__class__.__name__}: {escape(str(exc))} (set MERGEEDIT_DEBUG=1 for the traceback and please report it)", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

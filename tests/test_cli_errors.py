@@ -185,6 +185,23 @@ def test_disk_space_is_checked_first_and_a_full_disk_cleans_up(tmp_path, models,
     _assert_clean_failure(run_cli("merge", cfg, out), out, "disk filled up", "partial output was removed")
 
 
+def test_an_unexpected_error_with_brackets_in_its_text_is_one_line(tmp_path, models, run_cli, monkeypatch):
+    """A gloo error reads "[../gloo/transport/tcp/pair.cc:553] Connection closed by peer": printed as text, not as rich
+    markup (whose closing-tag parse raised MarkupError over the message and lost it)."""
+    from mergeedit.io import shard_writer
+
+    text = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29500"
+
+    def broken(self, name, tensor):
+        raise RuntimeError(text)
+
+    monkeypatch.setattr(shard_writer.ShardWriter, "write", broken)
+    cfg = write_config(tmp_path, f"merge_method: passthrough\nmodels:\n  - model: {models['a']}\n")
+    result = run_cli("merge", cfg, tmp_path / "out")
+    assert result.code == 1 and "Traceback" not in result.stderr
+    assert " ".join(result.stderr.split()) == f"internal error: RuntimeError: {text} (set MERGEEDIT_DEBUG=1 for the traceback and please report it)"
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_input_tensor_is_named(tmp_path, models, run_cli, bad):
     target = "model.layers.1.mlp.up_proj.weight"

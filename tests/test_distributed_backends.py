@@ -1,4 +1,5 @@
-"""R-SFT under several processes runs on DDP only; FSDP and DeepSpeed are refused in one line instead of going wrong.
+"""R-SFT under several processes runs data-parallel only; FSDP, DeepSpeed and an accelerate launch that starts one
+CPU process where several were asked are refused in one line instead of going wrong.
 
 Evidence behind the refusal on this machine (torch 2.13 CPU, accelerate 1.16): `accelerate launch --use_fsdp` without a
 GPU brings each process up alone (DistributedType.NO, num_processes 1), so N copies would train and write the same run;
@@ -17,7 +18,7 @@ import pytest
 from test_pipeline import _recipe, tiny_model  # noqa: F401 - tiny_model is a fixture used by name
 
 from mergeedit.core.errors import MergeEditError
-from mergeedit.pipeline.distributed import check_supported
+from mergeedit.pipeline.distributed import check_launch, check_supported
 
 
 def _accelerator(kind: str, processes: int):
@@ -32,7 +33,7 @@ def test_ddp_is_accepted():
 @pytest.mark.parametrize(
     "kind,processes,needles",
     [
-        ("NO", 1, ["started 2 processes but accelerate set up 1 (NO)", "accelerate launch --cpu"]),
+        ("NO", 1, ["started 2 processes but accelerate set up 1 (NO)", "torchrun --standalone --nproc_per_node N"]),
         ("FSDP", 2, ["R-SFT under FSDP is not supported yet", "--multi_gpu"]),
         ("DEEPSPEED", 2, ["R-SFT under DEEPSPEED is not supported yet"]),
     ],
@@ -58,6 +59,20 @@ def test_fsdp_launch_on_cpu_is_refused_before_anything_is_written(tmp_path, tiny
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert lines, proc.stderr[-3000:]
-    # Today accelerate brings each process up alone; an accelerate that learns FSDP on CPU gets the second refusal.
-    assert all("accelerate set up 1 (NO)" in line or "R-SFT under FSDP is not supported yet" in line for line in lines), lines
+    # the launch asked for FSDP (ACCELERATE_USE_FSDP): refused before accelerate is set up (it would come up data-parallel)
+    assert all("R-SFT under FSDP is not supported yet" in line for line in lines), lines
     assert not (tmp_path / "run").exists()
+
+
+def test_launches_that_would_quietly_do_something_else_are_refused():
+    """What `accelerate launch --cpu --num_processes 2` hands its one process (measured with accelerate 1.16): the
+    rendezvous address for two, no WORLD_SIZE. torchrun's processes (WORLD_SIZE set) and a plain run pass."""
+    alone = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "OMP_NUM_THREADS": "1"}
+    with pytest.raises(MergeEditError, match="started one process, not the several asked for.*torchrun --standalone --nproc_per_node N"):
+        check_launch(alone)
+    check_launch({**alone, "WORLD_SIZE": "2", "RANK": "0"})
+    check_launch({})
+    check_launch({"ACCELERATE_USE_CPU": "True"})  # `accelerate launch --cpu` of one process
+    for key, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        with pytest.raises(MergeEditError, match=f"R-SFT under {kind} is not supported yet"):
+            check_launch({key: "true", "WORLD_SIZE": "2"})

@@ -197,29 +197,42 @@ def test_empty_dataset_is_an_error(tmp_path, tiny_model):
         RecipeRun(recipe).run()
 
 
-def test_two_processes_under_accelerate_launch(tmp_path, tiny_model):
-    """DDP on CPU (gloo): both processes train their half of each batch; the main process writes; results load."""
-    import shutil
+def test_two_processes_under_torchrun(tmp_path, tiny_model):
+    """Two CPU processes (torchrun, gloo) with the controls the shipped recipe turns on (breadth-first, the retain KL, the null
+    space, sit-out, a window above layer 0: the frozen-prefix cache): each computes its share of every step, the main
+    process writes, and the run takes the steps one process takes, to the same weights up to float32 rounding."""
     import subprocess
     import sys
 
-    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    if launcher is None:
-        pytest.skip("accelerate's launcher is not installed")
-    recipe = _recipe(tmp_path, tiny_model, eval={"generation": False})
-    proc = subprocess.run(
-        [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
-         "-m", "mergeedit.cli", "run", str(recipe)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "run" / "stages" / "rsft-000" / "train_report.json").read_text())
-    assert report["learned_fraction"] == 1.0
-    merged = load_state_dict(tmp_path / "run" / "model")
+    retain = [{"prompt": f"w{i} w{i + 1}", "text": f"w{i} w{i + 1} the w{i + 2} of w{i + 3} is w{i + 4}"} for i in range(0, 30, 3)]
+    rsft = {"schedule": "breadth-first", "layers": [1, 2], "lr": 0.02, "max_epochs": 40, "sit_out_learned": True,
+            "retain": {"weight": 1.0, "path": "retain.jsonl", "batch_size": 3}, "null_space": {"energy": 0.9}}
+    runs = {}
+    for name in ("one", "two"):
+        recipe = _recipe(tmp_path / name, tiny_model, eval={"generation": False}, rsft=rsft)
+        (tmp_path / name / "retain.jsonl").write_text("\n".join(json.dumps(r) for r in retain) + "\n")
+        if name == "one":
+            RecipeRun(recipe).run()
+        else:
+            # (`accelerate launch --cpu --num_processes 2` starts one process without MPI; refused in test_distributed_backends)
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mergeedit.cli", "run", str(recipe)],
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        stage = tmp_path / name / "run" / "stages" / "rsft-000"
+        runs[name] = json.loads((stage / "train_report.json").read_text()), load_state_dict(stage)
+    (one, one_delta), (two, two_delta) = runs["one"], runs["two"]
+    assert one["learned_fraction"] == 1.0 and one["forward"].startswith("frozen-prefix") and one["retain"]["kl"] and one["null_space"]
+    assert any(one["sat_out"])  # precondition: sit-out decided something the processes had to agree on
+    assert (two["steps"], two["epochs"], two["sat_out"], two["learned_fraction"]) == (one["steps"], one["epochs"], one["sat_out"], 1.0)
+    assert two["forward"] == one["forward"] and two["tokens"] == one["tokens"]
+    assert "sync" in two["profile"] and "sync" not in one["profile"]  # two processes summed their gradients
+    assert set(two_delta) == set(one_delta) == {f"model.layers.1.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")}
+    assert all(torch.allclose(two_delta[n], one_delta[n], rtol=0, atol=1e-4) for n in one_delta)
     base = load_state_dict(tiny_model)
+    assert all((one_delta[n] - base[n]).abs().max() > 1e-2 for n in one_delta)  # the edits moved the weights far more than that
+    merged = load_state_dict(tmp_path / "two" / "run" / "model")
     assert set(merged) == set(base)
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
-    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_eval_command_scores_a_folder_against_its_reference(tmp_path, tiny_model, run_cli):

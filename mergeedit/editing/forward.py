@@ -220,10 +220,8 @@ class PrefixForward:
         return answer_losses(self.model.lm_head, out, batch["labels"])
 
 
-def training_forward(model, trainable: Sequence[str], accelerator=None):
+def training_forward(model, trainable: Sequence[str]):
     """The fastest exact forward for this model and trainable set (see the module doc)."""
-    if accelerator is not None:
-        return FullForward(model, "several processes: DDP needs its own forward")
     reason = split_reason(model)
     if reason is not None:
         return FullForward(model, reason)

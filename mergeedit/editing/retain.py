@@ -389,12 +389,32 @@ class RetainKL:
     def reference_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for g in self.groups for t in (g.idx, g.logp, g.rest) if t is not None)
 
-    def kl(self, model, step: int) -> torch.Tensor:
-        """Mean KL(base || current) (nats) over the predicted positions of mini-batch ``step % len(self)``."""
+    def kl(self, model, step: int, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """Mean KL(base || current) (nats) over the predicted positions of mini-batch ``step % len(self)``.
+
+        ``part=(r, n)``: process r of n (editing.collective) takes the mini-batch's rows r, r + n, ... and returns their
+        KL summed and divided by the whole mini-batch's positions, so the n parts add up to the mean (and so do their
+        gradients). A part with no row is a zero with no graph."""
         g = self.groups[step % len(self.groups)]
-        current = _forward_logp(model, g.batch)[g.rows, g.cols]
-        per_pos = _full_kl(g.logp, current) if g.idx is None else coarsened_kl(g.idx, g.logp, g.rest, current)
-        return per_pos.mean()
+        rank, size = part
+        if size == 1:
+            current = _forward_logp(model, g.batch)[g.rows, g.cols]
+            per_pos = _full_kl(g.logp, current) if g.idx is None else coarsened_kl(g.idx, g.logp, g.rest, current)
+            return per_pos.mean()
+        mask = g.batch["attention_mask"]
+        kept = torch.arange(rank, mask.shape[0], size, device=mask.device)
+        if kept.numel() == 0:
+            return torch.zeros((), device=mask.device)
+        width = int(mask[kept].sum(dim=1).max())  # right-padded: the part's own longest row
+        batch = {k: v[kept, :width] for k, v in g.batch.items()}
+        chosen = (g.rows % size) == rank
+        rows = torch.div(g.rows[chosen], size, rounding_mode="floor")  # row r + j n of the group is row j of the part
+        current = _forward_logp(model, batch)[rows, g.cols[chosen]]
+        if g.idx is None:
+            per_pos = _full_kl(g.logp[chosen], current)
+        else:
+            per_pos = coarsened_kl(g.idx[chosen], g.logp[chosen], g.rest[chosen], current)
+        return per_pos.sum() / g.rows.numel()
 
     def agreement(self, model) -> dict:
         """How close ``model`` stays to the base on every retain position (no gradients): ``retain_loc``, the share of

@@ -34,8 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core.errors import MergeEditError
-from .forward import FullForward, masked_modules, position_mask, training_forward, updates_only_at
+from .collective import Collective, gather, positions, spread, sum_grads, total
+from .forward import masked_modules, position_mask, training_forward, updates_only_at
 from .tokens import length_buckets, pad_batch
 
 
@@ -177,6 +177,17 @@ def pick_precision(device: torch.device, size: int = 512, repeats: int = 6) -> t
     return _PRECISION_CHOICE[key]
 
 
+def agree_precision(device: torch.device, collective: Optional[Collective]) -> None:
+    """Under several processes, `precision: auto` must choose alike on all of them (each measures its own matmuls):
+    bf16 only where every process measured it faster, else float32 everywhere. Later `pick_precision` calls read it."""
+    if collective is None or collective.size == 1:
+        return
+    choice, why = pick_precision(device)
+    votes = total(1.0 if choice == "bfloat16" else 0.0, collective)
+    if choice == "bfloat16" and votes < collective.size:
+        _PRECISION_CHOICE[str(device)] = ("float32", f"{why}, but not on every process ({int(votes)} of {collective.size}): float32 on all")
+
+
 class EpochPool:
     """The edits still in play in this epoch: a learned edit (every one of its examples below the threshold) leaves
     for the rest of the epoch and gets no gradient. The one mechanism of both schedules (depth- and breadth-first)."""
@@ -220,18 +231,16 @@ class _Setup:
     modules: list  # the modules owning a trainable tensor inside a decoder layer (outputs masked under `update_positions`)
 
 
-def _set_up(model, examples, trainable, settings, *, pad_id, device, accelerator, precision, forward) -> _Setup:
+def _set_up(model, examples, trainable, settings, *, pad_id, device, precision, forward) -> _Setup:
     """Seed, mark the trainable parameters, make the optimizer, choose the precision and prepare the forward.
 
     The frozen-prefix cache is computed here, once, under the same autocast as the steps. A forward passed in keeps its
-    cache across calls (chained sequential batches, replayed edits); under several processes DDP needs its own forward.
+    cache across calls (chained sequential batches, replayed edits). Under several processes each holds the whole
+    cache: a step's share of examples changes from step to step.
     """
     torch.manual_seed(settings.seed)
-    module = accelerator.unwrap_model(model) if accelerator is not None else model
-    named = mark_trainable(module, trainable)
+    named = mark_trainable(model, trainable)
     optimizer = _make_optimizer([named[n] for n in trainable], settings)
-    if accelerator is not None:
-        optimizer = accelerator.prepare_optimizer(optimizer)
     model.train()
     precision_note = precision
     if precision == "auto":
@@ -239,11 +248,11 @@ def _set_up(model, examples, trainable, settings, *, pad_id, device, accelerator
         precision_note = f"auto -> {precision} ({why})"
     half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
     if forward is None:
-        forward = training_forward(model, trainable, accelerator) if accelerator is None else FullForward(model, "several processes: DDP needs its own forward")
+        forward = training_forward(model, trainable)
     prefix_before = forward.prefix_seconds
     with torch.autocast(device.type, dtype=half, enabled=half is not None):
         forward.prepare(examples, pad_id, device)
-    return _Setup(named, optimizer, precision_note, half, forward, prefix_before, masked_modules(module, trainable))
+    return _Setup(named, optimizer, precision_note, half, forward, prefix_before, masked_modules(model, trainable))
 
 
 class _EditLoop:
@@ -251,11 +260,12 @@ class _EditLoop:
     measured loss, the batch loss of every optimizer step, the seconds per phase and the tokens through the trained
     layers. `run_epoch` is loops 2 and 3 of the module docstring, `end_epoch` the check after every epoch."""
 
-    def __init__(self, model, examples, settings, setup: _Setup, *, pad_id, device, accelerator, progress, on_step, retain=None, project=None) -> None:
+    def __init__(self, model, examples, settings, setup: _Setup, *, pad_id, device, collective, progress, on_step, retain=None, project=None) -> None:
         self.model, self.examples, self.settings, self.setup = model, examples, settings, setup
         self.project = project  # a NullSpaceProjector (editing.null_space) or None
         self.retain, self.retain_kl = retain, []  # a RetainKL (editing.retain) or None; its KL at every step
-        self.pad_id, self.device, self.accelerator = pad_id, device, accelerator
+        self.pad_id, self.device = pad_id, device
+        self.collective: Optional[Collective] = collective  # several processes (editing.collective); None: this one alone
         self.progress, self.on_step = progress, on_step
         self.timing = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "measure": 0.0}
         self.tokens = 0
@@ -271,10 +281,13 @@ class _EditLoop:
         self.pool = EpochPool([e.case_id for e in examples], settings.loss_threshold)
         self.steps_per_batch = 1 if settings.schedule == "breadth-first" else settings.max_steps_per_batch
 
+    def length(self, i: int) -> int:
+        """Example i's tokens (prompt and answer)."""
+        return len(self.examples[i].prompt_ids) + len(self.examples[i].answer_ids)
+
     def buckets(self, indices: list[int]) -> list[list[int]]:
         """Positions in `indices` grouped by length, so padding stays small (deterministic)."""
-        examples = self.examples
-        return length_buckets([len(examples[i].prompt_ids) + len(examples[i].answer_ids) for i in indices])
+        return length_buckets([self.length(i) for i in indices])
 
     def bucket_losses(self, chosen: list[int], count: bool = True) -> torch.Tensor:
         """Per-example losses of the examples `chosen`, padded into one batch. With gradients on and examples that
@@ -286,11 +299,11 @@ class _EditLoop:
             b = {k: v.to(self.device) for k, v in b.items()}
             b["keys"] = [tuple(examples[i].prompt_ids) + tuple(examples[i].answer_ids) for i in chosen]
             self.tokens += int(b["attention_mask"].sum()) if count else 0
-            positions = [examples[i].update_positions for i in chosen]
-            if not torch.is_grad_enabled() or all(p is None for p in positions):
+            allowed = [examples[i].update_positions for i in chosen]
+            if not torch.is_grad_enabled() or all(p is None for p in allowed):
                 return self.setup.forward.losses(b, chosen)
-            lengths = [len(examples[i].prompt_ids) + len(examples[i].answer_ids) for i in chosen]
-            mask = position_mask(positions, lengths, b["input_ids"].shape[1])
+            lengths = [self.length(i) for i in chosen]
+            mask = position_mask(allowed, lengths, b["input_ids"].shape[1])
             with updates_only_at(self.setup.modules, mask.to(self.device)):
                 return self.setup.forward.losses(b, chosen)
 
@@ -304,15 +317,19 @@ class _EditLoop:
         return torch.stack(out)  # type: ignore[arg-type]
 
     def measure(self, cases: list[str]) -> tuple[list[int], list[float], dict[str, float]]:
-        """The examples of `cases`, their losses measured without training (in chunks of 64), and each case's worst."""
+        """The examples of `cases`, their losses measured without training (in chunks of 64), and each case's worst.
+        Under several processes each measures its share and every process gets every loss."""
         t = time.perf_counter()
         indices = [i for c in cases for i in self.by_case[c]]
+        where = positions(len(indices), self.collective, [self.length(i) for i in indices])
+        mine = [indices[j] for j in where]
         self.model.eval()
         values: list[float] = []
         with torch.no_grad():
-            for start in range(0, len(indices), 64):
-                values += self.losses_of(indices[start : start + 64], count=False).tolist()
+            for start in range(0, len(mine), 64):
+                values += self.losses_of(mine[start : start + 64], count=False).tolist()
         self.model.train()
+        values = gather(values, len(indices), where, self.collective)
         worst: dict[str, float] = {}
         for i, v in zip(indices, values):
             c = self.examples[i].case_id
@@ -362,9 +379,6 @@ class _EditLoop:
         for start in range(0, len(order), size):
             # a batch holds batch_size edits with all their training examples (chat and raw forms, paraphrases)
             idx = [i for c in order[start : start + size] for i in self.by_case[self.case_ids[c]]]
-            acc = self.accelerator
-            if acc is not None and len(idx) >= acc.num_processes:
-                idx = idx[acc.process_index :: acc.num_processes]  # this process's share of the batch
             self.train_batch(idx)
 
     def train_batch(self, idx: list[int]) -> None:
@@ -380,34 +394,34 @@ class _EditLoop:
         activations, not the whole batch's: the gradient is the same mean over the step's examples (the buckets'
         contributions are summed as autograd sums them in one backward), with the memory of the largest bucket.
         An edit whose loss falls below the threshold in this step's forward leaves the pool for the next steps.
+        Under several processes each takes its share of the step's examples (editing.collective) and every process
+        gets every loss, so the pool stays the same on all of them.
         """
-        acc = self.accelerator
-        # under several processes every process keeps its whole share (steps stay in step); learned examples are
-        # masked out of the loss instead
-        live = self.pool.active(idx) if acc is None else idx
+        live = self.pool.active(idx)
         keep = self.pool.training(live)
         n_keep = torch.tensor(float(sum(keep)), device=self.device)
-        if acc is not None:
-            n_keep = acc.reduce(n_keep, "sum")
         if not live or float(n_keep) == 0:
             return False
-        scale = (acc.num_processes if acc is not None else 1) / n_keep
-        measured: list[float] = [0.0] * len(live)
+        scale = 1 / n_keep
+        where = positions(len(live), self.collective, [self.length(i) for i in live])
+        mine, mine_keep = [live[j] for j in where], [keep[j] for j in where]
+        measured: list[float] = [0.0] * len(mine)
         stepped: set[str] = set()
         value = 0.0
-        buckets = self.buckets(live)
-        for k, bucket in enumerate(buckets):
+        for bucket in self.buckets(mine):
             t = time.perf_counter()
-            values = self.bucket_losses([live[j] for j in bucket])
-            weights = torch.tensor([keep[j] for j in bucket], dtype=values.dtype, device=values.device)
+            values = self.bucket_losses([mine[j] for j in bucket])
+            weights = torch.tensor([mine_keep[j] for j in bucket], dtype=values.dtype, device=values.device)
             loss = (values * weights).sum() * scale
             for r, j in enumerate(bucket):
                 measured[j] = float(values[r].detach())
             value += float(loss.detach())
             self.timing["forward"] += time.perf_counter() - t
-            self.backward(loss, last=k == len(buckets) - 1 and self.retain is None)
+            self.backward(loss)
         if self.retain is not None:  # its own backward: the retain forward's activations are held alone too
-            self.backward(self.retain_term(), last=True)
+            self.backward(self.retain_term())
+        if self.collective is not None:
+            measured, value = self.sum_step(len(live), where, measured, value)
         self.pool.update(live, measured)
         for i, v in zip(live, measured):  # each edit's worst example loss in its latest step (before that update)
             c = self.examples[i].case_id
@@ -422,24 +436,33 @@ class _EditLoop:
         under the steps' autocast; the unweighted KL is recorded for the report."""
         t = time.perf_counter()
         half = self.setup.half
+        part = (0, 1) if self.collective is None else (self.collective.rank, self.collective.size)
         with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
-            kl = self.retain.kl(self.model, self.total_steps)
-        self.retain_kl.append(float(kl.detach()))
+            kl = self.retain.kl(self.model, self.total_steps, part=part)
+        self.retain_kl.append(float(kl.detach()))  # this process's part under several (summed in sum_step)
         self.timing["retain"] = self.timing.get("retain", 0.0) + time.perf_counter() - t
         return self.retain.weight * kl
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        """One bucket's share of the step's gradient (under several processes, gradients sync once, at the last)."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """One bucket's share of the step's gradient (a process's share of the retain rows may be empty: no graph)."""
         t = time.perf_counter()
-        acc = self.accelerator
-        if acc is None:
+        if loss.requires_grad:
             loss.backward()
-        elif last:
-            acc.backward(loss)
-        else:
-            with acc.no_sync(self.model):
-                acc.backward(loss)
         self.timing["backward"] += time.perf_counter() - t
+
+    def sum_step(self, count: int, where: list[int], measured: list[float], value: float) -> tuple[list[float], float]:
+        """Under several processes, in one call: the step's gradients summed (so every process applies the same
+        update), every example's loss (`count` of them; this process measured its share), the step's loss and the
+        retain KL's parts. The losses are float32 numbers added to zeros, so they arrive exact."""
+        t = time.perf_counter()
+        c = self.collective
+        kl = self.retain_kl[-1] if self.retain is not None else 0.0
+        extra = torch.cat([spread(measured, count, where, torch.float32), torch.tensor([value, kl], dtype=torch.float32)])
+        summed = sum_grads([p for group in self.setup.optimizer.param_groups for p in group["params"]], c, extra)
+        if self.retain is not None:
+            self.retain_kl[-1] = float(summed[count + 1])
+        self.timing["sync"] = self.timing.get("sync", 0.0) + time.perf_counter() - t
+        return summed[:count].tolist(), float(summed[count])
 
     def apply(self) -> None:
         """The optimizer step; the gradients are dropped right after (no gradient memory between steps)."""
@@ -474,11 +497,11 @@ class _EditLoop:
         Every edit's loss was just computed by the steps' own forwards, each before its step's update. Only when those
         say every edit is learned (or after the last epoch) is every edit measured again on the current weights, which
         decides; otherwise an extra forward over all edits could not stop training and is skipped. Under several
-        processes each knows only its share's step losses, so every epoch is measured (the processes must agree).
+        processes every one holds every step loss (gathered at each step), so they all decide alike.
         """
         threshold = self.settings.loss_threshold
         stale_done = threshold > 0 and all(v < threshold for v in self.step_loss.values())
-        if last or stale_done or self.accelerator is not None:
+        if last or stale_done:
             self.measure_all()
         else:
             self.last_loss.update(self.step_loss)
@@ -502,8 +525,8 @@ class _EditLoop:
             losses=self.losses,
             forward=s.forward.describe(),
             precision=s.precision_note,
-            tokens=self.tokens,
-            profile={"prefix": s.forward.prefix_seconds - s.prefix_before + 0.0, **self.timing},
+            tokens=int(total(float(self.tokens), self.collective)),  # every process's
+            profile={"prefix": s.forward.prefix_seconds - s.prefix_before + 0.0, **self.timing},  # this process's seconds
             retain={**self.retain.describe(), "kl": self.retain_kl} if self.retain is not None else {},
             sat_out=self.sat_out,
             null_space=self.project.describe() if self.project is not None else {},
@@ -519,7 +542,7 @@ def train_edits(
     pad_id: int,
     device: torch.device,
     progress: Optional[ProgressFn] = None,
-    accelerator=None,
+    collective: Optional[Collective] = None,
     precision: str = "float32",
     forward=None,
     on_step: Optional[StepHook] = None,
@@ -530,12 +553,12 @@ def train_edits(
 
     `forward` (from `training_forward`) may be passed in to keep its frozen-prefix cache across calls (chained
     sequential batches, replayed edits); it rebuilds itself when a layer below the lowest trained one changed.
-    Under `accelerator` (several processes), `model` is the DDP-wrapped model, prepared once by the caller after
-    `mark_trainable`; each process trains on its share of every batch (full forward).
+    Under `collective` (several processes, editing.collective), every process calls this with the same model and
+    examples; each computes its share of every step and their gradients are summed before the update.
 
     `retain` (a `RetainKL` built from the unedited model before training, editing.retain) adds ``weight * KL(base ||
     current)`` on one retain mini-batch to every step's loss; its KL at every step is in the report's ``retain``.
-    None or weight 0: no retain forward at all. Not under several processes (a second DDP forward per step).
+    None or weight 0: no retain forward at all.
 
     `project` (a `NullSpaceProjector` built from the unedited model, editing.null_space) projects every step's update
     of each trained matrix off the directions the retain text's inputs use: ``W <- W0 + (W - W0) P``, W0 the weights
@@ -543,11 +566,9 @@ def train_edits(
     """
     if retain is not None and retain.weight == 0:
         retain = None
-    if retain is not None and accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
-        raise MergeEditError("rsft.retain: the retain KL is not supported under several processes (it needs a second DDP forward per step); run it in one process or set rsft.retain.weight: 0")
     started = time.perf_counter()
-    setup = _set_up(model, examples, trainable, settings, pad_id=pad_id, device=device, accelerator=accelerator, precision=precision, forward=forward)
-    loop = _EditLoop(model, examples, settings, setup, pad_id=pad_id, device=device, accelerator=accelerator, progress=progress, on_step=on_step, retain=retain, project=project)
+    setup = _set_up(model, examples, trainable, settings, pad_id=pad_id, device=device, precision=precision, forward=forward)
+    loop = _EditLoop(model, examples, settings, setup, pad_id=pad_id, device=device, collective=collective, progress=progress, on_step=on_step, retain=retain, project=project)
     if project is not None:
         project.start(setup.named)
     gen = torch.Generator().manual_seed(settings.seed)

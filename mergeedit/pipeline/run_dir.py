@@ -4,7 +4,7 @@ Each stage's folder is written atomically and holds `stage.json` with the hash o
 an output id. Later stages hash their upstream stages' output ids, so redoing a stage redoes everything after it.
 
 `RunDir.produce` is the one rule every stage follows: reuse it when it is done; otherwise compute (on every process,
-for work such as DDP training that all of them share), write on the main process into a temporary sibling that
+for work such as the R-SFT steps that all of them share), write on the main process into a temporary sibling that
 becomes the stage's folder only when complete, and let the other processes go on once it is there. The run directory
 records which stages ran and which were reused, in order.
 """
@@ -67,6 +67,9 @@ class _SingleProcess:
     def main_first(self) -> Iterator[bool]:
         yield True
 
+    def barrier(self) -> None:
+        pass
+
 
 def stable_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -107,7 +110,7 @@ class RunDir:
         self.force = list(force or [])
         self.order: list[str] = []
         self.reporter = reporter or _Quiet()
-        self.dist = dist or _SingleProcess()  # anything with `is_main` and `main_first()` (pipeline.distributed)
+        self.dist = dist or _SingleProcess()  # anything with `is_main`, `main_first()` and `barrier()` (pipeline.distributed)
         self.ran: list[str] = []
         self.profile: dict[str, dict] = {}  # stage run here -> {"seconds", "peak_rss" (bytes, this stage's own peak)}
         self.reused: list[str] = []
@@ -130,7 +133,12 @@ class RunDir:
         """The stage `name` for `inputs`, made if it is not done: `compute()` runs on every process (its value is
         passed on), then `write(tmp[, value])` fills the stage's temporary folder on the main process."""
         stage = self.stage(name, inputs)
-        if stage.done:
+        done = stage.done
+        # every process reads `done` before any passes this barrier, so before the main process can write the stage:
+        # all of them take the same branch (a process that saw the main process's finished stage would skip the
+        # barrier inside main_first and pair the next stage's barrier with this one's)
+        self.dist.barrier()
+        if done:
             self.reporter.stage(name, True)
             self.reused.append(name)
             return stage

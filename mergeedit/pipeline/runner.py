@@ -26,7 +26,7 @@ from ..editing.datasets import load_edits
 from ..editing.forward import training_forward
 from ..editing.prompts import PromptFormat
 from ..editing.records import EditRecord
-from ..editing.rsft import TrainingExample, TrainSettings, mark_trainable, max_steps, train_edits
+from ..editing.rsft import TrainingExample, TrainSettings, agree_precision, max_steps, train_edits
 from ..editing.trainable import select_trainable
 from ..io.integrity import add_to_manifest
 from ..io.model_source import ModelSource, open_local, overlay
@@ -183,7 +183,6 @@ class Session:
     settings: TrainSettings
     model: object
     tokenizer: object
-    training_model: object
     named: dict
     device: torch.device
     fmt: PromptFormat
@@ -336,6 +335,8 @@ class RecipeRun:
         check_merge_auto(recipe, self.doc, base_source, trainable, len(self.batches(records)), smallest=min(map(len, self.batches(records)), default=0) if recipe.sequential.strategy == "chained" else len(records))
         retain_texts = check_retain(recipe, self.doc, self.recipe_dir)
         device = dist.device(pick_device(recipe.model.device))
+        if recipe.rsft.precision == "auto":
+            agree_precision(device, dist.collective)
         model, tokenizer = load_model_and_tokenizer(base_folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
         if recipe.rsft.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -343,8 +344,6 @@ class RecipeRun:
         missing = [n for n in trainable if n not in named]
         if missing:
             raise MergeEditError(f"{self.doc.where(('rsft', 'trainable'))}: '{missing[0]}' is in the checkpoint but not a trainable parameter of the loaded model (a tied or buffer tensor?); narrow the pattern")
-        if dist.enabled and recipe.rsft.retain_weight > 0:
-            raise MergeEditError(f"{self.doc.where(('rsft', 'retain'))}: the retain KL is not supported under several processes yet (it needs a second DDP forward per step); run in one process or set weight: 0")
         fmt = prompt_format(recipe, self.doc, tokenizer)
         where = self.doc.where(("dataset",))
         # Tokenized once, up front: a target that tokenizes to nothing fails here, before any training.
@@ -354,16 +353,12 @@ class RecipeRun:
         run = RunDir(self.root, self.force, self.reporter, dist)  # only now: an error above leaves no run folder behind
         base_key = {"base": recipe.model.base, "dtype": recipe.model.dtype, "files": [(f.name, f.stat().st_size) for f in base_source.files], "version": __version__}
         layer_choice = None
-        if recipe.rsft.layers_auto is not None:  # before DDP and the training forward: they depend on the trained set
+        if recipe.rsft.layers_auto is not None:  # before the training forward: it depends on the trained set
             layer_choice = self.layer_probe(run, base_key, model, tokenizer, records, examples_by_case, fmt, trainable)
             trainable = select_trainable(list(base_source.tensors), patterns, tuple(layer_choice["window"]), self.doc.where(("rsft", "layers")))
-        training_model = model
-        if dist.enabled:
-            mark_trainable(model, trainable)
-            training_model = dist.accelerator.prepare_model(model)
         # the base's trained tensors, to start every anchored batch from (only the anchored strategy needs the copy)
         initial = {n: named[n].detach().to("cpu", copy=True) for n in trainable} if recipe.sequential.strategy == "anchored" else {}
-        forward = training_forward(model, trainable, dist.accelerator if dist.enabled else None)
+        forward = training_forward(model, trainable)
         retain, retain_batches, retain_key = self.build_retain(retain_texts, model, tokenizer, device, max_steps(settings, len(records))) if retain_texts is not None else (None, None, None)
         null_space = None
         if recipe.rsft.null_space is not None:
@@ -372,7 +367,7 @@ class RecipeRun:
             # from the unedited model, in float32 (its activations' second moments in float64); every train report holds describe()
             null_space = NullSpaceProjector.build(model, trainable, retain_batches, recipe.rsft.null_space.energy, source=retain_texts.source)
         return Session(
-            run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, training_model, named, device, fmt, examples_by_case, initial, forward,
+            run, records, base_folder, base_source, base_key, trainable, settings, model, tokenizer, named, device, fmt, examples_by_case, initial, forward,
             layer_choice=layer_choice, retain=retain, retain_key=retain_key, null_space=null_space,
         )
 
@@ -467,8 +462,8 @@ class RecipeRun:
                 examples = [ex for r in batch for ex in s.examples_by_case[r.case_id]]
                 examples += [ex for r in replayed(b) for ex in s.examples_by_case[r.case_id]]
                 report = train_edits(
-                    s.training_model, examples, s.trainable, s.settings, pad_id=s.tokenizer.pad_token_id, device=s.device,
-                    progress=self.reporter.training, precision=recipe.rsft.precision, accelerator=self.dist.accelerator,
+                    s.model, examples, s.trainable, s.settings, pad_id=s.tokenizer.pad_token_id, device=s.device,
+                    progress=self.reporter.training, precision=recipe.rsft.precision, collective=self.dist.collective,
                     forward=s.forward, retain=s.retain, project=s.null_space,
                 )
                 self.reporter.training_done()
