@@ -225,7 +225,7 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
     assert any(one["sat_out"])  # precondition: sit-out decided something the processes had to agree on
     assert (two["steps"], two["epochs"], two["sat_out"], two["learned_fraction"]) == (one["steps"], one["epochs"], one["sat_out"], 1.0)
     assert two["forward"] == one["forward"] and two["tokens"] == one["tokens"]
-    assert "sync" in two["profile"] and "sync" not in one["profile"]  # two processes summed their gradients
+    assert (two["processes"], one["processes"]) == (2, 1) and "sync" in two["profile"] and "sync" not in one["profile"]  # two summed their gradients
     assert set(two_delta) == set(one_delta) == {f"model.layers.1.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")}
     assert all(torch.allclose(two_delta[n], one_delta[n], rtol=0, atol=1e-4) for n in one_delta)
     base = load_state_dict(tiny_model)

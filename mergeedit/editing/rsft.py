@@ -93,6 +93,7 @@ class TrainReport:
     retain: dict = field(default_factory=dict)  # the retain term (RetainKL.describe) and its unweighted KL at every step
     sat_out: list[int] = field(default_factory=list)  # per epoch: edits already learned at its start (no step in it)
     null_space: dict = field(default_factory=dict)  # the update's projection (NullSpaceProjector.describe), when on
+    processes: int = 1  # processes that shared every step (editing.collective); `profile` is the main process's seconds
 
     @property
     def learned_fraction(self) -> float:
@@ -530,6 +531,7 @@ class _EditLoop:
             retain={**self.retain.describe(), "kl": self.retain_kl} if self.retain is not None else {},
             sat_out=self.sat_out,
             null_space=self.project.describe() if self.project is not None else {},
+            processes=1 if self.collective is None else self.collective.size,
         )
 
 
