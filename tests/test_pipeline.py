@@ -198,18 +198,19 @@ def test_empty_dataset_is_an_error(tmp_path, tiny_model):
 
 
 def test_two_processes_under_torchrun(tmp_path, tiny_model):
-    """Two CPU processes (torchrun, gloo) with the controls the shipped recipe turns on (breadth-first, the retain KL, the null
-    space, sit-out, a window above layer 0: the frozen-prefix cache): each computes its share of every step, the main
-    process writes, and the run takes the steps one process takes, to the same weights up to float32 rounding."""
+    """Two CPU processes (torchrun, gloo) with the controls the shipped recipe turns on (breadth-first, the retain KL,
+    the null space, sit-out, a window above layer 0: the frozen-prefix cache) over two chained batches with every
+    earlier edit replayed: each process computes its share of every step, the main process writes, and the run takes
+    the steps one process takes, to the same weights up to float32 rounding."""
     import subprocess
     import sys
 
     retain = [{"prompt": f"w{i} w{i + 1}", "text": f"w{i} w{i + 1} the w{i + 2} of w{i + 3} is w{i + 4}"} for i in range(0, 30, 3)]
-    rsft = {"schedule": "breadth-first", "layers": [1, 2], "lr": 0.02, "max_epochs": 40, "sit_out_learned": True,
+    rsft = {"schedule": "breadth-first", "layers": [1, 2], "lr": 0.02, "max_epochs": 40, "sit_out_learned": True, "replay": 1.0,
             "retain": {"weight": 1.0, "path": "retain.jsonl", "batch_size": 3}, "null_space": {"energy": 0.9}}
     runs = {}
     for name in ("one", "two"):
-        recipe = _recipe(tmp_path / name, tiny_model, eval={"generation": False}, rsft=rsft)
+        recipe = _recipe(tmp_path / name, tiny_model, eval={"generation": False}, rsft=rsft, sequential={"batch_size": 2, "strategy": "chained"})
         (tmp_path / name / "retain.jsonl").write_text("\n".join(json.dumps(r) for r in retain) + "\n")
         if name == "one":
             RecipeRun(recipe).run()
@@ -218,21 +219,22 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
             proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mergeedit.cli", "run", str(recipe)],
                                   capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, proc.stderr[-3000:]
-        stage = tmp_path / name / "run" / "stages" / "rsft-000"
-        runs[name] = json.loads((stage / "train_report.json").read_text()), load_state_dict(stage)
-    (one, one_delta), (two, two_delta) = runs["one"], runs["two"]
-    assert one["learned_fraction"] == 1.0 and one["forward"].startswith("frozen-prefix") and one["retain"]["kl"] and one["null_space"]
-    assert any(one["sat_out"])  # precondition: sit-out decided something the processes had to agree on
-    assert (two["steps"], two["epochs"], two["sat_out"], two["learned_fraction"]) == (one["steps"], one["epochs"], one["sat_out"], 1.0)
-    assert two["forward"] == one["forward"] and two["tokens"] == one["tokens"]
-    assert (two["processes"], one["processes"]) == (2, 1) and "sync" in two["profile"] and "sync" not in one["profile"]  # two summed their gradients
-    assert set(two_delta) == set(one_delta) == {f"model.layers.1.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")}
-    assert all(torch.allclose(two_delta[n], one_delta[n], rtol=0, atol=1e-4) for n in one_delta)
+        stages = tmp_path / name / "run" / "stages"
+        runs[name] = [(json.loads((stages / b / "train_report.json").read_text()), load_state_dict(stages / b)) for b in ("rsft-000", "rsft-001")]
     base = load_state_dict(tiny_model)
-    assert all((one_delta[n] - base[n]).abs().max() > 1e-2 for n in one_delta)  # the edits moved the weights far more than that
-    merged = load_state_dict(tmp_path / "two" / "run" / "model")
-    assert set(merged) == set(base)
-    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    for (one, one_delta), (two, two_delta) in zip(runs["one"], runs["two"]):
+        assert one["learned_fraction"] == 1.0 and one["forward"].startswith("frozen-prefix") and one["retain"]["kl"] and one["null_space"]
+        assert any(one["sat_out"])  # precondition: sit-out decided something the processes had to agree on
+        assert (two["steps"], two["epochs"], two["sat_out"], two["learned_fraction"]) == (one["steps"], one["epochs"], one["sat_out"], 1.0)
+        assert two["forward"] == one["forward"] and two["tokens"] == one["tokens"] and len(two["edits"]) == len(one["edits"])
+        assert (two["processes"], one["processes"]) == (2, 1) and "sync" in two["profile"] and "sync" not in one["profile"]  # two summed their gradients
+        assert set(two_delta) == set(one_delta) == {f"model.layers.1.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")}
+        assert all(torch.allclose(two_delta[n], one_delta[n], rtol=0, atol=1e-4) for n in one_delta)
+        assert all((one_delta[n] - base[n]).abs().max() > 1e-2 for n in one_delta)  # the edits moved the weights far more than that
+    assert len(runs["one"][1][0]["edits"]) == 4  # the second batch trained its 2 edits and replayed the first batch's 2
+    one_model, two_model = load_state_dict(tmp_path / "one" / "run" / "model"), load_state_dict(tmp_path / "two" / "run" / "model")
+    assert set(two_model) == set(base) and all(torch.allclose(two_model[n], one_model[n], rtol=0, atol=1e-4) for n in base)
+    assert torch.equal(two_model["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
 
 
 def test_eval_command_scores_a_folder_against_its_reference(tmp_path, tiny_model, run_cli):
