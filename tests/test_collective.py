@@ -10,60 +10,20 @@ import threading
 
 import pytest
 import torch
+from thread_group import Member, ThreadGroup, run_members
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mergeedit.editing.collective import gather, positions, sum_grads
+from mergeedit.editing.collective import gather, gather_json, positions, sum_grads
 from mergeedit.editing.null_space import NullSpaceProjector
 from mergeedit.editing.retain import RetainKL
 from mergeedit.editing.rsft import TrainingExample, TrainSettings, train_edits
 
 
-class ThreadGroup:
-    """`size` members, each used by one thread: `sum_` waits for all of them and adds their tensors in rank order."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.barrier = threading.Barrier(size)
-        self.slots: list = [None] * size
-
-    def member(self, rank: int) -> "Member":
-        return Member(self, rank)
-
-
-class Member:
-    def __init__(self, group: ThreadGroup, rank: int) -> None:
-        self.group, self.rank, self.size = group, rank, group.size
-
-    def sum_(self, tensor: torch.Tensor) -> None:
-        g = self.group
-        g.slots[self.rank] = tensor.detach().clone()
-        g.barrier.wait()
-        out = g.slots[0].clone()
-        for t in g.slots[1:]:
-            out += t
-        g.barrier.wait()  # every member has read the slots before any writes the next sum into them
-        tensor.copy_(out)
-
-
-def run_members(size: int, work) -> list:
-    """`work(member)` in `size` threads; their results in rank order (an exception in any thread is raised here)."""
-    group, results, errors = ThreadGroup(size), [None] * size, []
-
-    def target(rank: int) -> None:
-        try:
-            results[rank] = work(group.member(rank))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(exc)
-            group.barrier.abort()
-
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
+def test_gather_json_returns_every_members_value_in_rank_order():
+    values = [[[0, [5, 6]], [3, "Paris"]], [], [[1, "M\u00fcnchen \"quoted\"\n"], [2, 2.5e-9]]]  # empty share; escapes; a float
+    for got in run_members(3, lambda m: gather_json(values[m.rank], m)):
+        assert got == values
+    assert gather_json({"a": 1}, None) == [{"a": 1}]
 
 
 def test_positions_deal_by_rank_or_by_size_and_gather_rebuilds_every_value():

@@ -453,3 +453,51 @@ def test_loc_chat_sees_a_change_of_the_chat_form_that_loc_cannot():
     assert got.aggregate["loc_chat"] == {"value": 0.5, "protocol": "pre-vs-post", "n": 1} and got.settings["pre_chat"] is True
     assert evaluate_edits(base, tok, [rec], pre=pre, pre_chat=pre_chat, generation=False).records[0]["loc_chat"] == 1.0
     assert evaluate_edits(edited, tok, [rec], pre=pre, generation=False).aggregate["loc_chat"]["value"] is None
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_shared_evaluation_splits_the_batches_and_returns_what_one_process_does(size):
+    """Under `metrics.shared`, each simulated process (a thread with its own copy of the model) runs a share of the
+    length batches and every process gets the one-process result, record for record and answer for answer. The
+    batches are the one-process batches, so the forward calls of the shares add up to exactly the one-process count."""
+    import copy
+
+    from thread_group import run_members
+
+    tok = make_tokenizer()
+    torch.manual_seed(1234)
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(llama_config(initializer_range=0.5)).eval()
+    words = WORDS[2:16]
+    records = [
+        EditRecord(
+            case_id=str(k),
+            prompt=" ".join(words[(k + j) % len(words)] for j in range(2 + k % 4)),
+            target=" ".join(words[(3 * k + j) % len(words)] for j in range(1 + k % 3)),
+            rephrases=(" ".join(words[(k + 5 + j) % len(words)] for j in range(1 + k % 5)),),
+            locality=(Probe(words[k % len(words)], " ".join(words[(k + 7 + j) % len(words)] for j in range(1 + k % 2))),),
+        )
+        for k in range(11)
+    ]
+    pre = reference_outputs(model, tok, records, batch_size=2)
+    calls: dict = {}
+
+    def score(m, rank):
+        hook = m.register_forward_hook(lambda *_: calls.__setitem__(rank, calls.get(rank, 0) + 1))
+        try:
+            return evaluate_edits(m, tok, records, pre=pre, chat_template=False, batch_size=2, max_new_tokens=4).to_dict()
+        finally:
+            hook.remove()
+
+    alone = score(model, "alone")
+    copies = [copy.deepcopy(model) for _ in range(size)]
+
+    def member(c):
+        with metrics.shared(c):
+            return score(copies[c.rank], c.rank)
+
+    for got in run_members(size, member):
+        assert got == alone
+    shares = [calls[r] for r in range(size)]
+    assert sum(shares) == calls["alone"] and all(0 < n < calls["alone"] for n in shares)

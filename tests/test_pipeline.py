@@ -201,7 +201,7 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
     """Two CPU processes (torchrun, gloo) with the controls the shipped recipe turns on (breadth-first, the retain KL,
     the null space, sit-out, a window above layer 0: the frozen-prefix cache) over two chained batches with every
     earlier edit replayed: each process computes its share of every step, the main process writes, and the run takes
-    the steps one process takes, to the same weights up to float32 rounding."""
+    the steps one process takes, to the same weights up to float32 rounding; the evaluation is shared out too."""
     import subprocess
     import sys
 
@@ -213,7 +213,12 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
         recipe = _recipe(tmp_path / name, tiny_model, eval={"generation": False}, rsft=rsft, sequential={"batch_size": 2, "strategy": "chained"})
         (tmp_path / name / "retain.jsonl").write_text("\n".join(json.dumps(r) for r in retain) + "\n")
         if name == "one":
-            RecipeRun(recipe).run()
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as each torchrun process: the same kernels, so the unedited model scores alike
+            try:
+                RecipeRun(recipe).run()
+            finally:
+                torch.set_num_threads(threads)
         else:
             # (`accelerate launch --cpu --num_processes 2` starts one process without MPI; refused in test_distributed_backends)
             proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mergeedit.cli", "run", str(recipe)],
@@ -235,6 +240,12 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
     one_model, two_model = load_state_dict(tmp_path / "one" / "run" / "model"), load_state_dict(tmp_path / "two" / "run" / "model")
     assert set(two_model) == set(base) and all(torch.allclose(two_model[n], one_model[n], rtol=0, atol=1e-4) for n in base)
     assert torch.equal(two_model["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    # the evaluation stages ran on both processes, each scoring a share of the batches (gathered over gloo): the
+    # unedited model's scores and locality references are the one-process ones exactly
+    pre = [json.loads((tmp_path / name / "run" / "stages" / "pre-eval" / "result.json").read_text()) for name in ("one", "two")]
+    assert pre[0]["locality"] and pre[1] == pre[0]
+    post = [json.loads((tmp_path / name / "run" / "stages" / "eval" / "result.json").read_text())["metrics"] for name in ("one", "two")]
+    assert post[1].keys() == post[0].keys() and post[0]["rel"]["n"] == post[1]["rel"]["n"] == 4
 
 
 def test_eval_command_scores_a_folder_against_its_reference(tmp_path, tiny_model, run_cli):

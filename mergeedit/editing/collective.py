@@ -3,17 +3,19 @@
 Every process holds the whole model and the same loop state (the epoch pool, each edit's known loss, the shuffled
 order). In each step every process deals the step's examples out alike, by length, so each gets about the same number
 of tokens (`positions`), and takes every size-th row of the retain mini-batch (sorted by length); the processes then
-sum their gradients, so the update is the one a single process computes from
-the whole step (up to float rounding: the sums run in another order). The per-example losses are gathered too, so
-every process updates its pool with every loss and all of them take the same decisions and the same steps.
+sum their gradients, so the update is the one a single process computes from the whole step (up to float rounding:
+the sums run in another order). The per-example losses are gathered too, so every process updates its pool with every
+loss and all of them take the same decisions and the same steps.
 
 A process group is not wrapped around the model (as DDP does): the frozen-prefix cache, the retain KL and the
 null-space projection run exactly as in one process, and the gradients are summed once per step, in one call.
+The evaluation shares its batches the same way and gathers per-item results that are not numbers (`gather_json`).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+import json
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
@@ -82,6 +84,26 @@ def gather(mine: Sequence[float], count: int, where: Sequence[int], collective: 
     full = spread(mine, count, where)
     collective.sum_(full)
     return full.tolist()
+
+
+def gather_json(mine: Any, collective: Optional[Collective]) -> list:
+    """Every process's `mine` (a JSON value: lists, numbers, strings), in rank order. The sum carries the bytes: the
+    lengths first, then a zero buffer in which each process writes its own slice, so the sum holds every slice
+    unchanged. Used to gather per-item results that are not numbers (token ids of several lengths, answers)."""
+    if collective is None or collective.size == 1:
+        return [mine]
+    data = json.dumps(mine, separators=(",", ":")).encode("ascii")  # ensure_ascii: one byte a character
+    lengths = torch.zeros(collective.size, dtype=torch.int64)
+    lengths[collective.rank] = len(data)
+    collective.sum_(lengths)
+    ends = lengths.cumsum(0).tolist()
+    starts = [0] + ends[:-1]
+    buffer = torch.zeros(ends[-1], dtype=torch.int32)  # int32: a sum every backend has (gloo and NCCL)
+    if data:
+        buffer[starts[collective.rank] : ends[collective.rank]] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int32)
+    collective.sum_(buffer)
+    raw = buffer.to(torch.uint8).numpy().tobytes()
+    return [json.loads(raw[a:b]) for a, b in zip(starts, ends)]
 
 
 def total(value: float, collective: Optional[Collective]) -> float:

@@ -20,6 +20,11 @@ Padding
     attention mask and explicit position ids (``cumsum(mask) - 1``) whenever the model's ``forward`` takes
     ``position_ids``, so a padded row computes what the unpadded sequence computes. Generation always pads left.
 
+Several processes (`shared`)
+    Inside ``with shared(collective):`` the batches are formed exactly as in one process, dealt out whole (largest
+    padded size first, each to the least loaded process), and the per-item results gathered, so every process
+    returns the list one process computes, number for number: no batch changes its rows or its padding.
+
 Generation (`generate_answers`)
     Greedy decoding (``do_sample=False, num_beams=1``; the model's sampling defaults are overridden) from the question
     alone, optionally wrapped in the tokenizer's chat template as a single user turn with the generation prompt
@@ -50,9 +55,11 @@ import re
 import string
 from collections import Counter
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..core.errors import MergeEditError
+from ..editing.collective import Collective, gather_json, positions
 from ..editing.prompts import chat_prompt, has_chat_template
 from ..editing.tokens import encode_prompt_target, pad_sequences, pad_token_id
 
@@ -113,11 +120,42 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+_SHARED: ContextVar[Collective | None] = ContextVar("mergeedit_evaluation_shared", default=None)
+
+
+@contextmanager
+def shared(collective: Collective | None) -> Iterator[None]:
+    """The batched passes in this block (teacher forcing, generation) run each process's share of the batches and
+    return every item's result (module docstring: "Several processes"). Every process must make the same calls in
+    the block. None or one process: nothing changes."""
+    token = _SHARED.set(collective)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _my_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The length batches (`_batches`) this process runs: all of them outside `shared`."""
+    batches = _batches(lengths, batch_size)
+    padded = [len(b) * max(lengths[i] for i in b) for b in batches]
+    return [batches[k] for k in positions(len(batches), _SHARED.get(), padded)]
+
+
+def _gathered(results: dict[int, Any], count: int) -> list[Any]:
+    """The results of all `count` items in input order, from this process's `{index: result}` (JSON values)."""
+    parts = gather_json(sorted(results.items()), _SHARED.get())
+    merged = {i: value for part in parts for i, value in part}
+    return [merged[i] for i in range(count)]
+
+
 def batched_logits(
-    model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, padding_side: str, read_from: Sequence[int] | None = None
+    model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, padding_side: str, read_from: Sequence[int] | None = None,
+    batches: Sequence[Sequence[int]] | None = None,
 ):
-    """Yields (batch indices, logits [rows, width, vocab], left-pad offsets) for length-sorted padded batches of `seqs`,
-    in inference mode, with position ids that ignore padding when the model takes them.
+    """Yields (batch indices, logits [rows, width, vocab], left-pad offsets) for length-sorted padded batches of `seqs`
+    (`batches`, when given: those of them this process runs), in inference mode, with position ids that ignore
+    padding when the model takes them.
 
     read_from: per sequence, the first position whose logits the caller reads. Then (when the model takes
     `logits_to_keep`) the output layer runs only from the batch's earliest such position on, and the offsets come
@@ -127,11 +165,11 @@ def batched_logits(
     no_cache = _accepts(model, "use_cache")
     trim = read_from is not None and _accepts(model, "logits_to_keep")
     with _inference(model):
-        for batch in _batches([len(s) for s in seqs], batch_size):
-            ids, mask, positions, offsets = pad_sequences([seqs[i] for i in batch], pad_id, padding_side)
+        for batch in _batches([len(s) for s in seqs], batch_size) if batches is None else batches:
+            ids, mask, position_ids, offsets = pad_sequences([seqs[i] for i in batch], pad_id, padding_side)
             kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
             if with_positions:
-                kwargs["position_ids"] = positions.to(device)
+                kwargs["position_ids"] = position_ids.to(device)
             if no_cache:
                 kwargs["use_cache"] = False
             first = min(offsets[r] + read_from[i] for r, i in enumerate(batch)) if trim else 0  # type: ignore[index]
@@ -171,18 +209,18 @@ def chat_teacher_forced_tokens(
 
 def _predictions(model, tokenizer, encoded: list[tuple[list[int], int, int]], batch_size: int, padding_side: str):
     """Per (ids, start, stop): (argmax ids predicting positions start..stop-1, ids[start:stop])."""
-    results: list[tuple[list[int], list[int]] | None] = [None] * len(encoded)
     if not encoded:
         return []
     pad_id = pad_token_id(tokenizer, model)
     seqs, starts = [e[0] for e in encoded], [e[1] - 1 for e in encoded]  # only the positions that predict a target token
-    for batch, logits, offsets in batched_logits(model, seqs, pad_id, batch_size, padding_side, read_from=starts):
+    mine = _my_batches([len(x) for x in seqs], batch_size)
+    predicted: dict[int, list[int]] = {}
+    for batch, logits, offsets in batched_logits(model, seqs, pad_id, batch_size, padding_side, read_from=starts, batches=mine):
         for r, i in enumerate(batch):
-            seq, start, stop = encoded[i]
+            _, start, stop = encoded[i]
             off = offsets[r]
-            predicted = logits[r, off + start - 1 : off + stop - 1].argmax(-1).tolist()
-            results[i] = (predicted, seq[start:stop])
-    return results
+            predicted[i] = logits[r, off + start - 1 : off + stop - 1].argmax(-1).tolist()
+    return [(pred, encoded[i][0][encoded[i][1] : encoded[i][2]]) for i, pred in enumerate(_gathered(predicted, len(encoded)))]
 
 
 def teacher_forced_tokens(
@@ -279,9 +317,9 @@ def generate_continuations(
             done = [any(c in t for c in stop_chars) for t in texts]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    answers: list[str | None] = [None] * len(prompts)
+    answers: dict[int, str] = {}
     with _inference(model):
-        for batch in _batches([len(x) for x in inputs], batch_size):
+        for batch in _my_batches([len(x) for x in inputs], batch_size):
             ids, mask, _, _ = pad_sequences([inputs[i] for i in batch], pad_id, "left")
             width = ids.shape[1]
             criteria = StoppingCriteriaList([StopOnText(width)]) if stop_chars else None
@@ -310,7 +348,7 @@ def generate_continuations(
                 for c in stop_chars:
                     text = text.split(c, 1)[0]
                 answers[i] = text
-    return answers  # type: ignore[return-value]
+    return _gathered(answers, len(prompts))
 
 
 def generate_answers(

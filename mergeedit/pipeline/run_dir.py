@@ -62,6 +62,7 @@ class _Quiet:
 
 class _SingleProcess:
     is_main = True
+    collective = None
 
     @contextmanager
     def main_first(self) -> Iterator[bool]:
@@ -153,8 +154,22 @@ class RunDir:
         self.profile[name] = {"seconds": time.perf_counter() - started, "peak_rss": stage_peak_rss()}
         return stage
 
-    def produce_json(self, name: str, inputs: Any, compute: Callable[[], dict], detail: str = "") -> tuple[Stage, dict]:
-        """A stage whose output is one JSON document, computed on the main process only."""
+    def produce_json(self, name: str, inputs: Any, compute: Callable[[], dict], detail: str = "", shared: bool = False) -> tuple[Stage, dict]:
+        """A stage whose output is one JSON document, computed on the main process only; with `shared` (an evaluation)
+        on every process, each running its share of the batched passes (evaluation.metrics.shared), so several
+        processes score a model in about 1/N of the time and get what one process gets."""
+        if shared:
+            from ..evaluation.metrics import shared as sharing
+
+            def on_every_process() -> dict:
+                with sharing(self.dist.collective):
+                    return compute()
+
+            def write_value(tmp: Path, value: dict) -> None:
+                (tmp / RESULT_FILE).write_text(json.dumps(value, indent=2))
+
+            stage = self.produce(name, inputs, write_value, compute=on_every_process, detail=detail)
+            return stage, json.loads((stage.path / RESULT_FILE).read_text())
 
         def write(tmp: Path) -> None:
             (tmp / RESULT_FILE).write_text(json.dumps(compute(), indent=2))

@@ -424,7 +424,7 @@ class RecipeRun:
         from .evaluation_stage import drift_reference_stage, pre_edit_outputs
 
         inputs = {"base": s.base_key, "records": stable_hash([r.__dict__ for r in records]), "format": s.fmt.describe(), "eval": self.eval_key(), "references": ["locality", "locality_chat"]}
-        _, pre = s.run.produce_json(f"{prefix}pre-eval", inputs, lambda: pre_edit_outputs(s.model, s.tokenizer, records, s.fmt, recipe.eval))
+        _, pre = s.run.produce_json(f"{prefix}pre-eval", inputs, lambda: pre_edit_outputs(s.model, s.tokenizer, records, s.fmt, recipe.eval), shared=True)
         result.pre_metrics = pre.get("metrics")
         drift = None
         if recipe.eval.drift:
@@ -585,7 +585,7 @@ class RecipeRun:
             load_delta(s.model, delta)
             return curve_point(s.model, s.tokenizer, so_far, s.fmt, self.recipe.eval, pre, drift, batch=b + 1)
 
-        return s.run.produce_json(curve_stage_name(b), inputs, compute)[1]
+        return s.run.produce_json(curve_stage_name(b), inputs, compute, shared=True)[1]
 
     def run(self) -> RunResult:
         started = time.perf_counter()
@@ -642,7 +642,7 @@ class RecipeRun:
             from .evaluation_stage import post_edit_evaluation
 
             inputs = {"upstream": export.output_id, "pre": run.output_id("pre-eval"), "drift": drift.stage_id if drift else None, "eval": self.eval_key()}
-            _, post = run.produce_json("eval", inputs, lambda: post_edit_evaluation(model, tokenizer, records, fmt, recipe.eval, pre, drift))
+            _, post = run.produce_json("eval", inputs, lambda: post_edit_evaluation(model, tokenizer, records, fmt, recipe.eval, pre, drift), shared=True)
             result.metrics = post["metrics"]
             result.examples = post.get("examples", [])
             if curve:
