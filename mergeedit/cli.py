@@ -421,9 +421,13 @@ def run(
     force: list[str] = typer.Option([], "--force", help="Redo this stage (e.g. rsft, merge, export, eval) even if cached; repeatable."),
 ) -> None:
     """Run every stage of RECIPE into its run directory; finished stages are reused, an interrupted run resumes."""
+    from .pipeline.distributed import launched_main
     from .pipeline.runner import RecipeRun
 
-    result = RecipeRun(recipe, force=force, reporter=_RichReporter()).run()
+    main = launched_main(os.environ)  # under torchrun the other processes work silently: one set of lines, not N
+    result = RecipeRun(recipe, force=force, reporter=_RichReporter() if main else None).run()
+    if not main:
+        return
     table = Table(title="edit quality on the final model")
     for col in ("metric", "protocol", "before", "after"):
         table.add_column(col)

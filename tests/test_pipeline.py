@@ -224,6 +224,8 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
             proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mergeedit.cli", "run", str(recipe)],
                                   capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, proc.stderr[-3000:]
+            printed = proc.stdout + proc.stderr  # progress on stderr, results on stdout: from the main process only
+            assert printed.count("running pre-eval") == 1 and printed.count("edits in 2 batch(es)") == 1
         stages = tmp_path / name / "run" / "stages"
         runs[name] = [(json.loads((stages / b / "train_report.json").read_text()), load_state_dict(stages / b)) for b in ("rsft-000", "rsft-001")]
     base = load_state_dict(tiny_model)

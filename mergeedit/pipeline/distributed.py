@@ -62,6 +62,11 @@ class Distributed:
             self.barrier()
 
 
+def launched_main(env) -> bool:
+    """Whether this is the launch's main process (RANK 0, or no launcher): the one that prints progress and results."""
+    return env.get("RANK", "0") == "0"
+
+
 def check_launch(env) -> None:
     """What the launcher's environment asks for, refused where the run would quietly do something else:
 
