@@ -424,7 +424,7 @@ def run(
     from .pipeline.distributed import launched_main
     from .pipeline.runner import RecipeRun
 
-    main = launched_main(os.environ)  # under torchrun the other processes work silently: one set of lines, not N
+    main = launched_main()  # under torchrun the other processes work silently: one set of lines, not N
     result = RecipeRun(recipe, force=force, reporter=_RichReporter() if main else None).run()
     if not main:
         return

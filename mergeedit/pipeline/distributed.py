@@ -62,9 +62,9 @@ class Distributed:
             self.barrier()
 
 
-def launched_main(env) -> bool:
+def launched_main() -> bool:
     """Whether this is the launch's main process (RANK 0, or no launcher): the one that prints progress and results."""
-    return env.get("RANK", "0") == "0"
+    return os.environ.get("RANK", "0") == "0"
 
 
 def check_launch(env) -> None:
