@@ -158,6 +158,10 @@ class RunDir:
         """A stage whose output is one JSON document, computed on the main process only; with `shared` (an evaluation)
         on every process, each running its share of the batched passes (evaluation.metrics.shared), so several
         processes score a model in about 1/N of the time and get what one process gets."""
+
+        def write(tmp: Path, value: dict) -> None:
+            (tmp / RESULT_FILE).write_text(json.dumps(value, indent=2))
+
         if shared:
             from ..evaluation.metrics import shared as sharing
 
@@ -165,16 +169,9 @@ class RunDir:
                 with sharing(self.dist.collective):
                     return compute()
 
-            def write_value(tmp: Path, value: dict) -> None:
-                (tmp / RESULT_FILE).write_text(json.dumps(value, indent=2))
-
-            stage = self.produce(name, inputs, write_value, compute=on_every_process, detail=detail)
-            return stage, json.loads((stage.path / RESULT_FILE).read_text())
-
-        def write(tmp: Path) -> None:
-            (tmp / RESULT_FILE).write_text(json.dumps(compute(), indent=2))
-
-        stage = self.produce(name, inputs, write, detail=detail)
+            stage = self.produce(name, inputs, write, compute=on_every_process, detail=detail)
+        else:
+            stage = self.produce(name, inputs, lambda tmp: write(tmp, compute()), detail=detail)
         return stage, json.loads((stage.path / RESULT_FILE).read_text())
 
     def output_id(self, name: str) -> Optional[str]:
