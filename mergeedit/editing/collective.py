@@ -99,8 +99,7 @@ def gather_json(mine: Any, collective: Optional[Collective]) -> list:
     ends = lengths.cumsum(0).tolist()
     starts = [0] + ends[:-1]
     buffer = torch.zeros(ends[-1], dtype=torch.int32)  # int32: a sum every backend has (gloo and NCCL)
-    if data:
-        buffer[starts[collective.rank] : ends[collective.rank]] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int32)
+    buffer[starts[collective.rank] : ends[collective.rank]] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int32)
     collective.sum_(buffer)
     raw = buffer.to(torch.uint8).numpy().tobytes()
     return [json.loads(raw[a:b]) for a, b in zip(starts, ends)]
