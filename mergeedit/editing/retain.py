@@ -45,6 +45,7 @@ import torch
 
 from ..core.errors import MergeEditError
 from ..core.text_files import read_jsonl_lines, read_text_file
+from .compute import attention_kernel
 from .prompts import chat_pair, has_chat_template, raw_pair_eos
 from .tokens import model_inputs, pad_sequences
 
@@ -251,8 +252,11 @@ def _padded(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, device:
 
 
 def _forward_logp(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Log-softmax at every position of a padded batch ([rows, width, vocab]): float32, or float64 for a float64 model."""
-    logits = model(**model_inputs(model, batch)).logits
+    """Log-softmax at every position of a padded batch ([rows, width, vocab]): float32, or float64 for a float64 model.
+    Under gradients the batch's width picks the attention kernel, as in the training forward (editing.compute)."""
+    ids = batch["input_ids"]
+    with attention_kernel(ids.shape[1], ids.device):
+        logits = model(**model_inputs(model, batch)).logits
     return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import torch
 
 from .collective import Collective, gather, positions, spread, sum_grads, total
+from .compute import attention_kernel, frozen_in_half
 from .forward import masked_modules, position_mask, training_forward, updates_only_at
 from .tokens import length_buckets, pad_batch
 
@@ -301,12 +302,13 @@ class _EditLoop:
             b["keys"] = [tuple(examples[i].prompt_ids) + tuple(examples[i].answer_ids) for i in chosen]
             self.tokens += int(b["attention_mask"].sum()) if count else 0
             allowed = [examples[i].update_positions for i in chosen]
-            if not torch.is_grad_enabled() or all(p is None for p in allowed):
-                return self.setup.forward.losses(b, chosen)
-            lengths = [self.length(i) for i in chosen]
-            mask = position_mask(allowed, lengths, b["input_ids"].shape[1])
-            with updates_only_at(self.setup.modules, mask.to(self.device)):
-                return self.setup.forward.losses(b, chosen)
+            width = b["input_ids"].shape[1]
+            with attention_kernel(width, self.device):
+                if not torch.is_grad_enabled() or all(p is None for p in allowed):
+                    return self.setup.forward.losses(b, chosen)
+                mask = position_mask(allowed, [self.length(i) for i in chosen], width)
+                with updates_only_at(self.setup.modules, mask.to(self.device)):
+                    return self.setup.forward.losses(b, chosen)
 
     def losses_of(self, indices: list[int], count: bool = True) -> torch.Tensor:
         """Per-example losses of `indices` (in that order)."""
@@ -575,10 +577,11 @@ def train_edits(
         project.start(setup.named)
     gen = torch.Generator().manual_seed(settings.seed)
     try:
-        for epoch in range(settings.max_epochs):  # loop 1
-            loop.run_epoch(epoch, gen)
-            if loop.end_epoch(last=epoch == settings.max_epochs - 1):
-                break
+        with frozen_in_half(model, trainable, setup.half):  # the frozen layers' weights cast once, not at every use
+            for epoch in range(settings.max_epochs):  # loop 1
+                loop.run_epoch(epoch, gen)
+                if loop.end_epoch(last=epoch == settings.max_epochs - 1):
+                    break
     finally:
         if project is not None:
             project.finish()

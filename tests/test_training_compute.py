@@ -1,0 +1,126 @@
+"""#16: frozen weights held in the half type give the per-call casts' numbers bit for bit and come back untouched; the
+attention kernel is chosen by the batch's width and computes the same function."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mergeedit.editing.compute import MATH_ATTENTION_MAX_WIDTH, attention_kernel, frozen_in_half
+from mergeedit.editing.forward import FullForward, PrefixForward
+from mergeedit.editing.rsft import TrainingExample, TrainSettings, train_edits
+from mergeedit.editing.tokens import pad_batch
+
+CPU = torch.device("cpu")
+EXAMPLES = [TrainingExample("a", [1, 5, 6, 7], [8, 9]), TrainingExample("b", [1, 5], [10]), TrainingExample("c", [1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13])]
+
+
+def _tied_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, initializer_range=0.3)
+    return LlamaForCausalLM(cfg)
+
+
+def _batch(examples):
+    b = pad_batch([(e.prompt_ids, e.answer_ids) for e in examples], 0)
+    b["keys"] = [tuple(e.prompt_ids + e.answer_ids) for e in examples]
+    return b
+
+
+def _losses_and_grads(model, forward, trainable):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = forward.losses(_batch(EXAMPLES), [0, 1, 2])
+    losses.sum().backward()
+    named = dict(model.named_parameters())
+    return losses.detach(), {n: named[n].grad.clone() for n in trainable}
+
+
+def test_frozen_weights_in_bf16_give_the_per_call_casts_losses_and_gradients_bit_for_bit():
+    model = _tied_model()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # precondition: the output layer is tied
+    trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
+    named = dict(model.named_parameters())
+    for n, p in named.items():
+        p.requires_grad_(n in trainable)
+    before = {n: (p, p.detach().clone()) for n, p in named.items()}
+    for forward in (FullForward(model, "reference"), PrefixForward(model, 2)):
+        forward.prepare(EXAMPLES, 0, CPU)
+        ref_losses, ref_grads = _losses_and_grads(model, forward, trainable)
+        with frozen_in_half(model, trainable, torch.bfloat16) as swapped:
+            # 4 layers x 7 projections, less the 3 trained ones, and the output layer (tied to a frozen embedding)
+            assert swapped == 4 * 7 - 3 + 1
+            assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+            assert model.model.embed_tokens.weight.dtype == torch.float32  # the embedding lookup stays float32
+            assert model.model.layers[2].mlp.up_proj.weight.dtype == torch.float32  # trained: autocast casts it
+            losses, grads = _losses_and_grads(model, forward, trainable)
+        assert torch.equal(losses, ref_losses)
+        assert all(torch.equal(grads[n], ref_grads[n]) for n in trainable)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for n, (p, value) in before.items():
+        assert after[n] is p and p.dtype == torch.float32 and torch.equal(p.detach(), value)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
+
+
+def test_float32_training_swaps_nothing_and_an_error_inside_still_restores_the_weights():
+    model = _tied_model()
+    with frozen_in_half(model, [], None) as swapped:
+        assert swapped == 0
+    weight = model.model.layers[1].mlp.down_proj.weight
+    try:
+        with frozen_in_half(model, [], torch.bfloat16):
+            assert model.model.layers[1].mlp.down_proj.weight is not weight
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert model.model.layers[1].mlp.down_proj.weight is weight and weight.dtype == torch.float32
+
+
+def test_bf16_training_leaves_every_frozen_weight_the_same_float32_tensor_and_trains_the_rest():
+    model = _tied_model()
+    trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    settings = TrainSettings(lr=1e-2, batch_size=3, max_epochs=2, max_steps_per_batch=3, loss_threshold=0.0)
+    report = train_edits(model, EXAMPLES, trainable, settings, pad_id=0, device=CPU, precision="bfloat16")
+    assert report.steps == 6 and report.precision == "bfloat16"
+    after = dict(model.named_parameters())
+    for n, (p, value) in before.items():
+        assert after[n] is p and p.dtype == torch.float32
+        assert torch.equal(p.detach(), value) != (n in trainable)  # the trained tensors moved, nothing else did
+
+
+def _flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()
+
+
+def test_training_batches_up_to_the_width_bound_run_the_math_attention_kernel_on_cpu():
+    default = _flags()
+    assert default == (True, True)  # precondition: PyTorch may pick the fused kernel
+    with attention_kernel(MATH_ATTENTION_MAX_WIDTH, CPU):
+        assert _flags() == (False, True)
+    assert _flags() == default
+    with attention_kernel(MATH_ATTENTION_MAX_WIDTH + 1, CPU):
+        assert _flags() == default
+    with torch.no_grad(), attention_kernel(8, CPU):  # measuring and evaluation keep the fused forward
+        assert _flags() == default
+    with attention_kernel(8, torch.device("cuda")):  # measured on CPU only
+        assert _flags() == default
+
+
+def test_both_attention_kernels_compute_the_same_losses_and_gradients():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = _tied_model()
+    trainable = [n for n, _ in model.named_parameters() if "layers.2" in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    forward = FullForward(model, "reference")
+    results = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        model.zero_grad(set_to_none=True)
+        with sdpa_kernel([backend]):
+            losses = forward.losses(_batch(EXAMPLES), [0, 1, 2])
+            losses.sum().backward()
+        results.append((losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if n in trainable}))
+    (fused, g_fused), (math, g_math) = results
+    assert torch.allclose(fused, math, rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(g_fused[n], g_math[n], rtol=1e-4, atol=1e-6) for n in trainable)
