@@ -4,7 +4,7 @@ attention kernel is chosen by the batch's width and computes the same function."
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mergeedit.editing.compute import MATH_ATTENTION_MAX_WIDTH, attention_kernel, frozen_in_half
+from mergeedit.editing.compute import EAGER_ATTENTION_MAX_WIDTH, attention_kernel, frozen_in_half
 from mergeedit.editing.forward import FullForward, PrefixForward
 from mergeedit.editing.rsft import TrainingExample, TrainSettings, train_edits
 from mergeedit.editing.tokens import pad_batch
@@ -92,35 +92,53 @@ def _flags() -> tuple[bool, bool]:
     return torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()
 
 
-def test_training_batches_up_to_the_width_bound_run_the_math_attention_kernel_on_cpu():
-    default = _flags()
-    assert default == (True, True)  # precondition: PyTorch may pick the fused kernel
-    with attention_kernel(MATH_ATTENTION_MAX_WIDTH, CPU):
-        assert _flags() == (False, True)
-    assert _flags() == default
-    with attention_kernel(MATH_ATTENTION_MAX_WIDTH + 1, CPU):
-        assert _flags() == default
-    with torch.no_grad(), attention_kernel(8, CPU):  # measuring and evaluation keep the fused forward
-        assert _flags() == default
-    with attention_kernel(8, torch.device("cuda")):  # measured on CPU only
-        assert _flags() == default
+def test_training_batches_up_to_the_width_bound_run_eager_attention_on_cpu_and_nothing_global_changes():
+    model = _tied_model()
+    config = model.config
+    assert config._attn_implementation == "sdpa"  # precondition: the model runs PyTorch's SDPA
+    flags = _flags()
+    with attention_kernel(model, EAGER_ATTENTION_MAX_WIDTH, CPU) as switched:
+        assert switched and config._attn_implementation == "eager" and _flags() == flags
+    assert config._attn_implementation == "sdpa"
+    with attention_kernel(model, EAGER_ATTENTION_MAX_WIDTH + 1, CPU) as switched:
+        assert not switched and config._attn_implementation == "sdpa"
+    with torch.no_grad(), attention_kernel(model, 8, CPU) as switched:  # measuring and evaluation keep the fused kernel
+        assert not switched and config._attn_implementation == "sdpa"
+    with attention_kernel(model, 8, torch.device("cuda")) as switched:  # measured on CPU only
+        assert not switched
+    try:
+        with attention_kernel(model, 8, CPU):
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert config._attn_implementation == "sdpa"
+    other = _tied_model()
+    with attention_kernel(model, 8, CPU):
+        assert other.config._attn_implementation == "sdpa"  # another model (another thread's) is untouched
 
 
-def test_both_attention_kernels_compute_the_same_losses_and_gradients():
+def test_eager_and_fused_attention_compute_the_same_losses_and_gradients(monkeypatch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.models.llama import modeling_llama
 
+    eager_calls = []
+    original = modeling_llama.eager_attention_forward
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", lambda *a, **k: eager_calls.append(1) or original(*a, **k))
     model = _tied_model()
     trainable = [n for n, _ in model.named_parameters() if "layers.2" in n]
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
     forward = FullForward(model, "reference")
     results = []
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+    for eager in (False, True):
         model.zero_grad(set_to_none=True)
-        with sdpa_kernel([backend]):
+        eager_calls.clear()
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), attention_kernel(model, 8 if eager else 10**6, CPU) as switched:
+            assert switched == eager
             losses = forward.losses(_batch(EXAMPLES), [0, 1, 2])
             losses.sum().backward()
+        assert len(eager_calls) == (4 if eager else 0)  # precondition: each of the 4 layers ran the chosen kernel
         results.append((losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if n in trainable}))
-    (fused, g_fused), (math, g_math) = results
-    assert torch.allclose(fused, math, rtol=1e-5, atol=1e-6)
-    assert all(torch.allclose(g_fused[n], g_math[n], rtol=1e-4, atol=1e-6) for n in trainable)
+    (fused, g_fused), (eager, g_eager) = results
+    assert torch.allclose(fused, eager, rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(g_fused[n], g_eager[n], rtol=1e-4, atol=1e-6) for n in trainable)

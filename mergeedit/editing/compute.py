@@ -6,39 +6,49 @@ caches the cast only for tensors that require gradients, so every frozen layer a
 again in every bucket of every step. `frozen_in_half` swaps each frozen `nn.Linear` weight for its half-type copy for
 the length of a training call and puts the original float32 tensor back afterwards (the very same tensor object:
 nothing is rounded when the model is merged or saved). Autocast casts a tensor already in its type to itself, so
-every loss and gradient is bit for bit what the per-call cast gives (tests/test_rsft.py). Measured on
+every loss and gradient is bit for bit what the per-call cast gives (tests/test_training_compute.py). Measured on
 SmolLM2-135M-Instruct, the shipped sequential recipe's trainable set, bf16, one thread of an Intel Xeon with AMX:
 `aten::copy_` was 24% of a training call; holding the frozen weights cut the call from 13.0 s to 10.7 s. It costs
 the half-type copies (about 0.2 GB for SmolLM2's layers 4-29 and output layer) while training runs.
 
-Attention (`attention_kernel`). On CPU, PyTorch's fused ("flash") attention kernel runs the backward of short
-sequences slowly: a forward and backward of 16 rows x 24 tokens (9 heads, GQA) took 11.1 ms against 3.9 ms for the
-math kernel, 102 against 94 ms at 32 x 128, and the math kernel loses beyond that (165 against 76 ms at 16 x 256;
-its memory grows with the width squared). So a batch that needs gradients and is at most `MATH_ATTENTION_MAX_WIDTH`
-tokens wide runs the math kernel on CPU; forwards without gradients (measuring, evaluation) keep the fused one, which
-is faster there (1.8 against 2.5 ms at 32 x 24, float32). Both kernels compute softmax(QK^T / sqrt(d)) V; in bf16
-their results differ by rounding only (mean absolute error against float64 on 16 x 32 random rows: 8.9e-4 math,
-9.4e-4 fused). The choice depends on the batch's width alone, never on the processor or the thread count.
+Attention (`attention_kernel`). On CPU, PyTorch's fused ("flash") SDPA kernel runs the backward of short sequences
+slowly: a forward and backward of 16 rows x 24 tokens (9 heads, GQA, bf16) took 11.1 ms against 3.9 ms for the
+unfused math (matmul, softmax, matmul), 102 against 94 ms at 32 x 128, and the unfused form loses beyond that (165
+against 76 ms at 16 x 256; its memory grows with the width squared). So a forward that needs gradients over a batch
+at most `EAGER_ATTENTION_MAX_WIDTH` tokens wide runs Hugging Face's "eager" attention on CPU (the model's own
+`config._attn_implementation`, switched for that forward and put back: no process-wide flag); forwards without
+gradients (measuring, evaluation) keep the fused kernel, which is faster there (1.8 against 2.5 ms at 32 x 24,
+float32). On the shipped recipe's trainable set (40 edits, 8 steps, bf16, one thread of an Intel Xeon) the training
+call took 13.8 s against 17.1 s with the fused kernel. Both compute softmax(QK^T / sqrt(d)) V; they differ by
+rounding only (tests/test_training_compute.py). The choice depends on the batch's width alone, never on the
+processor or the thread count.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import ContextManager, Iterator, Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-MATH_ATTENTION_MAX_WIDTH = 128  # the widest batch (tokens) whose training forward uses the math attention kernel on CPU
+EAGER_ATTENTION_MAX_WIDTH = 128  # the widest batch (tokens) whose training forward uses the math attention kernel on CPU
 
 
-def attention_kernel(width: int, device: torch.device) -> ContextManager:
-    """The attention kernel for a forward over a batch `width` tokens wide (see the module doc): math on CPU when
-    gradients are on and the batch is at most MATH_ATTENTION_MAX_WIDTH wide, else PyTorch's own choice."""
-    if device.type != "cpu" or not torch.is_grad_enabled() or width > MATH_ATTENTION_MAX_WIDTH:
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
+@contextmanager
+def attention_kernel(model, width: int, device: torch.device) -> Iterator[bool]:
+    """The attention for one forward of `model` over a batch `width` tokens wide (see the module doc): on CPU, with
+    gradients on and the batch at most EAGER_ATTENTION_MAX_WIDTH wide, a model on PyTorch's SDPA runs Hugging Face's
+    "eager" attention (matmul, float32 softmax, matmul) for the forward; yields whether it did. The switch is the
+    model's own config attribute, put back on exit: no process-wide flag, so threads and other models are untouched."""
+    config = getattr(model, "config", None)
+    if device.type != "cpu" or not torch.is_grad_enabled() or width > EAGER_ATTENTION_MAX_WIDTH or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield False
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield True
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 @contextmanager

@@ -255,7 +255,7 @@ def _forward_logp(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-softmax at every position of a padded batch ([rows, width, vocab]): float32, or float64 for a float64 model.
     Under gradients the batch's width picks the attention kernel, as in the training forward (editing.compute)."""
     ids = batch["input_ids"]
-    with attention_kernel(ids.shape[1], ids.device):
+    with attention_kernel(model, ids.shape[1], ids.device):
         logits = model(**model_inputs(model, batch)).logits
     return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
 

@@ -39,6 +39,18 @@ from .compute import attention_kernel, frozen_in_half
 from .forward import masked_modules, position_mask, training_forward, updates_only_at
 from .tokens import length_buckets, pad_batch
 
+STEP_MAX_WASTE = 0.5  # a step's (or a measuring chunk's) padded batch may be up to half padding before it is split
+STEP_MAX_ROWS = 64  # and holds at most this many examples (one bucket's activations are held at a time)
+
+
+def step_buckets(lengths: list[int]) -> list[list[int]]:
+    """The padded batches one step (or one measuring chunk) runs, by example length. Each batch costs a fixed
+    overhead (every layer's kernels launched, forward and backward) plus its cells, so fewer, fuller batches win over
+    tight ones: on SmolLM2-135M-Instruct, the shipped recipe's trainable set, 40 edits, bf16, one thread of an Intel
+    Xeon, 8 steps took 13.8 s with at most 15% padding per batch (about 3 batches a step), 11.9 s with 50% and 11.5 s
+    with one batch a step. 50% keeps most of that gain and splits steps whose lengths differ by more than about 2x."""
+    return length_buckets(lengths, max_waste=STEP_MAX_WASTE, max_rows=STEP_MAX_ROWS)
+
 
 @dataclass(frozen=True)
 class TrainingExample:
@@ -288,8 +300,8 @@ class _EditLoop:
         return len(self.examples[i].prompt_ids) + len(self.examples[i].answer_ids)
 
     def buckets(self, indices: list[int]) -> list[list[int]]:
-        """Positions in `indices` grouped by length, so padding stays small (deterministic)."""
-        return length_buckets([self.length(i) for i in indices])
+        """Positions in `indices` grouped by length (`step_buckets`; deterministic)."""
+        return step_buckets([self.length(i) for i in indices])
 
     def bucket_losses(self, chosen: list[int], count: bool = True) -> torch.Tensor:
         """Per-example losses of the examples `chosen`, padded into one batch. With gradients on and examples that
@@ -303,7 +315,7 @@ class _EditLoop:
             self.tokens += int(b["attention_mask"].sum()) if count else 0
             allowed = [examples[i].update_positions for i in chosen]
             width = b["input_ids"].shape[1]
-            with attention_kernel(width, self.device):
+            with attention_kernel(self.model, width, self.device):
                 if not torch.is_grad_enabled() or all(p is None for p in allowed):
                     return self.setup.forward.losses(b, chosen)
                 mask = position_mask(allowed, [self.length(i) for i in chosen], width)
