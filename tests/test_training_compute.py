@@ -115,6 +115,10 @@ def test_training_batches_up_to_the_width_bound_run_eager_attention_on_cpu_and_n
     other = _tied_model()
     with attention_kernel(model, 8, CPU):
         assert other.config._attn_implementation == "sdpa"  # another model (another thread's) is untouched
+    with attention_kernel(other.double(), 8, CPU) as switched:  # eager's softmax is float32: not for a float64 model
+        assert not switched
+    with torch.no_grad(), attention_kernel(model, 8, CPU, training=True) as switched:  # the retain KL's base side
+        assert switched
 
 
 def test_eager_and_fused_attention_compute_the_same_losses_and_gradients(monkeypatch):

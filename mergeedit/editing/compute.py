@@ -35,13 +35,19 @@ EAGER_ATTENTION_MAX_WIDTH = 128  # the widest batch (tokens) whose training forw
 
 
 @contextmanager
-def attention_kernel(model, width: int, device: torch.device) -> Iterator[bool]:
-    """The attention for one forward of `model` over a batch `width` tokens wide (see the module doc): on CPU, with
-    gradients on and the batch at most EAGER_ATTENTION_MAX_WIDTH wide, a model on PyTorch's SDPA runs Hugging Face's
-    "eager" attention (matmul, float32 softmax, matmul) for the forward; yields whether it did. The switch is the
-    model's own config attribute, put back on exit: no process-wide flag, so threads and other models are untouched."""
+def attention_kernel(model, width: int, device: torch.device, training: Optional[bool] = None) -> Iterator[bool]:
+    """The attention for one forward of `model` over a batch `width` tokens wide (see the module doc): on CPU, for a
+    training forward (`training`; None: whether gradients are on) over a batch at most EAGER_ATTENTION_MAX_WIDTH wide,
+    a model on PyTorch's SDPA runs Hugging Face's "eager" attention (matmul, float32 softmax, matmul); yields whether
+    it did. The retain KL passes training=True for its base side too, so base and steps run one kernel and the KL is
+    exactly 0 before the first step. The switch is the model's own config attribute, put back on exit: no
+    process-wide flag, so threads and other models are untouched."""
     config = getattr(model, "config", None)
-    if device.type != "cpu" or not torch.is_grad_enabled() or width > EAGER_ATTENTION_MAX_WIDTH or getattr(config, "_attn_implementation", None) != "sdpa":
+    training = torch.is_grad_enabled() if training is None else training
+    if (
+        device.type != "cpu" or not training or width > EAGER_ATTENTION_MAX_WIDTH or getattr(config, "_attn_implementation", None) != "sdpa"
+        or getattr(model, "dtype", None) == torch.float64  # eager's softmax runs in float32: a float64 model keeps SDPA
+    ):
         yield False
         return
     config._attn_implementation = "eager"

@@ -253,9 +253,10 @@ def _padded(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, device:
 
 def _forward_logp(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-softmax at every position of a padded batch ([rows, width, vocab]): float32, or float64 for a float64 model.
-    Under gradients the batch's width picks the attention kernel, as in the training forward (editing.compute)."""
+    The batch's width picks the attention kernel as for a training forward (editing.compute), with or without
+    gradients: the base side, the steps and the agreement probe all run the same one."""
     ids = batch["input_ids"]
-    with attention_kernel(model, ids.shape[1], ids.device):
+    with attention_kernel(model, ids.shape[1], ids.device, training=True):
         logits = model(**model_inputs(model, batch)).logits
     return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
 
