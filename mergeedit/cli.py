@@ -425,6 +425,10 @@ def run(
     from .pipeline.runner import RecipeRun
 
     main = launched_main()  # under torchrun the other processes work silently: one set of lines, not N
+    if not main:
+        import logging
+
+        logging.getLogger("mergeedit").setLevel(logging.ERROR)  # their warnings are the main process's, printed once
     result = RecipeRun(recipe, force=force, reporter=_RichReporter() if main else None).run()
     if not main:
         return

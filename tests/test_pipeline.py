@@ -212,6 +212,8 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
     for name in ("one", "two"):
         recipe = _recipe(tmp_path / name, tiny_model, eval={"generation": False}, rsft=rsft, sequential={"batch_size": 2, "strategy": "chained"})
         (tmp_path / name / "retain.jsonl").write_text("\n".join(json.dumps(r) for r in retain) + "\n")
+        with open(tmp_path / name / "edits.jsonl", "a") as edits:  # a record without a target: skipped, with a warning
+            edits.write(json.dumps({**EDITS[0], "target": ""}) + "\n")
         if name == "one":
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # as each torchrun process: the same kernels, so the unedited model scores alike
@@ -226,6 +228,7 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
             assert proc.returncode == 0, proc.stderr[-3000:]
             printed = proc.stdout + proc.stderr  # progress on stderr, results on stdout: from the main process only
             assert printed.count("running pre-eval") == 1 and printed.count("edits in 2 batch(es)") == 1
+            assert printed.count("skipped 1 record(s) with an empty target") == 1  # warnings too: from the main process
         stages = tmp_path / name / "run" / "stages"
         runs[name] = [(json.loads((stages / b / "train_report.json").read_text()), load_state_dict(stages / b)) for b in ("rsft-000", "rsft-001")]
     base = load_state_dict(tiny_model)
