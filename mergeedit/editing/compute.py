@@ -31,7 +31,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-EAGER_ATTENTION_MAX_WIDTH = 128  # the widest batch (tokens) whose training forward uses the math attention kernel on CPU
+EAGER_ATTENTION_MAX_WIDTH = 128  # the widest batch (tokens) whose training forward runs eager attention on CPU
 
 
 @contextmanager
