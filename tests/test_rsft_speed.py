@@ -12,9 +12,9 @@ from mergeedit.editing.tokens import length_buckets, pad_batch
 EXAMPLES = [TrainingExample("a", [1, 5, 6, 7], [8, 9]), TrainingExample("b", [1, 5], [10]), TrainingExample("c", [1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13])]
 
 
-def _model(initializer_range: float = 0.02):
+def _model(initializer_range: float = 0.02, tied: bool = False):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, initializer_range=initializer_range)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, initializer_range=initializer_range)
     return LlamaForCausalLM(cfg)
 
 

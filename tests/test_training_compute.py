@@ -2,27 +2,17 @@
 attention kernel is chosen by the batch's width and computes the same function."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_rsft_speed import EXAMPLES, _batch, _model
 
 from mergeedit.editing.compute import EAGER_ATTENTION_MAX_WIDTH, attention_kernel, frozen_in_half
 from mergeedit.editing.forward import FullForward, PrefixForward
-from mergeedit.editing.rsft import TrainingExample, TrainSettings, train_edits
-from mergeedit.editing.tokens import pad_batch
+from mergeedit.editing.rsft import TrainSettings, train_edits
 
 CPU = torch.device("cpu")
-EXAMPLES = [TrainingExample("a", [1, 5, 6, 7], [8, 9]), TrainingExample("b", [1, 5], [10]), TrainingExample("c", [1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13])]
 
 
 def _tied_model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, initializer_range=0.3)
-    return LlamaForCausalLM(cfg)
-
-
-def _batch(examples):
-    b = pad_batch([(e.prompt_ids, e.answer_ids) for e in examples], 0)
-    b["keys"] = [tuple(e.prompt_ids + e.answer_ids) for e in examples]
-    return b
+    return _model(initializer_range=0.3, tied=True)
 
 
 def _losses_and_grads(model, forward, trainable):
