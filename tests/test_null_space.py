@@ -54,6 +54,9 @@ def test_project_is_w0_plus_the_projected_delta():
         lin.weight.grad = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
         proj.project_grads(named)  # before the optimizer step: the held direction's gradient is dropped
         assert torch.equal(lin.weight.grad, torch.tensor([[0.0, 2.0, 3.0], [0.0, 5.0, 6.0]]))
+        lin.weight.grad = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+        proj.project_grads(named, torch.bfloat16)  # these numbers and this basis are exact in bf16: the same result
+        assert lin.weight.grad.dtype == torch.float32 and torch.equal(lin.weight.grad, torch.tensor([[0.0, 2.0, 3.0], [0.0, 5.0, 6.0]]))
         d = proj.describe()
         assert d["held_directions"] == {"w": 1} and d["free_directions"] == {"w": 2} and d["free_share"] == pytest.approx(2 / 3)
 
@@ -72,6 +75,37 @@ def test_the_stored_side_is_the_smaller_and_gives_p():
         assert proj.taken == taken and r == min(taken, 8 - taken) and proj.held == (taken <= 4)
         assert torch.allclose(proj.matrix(), p, atol=1e-5) and torch.allclose(proj.apply(x), x @ p, atol=1e-5)
     assert Projection.from_moment(k, 0.3).held and not Projection.from_moment(k, 0.99).held
+
+
+def test_gradients_projected_in_bf16_never_move_the_weights_along_the_held_directions():
+    """`project_grads(named, bf16)` (the training's autocast precision) gives grad P to bf16's rounding, a part in a few
+    hundred of the gradient; the weight projection after the step stays float32, so after Adam steps on such gradients
+    the update is off the held directions to float32's rounding, as with float32 gradients."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(64, 24, generator=g, dtype=torch.float64)
+    k = a.T @ (a * torch.linspace(0.1, 10.0, 64, dtype=torch.float64)[:, None])
+    for energy in (0.3, 0.95):  # held stored (few held directions) and free stored (many)
+        projection = Projection.from_moment(k, energy)
+        held = torch.linalg.eigh(k)[1].flip(1)[:, : projection.taken].float()
+        lin = torch.nn.Linear(24, 16, bias=False)
+        named = {"w": lin.weight}
+        proj = NullSpaceProjector({"w": projection}, energy, 64, [])
+        proj.start(named)
+        w0 = lin.weight.detach().clone()
+        opt = torch.optim.Adam([lin.weight], lr=1e-2)
+        for _ in range(5):
+            grad = torch.randn(16, 24, generator=g)
+            exact = grad @ projection.matrix()
+            lin.weight.grad = grad.clone()
+            proj.project_grads(named, torch.bfloat16)
+            assert lin.weight.grad.dtype == torch.float32
+            error = float((lin.weight.grad - exact).abs().max())
+            assert 0 < error < 2e-2 * float(grad.abs().max()), error  # rounded (not float32's result), to bf16's precision
+            opt.step()
+            proj.project(named)
+        update = lin.weight.detach() - w0
+        assert float(update.abs().max()) > 1e-2  # it moved
+        assert float((update @ held).abs().max()) < 1e-5, float((update @ held).abs().max())  # but not along U
 
 
 def _retain_logits(model_dir, texts) -> torch.Tensor:

@@ -160,6 +160,7 @@ class Projection:
         self.held = held  # True: the columns are the held directions; False: the free ones
         self.taken = taken  # held directions
         self.size = basis.shape[0]
+        self._cast: dict[torch.dtype, torch.Tensor] = {}  # the basis in a half precision, made once (apply's `half`)
 
     @classmethod
     def from_moment(cls, k: torch.Tensor, energy: float) -> "Projection":
@@ -171,10 +172,19 @@ class Projection:
     def to(self, device) -> "Projection":
         return self if self.basis.device == torch.device(device) else Projection(self.basis.to(device), self.held, self.taken)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x P (float32) for x [..., in]."""
-        x = x.float()
-        along = (x @ self.basis) @ self.basis.T
+    def apply(self, x: torch.Tensor, half: Optional[torch.dtype] = None) -> torch.Tensor:
+        """x P (float32) for x [..., in]. With `half` (bf16, fp16) the two products run in that precision (the
+        result is float32): P is then exact only to that precision's rounding, which is enough for a gradient
+        (`NullSpaceProjector.project_grads`), never for the weights."""
+        if half is None:
+            x = x.float()
+            along = (x @ self.basis) @ self.basis.T
+        else:
+            basis = self._cast.get(half)
+            if basis is None:
+                basis = self._cast[half] = self.basis.to(half)
+            along = ((x.to(half) @ basis) @ basis.T).float()
+            x = x.float()
         return x - along if self.held else along
 
     def matrix(self) -> torch.Tensor:
@@ -221,13 +231,18 @@ class NullSpaceProjector:
                 moved[id(p)] = p.to(named[n].device)
             self.projections[n] = moved[id(p)]
 
-    def project_grads(self, named: dict) -> None:
-        """grad <- grad P for every projected matrix that has a gradient (before the optimizer step)."""
+    def project_grads(self, named: dict, half: Optional[torch.dtype] = None) -> None:
+        """grad <- grad P for every projected matrix that has a gradient (before the optimizer step).
+
+        `half`: the training's autocast precision, in which these products then run (on a CPU with bf16 units, 2-4x
+        faster). A gradient is already a bf16 computation's result there; the few parts in a thousand of it the
+        rounding leaves along the held directions reach Adam's moments, never the weights: `project`, in float32
+        after the step, is what keeps the update exactly off the held directions."""
         with torch.no_grad():
             for n, p in self.projections.items():
                 g = named[n].grad
                 if g is not None:
-                    g.copy_(p.apply(g).to(g.dtype))
+                    g.copy_(p.apply(g, half).to(g.dtype))
 
     def project(self, named: dict) -> None:
         """W <- W0 + (W - W0) P for every projected matrix, in place."""

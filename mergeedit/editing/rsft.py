@@ -483,7 +483,7 @@ class _EditLoop:
         """The optimizer step; the gradients are dropped right after (no gradient memory between steps)."""
         if self.project is not None:  # the optimizer sees only the directions the update may take (rsft.null_space)
             t = time.perf_counter()
-            self.project.project_grads(self.setup.named)
+            self.project.project_grads(self.setup.named, self.setup.half)
             self.timing["project"] = self.timing.get("project", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         self.setup.optimizer.step()
