@@ -197,7 +197,7 @@ def test_empty_dataset_is_an_error(tmp_path, tiny_model):
         RecipeRun(recipe).run()
 
 
-def test_two_processes_under_torchrun(tmp_path, tiny_model):
+def test_two_processes_under_torchrun(tmp_path, tiny_model, monkeypatch):
     """Two CPU processes (torchrun, gloo) with the controls the shipped recipe turns on (breadth-first, the retain KL,
     the null space, sit-out, a window above layer 0: the frozen-prefix cache) over two chained batches with every
     earlier edit replayed: each process computes its share of every step, the main process writes, and the run takes
@@ -208,6 +208,12 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
     retain = [{"prompt": f"w{i} w{i + 1}", "text": f"w{i} w{i + 1} the w{i + 2} of w{i + 3} is w{i + 4}"} for i in range(0, 30, 3)]
     rsft = {"schedule": "breadth-first", "layers": [1, 2], "lr": 0.02, "max_epochs": 40, "sit_out_learned": True, "replay": 1.0,
             "retain": {"weight": 1.0, "path": "retain.jsonl", "batch_size": 3}, "null_space": {"energy": 0.9}}
+    from mergeedit.editing import rsft as rsft_module
+
+    first_checks = []  # what each training call's first sit-out check measured (in this process: run "one")
+    real = rsft_module._EditLoop.measure
+    monkeypatch.setattr(rsft_module._EditLoop, "measure", lambda self, cases: (first_checks.append((len(self.case_ids), sorted(cases)))
+                        if self.epochs == 1 and self.total_steps == 0 else None) or real(self, cases))
     runs = {}
     for name in ("one", "two"):
         recipe = _recipe(tmp_path / name, tiny_model, eval={"generation": False}, rsft=rsft, sequential={"batch_size": 2, "strategy": "chained"})
@@ -221,6 +227,8 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
                 RecipeRun(recipe).run()
             finally:
                 torch.set_num_threads(threads)
+            batch0 = sorted(e["case_id"] for e in json.loads((tmp_path / name / "run" / "stages" / "rsft-000" / "train_report.json").read_text())["edits"])
+            assert first_checks == [(4, batch0)]  # batch 0: nothing measured (every edit new); batch 1: its 2 replayed edits
         else:
             # (`accelerate launch --cpu --num_processes 2` starts one process without MPI; refused in test_distributed_backends)
             proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mergeedit.cli", "run", str(recipe)],

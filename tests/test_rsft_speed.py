@@ -86,6 +86,32 @@ def test_an_edit_learned_when_its_epoch_starts_sits_the_epoch_out(schedule):
     assert [e.case_id for e in report.edits] == ["a", "b", "c", "d"]  # the sat-out edits are still measured and reported
 
 
+def test_fresh_edits_are_not_measured_when_the_first_epoch_starts(monkeypatch):
+    """A sequential batch's new edits (`fresh`) skip the first epoch's sit-out check: only the others (replayed ones)
+    are measured. A fresh edit the model already knows takes that epoch's step; its step's forward measures it."""
+    from mergeedit.editing import rsft
+
+    model = _model(initializer_range=0.3)
+    trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
+    easy = TrainSettings(lr=1e-2, batch_size=3, max_epochs=20, max_steps_per_batch=30, loss_threshold=0.5)
+    assert train_edits(model, EXAMPLES, trainable, easy, pad_id=0, device=torch.device("cpu")).learned_fraction == 1.0
+    new = TrainingExample("d", [1, 3, 4], [14, 15])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    measured: list[list[str]] = []
+    real = rsft._EditLoop.measure
+    monkeypatch.setattr(rsft._EditLoop, "measure", lambda self, cases: measured.append(list(cases)) or real(self, cases))
+    one = TrainSettings(lr=1e-2, batch_size=1, max_epochs=1, max_steps_per_batch=1, loss_threshold=0.5, schedule="breadth-first", sit_out=True)
+    reports = {}
+    for fresh in ((), ("d",), ("a", "d")):
+        model.load_state_dict(state)
+        measured.clear()
+        reports[fresh] = train_edits(model, EXAMPLES + [new], trainable, one, pad_id=0, device=torch.device("cpu"), fresh=fresh)
+        assert measured[0] == [c for c in "abcd" if c not in fresh] and measured[1:] == [list("abcd")]  # then the final check
+    assert reports[()].sat_out == reports[("d",)].sat_out == [3]  # a, b and c known: d unlearned (the precondition of the test above)
+    assert {e.case_id: e.steps for e in reports[("d",)].edits} == {"a": 0, "b": 0, "c": 0, "d": 1}
+    assert reports[("a", "d")].sat_out == [2] and {e.case_id: e.steps for e in reports[("a", "d")].edits} == {"a": 1, "b": 0, "c": 0, "d": 1}
+
+
 def test_no_threshold_or_sit_out_off_means_every_edit_trains_every_epoch():
     model = _model(initializer_range=0.3)
     trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -274,8 +274,9 @@ class _EditLoop:
     measured loss, the batch loss of every optimizer step, the seconds per phase and the tokens through the trained
     layers. `run_epoch` is loops 2 and 3 of the module docstring, `end_epoch` the check after every epoch."""
 
-    def __init__(self, model, examples, settings, setup: _Setup, *, pad_id, device, collective, progress, on_step, retain=None, project=None) -> None:
+    def __init__(self, model, examples, settings, setup: _Setup, *, pad_id, device, collective, progress, on_step, retain=None, project=None, fresh=frozenset()) -> None:
         self.model, self.examples, self.settings, self.setup = model, examples, settings, setup
+        self.fresh = fresh  # edits never trained before this call: the first epoch's sit-out check does not measure them
         self.project = project  # a NullSpaceProjector (editing.null_space) or None
         self.retain, self.retain_kl = retain, []  # a RetainKL (editing.retain) or None; its KL at every step
         self.pad_id, self.device = pad_id, device
@@ -364,7 +365,9 @@ class _EditLoop:
 
         The candidates are the edits whose latest known loss is below the threshold (their last step's loss, or the
         last check's), and in the first epoch every edit, since none is known yet (replayed edits of earlier batches
-        usually start learned). Each candidate is measured on the current weights without gradient; those still below
+        usually start learned), less the edits `train_edits` was told are fresh (never trained: a sequential batch's
+        new edits, which the model almost never knows yet; one it does know takes one step, and its step's forward
+        measures it). Each candidate is measured on the current weights without gradient; those still below
         the threshold leave the pool before the epoch's batches are cut, and their measured loss becomes their known
         loss. A measuring forward costs about 0.4 of a training step's forward and backward, so this pays as soon as
         about half the candidates are confirmed. Off with `sit_out=False` (the default), and without a threshold
@@ -375,7 +378,7 @@ class _EditLoop:
             self.sat_out.append(0)
             return
         first = self.epochs == 1
-        candidates = [c for c in self.case_ids if first or self.step_loss[c] < threshold]
+        candidates = [c for c in self.case_ids if (first and c not in self.fresh) or self.step_loss[c] < threshold]
         if candidates:
             indices, values, worst = self.measure(candidates)
             self.step_loss.update(worst)
@@ -564,6 +567,7 @@ def train_edits(
     on_step: Optional[StepHook] = None,
     retain=None,
     project=None,
+    fresh: Iterable[str] = (),
 ) -> TrainReport:
     """Fine-tune `trainable` parameters of `model` in place until the edits are learned (or the loops run out).
 
@@ -579,12 +583,15 @@ def train_edits(
     `project` (a `NullSpaceProjector` built from the unedited model, editing.null_space) projects every step's update
     of each trained matrix off the directions the retain text's inputs use: ``W <- W0 + (W - W0) P``, W0 the weights
     when this call starts.
+
+    `fresh`: case ids of edits never trained before (a sequential batch's new edits, beside replayed ones); with
+    `sit_out`, the first epoch's check measures only the others (`_EditLoop.sit_out_learned`).
     """
     if retain is not None and retain.weight == 0:
         retain = None
     started = time.perf_counter()
     setup = _set_up(model, examples, trainable, settings, pad_id=pad_id, device=device, precision=precision, forward=forward)
-    loop = _EditLoop(model, examples, settings, setup, pad_id=pad_id, device=device, collective=collective, progress=progress, on_step=on_step, retain=retain, project=project)
+    loop = _EditLoop(model, examples, settings, setup, pad_id=pad_id, device=device, collective=collective, progress=progress, on_step=on_step, retain=retain, project=project, fresh=frozenset(fresh))
     if project is not None:
         project.start(setup.named)
     gen = torch.Generator().manual_seed(settings.seed)
