@@ -267,7 +267,8 @@ def bench_model(kind: str, args, recipe_run: RecipeRun) -> dict:
     # 2. mergeedit's R-SFT from the same weights
     with Peak(device) as peak:
         t, cpu = time.perf_counter(), time.process_time()
-        report = train_edits(model, examples, trainable, settings, pad_id=pad_id, device=device, precision=precision)
+        # every edit is new, as a sequential batch's own edits are in the pipeline (fresh: not measured before epoch 1)
+        report = train_edits(model, examples, trainable, settings, pad_id=pad_id, device=device, precision=precision, fresh={e.case_id for e in examples})
         sync(device)
         seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     losses = edit_losses(model, examples, pad_id, device)
