@@ -97,6 +97,17 @@ def test_retain_kl_is_zero_at_step_zero_and_keeps_the_weights_near_the_base(tmp_
     assert plain.train_reports[0]["losses"][0] == report["losses"][0]  # same first step: the edit loss alone is logged
 
 
+def test_replay_under_the_anchored_strategy_is_named_as_doing_nothing(tmp_path, tiny, run_cli):
+    notes = {}
+    for strategy, replay in (("anchored", 0.5), ("anchored", 0.0), ("chained", 0.5)):
+        recipe = _recipe(tmp_path / f"{strategy}-{replay}", tiny, sequential={"batch_size": 2, "strategy": strategy}, rsft={"replay": replay},
+                         merge={"merge_method": "linear", "models": [{"model": "rsft", "parameters": {"weight": 1.0}}]})
+        shown = run_cli("validate", recipe)
+        assert shown.code == 0, shown.stdout
+        notes[strategy, replay] = "replay: 0.5 does nothing under the anchored strategy" in " ".join(shown.stdout.split())
+    assert notes == {("anchored", 0.5): True, ("anchored", 0.0): False, ("chained", 0.5): False}
+
+
 def test_retain_in_chained_batches_breadth_first_and_the_prefix_cache_holds_to_the_original_base(tmp_path, tiny, run_cli):
     recipe = _recipe(
         tmp_path, tiny, sequential={"batch_size": 2},

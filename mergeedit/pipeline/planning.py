@@ -73,7 +73,7 @@ def _base_folder_if_available(run: RecipeRun) -> Path | None:
 
 
 def _new_key_notes(run: RecipeRun, retain) -> list[str]:
-    """What `rsft.retain`, `rsft.null_space` and `merge: {auto}` will do, in one line each."""
+    """What `rsft.retain`, `rsft.null_space`, `rsft.replay` (where it does nothing) and `merge: {auto}` will do, in one line each."""
     recipe, notes = run.recipe, []
     if retain is not None and recipe.rsft.retain_weight > 0:
         r = recipe.rsft.retain
@@ -86,6 +86,9 @@ def _new_key_notes(run: RecipeRun, retain) -> list[str]:
             f"null space: every step's update of each trained Linear matrix is projected off the top directions holding {recipe.rsft.null_space.energy} "
             f"of its inputs' second moment on {len(retain)} texts of {retain.source} (measured on the unedited model)"
         )
+    if recipe.rsft.replay > 0 and recipe.sequential.strategy == "anchored":
+        notes.append(f"replay: {recipe.rsft.replay} does nothing under the anchored strategy: each batch trains from the base on its own edits "
+                     "(replay trains earlier batches' edits again in chained runs); set rsft.replay: 0 to say so")
     if recipe.merge is not None and recipe.merge.auto is not None:
         a = recipe.merge.auto
         count = 1
