@@ -63,15 +63,21 @@ def test_learned_edit_gets_no_gradient_for_the_rest_of_its_epoch():
         assert set(first[k]) <= set(first[k - 1])
 
 
-@pytest.mark.parametrize("schedule", ["depth-first", "breadth-first"])
-def test_an_edit_learned_when_its_epoch_starts_sits_the_epoch_out(schedule):
-    """Replayed edits the model still knows cost a measuring forward, not a step: the epoch's batches are cut from the
-    edits still to learn, and the report counts the edits that sat each epoch out."""
+def _knows_abc():
+    """A tiny model whose layer-2 MLP was trained until edits a, b and c are learned (threshold 0.5), its trainable
+    tensors, and an edit d it was never trained on."""
     model = _model(initializer_range=0.3)
     trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
     easy = TrainSettings(lr=1e-2, batch_size=3, max_epochs=20, max_steps_per_batch=30, loss_threshold=0.5)
     assert train_edits(model, EXAMPLES, trainable, easy, pad_id=0, device=torch.device("cpu")).learned_fraction == 1.0
-    new = TrainingExample("d", [1, 3, 4], [14, 15])
+    return model, trainable, TrainingExample("d", [1, 3, 4], [14, 15])
+
+
+@pytest.mark.parametrize("schedule", ["depth-first", "breadth-first"])
+def test_an_edit_learned_when_its_epoch_starts_sits_the_epoch_out(schedule):
+    """Replayed edits the model still knows cost a measuring forward, not a step: the epoch's batches are cut from the
+    edits still to learn, and the report counts the edits that sat each epoch out."""
+    model, trainable, new = _knows_abc()
     model.eval()
     with torch.no_grad():
         before = FullForward(model, "reference").losses(_batch(EXAMPLES + [new]), [0, 1, 2, 3])
@@ -91,11 +97,7 @@ def test_fresh_edits_are_not_measured_when_the_first_epoch_starts(monkeypatch):
     are measured. A fresh edit the model already knows takes that epoch's step; its step's forward measures it."""
     from mergeedit.editing import rsft
 
-    model = _model(initializer_range=0.3)
-    trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
-    easy = TrainSettings(lr=1e-2, batch_size=3, max_epochs=20, max_steps_per_batch=30, loss_threshold=0.5)
-    assert train_edits(model, EXAMPLES, trainable, easy, pad_id=0, device=torch.device("cpu")).learned_fraction == 1.0
-    new = TrainingExample("d", [1, 3, 4], [14, 15])
+    model, trainable, new = _knows_abc()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     measured: list[list[str]] = []
     real = rsft._EditLoop.measure
