@@ -73,6 +73,8 @@ RETAIN = [[1, 5, 9, 13, 2], [1, 7, 7, 30, 31, 40, 3], [1, 44], [1, 20, 21, 22], 
 def test_the_retain_parts_add_up_to_the_mean_and_its_gradient(size):
     base = _model()
     retain = RetainKL.from_token_ids(base, RETAIN, top_k=4, batch_size=5)
+    split = RetainKL.from_token_ids(base, RETAIN, top_k=4, batch_size=5, parts=size)  # the base side per process share
+    assert len(split) == len(retain) == 1 and split.positions == retain.positions == 21
     model = copy.deepcopy(base)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight.add_(0.05)
@@ -81,12 +83,29 @@ def test_the_retain_parts_add_up_to_the_mean_and_its_gradient(size):
     whole.backward()
     expected = w.grad.clone()
     w.grad = None
-    parts = [retain.kl(model, 0, part=(r, size)) for r in range(size)]
+    parts = [split.kl(model, 0, part=(r, size)) for r in range(size)]
     sum(parts).backward()
     assert whole > 0 and torch.allclose(sum(parts).detach(), whole.detach(), rtol=1e-12)
     assert torch.allclose(w.grad, expected, rtol=1e-10, atol=1e-14)
-    empty = retain.kl(model, 0, part=(5, 6))  # a mini-batch of 5 rows has none for the sixth process
+    assert split.agreement(model) == pytest.approx(retain.agreement(model), rel=1e-12)
+    six = RetainKL.from_token_ids(base, RETAIN, top_k=4, batch_size=5, parts=6)
+    empty = six.kl(model, 0, part=(5, 6))  # a mini-batch of 5 rows has none for the sixth process
     assert float(empty) == 0.0 and not empty.requires_grad
+    with pytest.raises(ValueError, match="built for 1 process"):
+        retain.kl(model, 0, part=(0, size))  # a base side built whole is not read in parts
+
+
+def test_the_retain_kl_is_exactly_zero_before_the_first_step_in_every_part_under_bf16():
+    """Each share's base side is computed in the shape its process's steps read (its rows, trimmed to their longest),
+    under the same autocast, so the unchanged model scores exactly 0 on every part whatever bf16's rounding does with
+    the batch shape."""
+    model = _model().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for size in (1, 2, 3):
+            retain = RetainKL.from_token_ids(model, RETAIN, top_k=4, batch_size=5, parts=size)
+            widths = [g.batch["input_ids"].shape[1] for g in retain.groups if g is not None]
+            assert widths == {1: [8], 2: [8, 7], 3: [7, 8, 5]}[size]  # RETAIN sorted by length: [2, 4, 5, 7, 8] tokens
+            assert [float(retain.kl(model, 0, part=(r, size)).detach()) for r in range(size)] == [0.0] * size
 
 
 def _examples():
@@ -102,7 +121,7 @@ def _train(member):
     model = _model()
     base = copy.deepcopy(model)
     trainable = [n for n, _ in model.named_parameters() if ".mlp." in n and ("layers.1." in n or "layers.2." in n)]
-    retain = RetainKL.from_token_ids(base, RETAIN, weight=0.5, top_k=4, batch_size=3)
+    retain = RetainKL.from_token_ids(base, RETAIN, weight=0.5, top_k=4, batch_size=3, parts=1 if member is None else member.size)
     project = NullSpaceProjector.build(model, trainable, retain.batches(), 0.9)
     settings = TrainSettings(lr=3e-2, batch_size=3, max_epochs=6, loss_threshold=0.3, schedule="breadth-first", sit_out=True, optimizer="adam")
     report = train_edits(model, _examples(), trainable, settings, pad_id=0, device=torch.device("cpu"), collective=member, retain=retain, project=project)

@@ -250,6 +250,8 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model, monkeypatch):
         assert all(torch.allclose(two_delta[n], one_delta[n], rtol=0, atol=1e-4) for n in one_delta)
         assert all((one_delta[n] - base[n]).abs().max() > 1e-2 for n in one_delta)  # the edits moved the weights far more than that
     assert len(runs["one"][1][0]["edits"]) == 4  # the second batch trained its 2 edits and replayed the first batch's 2
+    # each process's share of a retain mini-batch has its base side in that share's own shape: 0 before the first step
+    assert runs["one"][0][0]["retain"]["kl"][0] == runs["two"][0][0]["retain"]["kl"][0] == 0.0
     one_model, two_model = load_state_dict(tmp_path / "one" / "run" / "model"), load_state_dict(tmp_path / "two" / "run" / "model")
     assert set(two_model) == set(base) and all(torch.allclose(two_model[n], one_model[n], rtol=0, atol=1e-4) for n in base)
     assert torch.equal(two_model["model.embed_tokens.weight"], base["model.embed_tokens.weight"])

@@ -269,6 +269,36 @@ class _Group:
     idx: Optional[torch.Tensor]  # [n, k] base top-k token ids (None: full distribution)
     logp: torch.Tensor  # [n, k] or [n, vocab] base log-probs
     rest: Optional[torch.Tensor]  # [n] log of the base mass outside the top-k
+    total: int  # predicted positions of the whole mini-batch this group is (or is a process's part of)
+
+
+def _part(batch: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor, rank: int, size: int):
+    """Process ``rank`` of ``size``'s share of a right-padded mini-batch: its rows rank, rank + size, ..., trimmed to the
+    longest of them, as (batch, rows, cols) with the positions renumbered into it (row r + j size of the mini-batch
+    is row j of the part); None when the mini-batch has no row for it."""
+    mask = batch["attention_mask"]
+    kept = torch.arange(rank, mask.shape[0], size, device=mask.device)
+    if kept.numel() == 0:
+        return None
+    width = int(mask[kept].sum(dim=1).max())  # right-padded: the part's own longest row
+    chosen = (rows % size) == rank
+    return {k: v[kept, :width] for k, v in batch.items()}, torch.div(rows[chosen], size, rounding_mode="floor"), cols[chosen]
+
+
+def _base_side(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor, top_k: Optional[int], total: int) -> _Group:
+    """The base model's distributions at a (part of a) mini-batch's predicted positions: whole, or its top-k and the
+    log of the mass outside them."""
+    logp = _forward_logp(model, batch)[rows, cols]
+    if top_k is None or top_k >= logp.shape[-1]:
+        return _Group(batch, rows, cols, None, logp, None, total)
+    top, idx = logp.topk(top_k, dim=-1)
+    rest = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1)
+    return _Group(batch, rows, cols, idx, top.contiguous(), rest, total)
+
+
+def _group_kl(g: _Group, current: torch.Tensor) -> torch.Tensor:
+    """KL(base || current) at each of the group's positions."""
+    return _full_kl(g.logp, current) if g.idx is None else coarsened_kl(g.idx, g.logp, g.rest, current)
 
 
 class RetainKL:
@@ -277,10 +307,18 @@ class RetainKL:
     Build it once from the unedited model (`build` for texts, `from_token_ids` for token id lists); then, in any
     training step, ``loss = edit_loss + retain(model, step)``. ``len(retain)`` is the number of mini-batches;
     ``retain.kl(model, step)`` is the unweighted KL (a tensor), ``retain.reference_bytes`` what the base side holds.
+
+    Built for ``parts`` processes (editing.collective), the base side of each mini-batch is computed on each process's
+    share of it, in the shape that process's steps read (`_part`), so the KL before the first step is exactly 0
+    whatever the process count (a reduced-precision forward rounds a row differently in a batch of another shape).
+    ``groups`` then holds ``parts`` entries per mini-batch, mini-batch by mini-batch (None: a share with no row).
     """
 
-    def __init__(self, groups: list[_Group], weight: float, top_k: Optional[int], source: str = ""):
+    def __init__(self, groups: list[Optional[_Group]], weight: float, top_k: Optional[int], source: str = "", parts: int = 1,
+                 batches: Optional[list[dict[str, torch.Tensor]]] = None):
         self.groups = groups
+        self.parts = parts
+        self._batches = batches if batches is not None else [g.batch for g in groups]  # the whole mini-batches
         self.weight = float(weight)
         self.top_k = top_k
         self.source = source
@@ -301,12 +339,13 @@ class RetainKL:
         device: Optional[torch.device] = None,
         max_reference_bytes: int = 2 << 30,
         max_groups: Optional[int] = None,
+        parts: int = 1,
     ) -> "RetainKL":
         """Tokenize each text whole (the tokenizer's usual special tokens), keep its first ``max_tokens`` tokens."""
         seqs = retain_token_ids(tokenizer, retain, max_tokens)
         source = retain.source if isinstance(retain, RetainTexts) else ""
         return cls.from_token_ids(model, seqs, weight=weight, top_k=top_k, batch_size=batch_size, pad_id=retain_pad_id(tokenizer) if pad_id is None else pad_id,
-                                  device=device, max_reference_bytes=max_reference_bytes, source=source, max_groups=max_groups)
+                                  device=device, max_reference_bytes=max_reference_bytes, source=source, max_groups=max_groups, parts=parts)
 
     @classmethod
     def from_token_ids(
@@ -322,13 +361,14 @@ class RetainKL:
         max_reference_bytes: int = 2 << 30,
         source: str = "",
         max_groups: Optional[int] = None,
+        parts: int = 1,
     ) -> "RetainKL":
         """The base side of token id lists, each sorted into right-padded mini-batches of ``batch_size``."""
         _check_sequences(seqs, batch_size)
         if device is None:
             device = next(model.parameters()).device
         return cls.from_groups(model, list(_padded(seqs, batch_size, pad_id, device)), weight=weight, top_k=top_k,
-                               max_reference_bytes=max_reference_bytes, source=source, max_groups=max_groups)
+                               max_reference_bytes=max_reference_bytes, source=source, max_groups=max_groups, parts=parts)
 
     @classmethod
     def from_groups(
@@ -341,12 +381,16 @@ class RetainKL:
         max_reference_bytes: int = 2 << 30,
         source: str = "",
         max_groups: Optional[int] = None,
+        parts: int = 1,
     ) -> "RetainKL":
         """The base side from the model as it is now (call it before training), over padded mini-batches
         (`retain_groups`: (batch, rows, cols), (rows[i], cols[i]) the position predicting the next token; every position
         of a sequence but the last, all kept). ``max_groups``: only the first that many mini-batches (a caller that
         takes fewer steps than there are mini-batches reads no other; step s reads s mod count, so the steps it takes
-        read the same mini-batches either way)."""
+        read the same mini-batches either way). ``parts``: the number of processes whose steps will read it (each
+        mini-batch's base side is computed per process share, every share on every process)."""
+        if parts < 1:
+            raise MergeEditError(f"retain parts must be >= 1 (the processes training together), got {parts}")
         if max_groups is not None and max_groups < 1:
             raise MergeEditError(f"retain max_groups must be >= 1 or None, got {max_groups}")
         if weight < 0 or not math.isfinite(weight):
@@ -363,63 +407,51 @@ class RetainKL:
                 f"retain set: the base distributions would take {positions * per_pos / 2**30:.1f} GiB ({positions} positions); "
                 f"use a smaller top_k, fewer texts or a shorter max_tokens"
             )
-        built = []
+        built: list[Optional[_Group]] = []
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for batch, rows, cols in groups[:max_groups]:  # None: every group
-                logp = _forward_logp(model, batch)[rows, cols]
-                if top_k is None or top_k >= logp.shape[-1]:
-                    built.append(_Group(batch, rows, cols, None, logp, None))
-                    continue
-                top, idx = logp.topk(top_k, dim=-1)
-                rest = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1)
-                built.append(_Group(batch, rows, cols, idx, top.contiguous(), rest))
+            for whole in groups[:max_groups]:  # None: every group
+                total = int(whole[1].numel())
+                for share in [whole] if parts == 1 else [_part(*whole, r, parts) for r in range(parts)]:
+                    built.append(None if share is None else _base_side(model, *share, top_k, total))
         model.train(was_training)
-        return cls(built, weight, top_k, source)
+        return cls(built, weight, top_k, source, parts, [batch for batch, _, _ in groups[:max_groups]])
 
     # -- using ----------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.groups)
+        return len(self._batches)
 
     def batches(self) -> list[dict[str, torch.Tensor]]:
         """The padded retain mini-batches (input_ids, attention_mask, position_ids), in step order."""
-        return [g.batch for g in self.groups]
+        return list(self._batches)
+
+    def _built(self) -> list[_Group]:
+        return [g for g in self.groups if g is not None]
 
     @property
     def positions(self) -> int:
-        return sum(int(g.rows.numel()) for g in self.groups)
+        return sum(int(g.rows.numel()) for g in self._built())
 
     @property
     def reference_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for g in self.groups for t in (g.idx, g.logp, g.rest) if t is not None)
+        return sum(t.numel() * t.element_size() for g in self._built() for t in (g.idx, g.logp, g.rest) if t is not None)
 
     def kl(self, model, step: int, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Mean KL(base || current) (nats) over the predicted positions of mini-batch ``step % len(self)``.
 
-        ``part=(r, n)``: process r of n (editing.collective) takes the mini-batch's rows r, r + n, ... and returns their
-        KL summed and divided by the whole mini-batch's positions, so the n parts add up to the mean (and so do their
-        gradients). A part with no row is a zero with no graph."""
-        g = self.groups[step % len(self.groups)]
+        ``part=(r, n)``: process r of n (editing.collective; the KL must be built with ``parts=n``) takes the
+        mini-batch's rows r, r + n, ... (`_part`) and returns their KL summed and divided by the whole mini-batch's
+        positions, so the n parts add up to the mean (and so do their gradients). A part with no row is a zero with no
+        graph."""
         rank, size = part
-        if size == 1:
-            current = _forward_logp(model, g.batch)[g.rows, g.cols]
-            per_pos = _full_kl(g.logp, current) if g.idx is None else coarsened_kl(g.idx, g.logp, g.rest, current)
-            return per_pos.mean()
-        mask = g.batch["attention_mask"]
-        kept = torch.arange(rank, mask.shape[0], size, device=mask.device)
-        if kept.numel() == 0:
-            return torch.zeros((), device=mask.device)
-        width = int(mask[kept].sum(dim=1).max())  # right-padded: the part's own longest row
-        batch = {k: v[kept, :width] for k, v in g.batch.items()}
-        chosen = (g.rows % size) == rank
-        rows = torch.div(g.rows[chosen], size, rounding_mode="floor")  # row r + j n of the group is row j of the part
-        current = _forward_logp(model, batch)[rows, g.cols[chosen]]
-        if g.idx is None:
-            per_pos = _full_kl(g.logp[chosen], current)
-        else:
-            per_pos = coarsened_kl(g.idx[chosen], g.logp[chosen], g.rest[chosen], current)
-        return per_pos.sum() / g.rows.numel()
+        if size != self.parts or not 0 <= rank < size:
+            raise ValueError(f"retain KL built for {self.parts} process(es), read as part {rank} of {size}")
+        g = self.groups[(step % len(self)) * size + rank]
+        if g is None:
+            return torch.zeros((), device=self._batches[0]["input_ids"].device)
+        per_pos = _group_kl(g, _forward_logp(model, g.batch)[g.rows, g.cols])
+        return per_pos.mean() if size == 1 else per_pos.sum() / g.total
 
     def agreement(self, model) -> dict:
         """How close ``model`` stays to the base on every retain position (no gradients): ``retain_loc``, the share of
@@ -429,12 +461,11 @@ class RetainKL:
         model.eval()
         same, kl, n = 0, 0.0, 0
         with torch.no_grad():
-            for g in self.groups:
+            for g in self._built():  # every process's share (the same numbers on every process)
                 current = _forward_logp(model, g.batch)[g.rows, g.cols]
                 base_top = g.logp.argmax(-1) if g.idx is None else g.idx.gather(-1, g.logp.argmax(-1, keepdim=True)).squeeze(-1)
                 same += int((current.argmax(-1) == base_top).sum())
-                per_pos = _full_kl(g.logp, current) if g.idx is None else coarsened_kl(g.idx, g.logp, g.rest, current)
-                kl += float(per_pos.double().sum())
+                kl += float(_group_kl(g, current).double().sum())
                 n += int(g.rows.numel())
         model.train(was_training)
         return {"retain_loc": same / n, "retain_kl": kl / n}
@@ -442,7 +473,7 @@ class RetainKL:
     def __call__(self, model, step: int) -> torch.Tensor:
         """``weight * kl(model, step)``: add it to the step's loss before ``backward()``."""
         if self.weight == 0:
-            return torch.zeros((), device=self.groups[0].logp.device)
+            return torch.zeros((), device=self._batches[0]["input_ids"].device)
         return self.weight * self.kl(model, step)
 
     loss = __call__
@@ -452,7 +483,7 @@ class RetainKL:
         return {
             "weight": self.weight,
             "top_k": self.top_k,
-            "batches": len(self.groups),
+            "batches": len(self),
             "positions": self.positions,
             "reference_bytes": self.reference_bytes,
             "source": self.source,

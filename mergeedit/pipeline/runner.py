@@ -391,7 +391,8 @@ class RecipeRun:
         """`rsft.retain`: the base side of the KL term, from the ORIGINAL unedited model (before any batch trains), under
         the autocast the steps use; every batch (chained or anchored) is held to the same base. Built only when something
         reads the base's distributions (the KL term with weight > 0, `merge: {auto}`'s locality probe); the null space
-        alone reads only the padded batches, which need no forward. Step s of a training call reads mini-batch
+        alone reads only the padded batches, which need no forward. Under several processes each mini-batch's base side
+        is computed per process share (`RetainKL.from_groups(parts=...)`): the KL is 0 before the first step. Step s of a training call reads mini-batch
         s mod count, and no call takes more than `steps` steps (editing.rsft.max_steps over every edit), so only the
         first `steps` mini-batches get a base side unless `merge: {auto}` reads them all: the same KL at every step, for
         less of a forward on a short run. Returns (RetainKL or None, every padded batch, key)."""
@@ -412,7 +413,8 @@ class RecipeRun:
             return None, batches, key
         half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
-            kl = RetainKL.from_groups(model, groups, weight=r.weight, top_k=r.top_k, source=texts.source, max_groups=None if auto else steps)
+            kl = RetainKL.from_groups(model, groups, weight=r.weight, top_k=r.top_k, source=texts.source, max_groups=None if auto else steps,
+                                      parts=self.dist.world_size if self.dist.enabled else 1)  # each process's share in its steps' shape
         return kl, batches, key
 
     def pre_edit_stages(self, s: Session, records: list[EditRecord], result: RunResult, prefix: str = "") -> tuple[Optional[dict], Optional[DriftSetup]]:
