@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
+from ..core.memory import release_free_memory
 from ..io.integrity import write_errors_named
 from ..io.output_dir import AtomicOutputDir
 
@@ -144,6 +145,7 @@ class RunDir:
             self.reused.append(name)
             return stage
         self.reporter.stage(name, False, detail)
+        release_free_memory()  # what earlier stages freed leaves the resident set, so this stage's peak is its own
         started, _ = time.perf_counter(), reset_peak_rss()
         value = compute() if compute is not None else None
         with self.dist.main_first() as main:
