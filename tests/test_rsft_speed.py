@@ -240,7 +240,8 @@ def test_generation_is_batched_left_padded_and_reuses_the_kv_cache():
 def test_free_heap_memory_leaves_the_resident_set_between_stages():
     """glibc keeps freed blocks below its mmap threshold in the heap, and free() returns only free space at the heap's
     top. Built here: 64 MiB of 96 KiB blocks, written (resident), then all but the highest freed: that one pins them
-    below the top, and the resident set keeps them. `release_free_memory` gives them back; the run calls it before every stage."""
+    below the top, and the resident set keeps them. `release_free_memory` gives them back (the run calls it before
+    every stage: the next test)."""
     import ctypes
 
     from mergeedit.core.memory import current_rss, release_free_memory

@@ -392,10 +392,11 @@ class RecipeRun:
         the autocast the steps use; every batch (chained or anchored) is held to the same base. Built only when something
         reads the base's distributions (the KL term with weight > 0, `merge: {auto}`'s locality probe); the null space
         alone reads only the padded batches, which need no forward. Under several processes each mini-batch's base side
-        is computed per process share (`RetainKL.from_groups(parts=...)`): the KL is 0 before the first step. Step s of a training call reads mini-batch
-        s mod count, and no call takes more than `steps` steps (editing.rsft.max_steps over every edit), so only the
-        first `steps` mini-batches get a base side unless `merge: {auto}` reads them all: the same KL at every step, for
-        less of a forward on a short run. Returns (RetainKL or None, every padded batch, key)."""
+        is computed per process share (`RetainKL.from_groups(parts=...)`), so the KL is 0 before the first step. Step s
+        of a training call reads mini-batch s mod count, and no call takes more than `steps` steps (editing.rsft.max_steps
+        over every edit), so only the first `steps` mini-batches get a base side unless `merge: {auto}` reads them all:
+        the same KL at every step, for less of a forward on a short run. Returns (RetainKL or None, every padded batch,
+        key)."""
         from ..editing.retain import RetainKL, retain_groups
         from ..editing.rsft import pick_precision
         from .recipe import RetainSection
