@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import resource
 
@@ -34,6 +35,17 @@ def current_rss() -> int:
         return peak_rss()
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once; None where the C library has none."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
 def release_free_memory() -> bool:
     """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim(0)``); False where the C
     library has no such call (musl, macOS: nothing to do there).
@@ -41,10 +53,8 @@ def release_free_memory() -> bool:
     Freed tensors below glibc's mmap threshold (which rises, up to 32 MiB, each time a larger mmapped block is freed)
     return to the heap, and free() gives back only free space at its top: between the stages of a run the resident
     set kept about 1 GiB more than the process held (SmolLM2-135M, after an R-SFT stage, benchmarks/README.md)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True

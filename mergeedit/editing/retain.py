@@ -314,11 +314,11 @@ class RetainKL:
     ``groups`` then holds ``parts`` entries per mini-batch, mini-batch by mini-batch (None: a share with no row).
     """
 
-    def __init__(self, groups: list[Optional[_Group]], weight: float, top_k: Optional[int], source: str = "", parts: int = 1,
-                 batches: Optional[list[dict[str, torch.Tensor]]] = None):
+    def __init__(self, groups: list[Optional[_Group]], batches: list[dict[str, torch.Tensor]], weight: float, top_k: Optional[int],
+                 source: str = "", parts: int = 1):
         self.groups = groups
         self.parts = parts
-        self._batches = batches if batches is not None else [g.batch for g in groups]  # the whole mini-batches
+        self._batches = batches  # the whole mini-batches, in step order
         self.weight = float(weight)
         self.top_k = top_k
         self.source = source
@@ -416,7 +416,7 @@ class RetainKL:
                 for share in [whole] if parts == 1 else [_part(*whole, r, parts) for r in range(parts)]:
                     built.append(None if share is None else _base_side(model, *share, top_k, total))
         model.train(was_training)
-        return cls(built, weight, top_k, source, parts, [batch for batch, _, _ in groups[:max_groups]])
+        return cls(built, [batch for batch, _, _ in groups[:max_groups]], weight, top_k, source, parts)
 
     # -- using ----------------------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -415,7 +415,7 @@ class RecipeRun:
         half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
             kl = RetainKL.from_groups(model, groups, weight=r.weight, top_k=r.top_k, source=texts.source, max_groups=None if auto else steps,
-                                      parts=self.dist.world_size if self.dist.enabled else 1)  # each process's share in its steps' shape
+                                      parts=self.dist.world_size)  # each process's share in its steps' shape
         return kl, batches, key
 
     def pre_edit_stages(self, s: Session, records: list[EditRecord], result: RunResult, prefix: str = "") -> tuple[Optional[dict], Optional[DriftSetup]]:
