@@ -235,6 +235,7 @@ def bench_model(kind: str, args, recipe_run: RecipeRun) -> dict:
     examples = examples_for(records, tokenizer, fmt, recipe.rsft.train_rephrases, "dataset", system_prompt=recipe.dataset.system_prompt, eos=recipe.rsft.eos)
     pad_id = tokenizer.pad_token_id
     precision = args.precision or recipe.rsft.precision
+    compiled = args.compile or str(recipe.rsft.compile).lower()
     resolved = pick_precision(device)[0] if precision == "auto" else precision
     half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(resolved)
     named = dict(model.named_parameters())
@@ -251,7 +252,7 @@ def bench_model(kind: str, args, recipe_run: RecipeRun) -> dict:
         "examples": len(examples),
         "tokens_per_example": sum(len(e.prompt_ids) + len(e.answer_ids) for e in examples) / len(examples),
         "trainable": f"{len(trainable)} tensors, {sum(named[n].numel() for n in trainable) / 1e6:.1f}M parameters",
-        "settings": {"max_epochs": settings.max_epochs, "max_steps_per_batch": settings.max_steps_per_batch, "batch_size": settings.batch_size, "lr": settings.lr, "optimizer": settings.optimizer, "loss_threshold": settings.loss_threshold, "schedule": settings.schedule, "precision": precision},
+        "settings": {"max_epochs": settings.max_epochs, "max_steps_per_batch": settings.max_steps_per_batch, "batch_size": settings.batch_size, "lr": settings.lr, "optimizer": settings.optimizer, "loss_threshold": settings.loss_threshold, "schedule": settings.schedule, "precision": precision, "compile": compiled},
     }
     print(f"\n== {description}: {row['edits']} edits, {row['examples']} examples ({row['tokens_per_example']:.1f} tokens each), trainable {row['trainable']}", flush=True)
 
@@ -268,7 +269,7 @@ def bench_model(kind: str, args, recipe_run: RecipeRun) -> dict:
     with Peak(device) as peak:
         t, cpu = time.perf_counter(), time.process_time()
         # every edit is new, as a sequential batch's own edits are in the pipeline (fresh: not measured before epoch 1)
-        report = train_edits(model, examples, trainable, settings, pad_id=pad_id, device=device, precision=precision, fresh={e.case_id for e in examples})
+        report = train_edits(model, examples, trainable, settings, pad_id=pad_id, device=device, precision=precision, fresh={e.case_id for e in examples}, compiled=compiled)
         sync(device)
         seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     losses = edit_losses(model, examples, pad_id, device)
@@ -281,12 +282,13 @@ def bench_model(kind: str, args, recipe_run: RecipeRun) -> dict:
         "profile": report.profile,
         "forward_path": report.forward,
         "precision": report.precision,
+        "compiled": report.compiled,
         "peak_rss": peak.rss,
         "peak_gpu": peak.gpu,
         "learned": sum(v < settings.loss_threshold for v in losses.values()) / len(losses),
         "learned_by_own_check": report.learned_fraction,
     }
-    print(f"mergeedit R-SFT: {ours['steps']} steps, {seconds:.1f} s ({report.forward}; precision {report.precision})", flush=True)
+    print(f"mergeedit R-SFT: {ours['steps']} steps, {seconds:.1f} s ({report.forward}; precision {report.precision}; compiled {report.compiled})", flush=True)
 
     # 3. the generation-protocol evaluation of the trained model, as the run's eval stage does it
     if args.eval:
@@ -355,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="override rsft.batch_size (edits per batch)")
     ap.add_argument("--layers", type=int, nargs=2, default=None, metavar=("FIRST", "END"), help="train only layers [FIRST, END) of the trainable set")
     ap.add_argument("--precision", default=None, help="override rsft.precision (float32, bfloat16, auto)")
+    ap.add_argument("--compile", choices=["auto", "true", "false"], default=None, help="override rsft.compile (the frozen modules compiled with torch.compile)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-eval", dest="eval", action="store_false", help="skip the timed generation-protocol evaluation")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (1 on a machine other processes load: spinning thread barriers distort wall times)")

@@ -457,7 +457,7 @@ def run(
         out.print(f"evaluation: {eval_seconds:.1f} s of {result.seconds:.1f} s wall time ({share:.0%})")
         out.print(f"outside the stages (loading the model, the retain set's base side, the null space's moments): {outside_stages(result):.1f} s")
     for r in result.train_reports[:1]:
-        out.print(f"training forward: {r.get('forward', '')}; precision: {r.get('precision', '')}")
+        out.print(f"training forward: {r.get('forward', '')}; precision: {r.get('precision', '')}; compiled: {r.get('compiled', 'false')}")
     spent: dict[str, float] = {}
     for r in result.train_reports:
         for part, seconds in r.get("profile", {}).items():

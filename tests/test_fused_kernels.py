@@ -223,7 +223,8 @@ from mergeedit.merging.methods import fused
 v = fused.Variant(2, "magnitude", True, True)
 fused._CODE[v] = fused._compile(fused.formula)
 fused._warm(v)  # raises KernelMismatch if the compiled bits differ from eager's
-print(fused.simd_bits())
+from mergeedit.core.compiler import simd_bits
+print(simd_bits())
 """
 
 

@@ -1,11 +1,24 @@
 """#16: frozen weights held in the half type give the per-call casts' numbers bit for bit and come back untouched; the
-attention kernel is chosen by the batch's width and computes the same function."""
+attention kernel is chosen by the batch's width and computes the same function; the frozen modules compiled compute
+the eager losses and gradients, and `rsft.compile: auto` compiles only where it pays."""
 
+import pytest
 import torch
 from test_rsft_speed import EXAMPLES, _batch, _model
 
-from mergeedit.editing.compute import EAGER_ATTENTION_MAX_WIDTH, attention_kernel, frozen_in_half
+from mergeedit.core.compiler import missing_compiler
+from mergeedit.core.errors import MergeEditError
+from mergeedit.editing import compute
+from mergeedit.editing.compute import (
+    EAGER_ATTENTION_MAX_WIDTH,
+    attention_kernel,
+    compile_choice,
+    compiled_frozen,
+    frozen_in_half,
+    frozen_subtrees,
+)
 from mergeedit.editing.forward import FullForward, PrefixForward
+from mergeedit.editing.retain import RetainKL
 from mergeedit.editing.rsft import TrainSettings, train_edits
 
 CPU = torch.device("cpu")
@@ -136,3 +149,83 @@ def test_eager_and_fused_attention_compute_the_same_losses_and_gradients(monkeyp
     (fused, g_fused), (eager, g_eager) = results
     assert torch.allclose(fused, eager, rtol=1e-5, atol=1e-6)
     assert all(torch.allclose(g_fused[n], g_eager[n], rtol=1e-4, atol=1e-6) for n in trainable)
+
+
+# -- compiled frozen modules (rsft.compile) -------------------------------------------------------------------------
+def test_compile_auto_compiles_only_a_large_model_on_cpu_for_a_long_call_and_true_needs_a_compiler(monkeypatch):
+    big, many = compute.COMPILE_MIN_PARAMETERS, compute.COMPILE_MIN_STEPS
+    monkeypatch.setattr(compute, "missing_compiler", lambda: None)
+    assert compile_choice("false", CPU, big, many) == (False, "false")
+    assert compile_choice("true", CPU, 10, 1) == (True, "true")  # obeyed, however small
+    assert compile_choice("auto", CPU, big, many) == (True, f"auto -> true ({big:,} parameters, up to {many} steps)")
+    assert compile_choice("auto", CPU, big - 1, many)[0] is False
+    on, note = compile_choice("auto", CPU, big, many - 1)
+    assert not on and note.startswith(f"auto -> false (at most {many - 1} steps")
+    on, note = compile_choice("auto", torch.device("cuda"), big, many)
+    assert not on and "measured on CPU only" in note
+    monkeypatch.setattr(compute, "missing_compiler", lambda: "no C++ compiler for torch.compile (here)")
+    assert compile_choice("auto", CPU, big, many) == (False, "auto -> false (no C++ compiler for torch.compile (here))")
+    with pytest.raises(MergeEditError, match=r"rsft.compile: true, but no C\+\+ compiler .* set rsft.compile: auto"):
+        compile_choice("true", CPU, big, many)
+
+
+def test_the_compiled_modules_are_the_frozen_subtrees_of_each_layer_never_a_trained_module_or_a_lone_matrix():
+    model = _tied_model()
+    layers = model.model.layers
+    mlp = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
+    attn2 = layers[2]
+    assert frozen_subtrees(model, mlp) == [layers[0], layers[1], attn2.self_attn, attn2.input_layernorm, attn2.post_attention_layernorm, layers[3]]
+    # only the down projection trains: its siblings are lone matrices (nothing to fuse), the activation has no weights
+    assert frozen_subtrees(model, ["model.layers.2.mlp.down_proj.weight"]) == [layers[0], layers[1], attn2.self_attn, attn2.input_layernorm, attn2.post_attention_layernorm, layers[3]]
+    assert frozen_subtrees(model, []) == list(layers)
+    assert frozen_subtrees(torch.nn.Linear(2, 2), []) == []  # not a decoder: nothing
+    with compiled_frozen(model, mlp, False) as n:
+        assert n == 0 and all(m._compiled_call_impl is None for m in model.modules())
+
+
+@pytest.mark.skipif(missing_compiler() is not None, reason="needs a C++ compiler for torch.compile")
+def test_compiled_frozen_modules_give_the_eager_losses_and_gradients_and_go_back_to_eager():
+    torch._dynamo.reset()
+    model = _tied_model()
+    trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    chosen = frozen_subtrees(model, trainable)
+    for forward in (FullForward(model, "reference"), PrefixForward(model, 2)):
+        forward.prepare(EXAMPLES, 0, CPU)
+        model.zero_grad(set_to_none=True)
+        ref = forward.losses(_batch(EXAMPLES), [0, 1, 2])
+        ref.sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if n in trainable}
+        model.zero_grad(set_to_none=True)
+        with compiled_frozen(model, trainable, True) as n:
+            assert n == len(chosen) == 6 and all(m._compiled_call_impl is not None for m in chosen)
+            losses = forward.losses(_batch(EXAMPLES), [0, 1, 2])
+            losses.sum().backward()
+            again = forward.losses(_batch(EXAMPLES[:2]), [0, 1])  # another shape: dynamic, same code
+        assert all(m._compiled_call_impl is None for m in model.modules())  # back to eager
+        assert torch.allclose(losses.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(again.detach(), ref.detach()[:2], rtol=1e-5, atol=1e-6)
+        assert all(torch.allclose(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6) for n, p in model.named_parameters() if n in trainable)
+    try:
+        with compiled_frozen(model, trainable, True):
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert all(m._compiled_call_impl is None for m in model.modules())
+
+
+@pytest.mark.skipif(missing_compiler() is not None, reason="needs a C++ compiler for torch.compile")
+def test_a_compiled_training_call_keeps_the_retain_kl_exactly_zero_at_its_first_step_and_reports_it():
+    """The retain forward runs eager inside a compiled call, as its base side did: KL 0.0 before the first update."""
+    model = _tied_model()
+    trainable = [n for n, _ in model.named_parameters() if "layers.2.mlp" in n]
+    retain = RetainKL.from_token_ids(model, [[1, 5, 9, 13, 2], [1, 7, 7, 30, 31, 40, 3], [1, 44, 3]], weight=1.0, top_k=None, batch_size=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = TrainSettings(lr=1e-2, batch_size=3, max_epochs=2, max_steps_per_batch=1, loss_threshold=0.0)
+    report = train_edits(model, EXAMPLES, trainable, settings, pad_id=0, device=CPU, retain=retain, compiled="true")
+    assert report.compiled == "true" and report.steps == 2
+    assert report.retain["kl"][0] == 0.0 and report.retain["kl"][1] > 0.0
+    assert all(m._compiled_call_impl is None for m in model.modules())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]) != (n in trainable)

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .collective import Collective, gather, positions, spread, sum_grads, total
-from .compute import attention_kernel, frozen_in_half
+from .compute import attention_kernel, compile_choice, compiled_frozen, frozen_in_half, uncompiled
 from .forward import masked_modules, position_mask, training_forward, updates_only_at
 from .tokens import length_buckets, pad_batch
 
@@ -101,6 +101,7 @@ class TrainReport:
     losses: list[float] = field(default_factory=list)  # batch loss at every optimizer step
     forward: str = ""  # which forward path ran (frozen-prefix cache or full forward, and why)
     precision: str = "float32"
+    compiled: str = "false"  # rsft.compile: whether the frozen modules ran compiled, and for auto why
     tokens: int = 0  # tokens through the trained layers, summed over steps
     profile: dict = field(default_factory=dict)  # seconds in prefix, forward, backward, optimizer, measure
     retain: dict = field(default_factory=dict)  # the retain term (RetainKL.describe) and its unweighted KL at every step
@@ -243,9 +244,11 @@ class _Setup:
     forward: object  # a FullForward or PrefixForward, prepared for `examples`
     prefix_before: float  # the forward's prefix seconds before this call (a passed-in forward keeps its total)
     modules: list  # the modules owning a trainable tensor inside a decoder layer (outputs masked under `update_positions`)
+    compiled: bool  # the frozen modules run compiled (editing.compute.compiled_frozen)
+    compile_note: str  # the report's `compiled`: the setting, and for `auto` what it chose and why
 
 
-def _set_up(model, examples, trainable, settings, *, pad_id, device, precision, forward) -> _Setup:
+def _set_up(model, examples, trainable, settings, *, pad_id, device, precision, forward, compiled) -> _Setup:
     """Seed, mark the trainable parameters, make the optimizer, choose the precision and prepare the forward.
 
     The frozen-prefix cache is computed here, once, under the same autocast as the steps. A forward passed in keeps its
@@ -266,7 +269,9 @@ def _set_up(model, examples, trainable, settings, *, pad_id, device, precision, 
     prefix_before = forward.prefix_seconds
     with torch.autocast(device.type, dtype=half, enabled=half is not None):
         forward.prepare(examples, pad_id, device)
-    return _Setup(named, optimizer, precision_note, half, forward, prefix_before, masked_modules(model, trainable))
+    edits = len({e.case_id for e in examples})
+    on, compile_note = compile_choice(compiled, device, sum(p.numel() for p in named.values()), max_steps(settings, edits))
+    return _Setup(named, optimizer, precision_note, half, forward, prefix_before, masked_modules(model, trainable), on, compile_note)
 
 
 class _EditLoop:
@@ -455,7 +460,7 @@ class _EditLoop:
         t = time.perf_counter()
         half = self.setup.half
         part = (0, 1) if self.collective is None else (self.collective.rank, self.collective.size)
-        with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
+        with torch.autocast(self.device.type, dtype=half, enabled=half is not None), uncompiled():  # as its eager base side
             kl = self.retain.kl(self.model, self.total_steps, part=part)
         self.retain_kl.append(float(kl.detach()))  # this process's part under several (summed in sum_step)
         self.timing["retain"] = self.timing.get("retain", 0.0) + time.perf_counter() - t
@@ -543,6 +548,7 @@ class _EditLoop:
             losses=self.losses,
             forward=s.forward.describe(),
             precision=s.precision_note,
+            compiled=s.compile_note,
             tokens=int(total(float(self.tokens), self.collective)),  # every process's
             profile={"prefix": s.forward.prefix_seconds - s.prefix_before + 0.0, **self.timing},  # this process's seconds
             retain={**self.retain.describe(), "kl": self.retain_kl} if self.retain is not None else {},
@@ -568,6 +574,7 @@ def train_edits(
     retain=None,
     project=None,
     fresh: Iterable[str] = (),
+    compiled: str = "false",
 ) -> TrainReport:
     """Fine-tune `trainable` parameters of `model` in place until the edits are learned (or the loops run out).
 
@@ -586,17 +593,21 @@ def train_edits(
 
     `fresh`: case ids of edits never trained before (a sequential batch's new edits, beside replayed ones); with
     `sit_out`, the first epoch's check measures only the others (`_EditLoop.sit_out_learned`).
+
+    `compiled` (`rsft.compile`: "auto", "true" or "false"): whether the frozen modules run compiled while the call
+    trains and measures (editing.compute.compiled_frozen); the report's `compiled` says what ran.
     """
     if retain is not None and retain.weight == 0:
         retain = None
     started = time.perf_counter()
-    setup = _set_up(model, examples, trainable, settings, pad_id=pad_id, device=device, precision=precision, forward=forward)
+    setup = _set_up(model, examples, trainable, settings, pad_id=pad_id, device=device, precision=precision, forward=forward, compiled=compiled)
     loop = _EditLoop(model, examples, settings, setup, pad_id=pad_id, device=device, collective=collective, progress=progress, on_step=on_step, retain=retain, project=project, fresh=frozenset(fresh))
     if project is not None:
         project.start(setup.named)
     gen = torch.Generator().manual_seed(settings.seed)
     try:
-        with frozen_in_half(model, trainable, setup.half):  # the frozen layers' weights cast once, not at every use
+        # the frozen layers' weights cast once, not at every use; their elementwise work fused where it pays
+        with frozen_in_half(model, trainable, setup.half), compiled_frozen(model, trainable, setup.compiled):
             for epoch in range(settings.max_epochs):  # loop 1
                 loop.run_epoch(epoch, gen)
                 if loop.end_epoch(last=epoch == settings.max_epochs - 1):

@@ -468,6 +468,7 @@ class RecipeRun:
                     s.model, examples, s.trainable, s.settings, pad_id=s.tokenizer.pad_token_id, device=s.device,
                     progress=self.reporter.training, precision=recipe.rsft.precision, collective=self.dist.collective,
                     forward=s.forward, retain=s.retain, project=s.null_space, fresh=[r.case_id for r in batch],
+                    compiled=str(recipe.rsft.compile).lower(),
                 )
                 self.reporter.training_done()
                 return report

@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ...core.compiler import inductor_options
 from .seeded_random import derive_seed, keep_from_key, keep_limit, key
 
 MIN_BLOCK = 16  # smaller blocks stay eager (sizes 0 and 1 would make the compiled code specialise and recompile)
@@ -218,21 +219,10 @@ class KernelCompiler:
                 self._queue.task_done()
 
 
-def simd_bits() -> int:
-    """The vector width (bits) inductor generates CPU code for in this process: that of the ISA ATen's dispatch uses
-    (ATEN_CPU_CAPABILITY, else the CPU's best), 0 for scalar code."""
-    from torch._inductor import cpu_vec_isa
-
-    return cpu_vec_isa.pick_vec_isa().bit_width()
-
-
 def _compile(fn):
-    """torch.compile with the vector width named in inductor's config. torch 2.13's FX graph cache leaves the width out
-    of its key, yet the cached wrapper embeds C++ whose loops step by the width it was generated for, and the C++ is
-    rebuilt with the flags of the process that loads it: code generated for AVX-512 (step 16) loaded where ATen runs
-    AVX2 (8 lanes) leaves half of each output block unwritten, and the reverse writes past the output's end. Naming
-    the width puts it in the key, so each ISA gets code of its own."""
-    return torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp.simdlen": simd_bits()})
+    """torch.compile with the vector width named in inductor's config (core.compiler.inductor_options: the FX graph
+    cache would otherwise serve one ISA's code to another)."""
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=inductor_options())
 
 
 class KernelMismatch(RuntimeError):
