@@ -132,6 +132,7 @@ def test_retain_in_chained_batches_breadth_first_and_the_prefix_cache_holds_to_t
     ({"layers": {"auto": 1, "score": "curvature"}}, "layers.score: Input should be 'grad' or 'relative'"),
     ({"layers": {"auto": 0}}, "layers.auto: Input should be greater than or equal to 1"),
     ({"layers": {"width": 2}}, "unknown key 'width' in layers"),
+    ({"compile": "sometimes"}, "rsft.compile"),
     ({"merge": {"floor": 1.5}}, "merge.auto.floor"),
     ({"merge": {"candidates": {"densty": [0.5]}}}, "grid key 'densty' is not a parameter of merge_method ties (did you mean 'density'?)"),
     ({"merge": {"candidates": {"density": [1.5]}}}, "merge.auto.candidates"),
@@ -150,6 +151,20 @@ def test_bad_values_of_the_new_keys_are_one_located_line_exit_2(tmp_path, tiny, 
         got = run_cli(command, recipe)
         assert got.code == 2 and needle in got.stderr and "Traceback" not in got.stderr, got.stderr
         assert str(recipe) in got.stderr and len(got.stderr.strip().splitlines()) == 1
+
+
+def test_compile_true_without_a_cpp_compiler_is_one_located_line_before_any_stage(tmp_path, tiny, run_cli, monkeypatch):
+    from mergeedit.core import compiler
+
+    monkeypatch.setattr(compiler, "missing_compiler", lambda: "no C++ compiler for torch.compile (none on PATH)")
+    recipe = _recipe(tmp_path, tiny, rsft={"compile": True})
+    for command in ("validate", "plan", "run"):
+        got = run_cli(command, recipe)
+        assert got.code == 2 and "Traceback" not in got.stderr and len(got.stderr.strip().splitlines()) == 1, got.stderr
+        assert str(recipe) in got.stderr and "rsft.compile: true, but no C++ compiler for torch.compile (none on PATH); install g++" in got.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("stage.json"))
+    shown = run_cli("validate", _recipe(tmp_path / "auto", tiny, rsft={"compile": "auto"}))  # auto falls back instead
+    assert shown.code == 0, shown.stderr
 
 
 def test_a_retain_file_sharing_a_prompt_with_the_drift_set_is_refused(tmp_path, tiny, run_cli):

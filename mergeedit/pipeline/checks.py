@@ -73,6 +73,17 @@ def check_drift_texts(recipe: Recipe, doc: YamlDocument, recipe_dir: Path) -> No
         raise MergeEditError(f"{doc.where(('eval', 'drift_texts'))}: {exc}") from None
 
 
+def check_compile(recipe: Recipe, doc: YamlDocument) -> None:
+    """`rsft.compile: true` needs the C++ compiler torch.compile builds its code with: said now, not at the first step."""
+    if recipe.rsft.compile is not True:
+        return
+    from ..core.compiler import missing_compiler
+
+    missing = missing_compiler()
+    if missing is not None:
+        raise MergeEditError(f"{doc.where(('rsft', 'compile'))}: rsft.compile: true, but {missing}; install g++ or clang++, or set rsft.compile: auto")
+
+
 def check_layers(recipe: Recipe, doc: YamlDocument, base: ModelSource) -> None:
     """rsft.layers [start, end) lies inside the model's layers; `{auto: WIDTH}` is at most the model's layer count."""
     from ..io.architecture import layer_count

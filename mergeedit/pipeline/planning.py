@@ -11,6 +11,7 @@ from ..io.architecture import input_key
 from ..io.dtypes import itemsize, parse_user_dtype
 from ..io.model_source import open_local
 from .checks import (
+    check_compile,
     check_drift_texts,
     check_layers,
     check_merge_auto,
@@ -110,6 +111,7 @@ def plan_recipe(path: Path, probe: bool = True) -> RecipePlan:
     check_run_location(run.root, run.doc, [])
     records = run.load_records()
     check_drift_texts(recipe, run.doc, run.recipe_dir)
+    check_compile(recipe, run.doc)
     retain = check_retain(recipe, run.doc, run.recipe_dir)
     smallest = min(map(len, run.batches(records)), default=0) if recipe.sequential.strategy == "chained" else len(records)
     check_merge_auto(recipe, run.doc, smallest=smallest)

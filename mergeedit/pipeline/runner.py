@@ -35,6 +35,7 @@ from ..merging.plan import build_plan
 from ..merging.schema import MergeConfig
 from .adapter_stage import adapter_stage
 from .checks import (
+    check_compile,
     check_drift_texts,
     check_layers,
     check_merge_auto,
@@ -321,6 +322,7 @@ class RecipeRun:
         base_folder = resolve_base_folder(recipe.model.base, self.recipe_dir, recipe.model.dtype)
         check_run_location(self.root, self.doc, [base_folder])
         check_drift_texts(recipe, self.doc, self.recipe_dir)
+        check_compile(recipe, self.doc)
         base_source = open_local(recipe.model.base, base_folder)
         settings, patterns, layers = train_settings(recipe)
         check_layers(recipe, self.doc, base_source)
