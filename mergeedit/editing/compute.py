@@ -31,11 +31,11 @@ trained window; the attention and the norms of a trained layer; never a trained 
 hooks on those stay eager, and never a lone matrix product, which compiling cannot speed up). One compiled code serves
 every layer (dynamo guards on shapes and modes, not on which layer), with dynamic shapes, so bucketed batch widths do
 not recompile. The retain KL's forward runs eager (`uncompiled`), as its base side did, so the KL stays exactly 0
-before the first step. On SmolLM2-135M-Instruct, the shipped trainable set (MLPs of layers 4-9), bf16, one thread of an
-Intel Xeon: a step's forward and backward over layers 4-29 took 12.4 s against 16.9 s eager over 18 steps of 12-24
-rows (1.36x); compiling took 31 s cold and 5 s from inductor's disk cache. Compiled kernels round differently from
-eager ones (the differences are those of any two kernels), so `auto` compiles only where it pays
-(`compile_choice`) and says so in the report.
+before the first step. On SmolLM2-135M-Instruct with the shipped sequential recipe's R-SFT (99 edits, 10 epochs, bf16,
+one thread of an Intel Xeon; benchmarks/compiled_training.py) a training call ran 1.11-1.13x as fast compiled,
+inductor's compiling included (about 30 s cold, 5 s from its disk cache). Compiled kernels round differently from
+eager ones, as any two kernels do; `auto` compiles only where the compile pays for itself (`compile_choice`), and the
+report says which ran.
 """
 
 from __future__ import annotations
