@@ -32,7 +32,7 @@ hooks on those stay eager, and never a lone matrix product, which compiling cann
 every layer (dynamo guards on shapes and modes, not on which layer), with dynamic shapes, so bucketed batch widths do
 not recompile. The retain KL's forward runs eager (`uncompiled`), as its base side did, so the KL stays exactly 0
 before the first step. On SmolLM2-135M-Instruct with the shipped sequential recipe's R-SFT (99 edits, 10 epochs, bf16,
-one thread of an Intel Xeon; benchmarks/compiled_training.py) a training call ran 1.11-1.13x as fast compiled,
+one thread of an Intel Xeon; benchmarks/compiled_training.py) a training call ran 1.11-1.17x as fast compiled,
 inductor's compiling included (about 30 s cold, 5 s from its disk cache). Compiled kernels round differently from
 eager ones, as any two kernels do; `auto` compiles only where the compile pays for itself (`compile_choice`), and the
 report says which ran.
@@ -108,7 +108,7 @@ def compile_choice(setting: str, device: torch.device, parameters: int, steps: i
     "true" and "false" are obeyed (true raises where inductor has no C++ compiler for CPU code); "auto" compiles on
     CPU, with a C++ compiler, a model of at least COMPILE_MIN_PARAMETERS and a call that may take COMPILE_MIN_STEPS
     steps or more: compiling costs about 30 s cold (5 s from inductor's disk cache) on SmolLM2-135M and saves about a
-    quarter of each step's forward and backward, so a short call or a tiny model would pay more than it gains."""
+    fifth of each step's forward and backward, so a short call or a tiny model would pay more than it gains."""
     if setting == "false":
         return False, "false"
     missing = missing_compiler() if device.type == "cpu" else None

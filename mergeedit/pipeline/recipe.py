@@ -137,7 +137,7 @@ class RsftSection(_Strict):
     )
     compile: Union[bool, Literal["auto"]] = Field(
         "auto",
-        description="Run the frozen parts of the decoder layers (the layers above the trained window; the attention and norms of trained layers) compiled with torch.compile while training: elementwise work fused, about a quarter off each step's forward and backward on CPU, for a compile of about 30 s (5 s from inductor's disk cache); needs a C++ compiler. auto: on CPU, for models of 10M+ parameters and a training call of 100+ possible steps; printed. Compiled kernels round differently from eager ones.",
+        description="Run the frozen parts of the decoder layers (the layers above the trained window; the attention and norms of trained layers) compiled with torch.compile while training: elementwise work fused, about a fifth off each step's forward and backward on CPU, for a compile of about 30 s (5 s from inductor's disk cache); needs a C++ compiler. auto: on CPU, for models of 10M+ parameters and a training call of 100+ possible steps; printed. Compiled kernels round differently from eager ones.",
     )
     gradient_checkpointing: bool = False
     update_positions: Literal["all", "question", "subject"] = Field(
