@@ -161,6 +161,7 @@ def test_compile_auto_compiles_only_a_large_model_on_cpu_for_a_long_call_and_tru
     assert compile_choice("auto", CPU, big - 1, many)[0] is False
     on, note = compile_choice("auto", CPU, big, many - 1)
     assert not on and note.startswith(f"auto -> false (at most {many - 1} steps")
+    assert compile_choice("auto", CPU, big, many, checkpointing=True) == (False, "auto -> false (gradient checkpointing is on: not measured with compiled layers)")
     on, note = compile_choice("auto", torch.device("cuda"), big, many)
     assert not on and "measured on CPU only" in note
     monkeypatch.setattr(compute, "missing_compiler", lambda: "no C++ compiler for torch.compile (here)")

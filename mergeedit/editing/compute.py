@@ -103,12 +103,13 @@ def frozen_in_half(model: torch.nn.Module, trainable: Sequence[str], half: Optio
             setattr(module, attr, p)
 
 
-def compile_choice(setting: str, device: torch.device, parameters: int, steps: int) -> tuple[bool, str]:
+def compile_choice(setting: str, device: torch.device, parameters: int, steps: int, checkpointing: bool = False) -> tuple[bool, str]:
     """`rsft.compile`: whether a training call compiles the frozen modules (`compiled_frozen`), and the report's note.
     "true" and "false" are obeyed (true raises where inductor has no C++ compiler for CPU code); "auto" compiles on
     CPU, with a C++ compiler, a model of at least COMPILE_MIN_PARAMETERS and a call that may take COMPILE_MIN_STEPS
     steps or more: compiling costs about 30 s cold (5 s from inductor's disk cache) on SmolLM2-135M and saves about a
-    fifth of each step's forward and backward, so a short call or a tiny model would pay more than it gains."""
+    fifth of each step's forward and backward, so a short call or a tiny model would pay more than it gains. With
+    gradient checkpointing on (`checkpointing`), auto stays eager: the two have not been measured together."""
     if setting == "false":
         return False, "false"
     missing = missing_compiler() if device.type == "cpu" else None
@@ -120,6 +121,8 @@ def compile_choice(setting: str, device: torch.device, parameters: int, steps: i
         return False, f"auto -> false (measured on CPU only; {device.type}: set rsft.compile: true to try it)"
     if missing is not None:
         return False, f"auto -> false ({missing})"
+    if checkpointing:
+        return False, "auto -> false (gradient checkpointing is on: not measured with compiled layers)"
     if parameters < COMPILE_MIN_PARAMETERS:
         return False, f"auto -> false ({parameters:,} parameters < {COMPILE_MIN_PARAMETERS:,}: compiling would cost more than it saves)"
     if steps < COMPILE_MIN_STEPS:

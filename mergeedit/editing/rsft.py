@@ -270,7 +270,8 @@ def _set_up(model, examples, trainable, settings, *, pad_id, device, precision, 
     with torch.autocast(device.type, dtype=half, enabled=half is not None):
         forward.prepare(examples, pad_id, device)
     edits = len({e.case_id for e in examples})
-    on, compile_note = compile_choice(compiled, device, sum(p.numel() for p in named.values()), max_steps(settings, edits))
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())  # Hugging Face's flag
+    on, compile_note = compile_choice(compiled, device, sum(p.numel() for p in named.values()), max_steps(settings, edits), checkpointing)
     return _Setup(named, optimizer, precision_note, half, forward, prefix_before, masked_modules(model, trainable), on, compile_note)
 
 
