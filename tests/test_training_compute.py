@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_rsft_speed import EXAMPLES, _batch, _model
 
+from mergeedit.core import compiler
 from mergeedit.core.compiler import missing_compiler
 from mergeedit.core.errors import MergeEditError
 from mergeedit.editing import compute
@@ -154,7 +155,7 @@ def test_eager_and_fused_attention_compute_the_same_losses_and_gradients(monkeyp
 # -- compiled frozen modules (rsft.compile) -------------------------------------------------------------------------
 def test_compile_auto_compiles_only_a_large_model_on_cpu_for_a_long_call_and_true_needs_a_compiler(monkeypatch):
     big, many = compute.COMPILE_MIN_PARAMETERS, compute.COMPILE_MIN_STEPS
-    monkeypatch.setattr(compute, "missing_compiler", lambda: None)
+    monkeypatch.setattr(compiler, "missing_compiler", lambda: None)
     assert compile_choice("false", CPU, big, many) == (False, "false")
     assert compile_choice("true", CPU, 10, 1) == (True, "true")  # obeyed, however small
     assert compile_choice("auto", CPU, big, many) == (True, f"auto -> true ({big:,} parameters, up to {many} steps)")
@@ -164,7 +165,7 @@ def test_compile_auto_compiles_only_a_large_model_on_cpu_for_a_long_call_and_tru
     assert compile_choice("auto", CPU, big, many, checkpointing=True) == (False, "auto -> false (gradient checkpointing is on: not measured with compiled layers)")
     on, note = compile_choice("auto", torch.device("cuda"), big, many)
     assert not on and "measured on CPU only" in note
-    monkeypatch.setattr(compute, "missing_compiler", lambda: "no C++ compiler for torch.compile (here)")
+    monkeypatch.setattr(compiler, "missing_compiler", lambda: "no C++ compiler for torch.compile (here)")
     assert compile_choice("auto", CPU, big, many) == (False, "auto -> false (no C++ compiler for torch.compile (here))")
     with pytest.raises(MergeEditError, match=r"rsft.compile: true, but no C\+\+ compiler .* set rsft.compile: auto"):
         compile_choice("true", CPU, big, many)

@@ -45,7 +45,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..core.compiler import inductor_options, missing_compiler
+from ..core import compiler
+from ..core.compiler import inductor_options
 from ..core.errors import MergeEditError
 
 EAGER_ATTENTION_MAX_WIDTH = 128  # the widest batch (tokens) whose training forward runs eager attention on CPU
@@ -112,10 +113,10 @@ def compile_choice(setting: str, device: torch.device, parameters: int, steps: i
     gradient checkpointing on (`checkpointing`), auto stays eager: the two have not been measured together."""
     if setting == "false":
         return False, "false"
-    missing = missing_compiler() if device.type == "cpu" else None
+    missing = compiler.missing_compiler() if device.type == "cpu" else None
     if setting == "true":
         if missing is not None:
-            raise MergeEditError(f"rsft.compile: true, but {missing}; install one (g++ or clang++) or set rsft.compile: auto")
+            raise MergeEditError(f"rsft.compile: true, but {missing}; install g++ or clang++, or set rsft.compile: auto")
         return True, "true"
     if device.type != "cpu":
         return False, f"auto -> false (measured on CPU only; {device.type}: set rsft.compile: true to try it)"

@@ -74,14 +74,17 @@ def check_drift_texts(recipe: Recipe, doc: YamlDocument, recipe_dir: Path) -> No
 
 
 def check_compile(recipe: Recipe, doc: YamlDocument) -> None:
-    """`rsft.compile: true` needs the C++ compiler torch.compile builds its code with: said now, not at the first step."""
+    """`rsft.compile: true` needs what torch.compile builds its code with (`compile_choice`'s rule, on the device the
+    run will pick): said now, with the key's location, not at the first training step."""
     if recipe.rsft.compile is not True:
         return
-    from ..core.compiler import missing_compiler
+    from ..editing.compute import compile_choice
+    from ..models.loading import pick_device
 
-    missing = missing_compiler()
-    if missing is not None:
-        raise MergeEditError(f"{doc.where(('rsft', 'compile'))}: rsft.compile: true, but {missing}; install g++ or clang++, or set rsft.compile: auto")
+    try:
+        compile_choice("true", pick_device(recipe.model.device), parameters=0, steps=0)
+    except MergeEditError as e:
+        raise MergeEditError(f"{doc.where(('rsft', 'compile'))}: {e}") from None
 
 
 def check_layers(recipe: Recipe, doc: YamlDocument, base: ModelSource) -> None:
