@@ -81,8 +81,9 @@ def check_compile(recipe: Recipe, doc: YamlDocument) -> None:
     from ..editing.compute import compile_choice
     from ..models.loading import pick_device
 
+    device = pick_device(recipe.model.device)  # its own error names model.device
     try:
-        compile_choice("true", pick_device(recipe.model.device), parameters=0, steps=0)
+        compile_choice("true", device, parameters=0, steps=0)
     except MergeEditError as e:
         raise MergeEditError(f"{doc.where(('rsft', 'compile'))}: {e}") from None
 
