@@ -46,7 +46,6 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..core import compiler
-from ..core.compiler import inductor_options
 from ..core.errors import MergeEditError
 
 EAGER_ATTENTION_MAX_WIDTH = 128  # the widest batch (tokens) whose training forward runs eager attention on CPU
@@ -165,7 +164,7 @@ def compiled_frozen(model: torch.nn.Module, trainable: Sequence[str], enabled: b
     modules = frozen_subtrees(model, trainable) if enabled else []
     try:
         for m in modules:
-            m._compiled_call_impl = torch.compile(m._call_impl, dynamic=True, options=inductor_options())
+            m._compiled_call_impl = torch.compile(m._call_impl, dynamic=True, options=compiler.inductor_options())
         yield len(modules)
     finally:
         for m in modules:
